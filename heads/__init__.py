@@ -1,0 +1,1 @@
+"""heads: SAOA / SAP / baseline heads trained on a feature store."""
