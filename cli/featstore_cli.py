@@ -1,0 +1,123 @@
+"""`featstore`: build, import, query, inspect and verify feature stores."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from cli.common import command_line, domain_errors
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="featstore")
+def main() -> None:
+    """Feature stores for egocentric action recognition: extract once, train heads many times.
+
+    A store is a directory of LMDB tensors, a Parquet index and a manifest (see `featstore info`).
+    """
+
+
+@main.command("import")
+@click.argument("store", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--annotations", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="EPIC-55 / EPIC-100 annotation file (CSV or pkl); gives labels and metadata.")
+@click.option("--from", "from_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Folder of <uid>.npz files whose arrays are named by field (verb.global, det.global.feat, ...).")
+@click.option("--shard", default="0", show_default=True, help="LMDB shard to write (one writer per shard).")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
+@domain_errors
+def import_cmd(store: Path, annotations: Path, from_dir: Path, shard: str, progress: bool) -> None:
+    """Import features computed elsewhere: one <uid>.npz per segment.
+
+    Resumable: a rerun skips segments already stored. Example:
+
+        featstore import STORE --annotations EPIC_train_action_labels.csv --from feats/
+    """
+    from featstore.importer import import_npz
+
+    report = import_npz(store, annotations, from_dir, shard=shard, progress=progress, command=command_line())
+    click.echo(report.summary())
+    if report.failed:
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("store", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("sql")
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
+@domain_errors
+def query(store: Path, sql: str, fmt: str) -> None:
+    """Run one read-only SQL SELECT over the views `segments`, `boxes` and `fields`.
+
+    Nothing can be written and no file outside the store can be read. Example:
+
+        featstore query STORE "select verb_class, count(*) n from segments group by 1 order by n desc limit 5"
+    """
+    from featstore.query import format_result, run_query
+    from featstore.store import FeatureStore
+
+    click.echo(format_result(run_query(FeatureStore.open(store), sql), fmt))
+
+
+@main.command()
+@click.argument("store", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (segments, fields, bytes, manifest).")
+@domain_errors
+def info(store: Path, as_json: bool) -> None:
+    """Counts, fields (dtype, shape), size on disk and provenance of a store."""
+    from featstore.store import FeatureStore
+
+    summary = FeatureStore.open(store).info()
+    if as_json:
+        click.echo(json.dumps(summary, indent=2, default=str))
+        return
+    click.echo(f"store     {summary['path']}")
+    click.echo(f"segments  {summary['segments']['ok']} ok, {summary['segments']['failed']} failed")
+    click.echo(f"size      {summary['bytes'] / 2**20:.1f} MiB on disk")
+    click.echo("fields")
+    for name, spec in summary["fields"].items():
+        click.echo(f"  {name:<20} {spec['dtype']:<8} {spec['shape']}")
+    provenance = summary["manifest"].get("provenance", {})
+    if provenance:
+        click.echo("provenance")
+        for key, value in sorted(provenance.items()):
+            click.echo(f"  {key}: {json.dumps(value, default=str) if isinstance(value, (dict, list)) else value}")
+
+
+@main.command()
+@click.argument("store", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--progress/--no-progress", default=True, show_default=True)
+@domain_errors
+def verify(store: Path, progress: bool) -> None:
+    """Recompute every stored segment's checksum; exit 1 and list the uids that differ."""
+    from tqdm import tqdm
+
+    from featstore.store import FeatureStore
+
+    opened = FeatureStore.open(store)
+    n = opened.info()["segments"]["ok"]
+    with tqdm(total=n, desc="verify", unit="seg", disable=not progress, file=sys.stderr) as bar:
+        bad = opened.verify(progress=bar.update)
+    if bad:
+        for uid, reason in bad:
+            click.echo(f"{uid}\t{reason}")
+        click.echo(f"{len(bad)} of {n} segments failed verification", err=True)
+        sys.exit(1)
+    click.echo(f"{n} segments verified, all checksums match")
+
+
+def _register_optional_commands() -> None:
+    # Commands living in their own modules (extraction, demo) join the group here.
+    for module_name, attr in (("cli.featstore_build", "build"), ("cli.featstore_demo", "demo")):
+        try:
+            module = __import__(module_name, fromlist=[attr])
+        except ModuleNotFoundError as err:
+            if err.name != module_name:
+                raise
+            continue
+        main.add_command(getattr(module, attr))
+
+
+_register_optional_commands()

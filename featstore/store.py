@@ -1,0 +1,790 @@
+"""The feature store: LMDB tensors, a Parquet index, a JSON manifest (DESIGN.md section 3).
+
+Layout of a store directory::
+
+    STORE/
+      manifest.json          format version, field schema, provenance
+      segments/*.parquet     one row per segment (the index: a segment exists once its row does)
+      boxes/*.parquet        one row per detection slot
+      lmdb/<shard>/          one LMDB environment per writer
+
+Durability. A writer commits a segment's tensors *and* its index row (as a journal entry) in one LMDB
+transaction, so a crash can lose only the segment in flight. Journal entries are exported to Parquet
+parts every ``flush_every`` segments and when the writer closes; a writer opened on a shard first
+re-exports whatever a crashed predecessor committed but had not exported. Parquet parts are written
+to a temporary name and renamed, so a reader never sees half a part. The ``segments`` view keeps one
+row per uid (an ``ok`` row over a ``failed`` one, then the newest), which makes a duplicate export
+after a crash harmless.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import time
+import uuid as uuid_lib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping, Sequence
+
+import duckdb
+import lmdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from featstore import __version__
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+JOURNAL_PREFIX = b"__journal__/"
+FLUSHED_KEY = b"__flushed_seq__"
+DEFAULT_MAP_SIZE = 256 * 2**20  # grows by doubling when full; LMDB files are sparse, so this costs no disk
+
+# The index columns a store adds to the annotation columns of a segment.
+STATUS_OK = "ok"
+STATUS_FAILED = "failed"
+
+SEGMENT_SCHEMA = pa.schema(
+    [
+        ("uid", pa.string()),
+        ("dataset", pa.string()),
+        ("source", pa.string()),
+        ("participant_id", pa.string()),
+        ("video_id", pa.string()),
+        ("start_frame", pa.int64()),
+        ("stop_frame", pa.int64()),
+        ("start_timestamp", pa.string()),
+        ("stop_timestamp", pa.string()),
+        ("narration", pa.string()),
+        ("verb_class", pa.int64()),
+        ("noun_class", pa.int64()),
+        ("status", pa.string()),
+        ("error", pa.string()),
+        ("checksum", pa.string()),
+        ("shard", pa.string()),
+        ("written_at", pa.int64()),  # ns since the epoch; orders attempts at the same uid
+    ]
+)
+
+BOX_SCHEMA = pa.schema(
+    [
+        ("uid", pa.string()),
+        ("set", pa.string()),  # 'global' | 'local'
+        ("slot", pa.int32()),
+        ("frame", pa.int64()),  # EPIC 1-based frame; null for padded slots or imported features
+        ("x1", pa.float32()),
+        ("y1", pa.float32()),
+        ("x2", pa.float32()),
+        ("y2", pa.float32()),
+        ("score", pa.float32()),
+        ("label", pa.int64()),
+        ("valid", pa.bool_()),
+        ("written_at", pa.int64()),
+    ]
+)
+
+
+class StoreError(Exception):
+    """A store cannot be opened, written or read as asked."""
+
+
+class FormatVersionError(StoreError):
+    """The store was written by another format version of featstore."""
+
+
+class FieldMismatchError(StoreError):
+    """A tensor's name, shape or dtype does not match the store's field schema."""
+
+
+class StoreLockedError(StoreError):
+    """Another process is writing the same LMDB shard."""
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    """The dtype and shape every segment's tensor of one field has."""
+
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.dtype(self.dtype).itemsize * int(np.prod(self.shape, dtype=np.int64)))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"dtype": self.dtype, "shape": list(self.shape)}
+
+
+def default_dtype(field: str) -> str:
+    """The stored dtype of a field, from its name.
+
+    float32 for box coordinates and scores (they are compared and thresholded), int64 for frame
+    numbers and class labels, bool for masks, float16 for features.
+    """
+    leaf = field.rsplit(".", 1)[-1]
+    if leaf in ("box", "score"):
+        return "float32"
+    if leaf in ("frame", "label"):
+        return "int64"
+    if leaf == "valid":
+        return "bool"
+    return "float16"
+
+
+def segment_checksum(tensors: Mapping[str, np.ndarray]) -> str:
+    """A digest over every field's name, dtype, shape and bytes, in field-name order.
+
+    Args:
+        tensors: field name -> array exactly as stored (after the cast to the field's dtype).
+    Returns:
+        32 hex characters.
+    """
+    digest = hashlib.blake2b(digest_size=16)
+    for name in sorted(tensors):
+        array = np.ascontiguousarray(tensors[name])
+        digest.update(f"{name}|{array.dtype.str}|{array.shape}|".encode())
+        digest.update(memoryview(array).cast("B"))
+    return digest.hexdigest()
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid_lib.uuid4().hex}.tmp")
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _atomic_write_parquet(path: Path, table: pa.Table) -> None:
+    # Parquet is written beside its final name and renamed: readers glob '*.parquet' only, so a
+    # crash mid-write leaves a '.tmp' file nobody reads rather than a truncated part.
+    tmp = path.with_name(f".{path.name}.{uuid_lib.uuid4().hex}.tmp")
+    pq.write_table(table, tmp, compression="zstd")
+    with open(tmp, "rb+") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _shard_name_ok(shard: str) -> bool:
+    return bool(shard) and all(ch.isalnum() or ch in "-_" for ch in shard)
+
+
+class FeatureStore:
+    """A feature store directory opened for reading; ``writer()`` opens one shard for writing.
+
+    Readers open their LMDB environments lazily and per process (read-only, no lock), so a store
+    object can be handed to forking DataLoader workers.
+    """
+
+    def __init__(self, path: Path, manifest: dict[str, Any]):
+        self.path = Path(path)
+        self.manifest = manifest
+        self.fields: dict[str, FieldSpec] = {
+            name: FieldSpec(dtype=spec["dtype"], shape=tuple(spec["shape"]))
+            for name, spec in manifest.get("fields", {}).items()
+        }
+
+    # ------------------------------------------------------------------ opening
+    @classmethod
+    def create(
+        cls,
+        path: str | os.PathLike,
+        *,
+        fields: Mapping[str, FieldSpec],
+        provenance: Mapping[str, Any] | None = None,
+    ) -> "FeatureStore":
+        """Create a store, or open an existing one whose field schema is the same.
+
+        Args:
+            path: the store directory (created with its parents).
+            fields: field name -> spec; fixed for the store's lifetime.
+            provenance: what made the features (models, checkpoint hashes, sampling, command line).
+        Returns:
+            The store, opened for reading.
+        Raises:
+            FieldMismatchError: the store exists with other fields.
+        """
+        path = Path(path)
+        manifest_path = path / MANIFEST_NAME
+        if manifest_path.exists():
+            store = cls.open(path)
+            wanted = {name: spec for name, spec in fields.items()}
+            if wanted != store.fields:
+                raise FieldMismatchError(
+                    f"{path} already holds fields {_describe_fields(store.fields)}; "
+                    f"this run would write {_describe_fields(wanted)}. Use a new store directory."
+                )
+            return store
+        for sub in ("segments", "boxes", "lmdb"):
+            (path / sub).mkdir(parents=True, exist_ok=True)
+        manifest = {
+            "format": "featstore",
+            "format_version": FORMAT_VERSION,
+            "featstore_version": __version__,
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "fields": {name: spec.to_json() for name, spec in sorted(fields.items())},
+            "provenance": dict(provenance or {}),
+        }
+        # Two ranks may create the same store at once: both write identical schemas, last rename wins.
+        _atomic_write_bytes(manifest_path, json.dumps(manifest, indent=2, sort_keys=True).encode())
+        return cls.open(path)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> "FeatureStore":
+        """Open an existing store for reading.
+
+        Raises:
+            StoreError: no manifest, or an unreadable one.
+            FormatVersionError: the store's format version is not this package's.
+        """
+        path = Path(path)
+        manifest_path = path / MANIFEST_NAME
+        if not manifest_path.is_file():
+            raise StoreError(f"{path} is not a feature store: {MANIFEST_NAME} is missing")
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except (OSError, ValueError) as err:
+            raise StoreError(f"{manifest_path} cannot be read: {err}") from err
+        version = manifest.get("format_version")
+        if version != FORMAT_VERSION:
+            raise FormatVersionError(
+                f"{path} has store format version {version!r}; this featstore {__version__} reads "
+                f"version {FORMAT_VERSION}. Rebuild the store or use a matching featstore release."
+            )
+        return cls(path, manifest)
+
+    def update_provenance(self, **entries: Any) -> None:
+        """Merge entries into the manifest's provenance (atomic rewrite)."""
+        self.manifest.setdefault("provenance", {}).update(entries)
+        _atomic_write_bytes(
+            self.path / MANIFEST_NAME, json.dumps(self.manifest, indent=2, sort_keys=True).encode()
+        )
+
+    @property
+    def manifest_hash(self) -> str:
+        return hashlib.sha256((self.path / MANIFEST_NAME).read_bytes()).hexdigest()
+
+    # ------------------------------------------------------------------ index
+    def connect(self):
+        """A sandboxed read-only DuckDB connection with views ``segments``, ``boxes``, ``fields``."""
+        from featstore.query import connect_store
+
+        return connect_store(self)
+
+    def segments(self, where: str | None = None, *, status: str | None = None) -> pa.Table:
+        """The index, one row per uid, optionally filtered by a DuckDB WHERE expression.
+
+        Args:
+            where: SQL boolean expression over the segment columns, or None for all.
+            status: 'ok' or 'failed' to keep only those.
+        Returns:
+            A table in uid order.
+        """
+        clauses = [f"({where})"] if where else []
+        if status is not None:
+            clauses.append(f"status = '{status}'" if status in (STATUS_OK, STATUS_FAILED) else "false")
+        sql = "select * from segments"
+        if clauses:
+            sql += " where " + " and ".join(clauses)
+        sql += " order by uid"
+        from featstore.query import fetch_arrow
+
+        with self.connect() as con:
+            try:
+                return fetch_arrow(con, sql)
+            except duckdb.Error as err:
+                raise StoreError(f"selection {where!r} failed: {err}") from err
+
+    def uids(self, where: str | None = None, *, status: str | None = STATUS_OK) -> list[str]:
+        """uids of the selected segments (by default only the stored, ``ok`` ones)."""
+        return self.segments(where, status=status).column("uid").to_pylist()
+
+    def boxes(self, uids: Sequence[str] | None = None) -> pa.Table:
+        """Box rows, of the given uids or of all."""
+        from featstore.query import fetch_arrow
+
+        with self.connect() as con:
+            if uids is None:
+                return fetch_arrow(con, 'select * from boxes order by uid, "set", slot')
+            con.register("wanted", pa.table({"uid": pa.array(list(uids), pa.string())}))
+            return fetch_arrow(con, 'select b.* from boxes b join wanted w using (uid) order by uid, "set", slot')
+
+    # ------------------------------------------------------------------ tensors
+    def _shard_dirs(self) -> list[Path]:
+        root = self.path / "lmdb"
+        if not root.is_dir():
+            return []
+        return sorted(p for p in root.iterdir() if (p / "data.mdb").is_file())
+
+    def _env(self, shard: str) -> lmdb.Environment:
+        shard_dir = self.path / "lmdb" / shard
+        if not (shard_dir / "data.mdb").is_file():
+            raise StoreError(f"{self.path}: LMDB shard {shard!r} is missing ({shard_dir})")
+        return _reader_env(shard_dir)
+
+    def _begin(self, shard: str, *, buffers: bool = False) -> lmdb.Transaction:
+        env = self._env(shard)
+        try:
+            return env.begin(buffers=buffers)
+        except lmdb.MapResizedError:
+            # Another process grew the map since this reader opened it: adopt the new size.
+            env.set_mapsize(0)
+            return env.begin(buffers=buffers)
+
+    def _shard_of(self, uids: Sequence[str]) -> dict[str, str]:
+        with self.connect() as con:
+            con.register("wanted", pa.table({"uid": pa.array(list(uids), pa.string())}))
+            rows = con.execute(
+                "select w.uid, s.shard, s.status from wanted w left join segments s using (uid)"
+            ).fetchall()
+        shards = {}
+        for uid, shard, status in rows:
+            if status != STATUS_OK:
+                raise KeyError(f"{uid!r} is not a stored segment of {self.path} (status: {status})")
+            shards[uid] = shard
+        return shards
+
+    def _decode(self, uid: str, field: str, raw: bytes | None) -> np.ndarray:
+        spec = self.fields[field]
+        if raw is None:
+            raise StoreError(f"{self.path}: {uid}/{field} is indexed as stored but missing from LMDB")
+        if len(raw) != spec.nbytes:
+            raise StoreError(
+                f"{self.path}: {uid}/{field} holds {len(raw)} bytes, expected {spec.nbytes} "
+                f"({spec.dtype} {list(spec.shape)}); run `featstore verify`"
+            )
+        return np.frombuffer(raw, dtype=spec.dtype).reshape(spec.shape)
+
+    def _check_fields(self, fields: Iterable[str]) -> list[str]:
+        fields = list(fields)
+        missing = [f for f in fields if f not in self.fields]
+        if missing:
+            raise FieldMismatchError(
+                f"{self.path} has no field(s) {', '.join(missing)}; it holds {', '.join(sorted(self.fields))}"
+            )
+        return fields
+
+    def read(self, uid: str, fields: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+        """Tensors of one stored segment.
+
+        Args:
+            uid: the segment.
+            fields: field names; all of the store's when None.
+        Returns:
+            field -> read-only array with the field's dtype and shape.
+        """
+        fields = self._check_fields(self.fields if fields is None else fields)
+        shard = self._shard_of([uid])[uid]
+        with self._begin(shard) as txn:
+            return {f: self._decode(uid, f, txn.get(f"{uid}/{f}".encode())) for f in fields}
+
+    def read_field(
+        self, uids: Sequence[str], field: str, *, out: np.ndarray | None = None, progress=None
+    ) -> np.ndarray:
+        """One field of many segments stacked into one array (the preload path).
+
+        Args:
+            uids: stored segments, in the order wanted.
+            field: a field name.
+            out: an array of shape (len(uids), *shape) to fill, e.g. a shared or pinned buffer.
+            progress: an optional callable(n) called as rows are read.
+        Returns:
+            (N, *shape) array of the field's dtype.
+        """
+        (field,) = self._check_fields([field])
+        spec = self.fields[field]
+        if out is None:
+            out = np.empty((len(uids), *spec.shape), dtype=spec.dtype)
+        shards = self._shard_of(uids)
+        by_shard: dict[str, list[int]] = {}
+        for row, uid in enumerate(uids):
+            by_shard.setdefault(shards[uid], []).append(row)
+        flat = out.reshape(len(uids), -1).view(np.uint8) if out.flags.c_contiguous else None
+        for shard, rows in by_shard.items():
+            with self._begin(shard, buffers=True) as txn:
+                for row in rows:
+                    uid = uids[row]
+                    raw = txn.get(f"{uid}/{field}".encode())
+                    if raw is None or len(raw) != spec.nbytes:
+                        self._decode(uid, field, None if raw is None else bytes(raw))
+                    if flat is not None:
+                        flat[row] = np.frombuffer(raw, dtype=np.uint8)
+                    else:
+                        out[row] = np.frombuffer(raw, dtype=spec.dtype).reshape(spec.shape)
+                    if progress is not None:
+                        progress(1)
+        return out
+
+    # ------------------------------------------------------------------ integrity
+    def verify(self, uids: Sequence[str] | None = None, progress=None) -> list[tuple[str, str]]:
+        """Recompute each stored segment's checksum from its LMDB bytes.
+
+        Returns:
+            (uid, reason) for every segment whose bytes are missing, mis-sized or changed; empty when clean.
+        """
+        table = self.segments(status=STATUS_OK)
+        if uids is not None:
+            wanted = set(uids)
+            table = table.filter(pc.is_in(table.column("uid"), pa.array(sorted(wanted), pa.string())))
+        bad: list[tuple[str, str]] = []
+        rows = table.select(["uid", "shard", "checksum"]).to_pylist()
+        by_shard: dict[str, list[dict]] = {}
+        for row in rows:
+            by_shard.setdefault(row["shard"], []).append(row)
+        for shard, shard_rows in by_shard.items():
+            try:
+                txn = self._begin(shard)
+            except (StoreError, lmdb.Error) as err:
+                bad.extend((row["uid"], f"shard {shard} unreadable: {err}") for row in shard_rows)
+                continue
+            with txn:
+                for row in shard_rows:
+                    uid = row["uid"]
+                    try:
+                        tensors = {f: self._decode(uid, f, txn.get(f"{uid}/{f}".encode())) for f in self.fields}
+                    except StoreError as err:
+                        bad.append((uid, str(err)))
+                        continue
+                    if segment_checksum(tensors) != row["checksum"]:
+                        bad.append((uid, "checksum mismatch"))
+                    if progress is not None:
+                        progress(1)
+        return bad
+
+    # ------------------------------------------------------------------ summary
+    def disk_bytes(self) -> int:
+        """Bytes the store's files occupy on disk (allocated blocks: LMDB files are sparse)."""
+        total = 0
+        for root, _, files in os.walk(self.path):
+            for name in files:
+                st = os.stat(os.path.join(root, name))
+                total += min(st.st_size, st.st_blocks * 512)
+        return total
+
+    def info(self) -> dict[str, Any]:
+        """Counts, field schema, size on disk and the manifest (the `featstore info --json` object)."""
+        with self.connect() as con:
+            counts = dict(con.execute("select status, count(*) from segments group by status").fetchall())
+        return {
+            "path": str(self.path),
+            "segments": {"ok": int(counts.get(STATUS_OK, 0)), "failed": int(counts.get(STATUS_FAILED, 0))},
+            "fields": {name: spec.to_json() for name, spec in sorted(self.fields.items())},
+            "bytes": self.disk_bytes(),
+            "manifest": self.manifest,
+        }
+
+    # ------------------------------------------------------------------ writing
+    def writer(self, shard: str = "0", *, flush_every: int = 256, map_size: int = DEFAULT_MAP_SIZE) -> "StoreWriter":
+        """Open shard ``shard`` for writing (one writer per shard; a second is refused)."""
+        return StoreWriter(self, shard, flush_every=flush_every, map_size=map_size)
+
+    def close(self) -> None:
+        """Close this store's read-only environments in this process (they reopen on the next read)."""
+        for shard_dir in self._shard_dirs():
+            _close_reader_env(shard_dir)
+
+
+# Environments open in this process, by resolved shard path. LMDB (and py-lmdb's guard) forbid
+# opening one environment twice in a process, so every FeatureStore object shares these; a writer's
+# environment serves reads of its shard too.
+_ENVS: dict[str, lmdb.Environment] = {}
+_WRITER_ENVS: set[str] = set()
+_INHERITED_WRITERS: list[lmdb.Environment] = []
+
+
+def _env_key(shard_dir: Path) -> str:
+    return os.path.realpath(shard_dir)
+
+
+def _reader_env(shard_dir: Path) -> lmdb.Environment:
+    key = _env_key(shard_dir)
+    env = _ENVS.get(key)
+    if env is None:
+        env = lmdb.open(str(shard_dir), readonly=True, lock=False, readahead=False, max_readers=2048, subdir=True)
+        _ENVS[key] = env
+    return env
+
+
+def _writer_env(shard_dir: Path, map_size: int) -> lmdb.Environment:
+    key = _env_key(shard_dir)
+    _close_reader_env(shard_dir)
+    env = lmdb.open(str(shard_dir), map_size=map_size, subdir=True, max_readers=2048, meminit=False)
+    _ENVS[key] = env
+    _WRITER_ENVS.add(key)
+    return env
+
+
+def _close_reader_env(shard_dir: Path) -> None:
+    key = _env_key(shard_dir)
+    if key in _ENVS and key not in _WRITER_ENVS:
+        _ENVS.pop(key).close()
+
+
+def _close_writer_env(shard_dir: Path) -> None:
+    key = _env_key(shard_dir)
+    _WRITER_ENVS.discard(key)
+    env = _ENVS.pop(key, None)
+    if env is not None:
+        env.close()
+
+
+def _forget_envs_after_fork() -> None:
+    # A forked child must not use its parent's LMDB handles (DataLoader workers fork): close the
+    # inherited read-only ones so the child reopens its own. Closing a lock-free reader touches only
+    # this process's mapping and descriptor. Writer handles are dropped unused.
+    for key in list(_ENVS):
+        env = _ENVS.pop(key)
+        if key in _WRITER_ENVS:
+            _INHERITED_WRITERS.append(env)  # kept alive: garbage collection would close it
+        else:
+            env.close()
+    _WRITER_ENVS.clear()
+
+
+os.register_at_fork(after_in_child=_forget_envs_after_fork)
+
+
+def _describe_fields(fields: Mapping[str, FieldSpec]) -> str:
+    return "{" + ", ".join(f"{n}: {s.dtype}{list(s.shape)}" for n, s in sorted(fields.items())) + "}"
+
+
+class StoreWriter:
+    """Writes segments into one LMDB shard and its Parquet parts. Use as a context manager."""
+
+    def __init__(self, store: FeatureStore, shard: str, *, flush_every: int, map_size: int):
+        if not _shard_name_ok(shard):
+            raise StoreError(f"shard name {shard!r} must be letters, digits, '-' or '_'")
+        self.store = store
+        self.shard = shard
+        self.flush_every = max(1, int(flush_every))
+        self.dir = store.path / "lmdb" / shard
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._lock_handle = open(self.dir / "writer.lock", "a+")
+        try:
+            fcntl.flock(self._lock_handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock_handle.close()
+            raise StoreLockedError(
+                f"{store.path}: shard {shard!r} is being written by another process "
+                f"(lock held on {self.dir / 'writer.lock'}); one writer per shard"
+            ) from None
+        self._lock_handle.seek(0)
+        self._lock_handle.truncate()
+        self._lock_handle.write(f"{os.getpid()}\n")
+        self._lock_handle.flush()
+        self.env = _writer_env(self.dir, map_size)
+        self._seq = self._last_seq()
+        self.map_grows = 0
+        self._closed = False
+        self._recover()
+
+    # ---------------------------------------------------------------- journal
+    def _last_seq(self) -> int:
+        with self.env.begin() as txn:
+            cursor = txn.cursor()
+            if cursor.set_range(JOURNAL_PREFIX):
+                last = 0
+                for key in cursor.iternext(values=False):
+                    if not key.startswith(JOURNAL_PREFIX):
+                        break
+                    last = int(key[len(JOURNAL_PREFIX):])
+                return last
+        return 0
+
+    def _flushed_seq(self, txn) -> int:
+        raw = txn.get(FLUSHED_KEY)
+        return int(raw) if raw is not None else 0
+
+    def _pending(self) -> list[dict[str, Any]]:
+        """Journal entries committed to LMDB but not yet exported to Parquet."""
+        with self.env.begin() as txn:
+            start = self._flushed_seq(txn) + 1
+            cursor = txn.cursor()
+            entries = []
+            if cursor.set_range(JOURNAL_PREFIX + b"%020d" % start):
+                for key, value in cursor:
+                    if not key.startswith(JOURNAL_PREFIX):
+                        break
+                    entries.append(json.loads(value))
+            return entries
+
+    def _recover(self) -> None:
+        if self._pending():
+            self.flush()
+
+    def _commit(self, puts: list[tuple[bytes, bytes]]) -> None:
+        """Write the puts in one transaction, doubling the map size whenever it is full."""
+        while True:
+            try:
+                with self.env.begin(write=True) as txn:
+                    for key, value in puts:
+                        txn.put(key, value)
+                return
+            except lmdb.MapFullError:
+                self.env.set_mapsize(self.env.info()["map_size"] * 2)
+                self.map_grows += 1
+
+    def _journal_entry(self, row: Mapping[str, Any], status: str, error: str | None, checksum: str | None,
+                       boxes: Mapping[str, Sequence] | None) -> tuple[bytes, bytes]:
+        self._seq += 1
+        record = {name: row.get(name) for name in SEGMENT_SCHEMA.names}
+        record.update(
+            status=status, error=error, checksum=checksum, shard=self.shard, written_at=time.time_ns()
+        )
+        for key in ("start_frame", "stop_frame", "verb_class", "noun_class"):
+            if record[key] is not None:
+                record[key] = int(record[key])
+        for key in ("uid", "participant_id", "video_id"):
+            if record[key] is not None:
+                record[key] = str(record[key])
+        entry = {"seq": self._seq, "segment": record, "boxes": _boxes_to_json(boxes)}
+        return JOURNAL_PREFIX + b"%020d" % self._seq, json.dumps(entry).encode()
+
+    # ---------------------------------------------------------------- public
+    def prepare(self, tensors: Mapping[str, np.ndarray], uid: str) -> dict[str, np.ndarray]:
+        """Check tensors against the field schema and cast them to the stored dtypes."""
+        fields = self.store.fields
+        unknown = sorted(set(tensors) - set(fields))
+        if unknown:
+            raise FieldMismatchError(f"{uid}: field(s) {', '.join(unknown)} are not in the store's schema")
+        missing = sorted(set(fields) - set(tensors))
+        if missing:
+            raise FieldMismatchError(f"{uid}: missing field(s) {', '.join(missing)}")
+        prepared = {}
+        for name, array in tensors.items():
+            spec = fields[name]
+            array = np.asarray(array)
+            if tuple(array.shape) != spec.shape:
+                raise FieldMismatchError(
+                    f"{uid}: field {name} has shape {list(array.shape)}, the store's is {list(spec.shape)}"
+                )
+            prepared[name] = np.ascontiguousarray(array, dtype=spec.dtype)
+        return prepared
+
+    def put(self, row: Mapping[str, Any], tensors: Mapping[str, np.ndarray],
+            boxes: Mapping[str, Sequence] | None = None) -> str:
+        """Store one segment: its tensors and its index row, atomically.
+
+        Args:
+            row: segment columns (at least uid, participant_id, video_id, start_frame, stop_frame).
+            tensors: field -> array of the field's shape (cast to the field's dtype here).
+            boxes: optional box columns (set, slot, frame, x1, y1, x2, y2, score, label, valid).
+        Returns:
+            The segment's checksum.
+        """
+        uid = str(row["uid"])
+        prepared = self.prepare(tensors, uid)
+        checksum = segment_checksum(prepared)
+        puts = [(f"{uid}/{name}".encode(), memoryview(arr).cast("B").tobytes()) for name, arr in prepared.items()]
+        puts.append(self._journal_entry(row, STATUS_OK, None, checksum, boxes))
+        self._commit(puts)
+        self._maybe_flush()
+        return checksum
+
+    def fail(self, row: Mapping[str, Any], error: str) -> None:
+        """Record that a segment could not be made, with the reason (its tensors are not written)."""
+        self._commit([self._journal_entry(row, STATUS_FAILED, str(error), None, None)])
+        self._maybe_flush()
+
+    def _maybe_flush(self) -> None:
+        with self.env.begin() as txn:
+            pending = self._seq - self._flushed_seq(txn)
+        if pending >= self.flush_every:
+            self.flush()
+
+    def flush(self) -> int:
+        """Export pending journal entries as one segments part and one boxes part.
+
+        Returns:
+            The number of segment rows exported.
+        """
+        entries = self._pending()
+        if not entries:
+            return 0
+        last = entries[-1]["seq"]
+        name = f"part-{self.shard}-{last:012d}.parquet"
+        segments = pa.Table.from_pylist([e["segment"] for e in entries], schema=SEGMENT_SCHEMA)
+        box_columns: dict[str, list] = {col: [] for col in BOX_SCHEMA.names}
+        for entry in entries:
+            cols = entry["boxes"]
+            if not cols:
+                continue
+            n = len(cols["slot"])
+            for col in BOX_SCHEMA.names:
+                if col == "uid":
+                    box_columns[col].extend([entry["segment"]["uid"]] * n)
+                elif col == "written_at":
+                    box_columns[col].extend([entry["segment"]["written_at"]] * n)
+                else:
+                    box_columns[col].extend(cols[col])
+        # Boxes first: a segment row is the proof of completion, so it must not appear before its boxes.
+        if box_columns["uid"]:
+            _atomic_write_parquet(
+                self.store.path / "boxes" / name, pa.Table.from_pydict(box_columns, schema=BOX_SCHEMA)
+            )
+        _atomic_write_parquet(self.store.path / "segments" / name, segments)
+        self._commit([(FLUSHED_KEY, str(last).encode())])
+        return len(entries)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        try:
+            self.flush()
+            self.env.sync(True)
+        finally:
+            _close_writer_env(self.dir)
+            fcntl.flock(self._lock_handle, fcntl.LOCK_UN)
+            self._lock_handle.close()
+            self._closed = True
+
+    def __enter__(self) -> "StoreWriter":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _boxes_to_json(boxes: Mapping[str, Sequence] | None) -> dict[str, list] | None:
+    if boxes is None:
+        return None
+    out = {}
+    for name in ("set", "slot", "frame", "x1", "y1", "x2", "y2", "score", "label", "valid"):
+        values = boxes.get(name)
+        if values is None:
+            n = len(boxes["slot"])
+            values = [None] * n
+        values = np.asarray(values, dtype=object) if not isinstance(values, list) else values
+        out[name] = [_json_scalar(v) for v in values]
+    return out
+
+
+def _json_scalar(value: Any) -> Any:
+    if value is None:
+        return None
+    if isinstance(value, (np.floating, float)):
+        return None if np.isnan(value) else float(value)
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, np.bool_):
+        return bool(value)
+    return value
+
+
+def iter_chunks(items: Sequence, size: int) -> Iterator[Sequence]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]

@@ -1,0 +1,171 @@
+"""Generated features and annotation files, for tests, benchmarks and the demo (no CNN needed).
+
+``write_epic55_annotations`` writes a CSV in the EPIC-55 training-label schema; ``write_feature_npzs``
+writes one ``<uid>.npz`` per segment in the layout ``featstore import`` reads.
+"""
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+
+EPIC55_COLUMNS = (
+    "uid", "participant_id", "video_id", "narration", "start_timestamp", "stop_timestamp",
+    "start_frame", "stop_frame", "verb", "verb_class", "noun", "noun_class", "all_nouns", "all_noun_classes",
+)
+
+
+@dataclass(frozen=True)
+class SegmentLabel:
+    """One generated segment's annotation."""
+
+    uid: str
+    participant_id: str
+    video_id: str
+    start_frame: int
+    stop_frame: int
+    verb_class: int
+    noun_class: int
+
+
+def _timestamp(frame: int, fps: float) -> str:
+    seconds = frame / fps
+    return f"{int(seconds // 3600):02d}:{int(seconds % 3600 // 60):02d}:{seconds % 60:05.2f}"
+
+
+def generate_segments(
+    n: int,
+    *,
+    num_verbs: int,
+    num_nouns: int,
+    participants: Sequence[str] = ("P01", "P02", "P26", "P27"),
+    videos_per_participant: int = 2,
+    frames_per_segment: int = 120,
+    seed: int = 0,
+) -> list[SegmentLabel]:
+    """Segments spread over participants and videos, with labels drawn uniformly.
+
+    Args:
+        n: number of segments.
+        num_verbs, num_nouns: class counts to draw labels from.
+        participants: participant ids, assigned round-robin.
+        videos_per_participant: videos per participant, assigned round-robin.
+        frames_per_segment: segment length in frames; segments follow each other within a video.
+        seed: RNG seed.
+    Returns:
+        n labelled segments, uids "0".."n-1".
+    """
+    rng = np.random.default_rng(seed)
+    verbs = rng.integers(0, num_verbs, size=n)
+    nouns = rng.integers(0, num_nouns, size=n)
+    next_start: dict[str, int] = {}
+    segments = []
+    for i in range(n):
+        participant = participants[i % len(participants)]
+        video = f"{participant}_{(i // len(participants)) % videos_per_participant + 1:02d}"
+        start = next_start.get(video, 1)
+        stop = start + frames_per_segment - 1
+        next_start[video] = stop + 1
+        segments.append(SegmentLabel(str(i), participant, video, start, stop, int(verbs[i]), int(nouns[i])))
+    return segments
+
+
+def write_epic55_annotations(path: str | os.PathLike, segments: Sequence[SegmentLabel], *, fps: float = 60.0,
+                             labelled: bool = True) -> Path:
+    """Write segments as an EPIC-55 training-label CSV (or a test-timestamps CSV when unlabelled)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    columns = EPIC55_COLUMNS if labelled else (
+        "uid", "participant_id", "video_id", "start_timestamp", "stop_timestamp", "start_frame", "stop_frame")
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        for seg in segments:
+            writer.writerow({
+                "uid": seg.uid, "participant_id": seg.participant_id, "video_id": seg.video_id,
+                "narration": f"verb{seg.verb_class} noun{seg.noun_class}",
+                "start_timestamp": _timestamp(seg.start_frame, fps), "stop_timestamp": _timestamp(seg.stop_frame, fps),
+                "start_frame": seg.start_frame, "stop_frame": seg.stop_frame,
+                "verb": f"verb{seg.verb_class}", "verb_class": seg.verb_class,
+                "noun": f"noun{seg.noun_class}", "noun_class": seg.noun_class,
+                "all_nouns": f"['noun{seg.noun_class}']", "all_noun_classes": f"[{seg.noun_class}]",
+            })
+    return path
+
+
+def feature_shapes(*, verb_dim: int = 64, noun_dim: int = 64, det_dim: int = 32, n_global: int = 60,
+                   n_local: int = 40, map_size: tuple[int, int, int] | None = (2, 7, 7)) -> dict[str, tuple[int, ...]]:
+    """Canonical field shapes for generated stores (``map_size`` None leaves out ``verb.map``)."""
+    shapes = {
+        "verb.global": (verb_dim,),
+        "noun.global": (noun_dim,),
+        "det.global.feat": (n_global, det_dim),
+        "det.global.box": (n_global, 4),
+        "det.global.score": (n_global,),
+        "det.local.feat": (n_local, det_dim),
+        "det.local.box": (n_local, 4),
+        "det.local.score": (n_local,),
+    }
+    if map_size is not None:
+        shapes["verb.map"] = (verb_dim, *map_size)
+    return shapes
+
+
+def random_boxes(rng: np.random.Generator, n: int) -> np.ndarray:
+    """n normalised x1, y1, x2, y2 boxes of at least a tenth of the frame per side."""
+    xy = rng.uniform(0.0, 0.7, size=(n, 2))
+    wh = rng.uniform(0.1, 0.3, size=(n, 2))
+    return np.concatenate([xy, np.minimum(xy + wh, 1.0)], axis=1).astype(np.float32)
+
+
+def random_segment_arrays(rng: np.random.Generator, shapes: Mapping[str, tuple[int, ...]],
+                          valid_fraction: float = 0.8) -> dict[str, np.ndarray]:
+    """Random features of the given shapes; boxes are well-formed and some slots are padded (score 0)."""
+    arrays: dict[str, np.ndarray] = {}
+    for name, shape in shapes.items():
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf == "box":
+            arrays[name] = random_boxes(rng, shape[0])
+        elif leaf == "score":
+            scores = rng.uniform(0.3, 1.0, size=shape).astype(np.float32)
+            scores[rng.random(shape) > valid_fraction] = 0.0
+            arrays[name] = scores
+        else:
+            arrays[name] = rng.standard_normal(shape).astype(np.float32)
+    for box_set in ("global", "local"):
+        if f"det.{box_set}.box" in arrays and f"det.{box_set}.score" in arrays:
+            arrays[f"det.{box_set}.box"][arrays[f"det.{box_set}.score"] == 0] = 0.0
+    return arrays
+
+
+def write_feature_npzs(
+    directory: str | os.PathLike,
+    segments: Sequence[SegmentLabel],
+    *,
+    shapes: Mapping[str, tuple[int, ...]] | None = None,
+    seed: int = 0,
+    make_arrays: Callable[[np.random.Generator, SegmentLabel], dict[str, np.ndarray]] | None = None,
+) -> Path:
+    """Write one ``<uid>.npz`` per segment.
+
+    Args:
+        directory: output folder (created).
+        segments: the segments.
+        shapes: field shapes for random features (default ``feature_shapes()``).
+        seed: RNG seed.
+        make_arrays: optional generator of one segment's arrays (e.g. with a planted signal).
+    Returns:
+        The folder.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    shapes = dict(shapes or feature_shapes())
+    rng = np.random.default_rng(seed)
+    for seg in segments:
+        arrays = make_arrays(rng, seg) if make_arrays is not None else random_segment_arrays(rng, shapes)
+        np.savez(directory / f"{seg.uid}.npz", **arrays)
+    return directory
