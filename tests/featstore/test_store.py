@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.corruption import flip_live_byte
 from featstore.store import (
     FeatureStore,
     FieldMismatchError,
@@ -116,14 +117,9 @@ def test_verify_catches_one_flipped_byte(tmp_path: Path) -> None:
     written = _fill(tmp_path / "s", 10)
     store = FeatureStore.open(tmp_path / "s")
     assert store.verify() == []
-    data = tmp_path / "s" / "lmdb" / "0" / "data.mdb"
-    raw = bytearray(data.read_bytes())
     # Flip one byte inside the stored bytes of segment 7's box tensor (found by its exact payload).
     needle = np.ascontiguousarray(written["7"]["det.global.box"]).tobytes()
-    at = raw.find(needle)
-    assert at > 0
-    raw[at + 5] ^= 0xFF
-    data.write_bytes(bytes(raw))
+    flip_live_byte(tmp_path / "s" / "lmdb" / "0" / "data.mdb", needle, 5, lambda: bool(store.verify()))
     bad = FeatureStore.open(tmp_path / "s").verify()
     assert bad == [("7", "checksum mismatch")]
 

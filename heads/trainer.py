@@ -1,0 +1,367 @@
+"""The head trainer: `heads train` as a Python call.
+
+One run = one head on one store selection. Features are preloaded once (``heads.data``); each
+epoch is a seeded permutation of the training rows cut into batches; after each epoch the run is
+evaluated on the validation selection and an atomic checkpoint is written, so ``resume=True``
+continues an interrupted run to exactly the result of an uninterrupted one (on CPU).
+
+Run directory (DESIGN section 6): ``config.json``, ``metrics.json``, ``predictions.parquet``,
+``history.json``, ``checkpoints/last.pt``, ``curves.png``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+import uuid as uuid_lib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from featstore.splits import resolve_selection
+from featstore.store import FeatureStore
+from heads import data as head_data
+from heads.evaluation import NUM_CLASSES, ClassSets, action_prior_for, load_class_sets, many_shot_from_training, score
+from heads.models import FeatureDims, build_head, check_fields, get_head, head_loss
+from heads.predictions import Predictions, write_predictions
+
+
+class TrainingError(RuntimeError):
+    """A run cannot start or cannot go on (bad selection, diverged loss, existing run directory)."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every setting of one run (made at the edge, unpacked once; recorded in config.json)."""
+
+    model: str = "saoa"  # registered head name
+    switches: dict[str, Any] = field(default_factory=dict)  # the head's ablation switches
+    train_split: str | None = None  # named split (featstore.splits), ANDed with train_where
+    train_where: str | None = None  # DuckDB WHERE over segments
+    val_split: str | None = None
+    val_where: str | None = None
+    epochs: int = 15  # paper: 15
+    batch_size: int = 32  # paper: 32
+    lr: float = 1e-4  # paper: 1e-4 constant (R-50), 1e-3 then 1e-4 (I3D)
+    lr_steps: tuple[int, ...] = ()  # epochs (1-based) at whose start the lr drops x0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    seed: int = 0
+    device: str = "cpu"
+    action_prior: str = "lfb"  # 'lfb' | 'none'
+    dataset: str | None = None  # epic55 | epic100; from the store's segments when None
+    meta_dir: str | None = None  # class / many-shot / tail lists; the annotation file's folder when None
+    memory_budget_gb: float | None = None  # above it, stream from LMDB instead of preloading
+    pool: str = "avg"  # local alignment pooling after RoIAlign (ours: avg; SlowFast/LFB: max)
+
+    def to_json(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["lr_steps"] = list(self.lr_steps)
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in data.items() if k in names}
+        values["lr_steps"] = tuple(values.get("lr_steps", ()))
+        return cls(**values)
+
+
+def lr_at(config: TrainConfig, epoch: int) -> float:
+    """Learning rate of 0-based ``epoch``: x0.1 for each step in ``lr_steps`` already reached."""
+    drops = sum(1 for step in config.lr_steps if epoch + 1 >= step)
+    return config.lr * (0.1 ** drops)
+
+
+def feature_dims(store: FeatureStore) -> FeatureDims:
+    """Head dimensions from the store's field schema (nothing hard-codes 2048)."""
+    fields = store.fields
+
+    def dim(name: str, axis: int, default: int = 0) -> int:
+        return int(fields[name].shape[axis]) if name in fields else default
+
+    return FeatureDims(
+        verb_dim=dim("verb.global", 0), noun_dim=dim("noun.global", 0),
+        det_dim=dim("det.global.feat", -1, dim("det.local.feat", -1)),
+        n_global=dim("det.global.feat", 0, 60), n_local=dim("det.local.feat", 0, 40),
+    )
+
+
+def store_dataset(store: FeatureStore) -> str:
+    with store.connect() as con:
+        found = [r[0] for r in con.execute("select distinct dataset from segments where dataset is not null").fetchall()]
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        return "epic55"
+    raise TrainingError(f"{store.path} mixes datasets {found}; pass --dataset")
+
+
+def default_meta_dir(store: FeatureStore) -> str | None:
+    annotations = store.manifest.get("provenance", {}).get("annotations")
+    return str(Path(annotations).parent) if annotations else None
+
+
+def _atomic_json(path: Path, payload: Any) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid_lib.uuid4().hex}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def _atomic_torch_save(path: Path, payload: Any) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid_lib.uuid4().hex}.tmp")
+    torch.save(payload, tmp)
+    with open(tmp, "rb+") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+@dataclass
+class PreparedRun:
+    """Everything a run needs before its first step; several runs may share ``train``/``val`` data."""
+
+    config: TrainConfig
+    store: FeatureStore
+    dims: FeatureDims
+    num_verbs: int
+    num_nouns: int
+    dataset: str
+    fields: tuple[str, ...]
+    train: Any  # PreloadedFeatures | StreamingFeatures
+    val: Any | None
+    class_sets: Any
+    prior: np.ndarray | None
+    train_pairs: set[tuple[int, int]]
+
+
+def prepare(store_path: str | os.PathLike, config: TrainConfig, *, log: Callable[[str], None] = head_data.default_log,
+            shared: dict | None = None) -> PreparedRun:
+    """Open the store, resolve selections, check fields, load features (shared across runs via ``shared``)."""
+    store = FeatureStore.open(store_path)
+    record = get_head(config.model)
+    record.check_switches(config.switches)
+    check_fields(config.model, store.fields, **config.switches)
+    fields = record.required_fields(**config.switches)
+    dataset = config.dataset or store_dataset(store)
+    if dataset not in NUM_CLASSES:
+        raise TrainingError(f"unknown dataset {dataset!r}; use epic55 or epic100")
+    num_verbs, num_nouns = NUM_CLASSES[dataset]
+    train_where = resolve_selection(config.train_split, config.train_where)
+    val_where = resolve_selection(config.val_split, config.val_where)
+    train_labels = head_data.selection_labels(store, train_where)
+    if not train_labels.uids:
+        raise TrainingError(f"the training selection ({train_where or 'all'}) holds no stored segments")
+    if not train_labels.labelled:
+        raise TrainingError("the training selection has segments without verb/noun labels (a test set?)")
+    val_labels = head_data.selection_labels(store, val_where) if (val_where is not None) else None
+    if val_labels is not None and not val_labels.uids:
+        raise TrainingError(f"the validation selection ({val_where}) holds no stored segments")
+    budget = None if config.memory_budget_gb is None else int(config.memory_budget_gb * 2**30)
+    shared = {} if shared is None else shared
+
+    def features(labels):
+        key = (str(store.path), labels.uids, tuple(sorted(fields)), config.pool, config.device, budget)
+        if key not in shared:
+            shared[key] = head_data.load_features(store, labels, fields, device=config.device, memory_budget=budget,
+                                                  pool=config.pool, log=log)
+        return shared[key]
+
+    train = features(train_labels)
+    val = features(val_labels) if val_labels is not None else None
+    verbs, nouns = train_labels.verb.numpy(), train_labels.noun.numpy()
+    meta = load_class_sets(config.meta_dir or default_meta_dir(store), dataset)
+    if meta is not None:
+        num_verbs, num_nouns = meta.num_verbs, meta.num_nouns
+    class_sets = meta if meta is not None else many_shot_from_training(verbs, nouns, dataset)
+    prior = action_prior_for(config.action_prior, verbs, nouns, num_verbs, num_nouns)
+    return PreparedRun(config, store, feature_dims(store), num_verbs, num_nouns, dataset, tuple(fields), train, val,
+                       class_sets, prior, {(int(v), int(n)) for v, n in zip(verbs, nouns)})
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, features, batch_size: int = 512) -> tuple[np.ndarray, np.ndarray]:
+    """Logits of every row of ``features``, in order: ((N, V), (N, Nn)) float32."""
+    model.eval()
+    verbs, nouns = [], []
+    order = torch.arange(len(features))
+    for batch, _, _ in features.batches(order, batch_size):
+        out = model(batch)
+        verbs.append(out["verb_logits"].float().cpu())
+        nouns.append(out["noun_logits"].float().cpu())
+    model.train()
+    return torch.cat(verbs).numpy(), torch.cat(nouns).numpy()
+
+
+def evaluate(run: PreparedRun, model: torch.nn.Module) -> tuple[Predictions, dict[str, float]]:
+    """Predictions and metrics on the run's validation selection."""
+    verb_logits, noun_logits = predict(model, run.val)
+    labels = run.val.labels
+    preds = Predictions(labels.uids, verb_logits, noun_logits)
+    if not labels.labelled:
+        return preds, {}
+    metrics = score(verb_logits, noun_logits, labels.verb.numpy(), labels.noun.numpy(), dataset=run.dataset,
+                    class_sets=run.class_sets, participants=labels.table.column("participant_id").to_pylist(),
+                    prior=run.prior, train_pairs=run.train_pairs)
+    return preds, metrics
+
+
+class RunState:
+    """Model, optimiser and history of one run, with checkpointing."""
+
+    def __init__(self, run: PreparedRun, out_dir: Path):
+        config = run.config
+        self.run = run
+        self.out_dir = out_dir
+        torch.manual_seed(config.seed)
+        self.model = build_head(config.model, dims=run.dims, num_verbs=run.num_verbs, num_nouns=run.num_nouns,
+                                **config.switches).to(config.device)
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=config.lr, momentum=config.momentum,
+                                         weight_decay=config.weight_decay)
+        self.epoch = 0  # epochs completed
+        self.history: list[dict[str, Any]] = []
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.out_dir / "checkpoints" / "last.pt"
+
+    def save(self) -> None:
+        self.checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_torch_save(self.checkpoint_path, {
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "epoch": self.epoch,
+            "history": self.history, "config": self.run.config.to_json(),
+        })
+        _atomic_json(self.out_dir / "history.json", self.history)
+
+    def load(self) -> None:
+        state = torch.load(self.checkpoint_path, map_location=self.run.config.device, weights_only=False)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.epoch = int(state["epoch"])
+        self.history = list(state["history"])
+
+    def train_epoch(self, progress: bool = False) -> float:
+        """One epoch over a permutation seeded by (seed, epoch); returns the mean loss."""
+        config = self.run.config
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(config, self.epoch)
+        generator = torch.Generator().manual_seed(config.seed * 100_003 + self.epoch)
+        order = torch.randperm(len(self.run.train), generator=generator)
+        total, steps = 0.0, 0
+        n_steps = math.ceil(len(order) / config.batch_size)
+        bar = _bar(n_steps, f"epoch {self.epoch + 1}/{config.epochs}", progress)
+        self.model.train()
+        for step, (batch, verbs, nouns) in enumerate(self.run.train.batches(order, config.batch_size), start=1):
+            losses = head_loss(self.model(batch), verbs, nouns)
+            loss = losses["total"]
+            if not torch.isfinite(loss):
+                raise TrainingError(
+                    f"loss is {loss.item()} at epoch {self.epoch + 1}, step {step}: lower --lr, or check the "
+                    f"store for extreme values (featstore verify)")
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            total += float(loss.detach())
+            steps += 1
+            bar.update(1)
+        bar.close()
+        return total / max(steps, 1)
+
+
+def _bar(total: int, desc: str, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="step", disable=not enabled, file=sys.stderr, leave=False)
+
+
+def train(
+    store_path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    config: TrainConfig,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] = head_data.default_log,
+    after_epoch: Callable[[int], None] | None = None,
+) -> dict[str, float]:
+    """Train one head and write its run directory.
+
+    Args:
+        store_path: the feature store.
+        out_dir: the run directory.
+        config: the run's settings.
+        resume: continue from ``out_dir/checkpoints/last.pt``.
+        progress: progress bars on stderr.
+        log: where one-line messages go.
+        after_epoch: called with the number of finished epochs after each checkpoint (tests kill here).
+    Returns:
+        The final metrics (also in metrics.json).
+    """
+    out = Path(out_dir)
+    if (out / "checkpoints" / "last.pt").exists() and not resume:
+        raise TrainingError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    run = prepare(store_path, config, log=log)
+    out.mkdir(parents=True, exist_ok=True)
+    state = RunState(run, out)
+    if resume and state.checkpoint_path.exists():
+        state.load()
+        log(f"resuming {out} after epoch {state.epoch}")
+    write_config(out, run)
+    while state.epoch < config.epochs:
+        started = time.perf_counter()
+        loss = state.train_epoch(progress)
+        entry: dict[str, Any] = {"epoch": state.epoch + 1, "loss": loss, "lr": lr_at(config, state.epoch),
+                                 "seconds": time.perf_counter() - started}
+        if run.val is not None:
+            _, metrics = evaluate(run, state.model)
+            entry.update({f"val_{k}": v for k, v in metrics.items()})
+        state.epoch += 1
+        state.history.append(entry)
+        state.save()
+        log(_epoch_line(entry))
+        if after_epoch is not None:
+            after_epoch(state.epoch)
+    return finish(out, run, state)
+
+
+def _epoch_line(entry: dict[str, Any]) -> str:
+    parts = [f"epoch {entry['epoch']}", f"loss {entry['loss']:.4f}"]
+    for key in ("val_verb_top1", "val_noun_top1", "val_action_top1"):
+        if key in entry:
+            parts.append(f"{key[4:]} {entry[key]:.2f}")
+    return "  ".join(parts)
+
+
+def write_config(out: Path, run: PreparedRun) -> None:
+    _atomic_json(out / "config.json", {
+        **run.config.to_json(),
+        "store": str(run.store.path.resolve()),
+        "manifest_sha256": run.store.manifest_hash,
+        "n_train": len(run.train),
+        "n_val": len(run.val) if run.val is not None else 0,
+        "data_mode": run.train.mode,
+        "dataset": run.dataset,
+        "num_verbs": run.num_verbs,
+        "num_nouns": run.num_nouns,
+        "fields": list(run.fields),
+        "dims": dataclasses.asdict(run.dims),
+        "class_lists": getattr(run.class_sets, "source", "official"),
+    })
+
+
+def finish(out: Path, run: PreparedRun, state: RunState) -> dict[str, float]:
+    """Write predictions, metrics and curves of a finished run."""
+    metrics: dict[str, float] = {}
+    if run.val is not None:
+        preds, metrics = evaluate(run, state.model)
+        write_predictions(out / "predictions.parquet", preds)
+    _atomic_json(out / "metrics.json", metrics)
+    from heads.plots import plot_training_curves
+
+    plot_training_curves(state.history, out / "curves.png", title=f"{run.config.model} on {run.store.path.name}")
+    return metrics
