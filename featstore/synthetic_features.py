@@ -169,3 +169,77 @@ def write_feature_npzs(
         arrays = make_arrays(rng, seg) if make_arrays is not None else random_segment_arrays(rng, shapes)
         np.savez(directory / f"{seg.uid}.npz", **arrays)
     return directory
+
+
+class PlantedSignal:
+    """Features where labels can be read only the way SAOA reads them (for learning tests and demos).
+
+    Construction, per segment (``C`` = verb/noun dim, ``Cd`` = detection dim):
+
+    - Nouns live only in the detections. Every global slot carries the embedding of some noun
+      class; the one *target* slot carries the segment's noun plus a fixed marker vector, the
+      distractors carry other nouns and no marker. ``noun.global`` and ``verb.global`` are noise,
+      so the ``global`` baseline is at chance on nouns, a mean over slots is confused by the
+      distractors, and an attention that finds the marker reads the noun.
+    - Verbs live only in the spatial map, at the target local box. ``verb.map`` holds the verb's
+      embedding inside the target box's cells and its negation in a disjoint region of the same
+      size, so the map's mean (what ``verb.global`` is) carries no verb. Detection features carry
+      no verb either, so SAP's verb branch (global verb feature + detection features) is at chance,
+      while SAOA's local alignment pools the map at the target box and reads the verb.
+    """
+
+    def __init__(self, *, verb_dim: int = 32, det_dim: int = 32, map_size: tuple[int, int, int] = (2, 7, 7),
+                 n_global: int = 60, n_local: int = 40, num_verbs: int = 6, num_nouns: int = 6,
+                 noise: float = 0.3, seed: int = 1234):
+        rng = np.random.default_rng(seed)
+        self.verb_dim, self.det_dim, self.map_size = verb_dim, det_dim, map_size
+        self.n_global, self.n_local, self.noise = n_global, n_local, noise
+        self.verb_embedding = rng.standard_normal((num_verbs, verb_dim)).astype(np.float32)
+        self.noun_embedding = rng.standard_normal((num_nouns, det_dim)).astype(np.float32) * 1.5
+        self.marker = np.zeros(det_dim, np.float32)
+        self.marker[: det_dim // 4] = 3.0
+        self.num_nouns = num_nouns
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return feature_shapes(verb_dim=self.verb_dim, noun_dim=self.verb_dim, det_dim=self.det_dim,
+                              n_global=self.n_global, n_local=self.n_local, map_size=self.map_size)
+
+    def _cell_box(self, rng: np.random.Generator, size: int, taken: np.ndarray | None = None) -> tuple[int, int]:
+        _, height, width = self.map_size
+        while True:
+            y, x = int(rng.integers(0, height - 1)), int(rng.integers(0, width - 1))
+            if taken is None or not taken[y:y + size, x:x + size].any():
+                return y, x
+
+    def __call__(self, rng: np.random.Generator, seg: SegmentLabel) -> dict[str, np.ndarray]:
+        c, (t, h, w) = self.verb_dim, self.map_size
+        noise = self.noise
+        arrays = {
+            "verb.global": (rng.standard_normal(c) * noise).astype(np.float32),
+            "noun.global": (rng.standard_normal(c) * noise).astype(np.float32),
+        }
+        # Nouns: one marked target among distractor objects.
+        for box_set, n in (("global", self.n_global), ("local", self.n_local)):
+            others = rng.integers(0, self.num_nouns, size=n)
+            feats = self.noun_embedding[others] + rng.standard_normal((n, self.det_dim)).astype(np.float32) * noise
+            target = int(rng.integers(0, n))
+            feats[target] = self.noun_embedding[seg.noun_class] + self.marker
+            arrays[f"det.{box_set}.feat"] = feats.astype(np.float32)
+            arrays[f"det.{box_set}.score"] = rng.uniform(0.5, 1.0, n).astype(np.float32)
+            arrays[f"det.{box_set}.box"] = random_boxes(rng, n)
+            arrays[f"_target.{box_set}"] = np.array(target)
+        # Verbs: +embedding under the target local box (2x2 cells), -embedding in a disjoint 2x2 region.
+        verb_map = (rng.standard_normal((c, t, h, w)) * noise).astype(np.float32)
+        y, x = self._cell_box(rng, 2)
+        taken = np.zeros((h, w), bool)
+        taken[y:y + 2, x:x + 2] = True
+        y2, x2 = self._cell_box(rng, 2, taken)
+        embedding = self.verb_embedding[seg.verb_class][:, None, None, None]
+        verb_map[:, :, y:y + 2, x:x + 2] += embedding
+        verb_map[:, :, y2:y2 + 2, x2:x2 + 2] -= embedding
+        arrays["verb.map"] = verb_map
+        arrays["verb.global"] += verb_map.mean(axis=(1, 2, 3))
+        target = int(arrays.pop("_target.local"))
+        arrays.pop("_target.global")
+        arrays["det.local.box"][target] = [x / w, y / h, (x + 2) / w, (y + 2) / h]
+        return arrays

@@ -365,3 +365,52 @@ def finish(out: Path, run: PreparedRun, state: RunState) -> dict[str, float]:
 
     plot_training_curves(state.history, out / "curves.png", title=f"{run.config.model} on {run.store.path.name}")
     return metrics
+
+
+def load_run(run_dir: str | os.PathLike, *, device: str | None = None) -> tuple[dict[str, Any], torch.nn.Module]:
+    """A finished (or checkpointed) run's recorded config and its model, ready for inference."""
+    run_dir = Path(run_dir)
+    config_path, checkpoint = run_dir / "config.json", run_dir / "checkpoints" / "last.pt"
+    if not config_path.is_file() or not checkpoint.is_file():
+        raise TrainingError(f"{run_dir} is not a run directory (config.json and checkpoints/last.pt expected)")
+    recorded = json.loads(config_path.read_text())
+    config = TrainConfig.from_json(recorded)
+    model = build_head(config.model, dims=FeatureDims(**recorded["dims"]), num_verbs=recorded["num_verbs"],
+                       num_nouns=recorded["num_nouns"], **config.switches)
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    model.load_state_dict(state["model"])
+    return recorded, model.to(device or config.device).eval()
+
+
+def predict_selection(run_dir: str | os.PathLike, *, store_path: str | os.PathLike | None = None,
+                      where: str | None = None, split: str | None = None, device: str | None = None,
+                      log: Callable[[str], None] = head_data.default_log) -> tuple[Predictions, Any]:
+    """Logits of a trained run on any selection of a store (its own store by default).
+
+    Returns:
+        (predictions, the selection's ``SegmentLabels``).
+    """
+    recorded, model = load_run(run_dir, device=device)
+    store = FeatureStore.open(store_path or recorded["store"])
+    check_fields(recorded["model"], store.fields, **recorded["switches"])
+    labels = head_data.selection_labels(store, resolve_selection(split, where))
+    if not labels.uids:
+        raise TrainingError(f"the selection ({where or split or 'all'}) holds no stored segments of {store.path}")
+    features = head_data.load_features(store, labels, recorded["fields"], device=device or recorded["device"],
+                                       pool=recorded.get("pool", "avg"), log=log)
+    verb_logits, noun_logits = predict(model, features)
+    return Predictions(labels.uids, verb_logits, noun_logits), labels
+
+
+def evaluate_run(run_dir: str | os.PathLike, *, where: str | None = None, split: str | None = None,
+                 device: str | None = None, log: Callable[[str], None] = head_data.default_log) -> dict[str, float]:
+    """Metrics of a trained run on a selection of its store (the run's validation selection by default)."""
+    recorded = json.loads((Path(run_dir) / "config.json").read_text())
+    if where is None and split is None:
+        split, where = recorded.get("val_split"), recorded.get("val_where")
+    config = TrainConfig.from_json({**recorded, "val_split": split, "val_where": where, "epochs": 0})
+    run = prepare(recorded["store"], config, log=log)
+    _, model = load_run(run_dir, device=device)
+    if run.val is None:
+        raise TrainingError("no evaluation selection: pass --where or --split")
+    return evaluate(run, model)[1]

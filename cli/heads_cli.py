@@ -1,0 +1,156 @@
+"""`heads`: train, evaluate, score, ablate, fuse and submit SAOA / SAP / baseline heads."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from cli.common import domain_errors
+
+SWITCH_OPTIONS = (
+    click.option("--no-gating", "gating", flag_value=False, default=None, help="Ablation: no cross-stream gating."),
+    click.option("--no-relation", "relation", flag_value=False, default=None,
+                 help="Ablation: mean over valid slots instead of the action-attended relation module."),
+    click.option("--no-local-alignment", "local_alignment", flag_value=False, default=None,
+                 help="Ablation (saoa): SAP's verb branch instead of local alignment."),
+    click.option("--normalize/--no-normalize", "normalize", default=None,
+                 help="The I3D L2 scheme: normalise backbone and detection features before combining."),
+    click.option("--concat-global", "concat_global", flag_value=True, default=None,
+                 help="Ours: concatenate the branch's global feature before its classifier."),
+)
+
+
+def switch_options(func):
+    for option in reversed(SWITCH_OPTIONS):
+        func = option(func)
+    return func
+
+
+def switches_from(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Switches the user set explicitly (a head refuses switches it does not have)."""
+    names = ("gating", "relation", "local_alignment", "normalize", "concat_global")
+    given = {name: kwargs.pop(name, None) for name in names}
+    return {name: value for name, value in given.items() if value is not None}
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="featstore")
+def main() -> None:
+    """Train and compare SAOA / SAP / baseline heads on a feature store, in seconds."""
+
+
+@main.command()
+@click.argument("store", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--model", default="saoa", show_default=True, help="Registered head: saoa, sap, global.")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Run directory.")
+@click.option("--train", "train_split", help="Named training split, e.g. epic55-lfb-train.")
+@click.option("--train-where", help="DuckDB WHERE over segments selecting training segments.")
+@click.option("--val", "val_split", help="Named validation split, e.g. epic55-lfb-val.")
+@click.option("--val-where", help="DuckDB WHERE over segments selecting validation segments.")
+@click.option("--epochs", default=15, show_default=True, type=click.IntRange(min=0))
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
+@click.option("--lr", default=1e-4, show_default=True, type=float)
+@click.option("--lr-steps", default="", help="Comma-separated epochs at which the lr drops x0.1 (e.g. 11).")
+@click.option("--momentum", default=0.9, show_default=True, type=float)
+@click.option("--weight-decay", default=1e-4, show_default=True, type=float)
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")
+@click.option("--action-prior", type=click.Choice(["lfb", "none"]), default="lfb", show_default=True,
+              help="Action re-weighting by P(noun | verb) counted on the training selection.")
+@click.option("--dataset", type=click.Choice(["epic55", "epic100"]), help="Default: from the store.")
+@click.option("--meta-dir", type=click.Path(exists=True, file_okay=False), help="Class / many-shot / tail lists.")
+@click.option("--memory-budget-gb", type=float, help="Stream from LMDB when preloading would need more.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run in --out.")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+@switch_options
+@domain_errors
+def train(store: Path, out: Path, resume: bool, progress: bool, lr_steps: str, **kwargs: Any) -> None:
+    """Train one head on a store and write a run directory.
+
+        heads train STORE --model saoa --train epic55-lfb-train --val epic55-lfb-val --out runs/saoa
+    """
+    from heads.trainer import TrainConfig, train as train_run
+
+    switches = switches_from(kwargs)
+    steps = tuple(int(s) for s in lr_steps.split(",") if s.strip())
+    config = TrainConfig(switches=switches, lr_steps=steps, **kwargs)
+    metrics = train_run(store, out, config, resume=resume, progress=progress)
+    click.echo(json.dumps(metrics, indent=2))
+    click.echo(f"run written to {out}", err=True)
+
+
+@main.command("eval")
+@click.argument("run", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--where", help="DuckDB WHERE over the run's store (default: the run's validation selection).")
+@click.option("--split", help="Named split instead of --where.")
+@click.option("--device", help="Default: the run's device.")
+@domain_errors
+def eval_cmd(run: Path, where: str | None, split: str | None, device: str | None) -> None:
+    """Evaluate a trained run on a selection of its store; prints the metrics as JSON."""
+    from heads.trainer import evaluate_run
+
+    click.echo(json.dumps(evaluate_run(run, where=where, split=split, device=device), indent=2))
+
+
+@main.command()
+@click.argument("run", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--store", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Store to predict on (default: the run's own).")
+@click.option("--where", help="DuckDB WHERE selecting the segments.")
+@click.option("--split", help="Named split, e.g. epic55-test-s1.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="predictions.parquet to write.")
+@click.option("--device", help="Default: the run's device.")
+@domain_errors
+def predict(run: Path, store: Path | None, where: str | None, split: str | None, out: Path, device: str | None) -> None:
+    """Write a trained run's logits for any selection (unlabelled test sets included).
+
+        heads predict runs/saoa --store test_store --split epic55-test-s1 --out s1.parquet
+    """
+    from heads.predictions import write_predictions
+    from heads.trainer import predict_selection
+
+    preds, _ = predict_selection(run, store_path=store, where=where, split=split, device=device)
+    write_predictions(out, preds)
+    click.echo(f"{len(preds.uids)} predictions written to {out}")
+
+
+@main.command()
+@click.argument("predictions", type=click.Path(exists=True, path_type=Path))
+@click.option("--annotations", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--dataset", type=click.Choice(["epic55", "epic100"]), help="Default: from the annotation file.")
+@click.option("--meta-dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Class, many-shot, tail and unseen lists (default: the annotation file's folder).")
+@click.option("--action-prior-from", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Training annotations to count the LFB action prior on.")
+@click.option("--json", "as_json", is_flag=True, help="Print the metrics.json object.")
+@domain_errors
+def score(predictions: Path, annotations: Path, dataset: str | None, meta_dir: Path | None,
+          action_prior_from: Path | None, as_json: bool) -> None:
+    """Score any predictions Parquet (uid, verb_logits, noun_logits) on the segments it contains."""
+    from heads.scoring import score_file
+
+    metrics = score_file(predictions, annotations, dataset=dataset, meta_dir=meta_dir,
+                         action_prior_from=action_prior_from)
+    if as_json:
+        click.echo(json.dumps(metrics, indent=2))
+    else:
+        for key, value in metrics.items():
+            click.echo(f"{key:<22} {value:7.2f}")
+
+
+def _register_optional_commands() -> None:
+    for module_name, names in (("cli.heads_experiments", ("ablate", "fuse", "submit")),):
+        try:
+            module = __import__(module_name, fromlist=list(names))
+        except ModuleNotFoundError as err:
+            if err.name != module_name:
+                raise
+            continue
+        for name in names:
+            main.add_command(getattr(module, name))
+
+
+_register_optional_commands()

@@ -1,0 +1,132 @@
+"""The trainer on real (small) imported stores: determinism, resume, divergence, data modes, learning."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from heads.models import MissingFieldsError
+from heads.trainer import TrainConfig, TrainingError, evaluate_run, lr_at, predict_selection, train
+
+TRAIN = "participant_id <= 'P25'"
+VAL = "participant_id > 'P25'"
+
+
+def _config(**overrides) -> TrainConfig:
+    base = dict(model="saoa", train_where=TRAIN, val_where=VAL, epochs=2, batch_size=32, lr=0.05, seed=3)
+    return TrainConfig(**{**base, **overrides})
+
+
+def test_run_directory_contract(planted_store: Path, tmp_path: Path) -> None:
+    metrics = train(planted_store, tmp_path / "run", _config(), progress=False)
+    run = tmp_path / "run"
+    for name in ("config.json", "metrics.json", "predictions.parquet", "history.json", "curves.png",
+                 "checkpoints/last.pt"):
+        assert (run / name).is_file(), name
+    assert json.loads((run / "metrics.json").read_text()) == metrics
+    for key in ("verb_top1", "verb_top5", "noun_top1", "noun_top5", "action_top1", "action_top5",
+                "verb_precision", "verb_recall", "noun_precision", "noun_recall", "action_precision", "action_recall"):
+        assert 0.0 <= metrics[key] <= 100.0, key
+    config = json.loads((run / "config.json").read_text())
+    assert (config["n_train"], config["n_val"]) == (240, 240)
+    assert config["store"] == str(planted_store.resolve()) and len(config["manifest_sha256"]) == 64
+    assert config["model"] == "saoa" and config["data_mode"] == "preload"
+    assert config["dims"] == {"verb_dim": 32, "noun_dim": 32, "det_dim": 32, "n_global": 60, "n_local": 40}
+    table = pq.read_table(run / "predictions.parquet")
+    assert table.column_names == ["uid", "verb_logits", "noun_logits"]
+    assert table.num_rows == 240 and len(table.column("verb_logits")[0]) == 125
+    assert len(table.column("noun_logits")[0]) == 352
+
+
+def test_same_seed_same_result_and_resume_after_kill(planted_store: Path, tmp_path: Path) -> None:
+    config = _config(epochs=3)
+    straight = train(planted_store, tmp_path / "a", config, progress=False)
+    again = train(planted_store, tmp_path / "b", config, progress=False)
+    assert straight == again
+    script = (
+        "import os, signal, sys\n"
+        "from heads.trainer import TrainConfig, train\n"
+        f"config = TrainConfig(**{config.to_json()!r})\n"
+        "def die(epoch):\n"
+        "    if epoch == 2: os.kill(os.getpid(), signal.SIGKILL)\n"
+        f"train({str(planted_store)!r}, {str(tmp_path / 'c')!r}, config, progress=False, after_epoch=die)\n"
+    )
+    killed = subprocess.run([sys.executable, "-c", script], capture_output=True)
+    assert killed.returncode == -signal.SIGKILL
+    assert json.loads((tmp_path / "c" / "history.json").read_text())[-1]["epoch"] == 2
+    with pytest.raises(TrainingError, match="--resume"):
+        train(planted_store, tmp_path / "c", config, progress=False)
+    resumed = train(planted_store, tmp_path / "c", config, resume=True, progress=False)
+    assert resumed == straight
+    a = pq.read_table(tmp_path / "a" / "predictions.parquet").to_pydict()
+    c = pq.read_table(tmp_path / "c" / "predictions.parquet").to_pydict()
+    assert a == c
+
+
+def test_diverging_loss_names_epoch_and_step(planted_store: Path, tmp_path: Path) -> None:
+    with pytest.raises(TrainingError, match=r"at epoch 1, step \d+"):
+        train(planted_store, tmp_path / "run", _config(model="global", lr=1e12), progress=False)
+
+
+def test_store_lacking_fields_is_refused_with_their_names(tmp_path: Path) -> None:
+    from featstore.importer import import_npz
+    from featstore.synthetic_features import (feature_shapes, generate_segments, write_epic55_annotations,
+                                              write_feature_npzs)
+
+    segments = generate_segments(8, num_verbs=3, num_nouns=3)
+    annotations = write_epic55_annotations(tmp_path / "a.csv", segments)
+    shapes = {k: v for k, v in feature_shapes(verb_dim=4, noun_dim=4).items() if k in ("verb.global", "noun.global")}
+    import_npz(tmp_path / "store", annotations, write_feature_npzs(tmp_path / "npz", segments, shapes=shapes),
+               progress=False)
+    with pytest.raises(MissingFieldsError, match="det.global.feat") as err:
+        train(tmp_path / "store", tmp_path / "run", _config(), progress=False)
+    assert "verb.map" in str(err.value) and "det.local.box" in str(err.value)
+    # The baseline needs only the global features.
+    train(tmp_path / "store", tmp_path / "run", _config(model="global", epochs=1), progress=False)
+
+
+def test_streaming_mode_gives_the_same_result_as_preloading(planted_store: Path, tmp_path: Path) -> None:
+    preload = train(planted_store, tmp_path / "p", _config(epochs=1), progress=False)
+    messages = []
+    stream = train(planted_store, tmp_path / "s", _config(epochs=1, memory_budget_gb=1e-6), progress=False,
+                   log=messages.append)
+    assert any("stream mode" in m for m in messages)
+    assert json.loads((tmp_path / "s" / "config.json").read_text())["data_mode"] == "stream"
+    for key in preload:
+        assert stream[key] == pytest.approx(preload[key], abs=1e-6), key
+
+
+def test_lr_steps_drop_tenfold() -> None:
+    config = TrainConfig(lr=1e-3, lr_steps=(11,), epochs=15)
+    assert [round(lr_at(config, e), 8) for e in (0, 9, 10, 14)] == [1e-3, 1e-3, 1e-4, 1e-4]
+
+
+def test_eval_and_predict_reproduce_the_run(planted_store: Path, tmp_path: Path) -> None:
+    metrics = train(planted_store, tmp_path / "run", _config(epochs=1), progress=False)
+    assert evaluate_run(tmp_path / "run") == pytest.approx(metrics)
+    preds, labels = predict_selection(tmp_path / "run", where=VAL)
+    saved = pq.read_table(tmp_path / "run" / "predictions.parquet")
+    assert list(preds.uids) == saved.column("uid").to_pylist()
+    np.testing.assert_allclose(preds.verb_logits, np.array(saved.column("verb_logits").to_pylist()), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_planted_signal_saoa_beats_global_on_nouns_and_sap_on_verbs(tmp_path: Path) -> None:
+    """The issue's acceptance run, at test size: labels are readable only the way SAOA reads them."""
+    from tests.heads.conftest import make_planted_store
+
+    store = make_planted_store(tmp_path, 960, seed=5)
+    results = {
+        model: train(store, tmp_path / model, _config(model=model, epochs=20, lr=0.05), progress=False)
+        for model in ("saoa", "sap", "global")
+    }
+    chance = 100 / 6
+    assert results["saoa"]["noun_top1"] > results["global"]["noun_top1"] + 30, results
+    assert results["saoa"]["verb_top1"] > results["sap"]["verb_top1"] + 30, results
+    assert results["global"]["noun_top1"] < chance + 12 and results["sap"]["verb_top1"] < chance + 12, results
