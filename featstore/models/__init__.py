@@ -1,0 +1,66 @@
+"""Model zoo of the extraction service: video backbones and object detectors, each in a registry.
+
+Importing this package registers every model: the family modules below register their builders at
+import time (timm style), so `list_backbones()` / `list_detectors()` are complete after
+``import featstore.models``.
+"""
+from featstore.models.backbones import (
+    BackboneRecord,
+    VideoBackbone,
+    backbone_map_shape,
+    build_backbone,
+    get_backbone_record,
+    list_backbones,
+    load_backbone_checkpoint,
+    register_backbone,
+)
+from featstore.models.checkpoints import (
+    CheckpointError,
+    LoadReport,
+    apply_state_dict,
+    file_sha256,
+    load_checkpoint,
+    parse_model_spec,
+    read_state_dict,
+)
+from featstore.models.detectors import (
+    Detections,
+    DetectorRecord,
+    ObjectDetector,
+    build_detector,
+    get_detector_record,
+    list_detectors,
+    register_detector,
+)
+from featstore.models.registry import Registry, UnknownModelError
+
+# Imported for their registrations.
+from featstore.models import video_resnet as video_resnet  # noqa: E402  isort: skip
+from featstore.models import i3d as i3d  # noqa: E402  isort: skip
+
+__all__ = [
+    "BackboneRecord",
+    "CheckpointError",
+    "Detections",
+    "DetectorRecord",
+    "ObjectDetector",
+    "LoadReport",
+    "Registry",
+    "UnknownModelError",
+    "VideoBackbone",
+    "apply_state_dict",
+    "backbone_map_shape",
+    "build_backbone",
+    "build_detector",
+    "file_sha256",
+    "get_backbone_record",
+    "get_detector_record",
+    "list_backbones",
+    "list_detectors",
+    "load_backbone_checkpoint",
+    "load_checkpoint",
+    "parse_model_spec",
+    "read_state_dict",
+    "register_backbone",
+    "register_detector",
+]

@@ -1,0 +1,317 @@
+"""Video backbones for the VerbNet / NounNet feature extractors: records, the base module, the registry.
+
+A backbone is described by a frozen `BackboneRecord` whose numbers (feature_dim, strides, input
+normalisation, default clip) set every downstream size. Model families register a builder together
+with the record and an exact output-size rule in their own files (`video_resnet.py`, `i3d.py`);
+``featstore.models`` imports those files so the registry is complete whenever this package is used.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from torch import Tensor, nn
+
+from featstore.models.checkpoints import LoadReport, load_checkpoint, parse_model_spec
+from featstore.models.registry import Registry
+
+# Optical flow frames (EPIC u/v JPEGs) are mapped to [0, 1]; 0.5 / 0.5 recentres them to [-1, 1],
+# the range TV-L1 flow networks (I3D, TSN) are trained on.
+FLOW_MEAN: float = 0.5
+FLOW_STD: float = 0.5
+
+
+@dataclass(frozen=True)
+class BackboneRecord:
+    """What a registered video backbone produces and expects.
+
+    Attributes:
+        name: registry name (also what the store manifest records).
+        feature_dim: channels of the last stage; sets every downstream dimension.
+        temporal_stride: total temporal downsampling of the map vs the input clip.
+        spatial_stride: total spatial downsampling of the map vs the input clip.
+        mean: per-channel RGB mean applied to [0, 1] input (flow uses 0.5 per channel).
+        std: per-channel RGB std (flow uses 0.5 per channel).
+        default_clip_frames: frames per clip the model is usually run on.
+        default_clip_stride: frame step between clip frames (at the EPIC 50/60 fps frame rate).
+        default_size: short side the frames are resized to for extraction.
+        description: one line for ``featstore info`` and listings.
+    """
+
+    name: str
+    feature_dim: int
+    temporal_stride: int
+    spatial_stride: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    default_clip_frames: int
+    default_clip_stride: int
+    default_size: int
+    description: str
+
+    def normalisation(self, in_channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """Mean and std for ``in_channels`` input channels (3: the record's RGB values; else flow).
+
+        Args:
+            in_channels: 3 for RGB, 2 for optical flow (u, v).
+
+        Returns:
+            ``(mean, std)``, each of length ``in_channels``.
+        """
+        if in_channels == 3:
+            return self.mean, self.std
+        return (FLOW_MEAN,) * in_channels, (FLOW_STD,) * in_channels
+
+
+class VideoBackbone(nn.Module):
+    """Base class of registered video backbones: normalises a clip and returns its last-stage map.
+
+    Subclasses hold their layers as direct attributes, so ``state_dict()`` keys are those of the
+    public checkpoints of the family (torchvision, IG-65M ports, pytorch-i3d) minus the classifier,
+    and implement `forward_map`.
+
+    Args:
+        record: the registry record (normalisation comes from it).
+        in_channels: 3 for RGB, 2 for optical flow.
+    """
+
+    # Checkpoint keys of the classification head, which featstore does not build: dropped on load so
+    # that published checkpoints (with any number of classes) load without complaint.
+    classifier_prefixes: tuple[str, ...] = ()
+    # Set by `build_backbone` when weights came from a checkpoint (what was loaded / ignored).
+    load_report: LoadReport | None = None
+
+    def __init__(self, *, record: BackboneRecord, in_channels: int) -> None:
+        super().__init__()
+        self.record = record
+        self.in_channels = in_channels
+        mean, std = record.normalisation(in_channels)
+        # Non-persistent: normalisation is metadata of the record, not of the checkpoint.
+        self.register_buffer("pixel_mean", torch.tensor(mean).view(1, in_channels, 1, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(std).view(1, in_channels, 1, 1, 1), persistent=False)
+
+    def forward_map(self, clip: Tensor) -> Tensor:
+        """Last-stage map of a normalised clip.
+
+        Args:
+            clip: (B, Cin, T, H, W) normalised input.
+
+        Returns:
+            (B, C, T', H', W') with C = record.feature_dim.
+        """
+        raise NotImplementedError
+
+    def forward(self, clip: Tensor) -> tuple[Tensor, Tensor]:
+        """Run the backbone on a clip.
+
+        Args:
+            clip: (B, Cin, T, H, W) float in [0, 1].
+
+        Returns:
+            ``(feature_map, global_feature)``: (B, C, T', H', W') last-stage output before pooling,
+            and (B, C) its mean over T', H', W'.
+        """
+        if clip.dim() != 5 or clip.shape[1] != self.in_channels:
+            raise ValueError(
+                f"{self.record.name} expects clips (B, {self.in_channels}, T, H, W); got {tuple(clip.shape)}"
+            )
+        clip = (clip - self.pixel_mean.to(clip.dtype)) / self.pixel_std.to(clip.dtype)
+        feature_map = self.forward_map(clip)  # (B, C, T', H', W')
+        return feature_map, feature_map.mean(dim=(2, 3, 4))
+
+
+class BackboneFactory(Protocol):
+    def __call__(self, *, in_channels: int) -> VideoBackbone: ...
+
+
+# (clip_frames, height, width) -> (T', H', W')
+MapSizeFn = Callable[[int, int, int], tuple[int, int, int]]
+
+
+@dataclass(frozen=True)
+class _BackboneEntry:
+    record: BackboneRecord
+    factory: BackboneFactory
+    map_size: MapSizeFn
+
+
+_BACKBONES: Registry[_BackboneEntry] = Registry("backbone")
+
+
+def register_backbone(
+    record: BackboneRecord, *, map_size: MapSizeFn
+) -> Callable[[BackboneFactory], BackboneFactory]:
+    """Decorator registering a backbone factory under ``record.name``.
+
+    Args:
+        record: the backbone's record.
+        map_size: exact ``(frames, height, width) -> (T', H', W')`` of the last-stage map, written with
+            `conv_out` / `same_out` so `backbone_map_shape` never has to run the model.
+
+    Returns:
+        The decorator; it returns the factory unchanged.
+
+    Raises:
+        ValueError: the name is already registered.
+    """
+
+    def decorator(factory: BackboneFactory) -> BackboneFactory:
+        _BACKBONES.add(record.name, _BackboneEntry(record=record, factory=factory, map_size=map_size))
+        return factory
+
+    return decorator
+
+
+def list_backbones() -> list[str]:
+    """Names of all registered backbones, sorted."""
+    return _BACKBONES.names()
+
+
+def get_backbone_record(name: str) -> BackboneRecord:
+    """The record of a registered backbone.
+
+    Raises:
+        UnknownModelError: not registered.
+    """
+    return _BACKBONES.get(name).record
+
+
+def build_backbone(spec: str, *, in_channels: int = 3) -> tuple[VideoBackbone, BackboneRecord]:
+    """Build a registered backbone, optionally loading a local checkpoint.
+
+    Args:
+        spec: ``"NAME"`` (random init) or ``"NAME:/local/path.pt"``.
+        in_channels: 3 for RGB, 2 for optical flow (changes the stem's input channels).
+
+    Returns:
+        ``(backbone, record)``; the backbone is a CPU module in eval mode (extraction only).
+
+    Raises:
+        UnknownModelError: unknown name.
+        CheckpointError: missing file, or keys/shapes that do not fit (listed).
+    """
+    name, checkpoint = parse_model_spec(spec)
+    entry = _BACKBONES.get(name)
+    if in_channels < 1:
+        raise ValueError(f"in_channels must be positive, got {in_channels}")
+    backbone = entry.factory(in_channels=in_channels)
+    if checkpoint is not None:
+        backbone.load_report = load_backbone_checkpoint(backbone, checkpoint)
+    return backbone.eval(), entry.record
+
+
+def load_backbone_checkpoint(backbone: VideoBackbone, path: str | Path) -> LoadReport:
+    """Load a local checkpoint into a built backbone, ignoring its classifier head.
+
+    Args:
+        backbone: a registered backbone.
+        path: local checkpoint file.
+
+    Returns:
+        The `LoadReport` (its ``ignored`` lists the dropped classifier keys).
+
+    Raises:
+        CheckpointError: missing file or keys/shapes that do not fit.
+    """
+    return load_checkpoint(
+        backbone,
+        path,
+        ignore_prefixes=backbone.classifier_prefixes,
+        model_name=backbone.record.name,
+    )
+
+
+def backbone_map_shape(
+    record: BackboneRecord, *, clip_frames: int, height: int, width: int
+) -> tuple[int, int, int, int]:
+    """Shape of one clip's feature map, computed from the architecture without running it.
+
+    Args:
+        record: a registered backbone's record.
+        clip_frames: T of the input clip.
+        height: H of the input frames.
+        width: W of the input frames.
+
+    Returns:
+        ``(C, T', H', W')`` exactly as the backbone's forward returns it (without the batch dim).
+
+    Raises:
+        ValueError: the clip is too small for the network (some size would reach zero).
+    """
+    entry = _BACKBONES.get(record.name)
+    out_frames, out_height, out_width = entry.map_size(clip_frames, height, width)
+    if min(out_frames, out_height, out_width) < 1:
+        raise ValueError(
+            f"a {clip_frames}x{height}x{width} clip is too small for {record.name} "
+            f"(map would be {out_frames}x{out_height}x{out_width})"
+        )
+    return record.feature_dim, out_frames, out_height, out_width
+
+
+def conv_out(size: int, kernel: int, stride: int = 1, padding: int = 0) -> int:
+    """Output length of a convolution / pooling along one dimension (PyTorch floor mode).
+
+    Args:
+        size: input length.
+        kernel: kernel length.
+        stride: stride.
+        padding: padding on each side.
+
+    Returns:
+        ``floor((size + 2 * padding - kernel) / stride) + 1``.
+    """
+    return (size + 2 * padding - kernel) // stride + 1
+
+
+def same_out(size: int, kernel: int, stride: int) -> int:
+    """Output length of a TensorFlow-style 'SAME' padded op, padded exactly as `i3d.same_padding`.
+
+    Args:
+        size: input length.
+        kernel: kernel length.
+        stride: stride.
+
+    Returns:
+        The output length (``ceil(size / stride)`` whenever the kernel covers the remainder).
+    """
+    remainder = size % stride
+    total_pad = max(kernel - (stride if remainder == 0 else remainder), 0)
+    return conv_out(size + total_pad, kernel, stride)
+
+
+def replace_first_conv(module: nn.Module, in_channels: int) -> None:
+    """Swap the first Conv3d of ``module`` for a fresh one with ``in_channels`` inputs (flow stems).
+
+    Kernel, stride, padding, output channels and bias are kept; the new weights are Kaiming-initialised
+    like torchvision's video models (they are random until a flow checkpoint is loaded).
+
+    Args:
+        module: a model or stem containing at least one ``nn.Conv3d``.
+        in_channels: new number of input channels.
+    """
+    # named_modules() is a pre-order walk, i.e. definition order, which is forward order for stems.
+    for qualified_name, child in module.named_modules():
+        if not isinstance(child, nn.Conv3d):
+            continue
+        if child.in_channels == in_channels:
+            return
+        replacement = nn.Conv3d(
+            in_channels,
+            child.out_channels,
+            kernel_size=child.kernel_size,
+            stride=child.stride,
+            padding=child.padding,
+            dilation=child.dilation,
+            groups=child.groups,
+            bias=child.bias is not None,
+        )
+        nn.init.kaiming_normal_(replacement.weight, mode="fan_out", nonlinearity="relu")
+        if replacement.bias is not None:
+            nn.init.zeros_(replacement.bias)
+        parent_name, _, child_name = qualified_name.rpartition(".")
+        setattr(module.get_submodule(parent_name), child_name, replacement)
+        return
+    raise ValueError(f"{type(module).__name__} has no Conv3d to adapt to {in_channels} input channels")
