@@ -4,6 +4,7 @@ Shared by `heads train` (each epoch), `heads eval`, `heads score` and `heads fus
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,11 +96,13 @@ def score(
         prior: (V, Nn) action prior or None.
         train_pairs: (verb, noun) pairs seen in training (restricts many-shot actions).
     Returns:
-        metric name -> value (percent).
+        metric name -> value (percent); class-aware metrics only where their class lists are non-empty.
     """
     if dataset == "epic55":
-        return epic55_metrics(verb_logits, noun_logits, verb_labels, noun_labels, meta=class_sets,
-                              train_pairs=train_pairs, prior=prior)
+        metrics = epic55_metrics(verb_logits, noun_logits, verb_labels, noun_labels, meta=class_sets,
+                                 train_pairs=train_pairs, prior=prior)
+        # Class-aware metrics over an empty set of many-shot classes are undefined: left out, not NaN.
+        return {k: float(v) for k, v in metrics.items() if not math.isnan(v)}
     if dataset == "epic100":
         unseen = np.array([p in class_sets.unseen_participants for p in (participants or [])], dtype=bool)
         if unseen.shape[0] != len(verb_labels):
