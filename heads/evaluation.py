@@ -101,13 +101,15 @@ def score(
     if dataset == "epic55":
         metrics = epic55_metrics(verb_logits, noun_logits, verb_labels, noun_labels, meta=class_sets,
                                  train_pairs=train_pairs, prior=prior)
-        # Class-aware metrics over an empty set of many-shot classes are undefined: left out, not NaN.
-        return {k: float(v) for k, v in metrics.items() if not math.isnan(v)}
-    if dataset == "epic100":
+    elif dataset == "epic100":
         unseen = np.array([p in class_sets.unseen_participants for p in (participants or [])], dtype=bool)
         if unseen.shape[0] != len(verb_labels):
             unseen = np.zeros(len(verb_labels), dtype=bool)
-        return epic100_metrics(verb_logits, noun_logits, verb_labels, noun_labels,
-                               tail_verbs=class_sets.tail_verbs, tail_nouns=class_sets.tail_nouns,
-                               unseen_mask=unseen, prior=prior)
-    raise ValueError(f"unknown dataset {dataset!r}; use epic55 or epic100")
+        metrics = epic100_metrics(verb_logits, noun_logits, verb_labels, noun_labels,
+                                  tail_verbs=class_sets.tail_verbs, tail_nouns=class_sets.tail_nouns,
+                                  unseen_mask=unseen, prior=prior)
+    else:
+        raise ValueError(f"unknown dataset {dataset!r}; use epic55 or epic100")
+    # Metrics over an empty class set or subset (no many-shot class, no tail or unseen segment) are
+    # undefined: left out of metrics.json rather than written as NaN.
+    return {k: float(v) for k, v in metrics.items() if not math.isnan(v)}

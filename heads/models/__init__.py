@@ -1,0 +1,35 @@
+"""Heads trained on stored features: SAOA, SAP and the `global` baseline, behind a registry.
+
+Importing this package registers every head (the builder modules register themselves on import).
+"""
+from heads.models.registry import (
+    FeatureDims,
+    HeadRecord,
+    MissingFieldsError,
+    build_head,
+    check_fields,
+    get_head,
+    list_heads,
+    register_head,
+)
+from heads.models.layers import head_loss
+from heads.models.symbiotic import SymbioticBranch, SymbioticHead, saoa, sap
+from heads.models.baseline import GlobalHead, global_head
+
+__all__ = [
+    "FeatureDims",
+    "HeadRecord",
+    "MissingFieldsError",
+    "build_head",
+    "check_fields",
+    "get_head",
+    "list_heads",
+    "register_head",
+    "head_loss",
+    "SymbioticBranch",
+    "SymbioticHead",
+    "saoa",
+    "sap",
+    "GlobalHead",
+    "global_head",
+]

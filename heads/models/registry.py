@@ -1,0 +1,166 @@
+"""The head registry: a name -> builder table that the CLI (`--model saoa`) and the tests read.
+
+Modelled on timm's `_registry.py`: a dict and a decorator that refuses duplicate names. Each record
+also says which STORE fields the head needs for given switches, so the data layer loads only those
+and a store that lacks one is refused up front with a message that names the missing fields.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+from torch import nn
+
+__all__ = [
+    "FeatureDims",
+    "HeadRecord",
+    "MissingFieldsError",
+    "register_head",
+    "list_heads",
+    "get_head",
+    "build_head",
+    "check_fields",
+]
+
+# Arguments every builder takes that are not ablation switches.
+_BUILD_ARGS = ("dims", "num_verbs", "num_nouns")
+
+
+@dataclass(frozen=True)
+class FeatureDims:
+    """Feature sizes of one store; the backbone and detector records set them, nothing hard-codes 2048."""
+
+    verb_dim: int  # Cv: VerbNet feature size (`verb.global`, channels of `verb.map`)
+    noun_dim: int  # Cn: NounNet feature size (`noun.global`)
+    det_dim: int  # Cd: detector RoI feature size (`det.*.feat`)
+    n_global: int = 60  # detection slots of the noun window (12 frames x top 5)
+    n_local: int = 40  # detection slots of the verb window (8 frames x top 5)
+
+
+@dataclass(frozen=True)
+class HeadRecord:
+    """One registered head.
+
+    Attributes:
+        name: the registry key (`--model NAME`).
+        builder: `builder(*, dims, num_verbs, num_nouns, **switches) -> nn.Module`; its keyword-only
+            arguments other than those three are the head's ablation switches.
+        description: one line for `heads train --help` and `list_heads` listings.
+        fields: `fields(**switches) -> tuple[str, ...]`, the STORE field names the head reads with
+            those switches (switches not given take the builder's defaults).
+    """
+
+    name: str
+    builder: Callable[..., nn.Module]
+    description: str
+    fields: Callable[..., tuple[str, ...]] = lambda **_: ()
+
+    def switches(self) -> dict[str, Any]:
+        """The head's ablation switches and their defaults, read from the builder's signature."""
+        params = inspect.signature(self.builder).parameters.values()
+        return {
+            p.name: p.default
+            for p in params
+            if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in _BUILD_ARGS
+        }
+
+    def check_switches(self, switches: dict[str, Any]) -> None:
+        """Raise `TypeError` naming every switch this head does not have."""
+        unknown = sorted(set(switches) - set(self.switches()))
+        if unknown:
+            known = ", ".join(sorted(self.switches())) or "none"
+            raise TypeError(
+                f"head {self.name!r} got unknown switch(es) {', '.join(unknown)}; its switches are: {known}"
+            )
+
+    def required_fields(self, **switches: Any) -> tuple[str, ...]:
+        """STORE field names (e.g. `det.local.box`) the head needs when built with `switches`."""
+        self.check_switches(switches)
+        return tuple(self.fields(**{**self.switches(), **switches}))
+
+
+class MissingFieldsError(ValueError):
+    """A store lacks fields a head needs; the message names the head and every missing field."""
+
+    def __init__(self, head: str, missing: Iterable[str]) -> None:
+        self.head = head
+        self.missing = tuple(missing)
+        super().__init__(
+            f"head {head!r} needs store field(s) that are missing: {', '.join(self.missing)}"
+        )
+
+
+_HEADS: dict[str, HeadRecord] = {}
+
+
+def register_head(
+    name: str, *, description: str, fields: Callable[..., tuple[str, ...]]
+) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Decorator that registers a builder under `name`; a second head of the same name is an error.
+
+    Args:
+        name: registry key.
+        description: one-line description.
+        fields: `fields(**switches)` -> STORE field names needed (see `HeadRecord.fields`).
+    """
+
+    def decorate(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        if name in _HEADS:
+            raise ValueError(f"a head named {name!r} is already registered")
+        _HEADS[name] = HeadRecord(name=name, builder=builder, description=description, fields=fields)
+        return builder
+
+    return decorate
+
+
+def list_heads() -> list[str]:
+    """Names of all registered heads, sorted."""
+    return sorted(_HEADS)
+
+
+def get_head(name: str) -> HeadRecord:
+    """The record of head `name`; `KeyError` listing the known names otherwise."""
+    try:
+        return _HEADS[name]
+    except KeyError:
+        raise KeyError(f"unknown head {name!r}; registered heads: {', '.join(list_heads())}") from None
+
+
+def build_head(
+    name: str, *, dims: FeatureDims, num_verbs: int, num_nouns: int, **switches: Any
+) -> nn.Module:
+    """Build head `name` as a plain CPU module (device, DDP and AMP are the trainer's business).
+
+    Args:
+        name: a registered head name (`list_heads()`).
+        dims: feature sizes of the store the head will read.
+        num_verbs: V, verb classes.
+        num_nouns: N, noun classes.
+        **switches: ablation switches of that head; an unknown one is a `TypeError` naming it.
+
+    Returns:
+        The head; `forward(batch) -> dict` with at least `verb_logits (B, V)`, `noun_logits (B, N)`.
+    """
+    record = get_head(name)
+    record.check_switches(switches)
+    return record.builder(dims=dims, num_verbs=num_verbs, num_nouns=num_nouns, **switches)
+
+
+def check_fields(name: str | HeadRecord, available: Iterable[str], **switches: Any) -> None:
+    """Refuse a store that lacks any field head `name` needs with these switches.
+
+    Args:
+        name: a head name or its record.
+        available: field names the store holds (e.g. from its manifest).
+        **switches: the switches the head will be built with.
+
+    Raises:
+        MissingFieldsError: naming the head and every missing field.
+        TypeError: an unknown switch.
+    """
+    record = name if isinstance(name, HeadRecord) else get_head(name)
+    have = set(available)
+    missing = [f for f in record.required_fields(**switches) if f not in have]
+    if missing:
+        raise MissingFieldsError(record.name, missing)
