@@ -522,7 +522,11 @@ def _reader_env(shard_dir: Path) -> lmdb.Environment:
 def _writer_env(shard_dir: Path, map_size: int) -> lmdb.Environment:
     key = _env_key(shard_dir)
     _close_reader_env(shard_dir)
-    env = lmdb.open(str(shard_dir), map_size=map_size, subdir=True, max_readers=2048, meminit=False)
+    # No fsync per commit: a killed process loses nothing committed (the pages are the kernel's), and
+    # StoreWriter.flush syncs before it exports rows to Parquet, so an OS crash can never leave an
+    # index row pointing at tensors that did not reach the disk.
+    env = lmdb.open(str(shard_dir), map_size=map_size, subdir=True, max_readers=2048, meminit=False,
+                    sync=False, metasync=False)
     _ENVS[key] = env
     _WRITER_ENVS.add(key)
     return env
@@ -715,6 +719,7 @@ class StoreWriter:
         entries = self._pending()
         if not entries:
             return 0
+        self.env.sync(True)
         last = entries[-1]["seq"]
         name = f"part-{self.shard}-{last:012d}.parquet"
         segments = pa.Table.from_pylist([e["segment"] for e in entries], schema=SEGMENT_SCHEMA)
@@ -762,14 +767,16 @@ class StoreWriter:
 def _boxes_to_json(boxes: Mapping[str, Sequence] | None) -> dict[str, list] | None:
     if boxes is None:
         return None
+    n = len(boxes["slot"])
     out = {}
     for name in ("set", "slot", "frame", "x1", "y1", "x2", "y2", "score", "label", "valid"):
         values = boxes.get(name)
         if values is None:
-            n = len(boxes["slot"])
-            values = [None] * n
-        values = np.asarray(values, dtype=object) if not isinstance(values, list) else values
-        out[name] = [_json_scalar(v) for v in values]
+            out[name] = [None] * n
+        elif isinstance(values, np.ndarray):
+            out[name] = values.tolist()  # numpy scalars -> Python numbers, in C
+        else:
+            out[name] = [_json_scalar(v) for v in values]
     return out
 
 
