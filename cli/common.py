@@ -26,15 +26,32 @@ def domain_errors(func: Callable[..., Any]) -> Callable[..., Any]:
             raise
         except Exception as err:  # noqa: BLE001 - filtered just below
             if _is_domain_error(err):
-                raise click.ClickException(str(err)) from err
+                message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+                raise click.ClickException(str(message)) from err
             raise
 
     return wrapper
 
 
+_OUR_PACKAGES = ("featstore", "heads")
+
+
+def _raised_by_us(err: BaseException) -> bool:
+    """True when the innermost frame that raised ``err`` is in our packages (a deliberate check)."""
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    module = tb.tb_frame.f_globals.get("__name__", "") if tb is not None else ""
+    return module.split(".")[0] in _OUR_PACKAGES
+
+
 def _is_domain_error(err: BaseException) -> bool:
     module = type(err).__module__ or ""
-    return module.split(".")[0] in ("featstore", "heads") or isinstance(err, (FileNotFoundError, PermissionError))
+    if module.split(".")[0] in _OUR_PACKAGES or isinstance(err, (FileNotFoundError, PermissionError)):
+        return True
+    # Our modules raise ValueError / KeyError for bad input with a message written for the user;
+    # the same types raised deep inside a dependency are bugs and keep their traceback.
+    return isinstance(err, (ValueError, KeyError)) and _raised_by_us(err)
 
 
 def command_line() -> str:

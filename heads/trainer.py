@@ -144,8 +144,11 @@ def prepare(store_path: str | os.PathLike, config: TrainConfig, *, log: Callable
             shared: dict | None = None) -> PreparedRun:
     """Open the store, resolve selections, check fields, load features (shared across runs via ``shared``)."""
     store = FeatureStore.open(store_path)
-    record = get_head(config.model)
-    record.check_switches(config.switches)
+    try:
+        record = get_head(config.model)
+        record.check_switches(config.switches)
+    except (KeyError, TypeError) as err:  # the registry's own messages name the head and switches
+        raise TrainingError(err.args[0]) from err
     check_fields(config.model, store.fields, **config.switches)
     fields = record.required_fields(**config.switches)
     dataset = config.dataset or store_dataset(store)

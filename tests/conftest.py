@@ -5,6 +5,15 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
+
+from featstore.importer import import_npz
+from featstore.synthetic_features import (
+    PlantedSignal,
+    generate_segments,
+    write_epic55_annotations,
+    write_feature_npzs,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 # CI lays ../shared beside the checkout; a user's clone may not have it.
@@ -27,3 +36,19 @@ def epic55_dir(shared_data: Path) -> Path:
 @pytest.fixture(scope="session")
 def epic100_dir(shared_data: Path) -> Path:
     return shared_data / "epic100"
+
+
+def make_planted_store(root: Path, n: int = 480, *, seed: int = 0, **planted_kwargs) -> Path:
+    """A store of planted-signal features: participants P01, P02 (train) and P26, P27 (val)."""
+    planted = PlantedSignal(**planted_kwargs)
+    segments = generate_segments(n, num_verbs=planted.verb_embedding.shape[0], num_nouns=planted.num_nouns, seed=seed)
+    annotations = write_epic55_annotations(root / "annotations" / "EPIC_train_action_labels.csv", segments)
+    npz = write_feature_npzs(root / "npz", segments, seed=seed, make_arrays=planted)
+    import_npz(root / "store", annotations, npz, progress=False)
+    return root / "store"
+
+
+@pytest.fixture(scope="session")
+def planted_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.set_num_threads(1)
+    return make_planted_store(tmp_path_factory.mktemp("planted"), 480)

@@ -1,0 +1,106 @@
+"""The `heads` commands, run for real on small imported stores."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from cli.heads_cli import main
+from featstore.annotations import read_segments
+from featstore.store import FeatureStore, FieldSpec
+
+TRAIN = "participant_id <= 'P25'"
+VAL = "participant_id > 'P25'"
+
+
+def _invoke(*args) -> "click.testing.Result":
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_every_command_has_help() -> None:
+    for command in [[]] + [[name] for name in main.commands]:
+        result = _invoke(*command, "--help")
+        assert result.exit_code == 0 and "Usage:" in result.output, command
+
+
+def test_train_eval_predict_score_round_trip(planted_store: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    result = _invoke("train", planted_store, "--model", "saoa", "--train-where", TRAIN, "--val-where", VAL,
+                     "--epochs", "2", "--lr", "0.05", "--action-prior", "none", "--no-progress", "--out", run)
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert json.loads(result.stdout) == metrics
+    evaluated = _invoke("eval", run)
+    assert json.loads(evaluated.stdout) == pytest.approx(metrics)
+    out = tmp_path / "val.parquet"
+    assert _invoke("predict", run, "--where", VAL, "--out", out).exit_code == 0
+    # `heads score` on the run's predictions against the annotation file gives the run's metrics.
+    annotations = planted_store.parent / "annotations" / "EPIC_train_action_labels.csv"
+    scored = _invoke("score", out, "--annotations", annotations, "--json")
+    assert scored.exit_code == 0, scored.output
+    assert json.loads(scored.stdout) == pytest.approx(metrics, abs=1e-9)
+    assert json.loads(_invoke("score", run, "--annotations", annotations, "--json").stdout) == pytest.approx(metrics)
+
+
+def test_switch_flags_reach_the_head_and_unknown_ones_are_refused(planted_store: Path, tmp_path: Path) -> None:
+    result = _invoke("train", planted_store, "--model", "saoa", "--no-gating", "--no-relation", "--concat-global",
+                     "--train-where", TRAIN, "--val-where", VAL, "--epochs", "1", "--no-progress", "--out",
+                     tmp_path / "a")
+    assert result.exit_code == 0, result.output
+    config = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert config["switches"] == {"gating": False, "relation": False, "concat_global": True}
+    refused = _invoke("train", planted_store, "--model", "global", "--no-gating", "--train-where", TRAIN,
+                      "--epochs", "1", "--no-progress", "--out", tmp_path / "b")
+    assert refused.exit_code == 1 and "unknown switch(es) gating" in refused.output
+
+
+def test_bad_selection_and_unknown_model_are_clear_errors(planted_store: Path, tmp_path: Path) -> None:
+    result = _invoke("train", planted_store, "--model", "nope", "--out", tmp_path / "r", "--no-progress")
+    assert result.exit_code == 1 and "unknown head 'nope'" in result.output
+    result = _invoke("train", planted_store, "--model", "global", "--train-where", "participant_id = 'P99'",
+                     "--out", tmp_path / "r", "--no-progress")
+    assert result.exit_code == 1 and "holds no stored segments" in result.output
+    result = _invoke("train", planted_store, "--model", "global", "--train", "epic55-nope", "--out", tmp_path / "r")
+    assert result.exit_code == 1 and "epic55-lfb-train" in result.output
+
+
+def test_named_lfb_split_counts_on_a_store_of_all_epic55_training_segments(epic55_dir: Path, tmp_path: Path) -> None:
+    """config.json shows 23,191 / 5,281 for the paper's validation protocol."""
+    table = read_segments(epic55_dir / "EPIC_train_action_labels.csv")
+    store = FeatureStore.create(tmp_path / "store", fields={"verb.global": FieldSpec("float16", (2,)),
+                                                            "noun.global": FieldSpec("float16", (2,))},
+                                provenance={"annotations": str(epic55_dir / "EPIC_train_action_labels.csv")})
+    rng = np.random.default_rng(0)
+    with store.writer(flush_every=5000) as writer:
+        for row in table.to_pylist():
+            writer.put(row, {"verb.global": rng.standard_normal(2), "noun.global": rng.standard_normal(2)})
+    result = _invoke("train", tmp_path / "store", "--model", "global", "--train", "epic55-lfb-train",
+                     "--val", "epic55-lfb-val", "--epochs", "1", "--batch-size", "512", "--no-progress",
+                     "--out", tmp_path / "run")
+    assert result.exit_code == 0, result.output
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (config["n_train"], config["n_val"]) == (23191, 5281)
+    # The official class lists sit beside the annotation file: the class-aware metrics are there.
+    assert config["class_lists"] == "official" and (config["num_verbs"], config["num_nouns"]) == (125, 352)
+    assert "action_precision" in json.loads((tmp_path / "run" / "metrics.json").read_text())
+
+
+@pytest.mark.slow
+def test_acceptance_saoa_beats_global_on_nouns_and_sap_on_verbs(tmp_path: Path) -> None:
+    """The issue's acceptance command on a planted-signal store, for each of the three heads."""
+    from tests.conftest import make_planted_store
+
+    store = make_planted_store(tmp_path, 960, seed=5)
+    results = {}
+    for model in ("saoa", "sap", "global"):
+        result = _invoke("train", store, "--model", model, "--train-where", TRAIN, "--val-where", VAL,
+                         "--epochs", "20", "--lr", "0.05", "--no-progress", "--out", tmp_path / model)
+        assert result.exit_code == 0, result.output
+        results[model] = json.loads((tmp_path / model / "metrics.json").read_text())
+    chance = 100 / 6
+    assert results["saoa"]["noun_top1"] > results["global"]["noun_top1"] + 30, results
+    assert results["saoa"]["verb_top1"] > results["sap"]["verb_top1"] + 30, results
+    assert results["global"]["noun_top1"] < chance + 12 and results["sap"]["verb_top1"] < chance + 12, results
