@@ -107,6 +107,11 @@ def _segment_tensors(store: FeatureStore, uids: Sequence[str], fields: set[str],
     return out
 
 
+def chunk_order(order: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    """Consecutive batches of row numbers (the last may be short)."""
+    return list(torch.split(order, batch_size))
+
+
 class PreloadedFeatures:
     """Every needed tensor of a selection, resident on ``device``; batches are index gathers."""
 
@@ -131,8 +136,12 @@ class PreloadedFeatures:
         return batch, self.verb[index], self.noun[index]
 
     def batches(self, order: torch.Tensor, batch_size: int) -> Iterator[tuple[dict, torch.Tensor, torch.Tensor]]:
-        for start in range(0, len(order), batch_size):
-            yield self.batch(order[start:start + batch_size])
+        return self.batches_of(chunk_order(order, batch_size))
+
+    def batches_of(self, chunks: Sequence[torch.Tensor]) -> Iterator[tuple[dict, torch.Tensor, torch.Tensor]]:
+        """One batch per chunk of row numbers."""
+        for rows in chunks:
+            yield self.batch(rows)
 
 
 class _BatchReader(torch.utils.data.Dataset):
@@ -165,13 +174,17 @@ class StreamingFeatures:
         return len(self.labels.uids)
 
     def batches(self, order: torch.Tensor, batch_size: int) -> Iterator[tuple[dict, torch.Tensor, torch.Tensor]]:
-        chunks = [order[s:s + batch_size].tolist() for s in range(0, len(order), batch_size)]
+        return self.batches_of(chunk_order(order, batch_size))
+
+    def batches_of(self, chunks: Sequence[torch.Tensor]) -> Iterator[tuple[dict, torch.Tensor, torch.Tensor]]:
+        """One batch per chunk of row numbers, read ahead by the worker processes."""
+        chunks = [c.tolist() for c in chunks]
         loader = torch.utils.data.DataLoader(
             self.reader, batch_size=None, sampler=chunks, num_workers=self.workers,
             persistent_workers=False, prefetch_factor=4 if self.workers else None,
         )
         for rows, tensors in zip(chunks, loader):
-            index = torch.tensor(rows)
+            index = torch.tensor(rows, dtype=torch.long)
             batch = {k: (v.to(self.device).float() if v.dtype == torch.float16 else v.to(self.device))
                      for k, v in tensors.items()}
             yield batch, self.labels.verb[index].to(self.device), self.labels.noun[index].to(self.device)

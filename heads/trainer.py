@@ -248,32 +248,93 @@ class RunState:
         self.epoch = int(state["epoch"])
         self.history = list(state["history"])
 
-    def train_epoch(self, progress: bool = False) -> float:
-        """One epoch over a permutation seeded by (seed, epoch); returns the mean loss."""
+    def begin_epoch(self) -> list[torch.Tensor]:
+        """Set this epoch's lr and return its batches of training rows (a seeded permutation)."""
         config = self.run.config
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(config, self.epoch)
         generator = torch.Generator().manual_seed(config.seed * 100_003 + self.epoch)
         order = torch.randperm(len(self.run.train), generator=generator)
-        total, steps = 0.0, 0
-        n_steps = math.ceil(len(order) / config.batch_size)
-        bar = _bar(n_steps, f"epoch {self.epoch + 1}/{config.epochs}", progress)
         self.model.train()
-        for step, (batch, verbs, nouns) in enumerate(self.run.train.batches(order, config.batch_size), start=1):
-            losses = head_loss(self.model(batch), verbs, nouns)
-            loss = losses["total"]
+        return head_data.chunk_order(order, config.batch_size)
+
+    def step(self, batch: dict[str, torch.Tensor] | None, verbs: torch.Tensor, nouns: torch.Tensor, *,
+             step: int, batch_rows: int, world: "Distributed | None" = None) -> float:
+        """One SGD step on ``batch``: this process's share of a batch of ``batch_rows`` rows.
+
+        Under data parallelism each rank's loss is its share of the batch's mean loss, and the
+        gradients are summed across ranks, which gives exactly the one-process gradient.
+
+        Returns:
+            This share's contribution to the batch's mean loss.
+        """
+        self.optimizer.zero_grad(set_to_none=False)
+        loss_value = 0.0
+        if batch is not None and len(verbs):
+            loss = head_loss(self.model(batch), verbs, nouns)["total"] * (len(verbs) / batch_rows)
             if not torch.isfinite(loss):
                 raise TrainingError(
                     f"loss is {loss.item()} at epoch {self.epoch + 1}, step {step}: lower --lr, or check the "
                     f"store for extreme values (featstore verify)")
-            self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            self.optimizer.step()
-            total += float(loss.detach())
-            steps += 1
+            loss_value = float(loss.detach())
+        for param in self.model.parameters():
+            if param.grad is None:  # unused this step: a zero gradient, so every rank steps the same way
+                param.grad = torch.zeros_like(param)
+        if world is not None:
+            loss_value = world.sum_gradients(self.model, loss_value)
+        self.optimizer.step()
+        return loss_value
+
+    def train_epoch(self, progress: bool = False, world: "Distributed | None" = None) -> float:
+        """One epoch; returns the mean training loss."""
+        chunks = self.begin_epoch()
+        if world is not None:
+            sizes = [len(c) for c in chunks]
+            chunks = [c[world.rank::world.size] for c in chunks]
+        else:
+            sizes = [len(c) for c in chunks]
+        bar = _bar(len(chunks), f"epoch {self.epoch + 1}/{self.run.config.epochs}", progress)
+        total = 0.0
+        for step, ((batch, verbs, nouns), rows) in enumerate(zip(self.run.train.batches_of(chunks), sizes), start=1):
+            total += self.step(batch, verbs, nouns, step=step, batch_rows=rows, world=world)
             bar.update(1)
         bar.close()
-        return total / max(steps, 1)
+        return total / max(len(chunks), 1)
+
+
+class Distributed:
+    """Data parallelism under torchrun: gloo on CPU, nccl on GPU; gradients summed by all-reduce."""
+
+    def __init__(self, device: str):
+        import torch.distributed as dist
+
+        self.dist = dist
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+        self.rank, self.size = dist.get_rank(), dist.get_world_size()
+
+    @classmethod
+    def from_environment(cls, device: str) -> "Distributed | None":
+        """A context when launched by torchrun with more than one process, else None."""
+        return cls(device) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+
+    def sum_gradients(self, model: torch.nn.Module, loss_value: float) -> float:
+        grads = [p.grad for p in model.parameters()]
+        flat = torch.cat([g.reshape(-1) for g in grads] + [torch.tensor([loss_value], device=grads[0].device)])
+        self.dist.all_reduce(flat)
+        offset = 0
+        for grad in grads:
+            grad.copy_(flat[offset:offset + grad.numel()].view_as(grad))
+            offset += grad.numel()
+        return float(flat[-1])
+
+    def barrier(self) -> None:
+        self.dist.barrier()
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
 
 
 def _bar(total: int, desc: str, enabled: bool):
@@ -308,27 +369,38 @@ def train(
     out = Path(out_dir)
     if (out / "checkpoints" / "last.pt").exists() and not resume:
         raise TrainingError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
-    run = prepare(store_path, config, log=log)
+    # Under torchrun every rank trains on its share of each batch; rank 0 alone writes the run.
+    world = Distributed.from_environment(config.device)
+    main_process = world is None or world.is_main
+    if world is not None and config.device.startswith("cuda"):
+        config = dataclasses.replace(config, device=f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
+    run = prepare(store_path, config, log=log if main_process else (lambda _: None))
     out.mkdir(parents=True, exist_ok=True)
     state = RunState(run, out)
     if resume and state.checkpoint_path.exists():
         state.load()
         log(f"resuming {out} after epoch {state.epoch}")
-    write_config(out, run)
+    if main_process:
+        write_config(out, run)
     while state.epoch < config.epochs:
         started = time.perf_counter()
-        loss = state.train_epoch(progress)
+        loss = state.train_epoch(progress and main_process, world=world)
         entry: dict[str, Any] = {"epoch": state.epoch + 1, "loss": loss, "lr": lr_at(config, state.epoch),
                                  "seconds": time.perf_counter() - started}
-        if run.val is not None:
+        if run.val is not None and main_process:
             _, metrics = evaluate(run, state.model)
             entry.update({f"val_{k}": v for k, v in metrics.items()})
         state.epoch += 1
         state.history.append(entry)
-        state.save()
-        log(_epoch_line(entry))
+        if main_process:
+            state.save()
+            log(_epoch_line(entry))
+        if world is not None:
+            world.barrier()
         if after_epoch is not None:
             after_epoch(state.epoch)
+    if not main_process:
+        return {}
     return finish(out, run, state)
 
 

@@ -1,0 +1,42 @@
+"""Data-parallel training under torchrun gives the one-process result for the same effective batch."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+TRAIN = "participant_id <= 'P25'"
+VAL = "participant_id > 'P25'"
+
+
+def _train_args(store: Path, out: Path) -> list[str]:
+    return ["train", str(store), "--model", "saoa", "--train-where", TRAIN, "--val-where", VAL, "--epochs", "2",
+            "--batch-size", "32", "--lr", "0.05", "--seed", "1", "--no-progress", "--out", str(out)]
+
+
+def test_two_process_torchrun_matches_one_process(planted_store: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    single = subprocess.run([sys.executable, "-m", "cli.heads_cli", *_train_args(planted_store, tmp_path / "one")],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert single.returncode == 0, single.stderr
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+              "-m", "cli.heads_cli", *_train_args(planted_store, tmp_path / "two")]
+    double = subprocess.run(launch, capture_output=True, text=True, env=env, timeout=300)
+    if double.returncode != 0 and "rendezvous" in double.stderr.lower():
+        pytest.skip(f"torchrun could not start here: {double.stderr[-500:]}")
+    assert double.returncode == 0, double.stderr[-3000:]
+    one = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert two == pytest.approx(one, abs=1e-6)
+    logits_one = np.array(pq.read_table(tmp_path / "one" / "predictions.parquet").column("verb_logits").to_pylist())
+    logits_two = np.array(pq.read_table(tmp_path / "two" / "predictions.parquet").column("verb_logits").to_pylist())
+    # Summation order differs across ranks: equal to float32 rounding, not bit for bit.
+    np.testing.assert_allclose(logits_two, logits_one, atol=1e-4, rtol=1e-4)
+    history = json.loads((tmp_path / "two" / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2]
