@@ -59,13 +59,15 @@ Grouped training (``parallel=K``): K runs share the preloaded features (``prepar
 and one device, and are stepped together inside one loop over steps; each keeps its own seeded batch
 order, optimiser and torch RNG stream, so a run trained in a group gives exactly the same results as
 the same run trained alone (``heads.trainer.train``) on CPU. On CUDA each run steps on its own stream,
-so the small kernels of K heads can overlap.
+so the small kernels of K heads can overlap, and losses are read once per epoch instead of per step
+(a non-finite loss therefore fails the run at the end of that epoch, not at the step itself; the
+run's last checkpoint is from the epoch before either way). The step loop mirrors
+``RunState.train_epoch`` line for line; ``tests/heads/test_ablation.py`` pins the equality.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import re
 import time
@@ -74,7 +76,7 @@ import uuid as uuid_lib
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -82,15 +84,12 @@ import pyarrow.parquet as pq
 import torch
 
 from heads import data as head_data
-from heads.models import get_head, head_loss, list_heads
+from heads.models import get_head, list_heads
 from heads.trainer import (
     PreparedRun,
     RunState,
     TrainConfig,
-    TrainingError,
-    evaluate,
     finish,
-    lr_at,
     prepare,
     write_config,
 )
@@ -104,8 +103,9 @@ __all__ = [
     "load_grid",
     "run_grid",
     "ablate",
-    "train_group",
     "results_table",
+    "write_results",
+    "switch_label",
     "write_results_markdown",
     "plot_grid_results",
     "TABLE_METRICS",
@@ -338,7 +338,8 @@ class _Member:
     error: str | None = None
     # per-epoch state
     batches: Any = None
-    losses: list = dataclasses.field(default_factory=list)
+    steps: int = 0
+    loss: float = 0.0
 
     @property
     def done(self) -> bool:
@@ -384,61 +385,28 @@ class _RunContext:
 
 
 def _start_epoch(member: _Member) -> None:
-    """What ``RunState.train_epoch`` does before its first step (same lr, same seeded order)."""
-    config, state = member.prepared.config, member.state
-    for group in state.optimizer.param_groups:
-        group["lr"] = lr_at(config, state.epoch)
-    generator = torch.Generator().manual_seed(config.seed * 100_003 + state.epoch)
-    order = torch.randperm(len(member.prepared.train), generator=generator)
-    state.model.train()
-    member.batches = iter(member.prepared.train.batches(order, config.batch_size))
-    member.losses = []
+    """The trainer's own epoch start: same lr, same seeded batch order as a solo run."""
+    member.batches = iter(member.prepared.train.batches_of(member.state.begin_epoch()))
+    member.steps = 0
+    member.loss = 0.0
     member.seconds = 0.0
 
 
 def _step(member: _Member) -> bool:
-    """One optimiser step of ``member`` (``RunState.train_epoch``'s body); False when its epoch is over.
-
-    The loss is kept as a tensor and read once per epoch: reading it every step would make the host
-    wait for the device after each step of each run, which is what grouping on CUDA avoids.
-    """
+    """One optimiser step of ``member`` (the trainer's ``RunState.step``); False when its epoch is over."""
     try:
         batch, verbs, nouns = next(member.batches)
     except StopIteration:
         return False
-    state = member.state
-    loss = head_loss(state.model(batch), verbs, nouns)["total"]
-    state.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    state.optimizer.step()
-    member.losses.append(loss.detach())
+    member.steps += 1
+    member.loss += member.state.step(batch, verbs, nouns, step=member.steps, batch_rows=len(verbs))
     return True
 
 
 def _end_epoch(member: _Member, log: Callable[[str], None]) -> None:
-    """The per-epoch bookkeeping of ``heads.trainer.train``: history entry, validation, checkpoint."""
-    config, state, prepared = member.prepared.config, member.state, member.prepared
-    losses = torch.stack(member.losses).float().cpu().tolist() if member.losses else []
-    bad = next((i for i, value in enumerate(losses) if not math.isfinite(value)), None)
-    if bad is not None:
-        raise TrainingError(
-            f"loss is {losses[bad]} at epoch {state.epoch + 1}, step {bad + 1}: lower lr, or check the store "
-            f"for extreme values (featstore verify)")
-    total = 0.0
-    for value in losses:  # summed in step order as Python floats, exactly as train_epoch does
-        total += value
-    entry: dict[str, Any] = {"epoch": state.epoch + 1, "loss": total / max(len(losses), 1),
-                             "lr": lr_at(config, state.epoch), "seconds": member.seconds}
-    if prepared.val is not None:
-        _, metrics = evaluate(prepared, state.model)
-        entry.update({f"val_{k}": v for k, v in metrics.items()})
-    state.epoch += 1
-    state.history.append(entry)
-    state.save()
-    parts = [f"{member.run.name}: epoch {entry['epoch']}/{config.epochs}", f"loss {entry['loss']:.4f}"]
-    parts += [f"{key[4:]} {entry[key]:.2f}" for key in ("val_verb_top1", "val_noun_top1", "val_action_top1")
-              if key in entry]
-    log("  ".join(parts))
+    """The trainer's per-epoch bookkeeping: validation, history entry, checkpoint."""
+    member.state.end_epoch(member.loss / max(member.steps, 1), member.seconds,
+                           log=lambda line: log(f"{member.run.name}: {line}"))
 
 
 def train_group(members: Sequence[_Member], *, log: Callable[[str], None] = head_data.default_log) -> None:
@@ -660,7 +628,7 @@ def ablate(
         grid: a grid TOML file, or an already expanded ``Grid``.
         out: the output folder.
         parallel: runs trained together.
-        device: replaces every run's device when given (only for a grid file).
+        device: replaces every run's device when given.
         log: one-line progress messages.
     Returns:
         See ``run_grid``.

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import sys
 import time
@@ -27,7 +26,7 @@ import torch
 from featstore.splits import resolve_selection
 from featstore.store import FeatureStore
 from heads import data as head_data
-from heads.evaluation import NUM_CLASSES, ClassSets, action_prior_for, load_class_sets, many_shot_from_training, score
+from heads.evaluation import NUM_CLASSES, action_prior_for, load_class_sets, many_shot_from_training, score
 from heads.models import FeatureDims, build_head, check_fields, get_head, head_loss
 from heads.predictions import Predictions, write_predictions
 
@@ -286,6 +285,27 @@ class RunState:
         self.optimizer.step()
         return loss_value
 
+    def end_epoch(self, loss: float, seconds: float, *, log: Callable[[str], None] | None = None,
+                  main_process: bool = True) -> dict[str, Any]:
+        """After an epoch's steps: validate, append to the history, checkpoint (main process only).
+
+        Returns:
+            The epoch's history entry.
+        """
+        config = self.run.config
+        entry: dict[str, Any] = {"epoch": self.epoch + 1, "loss": loss, "lr": lr_at(config, self.epoch),
+                                 "seconds": seconds}
+        if self.run.val is not None and main_process:
+            _, metrics = evaluate(self.run, self.model)
+            entry.update({f"val_{k}": v for k, v in metrics.items()})
+        self.epoch += 1
+        self.history.append(entry)
+        if main_process:
+            self.save()
+            if log is not None:
+                log(_epoch_line(entry))
+        return entry
+
     def train_epoch(self, progress: bool = False, world: "Distributed | None" = None) -> float:
         """One epoch; returns the mean training loss."""
         chunks = self.begin_epoch()
@@ -385,16 +405,7 @@ def train(
     while state.epoch < config.epochs:
         started = time.perf_counter()
         loss = state.train_epoch(progress and main_process, world=world)
-        entry: dict[str, Any] = {"epoch": state.epoch + 1, "loss": loss, "lr": lr_at(config, state.epoch),
-                                 "seconds": time.perf_counter() - started}
-        if run.val is not None and main_process:
-            _, metrics = evaluate(run, state.model)
-            entry.update({f"val_{k}": v for k, v in metrics.items()})
-        state.epoch += 1
-        state.history.append(entry)
-        if main_process:
-            state.save()
-            log(_epoch_line(entry))
+        state.end_epoch(loss, time.perf_counter() - started, log=log, main_process=main_process)
         if world is not None:
             world.barrier()
         if after_epoch is not None:

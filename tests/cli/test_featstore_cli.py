@@ -31,7 +31,7 @@ def _sample(tmp_path: Path, n: int, *, shapes=SMALL) -> tuple[Path, Path]:
     return annotations, npz_dir
 
 
-def _invoke(*args: str) -> "click.testing.Result":
+def _invoke(*args: str):
     result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
     return result
 

@@ -16,7 +16,7 @@ TRAIN = "participant_id <= 'P25'"
 VAL = "participant_id > 'P25'"
 
 
-def _invoke(*args) -> "click.testing.Result":
+def _invoke(*args):
     return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 

@@ -19,7 +19,6 @@ from featstore.store import (
     FieldSpec,
     FormatVersionError,
     StoreError,
-    StoreLockedError,
     segment_checksum,
 )
 
