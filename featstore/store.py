@@ -504,6 +504,7 @@ class FeatureStore:
 _ENVS: dict[str, lmdb.Environment] = {}
 _WRITER_ENVS: set[str] = set()
 _INHERITED_WRITERS: list[lmdb.Environment] = []
+_WRITER_LOCKS: set = set()  # lock-file handles of this process's writers
 
 
 def _env_key(shard_dir: Path) -> str:
@@ -550,6 +551,14 @@ def _forget_envs_after_fork() -> None:
     # A forked child must not use its parent's LMDB handles (DataLoader workers fork): close the
     # inherited read-only ones so the child reopens its own. Closing a lock-free reader touches only
     # this process's mapping and descriptor. Writer handles are dropped unused.
+    # A child's copy of a writer's lock descriptor would keep the shard locked after the writer
+    # dies (flock belongs to the open file, which the child shares): close the child's copies.
+    for handle in list(_WRITER_LOCKS):
+        try:
+            os.close(handle.fileno())
+        except OSError:
+            pass
+    _WRITER_LOCKS.clear()
     for key in list(_ENVS):
         env = _ENVS.pop(key)
         if key in _WRITER_ENVS:
@@ -590,6 +599,7 @@ class StoreWriter:
         self._lock_handle.truncate()
         self._lock_handle.write(f"{os.getpid()}\n")
         self._lock_handle.flush()
+        _WRITER_LOCKS.add(self._lock_handle)
         self.env = _writer_env(self.dir, map_size)
         self._seq = self._last_seq()
         self.map_grows = 0
@@ -753,6 +763,7 @@ class StoreWriter:
             self.env.sync(True)
         finally:
             _close_writer_env(self.dir)
+            _WRITER_LOCKS.discard(self._lock_handle)
             fcntl.flock(self._lock_handle, fcntl.LOCK_UN)
             self._lock_handle.close()
             self._closed = True

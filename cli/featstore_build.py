@@ -1,0 +1,155 @@
+"""`featstore build`: extract backbone and detection features of annotated segments into a store.
+
+Thin: parse the options, make the frozen `BuildConfig`, call `featstore.extraction.build_store`,
+print the summary. Registered into the `featstore` group by `cli.featstore_cli`.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from cli.common import command_line, domain_errors
+
+_EXISTING_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
+_EXISTING_DIR = click.Path(exists=True, file_okay=False, path_type=Path)
+
+
+def make_build_config(params: dict[str, Any], *, command: str | None = None):
+    """The `BuildConfig` of parsed `build` options (also used by scripts that drive the command).
+
+    Args:
+        params: click's parsed parameters of the `build` command.
+        command: the command line, for the manifest.
+    Returns:
+        A `featstore.extraction.BuildConfig`, with rank / world size from the torchrun environment.
+    """
+    from featstore.extraction import BuildConfig, distributed_env
+    from featstore.sampling import SamplingConfig
+
+    if (params["frames_root"] is None) == (params["videos_dir"] is None):
+        raise click.UsageError("give exactly one of --frames ROOT (EPIC JPEG folders) or --videos DIR (video files)")
+    if params["detector"] is None:
+        raise click.UsageError(
+            "give --detector SPEC (its box features are stored), optionally with --boxes FILE to pool "
+            "them at precomputed boxes instead of the detector's own"
+        )
+    try:
+        sampling = SamplingConfig(
+            clip_frames=params["clip_frames"],
+            clip_stride=params["clip_stride"],
+            size=params["size"],
+            det_fps=params["det_fps"],
+            det_global_seconds=params["det_global_seconds"],
+            det_local_seconds=params["det_local_seconds"],
+            det_topk=params["det_topk"],
+        )
+    except ValueError as err:
+        raise click.UsageError(str(err)) from err
+    rank, world_size, local_rank = distributed_env()
+    return BuildConfig(
+        store=params["store"],
+        annotations=params["annotations"],
+        verb_backbone=params["verb_backbone"],
+        noun_backbone=params["noun_backbone"],
+        frames_root=params["frames_root"],
+        videos_dir=params["videos_dir"],
+        modality=params["modality"],
+        detector=params["detector"],
+        boxes=params["boxes"],
+        boxes_coords=params["boxes_coords"],
+        det_score_thresh=params["det_score_thresh"],
+        det_min_size=params["det_min_size"],
+        det_max_size=params["det_max_size"],
+        det_batch_size=params["det_batch_size"],
+        noun_map=params["noun_map"],
+        sampling=sampling,
+        fps=params["fps"],
+        video_info=params["video_info"],
+        split=params["split"],
+        where=params["where"],
+        limit=params["limit"],
+        device=params["device"],
+        amp=params["amp"],
+        batch_size=params["batch_size"],
+        workers=params["workers"],
+        seed=params["seed"],
+        rank=rank,
+        world_size=world_size,
+        local_rank=local_rank,
+        flush_every=params["flush_every"],
+        progress=params["progress"],
+        command=command,
+    )
+
+
+@click.command("build")
+@click.argument("store", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--annotations", required=True, type=_EXISTING_FILE,
+              help="EPIC-55 / EPIC-100 annotation file (CSV or pkl).")
+@click.option("--frames", "frames_root", type=_EXISTING_DIR,
+              help="Root of EPIC JPEG frames: ROOT/<participant>/{rgb,flow}_frames/<video>/.")
+@click.option("--videos", "videos_dir", type=_EXISTING_DIR, help="Folder of video files (decoded with PyAV; RGB).")
+@click.option("--modality", type=click.Choice(["rgb", "flow"]), default="rgb", show_default=True,
+              help="One store per modality; flow feeds the backbones 2 channels (u, v).")
+@click.option("--verb-backbone", required=True, metavar="SPEC", help="NAME or NAME:/local/checkpoint.pt.")
+@click.option("--noun-backbone", required=True, metavar="SPEC",
+              help="NAME or NAME:/path; runs on the verb backbone's clip (one clip, two models).")
+@click.option("--noun-map/--no-noun-map", default=False, show_default=True, help="Also store noun.map.")
+@click.option("--detector", metavar="SPEC", help="Detector NAME or NAME:/local/checkpoint (box features).")
+@click.option("--boxes", type=_EXISTING_FILE,
+              help="CSV/Parquet of video_id, frame, x1, y1, x2, y2, score[, label]: pool --detector "
+                   "features at these boxes (no proposals).")
+@click.option("--boxes-coords", type=click.Choice(["pixel", "normalized"]), default="pixel", show_default=True,
+              help="Units of the --boxes coordinates.")
+@click.option("--det-score-thresh", type=float, default=0.05, show_default=True)
+@click.option("--det-min-size", type=int, help="Detector input short side (default: the model's).")
+@click.option("--det-max-size", type=int, help="Detector input long-side cap (default: the model's).")
+@click.option("--det-batch-size", type=int, default=16, show_default=True, help="Frames per detector forward.")
+@click.option("--clip-frames", type=int, default=64, show_default=True)
+@click.option("--clip-stride", type=int, default=2, show_default=True)
+@click.option("--size", type=int, default=256, show_default=True, help="Short side of the clip frames (no crop).")
+@click.option("--det-fps", type=float, default=2.0, show_default=True)
+@click.option("--det-global-seconds", type=float, default=6.0, show_default=True)
+@click.option("--det-local-seconds", type=float, default=4.0, show_default=True)
+@click.option("--det-topk", type=int, default=5, show_default=True)
+@click.option("--fps", type=float, help="Frame rate when neither the video info file nor the container has one.")
+@click.option("--video-info", type=_EXISTING_FILE,
+              help="EPIC_video_info.csv / EPIC_100_video_info.csv (default: found beside --annotations).")
+@click.option("--split", help="A named split (e.g. epic55-lfb-val).")
+@click.option("--where", help="DuckDB WHERE over the annotation columns, e.g. \"participant_id = 'P01'\".")
+@click.option("--limit", type=int, help="Only the first N selected segments.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--amp", type=click.Choice(["fp16", "bf16", "off"]), default="fp16", show_default=True,
+              help="Autocast dtype on CUDA (CPU runs fp32).")
+@click.option("--batch-size", type=int, default=8, show_default=True, help="Segments per backbone forward.")
+@click.option("--workers", type=int, default=4, show_default=True, help="Decode worker processes (0: none).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of randomly initialised models.")
+@click.option("--flush-every", type=int, default=256, show_default=True, help="Segments between Parquet exports.")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+@domain_errors
+def build(**params: Any) -> None:
+    """Extract features of annotated segments into STORE (created, or resumed).
+
+    Per segment: verb.global, verb.map, noun.global and det.{global,local}.{feat,box,score}
+    (DESIGN section 3). A rerun skips stored segments and retries failed ones; a bad input fails
+    its segment only, and the command exits 1 when any failed. Under torchrun each rank builds
+    its share into its own shard. Example:
+
+    \b
+        featstore build STORE --annotations EPIC_train_action_labels.csv --frames EPIC/ \\
+            --verb-backbone r3d_50:verb.pt --noun-backbone r3d_50:noun.pt \\
+            --detector fasterrcnn_resnet50_fpn:frcnn.pth --device cuda
+        torchrun --nproc_per_node 8 --no-python featstore build STORE ...   # a shard per GPU
+    """
+    from featstore.extraction import build_store
+
+    config = make_build_config(params, command=command_line())
+    report = build_store(config)
+    for warning in report.warnings:
+        click.echo(f"WARNING: {warning}", err=True)
+    click.echo(report.summary())
+    if report.failed:
+        sys.exit(1)

@@ -1,0 +1,403 @@
+"""What a build computes, as pure functions over arrays: no models, no decoding, no store I/O.
+
+The extraction service (`featstore.extraction`) is a loop over segments; everything it decides that
+can be checked by hand lives here: which segments a rank takes, the store's field schema and input
+size, how a frame's detections fill the fixed-size slot tensors and the ``boxes`` rows, and how a
+file of precomputed boxes (``--boxes``) is read and looked up.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from featstore.models import BackboneRecord, backbone_map_shape
+from featstore.sampling import SamplingConfig
+from featstore.store import FieldSpec, default_dtype
+
+__all__ = [
+    "BOX_SETS",
+    "BoxesFileError",
+    "FrameDetections",
+    "PrecomputedBoxes",
+    "detection_slots",
+    "input_size_for",
+    "shard_uids",
+    "store_fields",
+]
+
+BOX_SETS = ("global", "local")  # det.global.* (noun branch, 6 s) and det.local.* (verb branch, 4 s)
+
+# A stored score of 0 is the padding marker readers mask on (DESIGN section 3: "0 for padded slots"),
+# so a real box keeps a positive score even when its source said 0 (a boxes file, or an underflow).
+MIN_VALID_SCORE = float(np.finfo(np.float32).tiny)
+
+BOX_COLUMNS = ("set", "slot", "frame", "x1", "y1", "x2", "y2", "score", "label", "valid")
+
+
+class BoxesFileError(ValueError):
+    """A ``--boxes`` file cannot be used: unreadable, a column missing, or values that make no sense."""
+
+
+# ------------------------------------------------------------------------------------------------
+# who does what
+
+
+def shard_uids(uids: Iterable[str], *, rank: int, world_size: int) -> list[str]:
+    """The uids one rank of a distributed build takes: every ``world_size``-th of the sorted list.
+
+    Sorting first makes the split depend only on the selection, not on file order, so every rank
+    computes the same partition without talking to the others, and the shards are disjoint and
+    together cover the selection.
+
+    Args:
+        uids: the selected segments' uids (distinct).
+        rank: this process's rank, 0 <= rank < world_size.
+        world_size: number of processes.
+    Returns:
+        This rank's uids, sorted.
+    """
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in [0, {world_size})")
+    return sorted(uids)[rank::world_size]
+
+
+def input_size_for(height: int, width: int, size: int) -> tuple[int, int]:
+    """The (H, W) a frame of ``height x width`` has after its short side is resized to ``size``.
+
+    Same rule as `featstore.frames.resize_short_side`: the long side is ``long * size / short``
+    rounded half up. The store's input size is this, computed once from the first video; every clip
+    is then resized to exactly that size, so that a field has one shape (DESIGN section 3).
+
+    Args:
+        height, width: source frame size in pixels.
+        size: target short side.
+    Returns:
+        (H, W).
+    """
+    if min(height, width) < 1 or size < 1:
+        raise ValueError(f"bad sizes: frame {height}x{width}, short side {size}")
+    if height <= width:
+        return size, max(1, int(math.floor(width * size / height + 0.5)))
+    return max(1, int(math.floor(height * size / width + 0.5))), size
+
+
+def store_fields(
+    *,
+    verb_record: BackboneRecord,
+    noun_record: BackboneRecord,
+    sampling: SamplingConfig,
+    input_size: tuple[int, int],
+    detector_dim: int | None,
+    noun_map: bool = False,
+) -> dict[str, FieldSpec]:
+    """The field schema of a built store (DESIGN section 3), computed before any model runs.
+
+    Args:
+        verb_record, noun_record: the backbones' records (their feature_dim and map-size rules).
+        sampling: the sampling config (clip length; detection frames x top-k set the slot counts).
+        input_size: (H, W) every clip is resized to.
+        detector_dim: Cd of the detector's box features, or None for a store without detections.
+        noun_map: also store ``noun.map``.
+    Returns:
+        field name -> spec. ``verb.map`` is (Cv, T', H', W'); ``det.{global,local}.feat`` is
+        (slots, Cd), ``.box`` (slots, 4), ``.score`` (slots,).
+    """
+    height, width = input_size
+    fields: dict[str, tuple[int, ...]] = {
+        "verb.global": (verb_record.feature_dim,),
+        "verb.map": backbone_map_shape(verb_record, clip_frames=sampling.clip_frames, height=height, width=width),
+        "noun.global": (noun_record.feature_dim,),
+    }
+    if noun_map:
+        fields["noun.map"] = backbone_map_shape(
+            noun_record, clip_frames=sampling.clip_frames, height=height, width=width
+        )
+    if detector_dim is not None:
+        for box_set, slots in (("global", sampling.n_global_slots), ("local", sampling.n_local_slots)):
+            fields[f"det.{box_set}.feat"] = (slots, detector_dim)
+            fields[f"det.{box_set}.box"] = (slots, 4)
+            fields[f"det.{box_set}.score"] = (slots,)
+    return {name: FieldSpec(dtype=default_dtype(name), shape=tuple(int(d) for d in shape))
+            for name, shape in fields.items()}
+
+
+# ------------------------------------------------------------------------------------------------
+# detection slots
+
+
+@dataclass(frozen=True)
+class FrameDetections:
+    """The boxes kept on one frame, best first, on the CPU.
+
+    Attributes:
+        boxes: (k, 4) float32 x1, y1, x2, y2 normalised to [0, 1].
+        scores: (k,) float32, descending.
+        labels: (k,) int64 class indices, or None when the source has no labels.
+        features: (k, Cd) float32 box-head representation at ``boxes``.
+    """
+
+    boxes: np.ndarray
+    scores: np.ndarray
+    labels: np.ndarray | None
+    features: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.boxes.shape[0])
+
+
+def detection_slots(
+    box_set: str,
+    frames: Sequence[int | None],
+    detections: Mapping[int, FrameDetections],
+    *,
+    topk: int,
+    feature_dim: int,
+) -> tuple[dict[str, np.ndarray], dict[str, list]]:
+    """Fill one window's fixed-size slot tensors and its ``boxes`` rows.
+
+    Frame i of the window owns slots ``i * topk .. i * topk + topk - 1``; its detections fill them
+    best first. Slots of a frame outside the video (``None``), of a frame with no detections, and
+    beyond a frame's k < topk detections are padded: zero feature, zero box, score 0, and a
+    ``boxes`` row with ``valid`` False and null frame and label.
+
+    Args:
+        box_set: ``"global"`` or ``"local"``.
+        frames: the window's frames (``SegmentPlan.global_frames`` / ``local_frames``).
+        detections: frame -> its detections (frames absent here are padded).
+        topk: slots per frame.
+        feature_dim: Cd.
+    Returns:
+        ``(tensors, rows)``: tensors ``det.{set}.feat`` (N, Cd) float32, ``det.{set}.box`` (N, 4)
+        float32, ``det.{set}.score`` (N,) float32 with N = len(frames) * topk; rows holds the
+        ``boxes`` columns (set, slot, frame, x1, y1, x2, y2, score, label, valid), one per slot.
+    """
+    n_slots = len(frames) * topk
+    feat = np.zeros((n_slots, feature_dim), dtype=np.float32)
+    box = np.zeros((n_slots, 4), dtype=np.float32)
+    score = np.zeros((n_slots,), dtype=np.float32)
+    slot_frame: list[int | None] = [None] * n_slots
+    label: list[int | None] = [None] * n_slots
+    valid = [False] * n_slots
+    for i, frame in enumerate(frames):
+        found = detections.get(frame) if frame is not None else None
+        if found is None:
+            continue
+        k = min(topk, len(found))
+        first = i * topk
+        feat[first:first + k] = found.features[:k]
+        box[first:first + k] = found.boxes[:k]
+        score[first:first + k] = np.maximum(found.scores[:k], MIN_VALID_SCORE)
+        for j in range(k):
+            slot_frame[first + j] = int(frame)
+            label[first + j] = None if found.labels is None else int(found.labels[j])
+            valid[first + j] = True
+    rows = {
+        "set": [box_set] * n_slots,
+        "slot": list(range(n_slots)),
+        "frame": slot_frame,
+        "x1": box[:, 0].tolist(),
+        "y1": box[:, 1].tolist(),
+        "x2": box[:, 2].tolist(),
+        "y2": box[:, 3].tolist(),
+        "score": score.tolist(),
+        "label": label,
+        "valid": valid,
+    }
+    tensors = {f"det.{box_set}.feat": feat, f"det.{box_set}.box": box, f"det.{box_set}.score": score}
+    return tensors, rows
+
+
+def merge_box_rows(parts: Sequence[Mapping[str, list]]) -> dict[str, list]:
+    """Concatenate ``boxes`` column dicts (one per window) into one."""
+    return {name: [value for part in parts for value in part[name]] for name in BOX_COLUMNS}
+
+
+# ------------------------------------------------------------------------------------------------
+# precomputed boxes (--boxes)
+
+_BOX_FILE_COLUMNS = ("video_id", "frame", "x1", "y1", "x2", "y2", "score")
+_PARQUET_SUFFIXES = (".parquet", ".pq")
+# Normalised coordinates a little outside [0, 1] are rounding; far outside means pixel coordinates.
+_NORMALISED_SLACK = 0.01
+
+
+@dataclass(frozen=True)
+class _VideoBoxes:
+    frames: np.ndarray  # (F,) int64 distinct frames, ascending
+    starts: np.ndarray  # (F,) first row of each frame
+    ends: np.ndarray  # (F,) one past its last row
+    boxes: np.ndarray  # (R, 4) float32, rows grouped by frame, best score first within a frame
+    scores: np.ndarray  # (R,) float32
+    labels: np.ndarray | None  # (R,) int64
+
+
+class PrecomputedBoxes:
+    """Boxes from a CSV or Parquet file of ``video_id, frame, x1, y1, x2, y2, score[, label]``.
+
+    ``frame`` is the EPIC 1-based RGB frame index. Coordinates are pixels of the source frames
+    (``coords="pixel"``, normalised per video once its frame size is known) or already normalised
+    to [0, 1] (``coords="normalized"``). Rows are grouped per video and frame once, at load, so a
+    lookup is a binary search.
+    """
+
+    def __init__(self, path: Path, coords: str, videos: dict[str, _VideoBoxes], rows: int) -> None:
+        self.path = path
+        self.coords = coords
+        self.rows = rows
+        self._videos = videos
+
+    @classmethod
+    def read(cls, path: str | os.PathLike, *, coords: str, videos: Iterable[str] | None = None) -> "PrecomputedBoxes":
+        """Read and check a boxes file.
+
+        Args:
+            path: ``.csv`` (any other suffix is read as CSV too) or ``.parquet`` / ``.pq``.
+            coords: ``"pixel"`` or ``"normalized"``.
+            videos: keep only these videos (the build's selection), or None for all.
+        Returns:
+            The boxes, ready for `frame` lookups.
+        Raises:
+            BoxesFileError: unreadable file, a missing column, nulls, a frame < 1, non-finite or
+                inverted coordinates, normalised coordinates that look like pixels.
+        """
+        path = Path(path)
+        if coords not in ("pixel", "normalized"):
+            raise BoxesFileError(f"boxes coordinates must be 'pixel' or 'normalized', got {coords!r}")
+        table = _read_box_table(path)
+        missing = [c for c in _BOX_FILE_COLUMNS if c not in table.column_names]
+        if missing:
+            raise BoxesFileError(
+                f"{path}: column(s) {', '.join(missing)} missing; a boxes file has "
+                f"{', '.join(_BOX_FILE_COLUMNS)}[, label] (has {', '.join(table.column_names)})"
+            )
+        has_label = "label" in table.column_names
+        table = table.select(list(_BOX_FILE_COLUMNS) + (["label"] if has_label else []))
+        if videos is not None:
+            wanted = pa.array(sorted(set(videos)), pa.string())
+            table = table.filter(pc.is_in(pc.cast(table.column("video_id"), pa.string()), value_set=wanted))
+        for name in table.column_names:
+            nulls = table.column(name).null_count
+            if nulls and not (name == "label"):
+                raise BoxesFileError(f"{path}: column {name!r} has {nulls} empty value(s)")
+        try:
+            video = np.asarray(pc.cast(table.column("video_id"), pa.string()).to_pylist(), dtype=object)
+            frame = table.column("frame").to_numpy().astype(np.float64)
+            xyxy = np.stack([table.column(c).to_numpy().astype(np.float64) for c in ("x1", "y1", "x2", "y2")], axis=1)
+            score = table.column("score").to_numpy().astype(np.float64)
+            label = None
+            if has_label:
+                label_column = table.column("label")
+                label = np.asarray(label_column.fill_null(-1).to_numpy(), dtype=np.float64)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, ValueError, TypeError) as err:
+            raise BoxesFileError(f"{path}: non-numeric frame, coordinate, score or label ({err})") from err
+        _check_box_values(path, frame, xyxy, score, coords)
+        if label is not None and np.any(label != np.floor(label)):
+            raise BoxesFileError(f"{path}: labels must be integers")
+
+        # Group: by video, then frame, best score first (stable, so ties keep file order).
+        order = np.lexsort((-score, frame, video.astype(str)))
+        video, frame, xyxy, score = video[order], frame[order].astype(np.int64), xyxy[order], score[order]
+        label = None if label is None else label[order].astype(np.int64)
+        by_video: dict[str, _VideoBoxes] = {}
+        if len(video):
+            video_starts = np.flatnonzero(np.r_[True, video[1:] != video[:-1]])
+            video_ends = np.r_[video_starts[1:], len(video)]
+            for lo, hi in zip(video_starts, video_ends):
+                frames_here = frame[lo:hi]
+                firsts = np.flatnonzero(np.r_[True, frames_here[1:] != frames_here[:-1]])
+                by_video[str(video[lo])] = _VideoBoxes(
+                    frames=frames_here[firsts],
+                    starts=firsts,
+                    ends=np.r_[firsts[1:], hi - lo],
+                    boxes=xyxy[lo:hi].astype(np.float32),
+                    scores=score[lo:hi].astype(np.float32),
+                    labels=None if label is None else label[lo:hi],
+                )
+        return cls(path, coords, by_video, rows=len(video))
+
+    def has_labels(self) -> bool:
+        return any(v.labels is not None for v in self._videos.values())
+
+    def frame(
+        self, video_id: str, frame: int, *, topk: int, frame_size: tuple[int, int]
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None] | None:
+        """The best ``topk`` boxes of one frame, normalised.
+
+        Args:
+            video_id: the video.
+            frame: EPIC 1-based RGB frame index.
+            topk: how many to keep (highest scores).
+            frame_size: (H, W) of the video's source frames, to normalise pixel coordinates.
+        Returns:
+            ``(boxes (k, 4) float32 in [0, 1], scores (k,) float32, labels (k,) int64 or None)``, or
+            None when the file has no row for that frame.
+        """
+        entry = self._videos.get(video_id)
+        if entry is None:
+            return None
+        at = int(np.searchsorted(entry.frames, frame))
+        if at == len(entry.frames) or entry.frames[at] != frame:
+            return None
+        lo, hi = int(entry.starts[at]), int(entry.ends[at])
+        hi = min(hi, lo + topk)
+        boxes = entry.boxes[lo:hi].copy()
+        if self.coords == "pixel":
+            height, width = frame_size
+            boxes /= np.array([width, height, width, height], dtype=np.float32)
+        np.clip(boxes, 0.0, 1.0, out=boxes)
+        labels = None if entry.labels is None else entry.labels[lo:hi].copy()
+        return boxes, entry.scores[lo:hi].copy(), labels
+
+
+def _read_box_table(path: Path) -> pa.Table:
+    if not path.is_file():
+        raise BoxesFileError(f"boxes file not found: {path}")
+    try:
+        if path.suffix.lower() in _PARQUET_SUFFIXES:
+            import pyarrow.parquet as pq
+
+            return pq.read_table(path)
+        import pyarrow.csv as pacsv
+
+        # video ids like "P01_01" must stay text even when a column of them looks numeric.
+        return pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(column_types={"video_id": pa.string()}))
+    except (pa.ArrowInvalid, OSError) as err:
+        raise BoxesFileError(f"cannot read boxes file {path}: {err}") from err
+
+
+def _check_box_values(path: Path, frame: np.ndarray, xyxy: np.ndarray, score: np.ndarray, coords: str) -> None:
+    def first_bad(mask: np.ndarray) -> int:
+        return int(np.flatnonzero(mask)[0]) + 1  # 1-based data row, as the annotation errors count
+
+    bad = ~np.isfinite(frame) | (frame < 1) | (frame != np.floor(frame))
+    if bad.any():
+        raise BoxesFileError(f"{path}: row {first_bad(bad)}: frame must be a 1-based integer, got {frame[bad][0]}")
+    bad = ~np.isfinite(xyxy).all(axis=1) | ~np.isfinite(score)
+    if bad.any():
+        raise BoxesFileError(f"{path}: row {first_bad(bad)}: non-finite coordinate or score")
+    bad = (xyxy[:, 2] <= xyxy[:, 0]) | (xyxy[:, 3] <= xyxy[:, 1])
+    if bad.any():
+        row = first_bad(bad)
+        raise BoxesFileError(
+            f"{path}: row {row}: box {xyxy[row - 1].tolist()} has x2 <= x1 or y2 <= y1 "
+            "(expected x1, y1, x2, y2 corners)"
+        )
+    if coords == "normalized":
+        bad = (xyxy < -_NORMALISED_SLACK).any(axis=1) | (xyxy > 1 + _NORMALISED_SLACK).any(axis=1)
+        if bad.any():
+            raise BoxesFileError(
+                f"{path}: row {first_bad(bad)}: coordinates {xyxy[bad][0].tolist()} are outside [0, 1]; "
+                "pixel coordinates need --boxes-coords pixel"
+            )
+
+
+def describe_box_file(boxes: PrecomputedBoxes, sha256: str) -> dict[str, Any]:
+    """The manifest's record of a boxes file."""
+    return {"path": str(boxes.path.resolve()), "sha256": sha256, "coords": boxes.coords, "rows": boxes.rows}
