@@ -36,6 +36,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from featstore import __version__
+from featstore.annotations import SEGMENT_SCHEMA as ANNOTATION_SCHEMA
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -43,29 +44,18 @@ JOURNAL_PREFIX = b"__journal__/"
 FLUSHED_KEY = b"__flushed_seq__"
 DEFAULT_MAP_SIZE = 256 * 2**20  # grows by doubling when full; LMDB files are sparse, so this costs no disk
 
-# The index columns a store adds to the annotation columns of a segment.
 STATUS_OK = "ok"
 STATUS_FAILED = "failed"
 
+# The index: the annotation columns of a segment, then what the store adds.
 SEGMENT_SCHEMA = pa.schema(
-    [
-        ("uid", pa.string()),
-        ("dataset", pa.string()),
-        ("source", pa.string()),
-        ("participant_id", pa.string()),
-        ("video_id", pa.string()),
-        ("start_frame", pa.int64()),
-        ("stop_frame", pa.int64()),
-        ("start_timestamp", pa.string()),
-        ("stop_timestamp", pa.string()),
-        ("narration", pa.string()),
-        ("verb_class", pa.int64()),
-        ("noun_class", pa.int64()),
-        ("status", pa.string()),
-        ("error", pa.string()),
-        ("checksum", pa.string()),
-        ("shard", pa.string()),
-        ("written_at", pa.int64()),  # ns since the epoch; orders attempts at the same uid
+    list(ANNOTATION_SCHEMA)
+    + [
+        pa.field("status", pa.string()),
+        pa.field("error", pa.string()),
+        pa.field("checksum", pa.string()),
+        pa.field("shard", pa.string()),
+        pa.field("written_at", pa.int64()),  # ns since the epoch; orders attempts at the same uid
     ]
 )
 
