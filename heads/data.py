@@ -11,6 +11,7 @@ LMDB in DataLoader worker processes instead (same batches, same order, slower).
 from __future__ import annotations
 
 import math
+import os
 import sys
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Sequence
@@ -209,6 +210,19 @@ def load_features(store: FeatureStore, labels: SegmentLabels, fields: Iterable[s
         log(f"data: {features.mode} mode for {len(labels.uids)} segments "
             f"({need / 2**20:.1f} MiB of features{'' if memory_budget is None else f', budget {memory_budget / 2**20:.0f} MiB'})")
     return features
+
+
+def default_memory_budget(device: str | torch.device) -> int:
+    """Half the memory free now on ``device`` (train and validation tensors share it)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free // 2
+    try:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):  # not every platform reports it
+        return 8 * 2**30
+    return free // 2
 
 
 def default_log(message: str) -> None:

@@ -56,7 +56,7 @@ class TrainConfig:
     action_prior: str = "lfb"  # 'lfb' | 'none'
     dataset: str | None = None  # epic55 | epic100; from the store's segments when None
     meta_dir: str | None = None  # class / many-shot / tail lists; the annotation file's folder when None
-    memory_budget_gb: float | None = None  # above it, stream from LMDB instead of preloading
+    memory_budget_gb: float | None = None  # above it, stream from LMDB; None: half the device's free memory
     pool: str = "avg"  # local alignment pooling after RoIAlign (ours: avg; SlowFast/LFB: max)
 
     def to_json(self) -> dict[str, Any]:
@@ -164,7 +164,8 @@ def prepare(store_path: str | os.PathLike, config: TrainConfig, *, log: Callable
     val_labels = head_data.selection_labels(store, val_where) if (val_where is not None) else None
     if val_labels is not None and not val_labels.uids:
         raise TrainingError(f"the validation selection ({val_where}) holds no stored segments")
-    budget = None if config.memory_budget_gb is None else int(config.memory_budget_gb * 2**30)
+    budget = (head_data.default_memory_budget(config.device) if config.memory_budget_gb is None
+              else int(config.memory_budget_gb * 2**30))
     shared = {} if shared is None else shared
 
     def features(labels):
