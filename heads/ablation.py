@@ -338,8 +338,7 @@ class _Member:
     error: str | None = None
     # per-epoch state
     batches: Any = None
-    steps: int = 0
-    loss: float = 0.0
+    losses: list = dataclasses.field(default_factory=list)
 
     @property
     def done(self) -> bool:
@@ -387,8 +386,7 @@ class _RunContext:
 def _start_epoch(member: _Member) -> None:
     """The trainer's own epoch start: same lr, same seeded batch order as a solo run."""
     member.batches = iter(member.prepared.train.batches_of(member.state.begin_epoch()))
-    member.steps = 0
-    member.loss = 0.0
+    member.losses = []
     member.seconds = 0.0
 
 
@@ -398,15 +396,14 @@ def _step(member: _Member) -> bool:
         batch, verbs, nouns = next(member.batches)
     except StopIteration:
         return False
-    member.steps += 1
-    member.loss += member.state.step(batch, verbs, nouns, step=member.steps, batch_rows=len(verbs))
+    member.losses.append(member.state.step(batch, verbs, nouns, batch_rows=len(verbs)))
     return True
 
 
 def _end_epoch(member: _Member, log: Callable[[str], None]) -> None:
     """The trainer's per-epoch bookkeeping: validation, history entry, checkpoint."""
-    member.state.end_epoch(member.loss / max(member.steps, 1), member.seconds,
-                           log=lambda line: log(f"{member.run.name}: {line}"))
+    loss = member.state.epoch_loss(member.losses)
+    member.state.end_epoch(loss, member.seconds, log=lambda line: log(f"{member.run.name}: {line}"))
 
 
 def train_group(members: Sequence[_Member], *, log: Callable[[str], None] = head_data.default_log) -> None:

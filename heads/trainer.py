@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import sys
 import time
@@ -259,25 +260,22 @@ class RunState:
         return head_data.chunk_order(order, config.batch_size)
 
     def step(self, batch: dict[str, torch.Tensor] | None, verbs: torch.Tensor, nouns: torch.Tensor, *,
-             step: int, batch_rows: int, world: "Distributed | None" = None) -> float:
+             batch_rows: int, world: "Distributed | None" = None) -> torch.Tensor:
         """One SGD step on ``batch``: this process's share of a batch of ``batch_rows`` rows.
 
         Under data parallelism each rank's loss is its share of the batch's mean loss, and the
         gradients are summed across ranks, which gives exactly the one-process gradient.
 
         Returns:
-            This share's contribution to the batch's mean loss.
+            The batch's mean loss as a 0-d tensor on the device. It is not read here: reading it
+            would make the host wait for the device every step; ``epoch_loss`` checks them all.
         """
         self.optimizer.zero_grad(set_to_none=False)
-        loss_value = 0.0
+        loss_value = torch.zeros((), device=self.run.config.device)
         if batch is not None and len(verbs):
             loss = head_loss(self.model(batch), verbs, nouns)["total"] * (len(verbs) / batch_rows)
-            if not torch.isfinite(loss):
-                raise TrainingError(
-                    f"loss is {loss.item()} at epoch {self.epoch + 1}, step {step}: lower --lr, or check the "
-                    f"store for extreme values (featstore verify)")
             loss.backward()
-            loss_value = float(loss.detach())
+            loss_value = loss.detach()
         for param in self.model.parameters():
             if param.grad is None:  # unused this step: a zero gradient, so every rank steps the same way
                 param.grad = torch.zeros_like(param)
@@ -285,6 +283,20 @@ class RunState:
             loss_value = world.sum_gradients(self.model, loss_value)
         self.optimizer.step()
         return loss_value
+
+    def epoch_loss(self, losses: list[torch.Tensor]) -> float:
+        """The mean of an epoch's step losses.
+
+        Raises:
+            TrainingError: a step's loss was NaN or inf, naming the epoch and the step.
+        """
+        values = torch.stack(losses).float().cpu().tolist() if losses else []
+        for step, value in enumerate(values, start=1):
+            if not math.isfinite(value):
+                raise TrainingError(
+                    f"loss is {value} at epoch {self.epoch + 1}, step {step}: lower --lr, or check the "
+                    f"store for extreme values (featstore verify)")
+        return sum(values) / max(len(values), 1)
 
     def end_epoch(self, loss: float, seconds: float, *, log: Callable[[str], None] | None = None,
                   main_process: bool = True) -> dict[str, Any]:
@@ -316,12 +328,12 @@ class RunState:
         else:
             sizes = [len(c) for c in chunks]
         bar = _bar(len(chunks), f"epoch {self.epoch + 1}/{self.run.config.epochs}", progress)
-        total = 0.0
-        for step, ((batch, verbs, nouns), rows) in enumerate(zip(self.run.train.batches_of(chunks), sizes), start=1):
-            total += self.step(batch, verbs, nouns, step=step, batch_rows=rows, world=world)
+        losses = []
+        for (batch, verbs, nouns), rows in zip(self.run.train.batches_of(chunks), sizes):
+            losses.append(self.step(batch, verbs, nouns, batch_rows=rows, world=world))
             bar.update(1)
         bar.close()
-        return total / max(len(chunks), 1)
+        return self.epoch_loss(losses)
 
 
 class Distributed:
@@ -340,15 +352,15 @@ class Distributed:
         """A context when launched by torchrun with more than one process, else None."""
         return cls(device) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
 
-    def sum_gradients(self, model: torch.nn.Module, loss_value: float) -> float:
+    def sum_gradients(self, model: torch.nn.Module, loss_value: torch.Tensor) -> torch.Tensor:
         grads = [p.grad for p in model.parameters()]
-        flat = torch.cat([g.reshape(-1) for g in grads] + [torch.tensor([loss_value], device=grads[0].device)])
+        flat = torch.cat([g.reshape(-1) for g in grads] + [loss_value.reshape(1).to(grads[0].dtype)])
         self.dist.all_reduce(flat)
         offset = 0
         for grad in grads:
             grad.copy_(flat[offset:offset + grad.numel()].view_as(grad))
             offset += grad.numel()
-        return float(flat[-1])
+        return flat[-1]
 
     def barrier(self) -> None:
         self.dist.barrier()
