@@ -13,7 +13,8 @@ def domain_errors(func: Callable[..., Any]) -> Callable[..., Any]:
     """Turn the library's own errors into one clear line and exit status 1, never a traceback.
 
     Library errors are the exception types the packages define (store, annotations, query,
-    checkpoints, frames, heads); each already says what went wrong and where.
+    checkpoints, frames, heads); each already says what went wrong and where. ``OSError`` (a
+    missing file, no permission, a full or read-only disk) is one too, from wherever it comes.
     """
 
     @functools.wraps(func)
@@ -47,7 +48,9 @@ def _raised_by_us(err: BaseException) -> bool:
 
 def _is_domain_error(err: BaseException) -> bool:
     module = type(err).__module__ or ""
-    if module.split(".")[0] in _OUR_PACKAGES or isinstance(err, (FileNotFoundError, PermissionError)):
+    # OSError: the machine's answer (missing file, permission, full or read-only disk), whoever
+    # asked for it; its message names the errno and usually the file.
+    if module.split(".")[0] in _OUR_PACKAGES or isinstance(err, OSError):
         return True
     # Our modules raise ValueError / KeyError for bad input with a message written for the user;
     # the same types raised deep inside a dependency are bugs and keep their traceback.

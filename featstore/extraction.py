@@ -776,14 +776,21 @@ def _open_store(config: BuildConfig, models: _Models, selection: Sequence[Mappin
         input_size, input_video = _probe_input_size(selection, source, config.sampling.size)
         provenance = _provenance(config, models, signature, input_size, input_video, boxes_record, video_info)
         store = FeatureStore.create(config.store, fields=fields_for(input_size), provenance=provenance)
-    if config.rank == 0:
-        runs = list(store.manifest.get("provenance", {}).get("runs", []))
-        runs.append({"command": config.command, "annotations": str(config.annotations.resolve()),
-                     "split": config.split, "where": config.where, "limit": config.limit,
-                     "world_size": config.world_size, "featstore_version": __version__,
-                     "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-        store.update_provenance(runs=runs)
     return store
+
+
+def _record_run(store: FeatureStore, config: BuildConfig) -> None:
+    """Append this run to the manifest's ``runs`` (rank 0, while it holds its shard's writer lock,
+    so that a build refused because another one is writing the store leaves no trace)."""
+    if config.rank != 0:
+        return
+    store.manifest = FeatureStore.open(store.path).manifest  # the newest, not the one read at start
+    runs = list(store.manifest.get("provenance", {}).get("runs", []))
+    runs.append({"command": config.command, "annotations": str(config.annotations.resolve()),
+                 "split": config.split, "where": config.where, "limit": config.limit,
+                 "world_size": config.world_size, "featstore_version": __version__,
+                 "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    store.update_provenance(runs=runs)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -884,6 +891,7 @@ def build_store(config: BuildConfig, *, on_segment: Callable[[str], None] | None
     started = time.perf_counter()
     try:
         with store.writer(config.shard, flush_every=config.flush_every) as writer, torch.inference_mode():
+            _record_run(store, config)
             for batch in batches:
                 _process_batch(batch, todo, models, boxes, writer, report, config, on_segment)
                 bar.update(len(batch.items))

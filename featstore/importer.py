@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import sys
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -89,9 +90,20 @@ def box_rows_from_arrays(arrays: Mapping[str, np.ndarray]) -> dict[str, list] | 
 
 
 def load_npz(path: Path) -> dict[str, np.ndarray]:
-    """All arrays of one npz file (eagerly, so the file handle is closed)."""
-    with np.load(path, allow_pickle=False) as data:
-        return {name: data[name] for name in data.files}
+    """All arrays of one npz file (eagerly, so the file handle is closed).
+
+    Raises:
+        ValueError, OSError, zipfile.BadZipFile, EOFError: the file is not a readable npz (a damaged
+            byte fails the member's CRC check as numpy reads it to its end).
+    """
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {name: data[name] for name in data.files}
+    except (zlib.error, NotImplementedError, RuntimeError, KeyError) as err:
+        # What zipfile raises for a damaged compressed member (bad deflate data, an unknown
+        # compression method, an encrypted member, a missing member): one unreadable file, which
+        # fails its segment like any other, rather than an exception that ends the import.
+        raise ValueError(f"{type(err).__name__}: {err}") from err
 
 
 def _problem(arrays: Mapping[str, np.ndarray], specs: Mapping[str, FieldSpec]) -> str | None:
@@ -101,7 +113,8 @@ def _problem(arrays: Mapping[str, np.ndarray], specs: Mapping[str, FieldSpec]) -
             return f"field {name} has dtype {array.dtype}, not a number"
         if array.dtype.kind == "f" and not np.isfinite(array).all():
             return f"field {name} holds NaN or inf values"
-        cast = array.astype(specs[name].dtype)
+        with np.errstate(over="ignore", invalid="ignore"):  # reported below, in words
+            cast = array.astype(specs[name].dtype)
         if cast.dtype.kind == "f" and not np.isfinite(cast).all():
             return f"field {name} overflows {specs[name].dtype} (max |value| {float(np.abs(array).max()):.3g})"
     return None

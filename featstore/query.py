@@ -5,7 +5,9 @@ attempt of each uid) and ``fields`` (the manifest's schema) -- and is then locke
 
 - only a single ``SELECT`` statement is accepted (no COPY, CREATE, ATTACH, INSTALL, PRAGMA, SET, ...);
 - DuckDB's external access is off and file reads are allowed only under the store's ``segments/``
-  and ``boxes/`` folders, so no query can read ``/etc/passwd`` or glob outside the store;
+  and ``boxes/`` folders, so no query can read ``/etc/passwd`` or glob outside the store (a symlink
+  in those folders that points outside is refused too: DuckDB checks the resolved path); there is no
+  spill folder, so a large query fails rather than writing temporary files;
 - the configuration is locked, so a query cannot switch any of this back on.
 """
 from __future__ import annotations
@@ -51,9 +53,22 @@ def connect_store(store: "FeatureStore") -> duckdb.DuckDBPyConnection:
     from featstore.store import BOX_SCHEMA, SEGMENT_SCHEMA
 
     con = duckdb.connect(
-        ":memory:", config={"autoinstall_known_extensions": False, "autoload_known_extensions": False}
+        ":memory:",
+        config={
+            "autoinstall_known_extensions": False,
+            "autoload_known_extensions": False,
+            # No spill folder: DuckDB's default ('.tmp' under the working directory) is readable and
+            # writable even with external access off, i.e. a place outside the store.
+            "temp_directory": "",
+        },
     )
     root = store.path.resolve()
+    # Locked down before the views are made, so that binding them reads nothing outside the store
+    # either (a symlinked part pointing elsewhere is refused here, naming it).
+    allowed = [str(root / "segments") + "/", str(root / "boxes") + "/"]
+    con.execute("set allowed_directories = [" + ", ".join(_quote(a) for a in allowed) + "]")
+    con.execute("set enable_external_access = false")
+    con.execute("set lock_configuration = true")
     sources = {}
     for name, schema in (("segments", SEGMENT_SCHEMA), ("boxes", BOX_SCHEMA)):
         folder = root / name
@@ -62,7 +77,33 @@ def connect_store(store: "FeatureStore") -> duckdb.DuckDBPyConnection:
         else:
             con.register(f"_empty_{name}", schema.empty_table())
             sources[name] = f"_empty_{name}"
-    con.execute(f"create view segments_all as select * from {sources['segments']}")
+    try:
+        # DuckDB reads the parts' footers here: a damaged part (a disk error, a copy cut short) is
+        # named in the message.
+        con.execute(f"create view segments_all as select * from {sources['segments']}")
+        _create_views(con, sources)
+    except duckdb.Error as err:
+        from featstore.store import StoreError
+
+        con.close()
+        reason = str(err).strip().splitlines()[0]  # DuckDB appends the view's SQL: not the user's
+        raise StoreError(f"{store.path}: the index (segments/, boxes/) cannot be read: {reason}") from None
+    field_rows = [(name, spec.dtype, list(spec.shape)) for name, spec in sorted(store.fields.items())]
+    con.register(
+        "_fields",
+        pa.table(
+            {
+                "field": pa.array([r[0] for r in field_rows], pa.string()),
+                "dtype": pa.array([r[1] for r in field_rows], pa.string()),
+                "shape": pa.array([r[2] for r in field_rows], pa.list_(pa.int64())),
+            }
+        ),
+    )
+    con.execute("create view fields as select * from _fields")
+    return con
+
+
+def _create_views(con: duckdb.DuckDBPyConnection, sources: dict[str, str]) -> None:
     # One row per uid: a stored (ok) attempt beats a failed one; among equals the newest wins.
     con.execute(
         """create view segments as
@@ -76,23 +117,6 @@ def connect_store(store: "FeatureStore") -> duckdb.DuckDBPyConnection:
             select b.* exclude (written_at) from {sources['boxes']} b
             join segments s on b.uid = s.uid and b.written_at = s.written_at"""
     )
-    field_rows = [(name, spec.dtype, list(spec.shape)) for name, spec in sorted(store.fields.items())]
-    con.register(
-        "_fields",
-        pa.table(
-            {
-                "field": pa.array([r[0] for r in field_rows], pa.string()),
-                "dtype": pa.array([r[1] for r in field_rows], pa.string()),
-                "shape": pa.array([r[2] for r in field_rows], pa.list_(pa.int64())),
-            }
-        ),
-    )
-    con.execute("create view fields as select * from _fields")
-    allowed = [str(root / "segments") + "/", str(root / "boxes") + "/"]
-    con.execute("set allowed_directories = [" + ", ".join(_quote(a) for a in allowed) + "]")
-    con.execute("set enable_external_access = false")
-    con.execute("set lock_configuration = true")
-    return con
 
 
 def check_statement(con: duckdb.DuckDBPyConnection, sql: str) -> None:

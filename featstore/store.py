@@ -140,24 +140,47 @@ def segment_checksum(tensors: Mapping[str, np.ndarray]) -> str:
     return digest.hexdigest()
 
 
+TMP_SUFFIX = ".tmp"
+
+
+def _tmp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{uuid_lib.uuid4().hex}{TMP_SUFFIX}")
+
+
+def _discard(tmp: Path) -> None:
+    # A failed write (full or read-only disk) must not leave its partial temporary file behind.
+    try:
+        tmp.unlink()
+    except OSError:
+        pass
+
+
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid_lib.uuid4().hex}.tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    tmp = _tmp_name(path)
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        _discard(tmp)
+        raise
     _fsync_dir(path.parent)
 
 
 def _atomic_write_parquet(path: Path, table: pa.Table) -> None:
     # Parquet is written beside its final name and renamed: readers glob '*.parquet' only, so a
     # crash mid-write leaves a '.tmp' file nobody reads rather than a truncated part.
-    tmp = path.with_name(f".{path.name}.{uuid_lib.uuid4().hex}.tmp")
-    pq.write_table(table, tmp, compression="zstd")
-    with open(tmp, "rb+") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    tmp = _tmp_name(path)
+    try:
+        pq.write_table(table, tmp, compression="zstd")
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        _discard(tmp)
+        raise
     _fsync_dir(path.parent)
 
 
@@ -167,6 +190,30 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _holds_store_data(path: Path) -> bool:
+    return (any((path / "segments").glob("*.parquet")) or any((path / "boxes").glob("*.parquet"))
+            or any((path / "lmdb").glob("*/data.mdb")))
+
+
+def _fields_of(manifest_path: Path, manifest: Mapping[str, Any]) -> dict[str, FieldSpec]:
+    """The field schema of a manifest, checked: a reader must never guess a dtype or a shape."""
+    fields = manifest.get("fields", {})
+    if not isinstance(fields, dict):
+        raise StoreError(f"{manifest_path}: 'fields' must map field names to {{dtype, shape}}")
+    specs = {}
+    for name, spec in fields.items():
+        try:
+            dtype, shape = spec["dtype"], tuple(spec["shape"])
+            np.dtype(dtype)
+            if not all(isinstance(d, int) and d >= 0 for d in shape):
+                raise ValueError(f"shape {list(shape)} is not a list of sizes")
+        except (KeyError, TypeError, ValueError) as err:
+            raise StoreError(
+                f"{manifest_path}: field {name!r} has no valid dtype and shape ({spec!r}: {err})") from None
+        specs[name] = FieldSpec(dtype=dtype, shape=shape)
+    return specs
 
 
 def _shard_name_ok(shard: str) -> bool:
@@ -183,10 +230,7 @@ class FeatureStore:
     def __init__(self, path: Path, manifest: dict[str, Any]):
         self.path = Path(path)
         self.manifest = manifest
-        self.fields: dict[str, FieldSpec] = {
-            name: FieldSpec(dtype=spec["dtype"], shape=tuple(spec["shape"]))
-            for name, spec in manifest.get("fields", {}).items()
-        }
+        self.fields: dict[str, FieldSpec] = _fields_of(self.path / MANIFEST_NAME, manifest)
 
     # ------------------------------------------------------------------ opening
     @classmethod
@@ -210,6 +254,14 @@ class FeatureStore:
         """
         path = Path(path)
         manifest_path = path / MANIFEST_NAME
+        if not manifest_path.exists() and _holds_store_data(path):
+            # The manifest is lost, not yet to be written: a new one made from this run's schema
+            # would relabel the existing tensors (a shape of the same byte size reads back silently
+            # wrong), and the provenance would be gone.
+            raise StoreError(
+                f"{path} holds store data (LMDB shards or index parts) but its {MANIFEST_NAME} is missing; "
+                f"restore the manifest, or write to a new store directory"
+            )
         if manifest_path.exists():
             store = cls.open(path)
             wanted = {name: spec for name, spec in fields.items()}
@@ -329,11 +381,14 @@ class FeatureStore:
     def _begin(self, shard: str, *, buffers: bool = False) -> lmdb.Transaction:
         env = self._env(shard)
         try:
-            return env.begin(buffers=buffers)
-        except lmdb.MapResizedError:
-            # Another process grew the map since this reader opened it: adopt the new size.
-            env.set_mapsize(0)
-            return env.begin(buffers=buffers)
+            try:
+                return env.begin(buffers=buffers)
+            except lmdb.MapResizedError:
+                # Another process grew the map since this reader opened it: adopt the new size.
+                env.set_mapsize(0)
+                return env.begin(buffers=buffers)
+        except lmdb.Error as err:
+            raise StoreError(f"{self.path}: LMDB shard {shard!r} cannot be read: {err}") from err
 
     def _shard_of(self, uids: Sequence[str]) -> dict[str, str]:
         with self.connect() as con:
@@ -505,9 +560,42 @@ def _reader_env(shard_dir: Path) -> lmdb.Environment:
     key = _env_key(shard_dir)
     env = _ENVS.get(key)
     if env is None:
-        env = lmdb.open(str(shard_dir), readonly=True, lock=False, readahead=False, max_readers=2048, subdir=True)
+        # Readers register in LMDB's lock table (lock=True) whenever they may: an unregistered
+        # reader's snapshot is invisible to a writer in another process, which then recycles the
+        # pages that snapshot is still walking, and keys the index lists as stored read back as
+        # missing. Where the lock file cannot be opened (read-only copy of a store, no write
+        # permission) the store is not being written either, and a lock-free reader is safe.
+        # Not fork-safe either way: `_forget_envs_after_fork` makes each process open its own.
+        try:
+            env = lmdb.open(str(shard_dir), readonly=True, lock=True, readahead=False, max_readers=2048,
+                            subdir=True)
+        except lmdb.Error:
+            try:
+                env = lmdb.open(str(shard_dir), readonly=True, lock=False, readahead=False, max_readers=2048,
+                                subdir=True)
+            except lmdb.Error as err:
+                raise StoreError(f"LMDB shard {shard_dir} cannot be opened: {err}") from err
+        try:
+            _check_not_truncated(env, shard_dir)
+        except StoreError:
+            env.close()
+            raise
         _ENVS[key] = env
     return env
+
+
+def _check_not_truncated(env: lmdb.Environment, shard_dir: Path) -> None:
+    """Refuse an LMDB file shorter than its own last page: touching the missing pages would kill the
+    process with SIGBUS (LMDB maps the file) instead of raising an error anyone could read."""
+    data_file = shard_dir / "data.mdb"
+    needed = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+    size = os.path.getsize(data_file)
+    if size < needed:
+        raise StoreError(
+            f"LMDB shard {shard_dir} is truncated: {data_file} holds {size:,} bytes, its pages end at "
+            f"{needed:,}. Restore the file, or delete the shard's folder and its segments/boxes parts "
+            f"(part-{shard_dir.name}-*.parquet) and rebuild them"
+        )
 
 
 def _writer_env(shard_dir: Path, map_size: int) -> lmdb.Environment:
@@ -516,8 +604,18 @@ def _writer_env(shard_dir: Path, map_size: int) -> lmdb.Environment:
     # No fsync per commit: a killed process loses nothing committed (the pages are the kernel's), and
     # StoreWriter.flush syncs before it exports rows to Parquet, so an OS crash can never leave an
     # index row pointing at tensors that did not reach the disk.
-    env = lmdb.open(str(shard_dir), map_size=map_size, subdir=True, max_readers=2048, meminit=False,
-                    sync=False, metasync=False)
+    try:
+        env = lmdb.open(str(shard_dir), map_size=map_size, subdir=True, max_readers=2048, meminit=False,
+                        sync=False, metasync=False)
+    except lmdb.Error as err:
+        raise StoreError(f"LMDB shard {shard_dir} cannot be opened for writing: {err}") from err
+    try:
+        _check_not_truncated(env, shard_dir)
+        # Reader slots of processes that died mid-read would pin old pages forever: clear them.
+        env.reader_check()
+    except BaseException:
+        env.close()
+        raise
     _ENVS[key] = env
     _WRITER_ENVS.add(key)
     return env
@@ -590,11 +688,17 @@ class StoreWriter:
         self._lock_handle.write(f"{os.getpid()}\n")
         self._lock_handle.flush()
         _WRITER_LOCKS.add(self._lock_handle)
-        self.env = _writer_env(self.dir, map_size)
-        self._seq = self._last_seq()
         self.map_grows = 0
         self._closed = False
-        self._recover()
+        try:
+            self.env = _writer_env(self.dir, map_size)
+            self._seq = self._last_seq()
+            self._recover()
+        except BaseException:
+            # A writer that cannot start (truncated shard, full disk during recovery) must not keep
+            # the shard locked for the rest of this process.
+            self._release()
+            raise
 
     # ---------------------------------------------------------------- journal
     def _last_seq(self) -> int:
@@ -627,6 +731,12 @@ class StoreWriter:
             return entries
 
     def _recover(self) -> None:
+        # Temporary parts of this shard are a killed predecessor's unfinished exports (only the
+        # holder of the shard's lock writes them): nobody reads them, and the journal still holds
+        # their rows, so they go and the export is redone.
+        for folder in ("segments", "boxes"):
+            for tmp in (self.store.path / folder).glob(f".part-{self.shard}-*{TMP_SUFFIX}"):
+                _discard(tmp)
         if self._pending():
             self.flush()
 
@@ -641,6 +751,8 @@ class StoreWriter:
             except lmdb.MapFullError:
                 self.env.set_mapsize(self.env.info()["map_size"] * 2)
                 self.map_grows += 1
+            except lmdb.Error as err:  # e.g. a full disk: the transaction is aborted, nothing is half-written
+                raise StoreError(f"{self.store.path}: writing LMDB shard {self.shard!r} failed: {err}") from err
 
     def _journal_entry(self, row: Mapping[str, Any], status: str, error: str | None, checksum: str | None,
                        boxes: Mapping[str, Sequence] | None) -> tuple[bytes, bytes]:
@@ -752,11 +864,14 @@ class StoreWriter:
             self.flush()
             self.env.sync(True)
         finally:
-            _close_writer_env(self.dir)
-            _WRITER_LOCKS.discard(self._lock_handle)
-            fcntl.flock(self._lock_handle, fcntl.LOCK_UN)
-            self._lock_handle.close()
-            self._closed = True
+            self._release()
+
+    def _release(self) -> None:
+        _close_writer_env(self.dir)
+        _WRITER_LOCKS.discard(self._lock_handle)
+        fcntl.flock(self._lock_handle, fcntl.LOCK_UN)
+        self._lock_handle.close()
+        self._closed = True
 
     def __enter__(self) -> "StoreWriter":
         return self

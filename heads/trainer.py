@@ -108,18 +108,48 @@ def default_meta_dir(store: FeatureStore) -> str | None:
     return str(Path(annotations).parent) if annotations else None
 
 
+def _discard(path: Path) -> None:
+    try:
+        path.unlink()
+    except OSError:
+        pass
+
+
 def _atomic_json(path: Path, payload: Any) -> None:
     tmp = path.with_name(f".{path.name}.{uuid_lib.uuid4().hex}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(payload, indent=2, default=str))
+        os.replace(tmp, path)
+    except BaseException:
+        _discard(tmp)  # a full or read-only disk leaves nothing half-written behind
+        raise
 
 
 def _atomic_torch_save(path: Path, payload: Any) -> None:
     tmp = path.with_name(f".{path.name}.{uuid_lib.uuid4().hex}.tmp")
-    torch.save(payload, tmp)
-    with open(tmp, "rb+") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        try:
+            torch.save(payload, tmp)
+        except RuntimeError as err:
+            # torch's zip writer reports a failed write (full disk, file size limit) as an
+            # "enforce fail ... unexpected pos" RuntimeError that names neither file nor cause.
+            raise TrainingError(f"cannot write the checkpoint {path} (is the disk full?): {err}") from err
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        _discard(tmp)
+        raise
+
+
+def _remove_temporaries(out: Path) -> None:
+    """Delete the hidden ``.NAME.HEX.tmp`` files of the run's own writes that a killed or failed run
+    never finished (checkpoint, JSON, predictions): nothing reads them, and a checkpoint's can be large."""
+    for folder, names in ((out, ("config.json", "history.json", "metrics.json", "predictions.parquet")),
+                          (out / "checkpoints", ("last.pt",))):
+        for name in names:
+            for tmp in folder.glob(f".{name}.*.tmp"):
+                _discard(tmp)
 
 
 @dataclass
@@ -409,6 +439,8 @@ def train(
         config = dataclasses.replace(config, device=f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
     run = prepare(store_path, config, log=log if main_process else (lambda _: None))
     out.mkdir(parents=True, exist_ok=True)
+    if main_process:
+        _remove_temporaries(out)
     state = RunState(run, out)
     if resume and state.checkpoint_path.exists():
         state.load()
@@ -456,13 +488,17 @@ def write_config(out: Path, run: PreparedRun) -> None:
 def finish(out: Path, run: PreparedRun, state: RunState) -> dict[str, float]:
     """Write predictions, metrics and curves of a finished run."""
     metrics: dict[str, float] = {}
-    if run.val is not None:
-        preds, metrics = evaluate(run, state.model)
-        write_predictions(out / "predictions.parquet", preds)
-    _atomic_json(out / "metrics.json", metrics)
-    from heads.plots import plot_training_curves
+    try:
+        if run.val is not None:
+            preds, metrics = evaluate(run, state.model)
+            write_predictions(out / "predictions.parquet", preds)
+        _atomic_json(out / "metrics.json", metrics)
+        from heads.plots import plot_training_curves
 
-    plot_training_curves(state.history, out / "curves.png", title=f"{run.config.model} on {run.store.path.name}")
+        plot_training_curves(state.history, out / "curves.png", title=f"{run.config.model} on {run.store.path.name}")
+    except BaseException:
+        _remove_temporaries(out)  # predictions and curves write their own temporaries
+        raise
     return metrics
 
 

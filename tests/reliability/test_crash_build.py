@@ -1,0 +1,57 @@
+"""`featstore build` SIGKILLed at exact I/O points and at a seeded random time, then rerun.
+
+Four segments of two generated EPIC-layout JPEG videos (the extraction tests' dataset), r3d_18 and
+the MobileNet Faster R-CNN with random weights at a tiny input size, ``--flush-every 1``: each
+segment is one LMDB commit, then an export (a boxes part, a segments part, each renamed into place)
+and an "exported up to" commit. So LMDB commits 1, 3, 5, 7 are segments and 2, 4, 6, 8 markers;
+Parquet writes 1, 3, 5, 7 are boxes parts and 2, 4, 6, 8 segments parts; renames 1 and 2 are the
+manifest (created, then the run recorded in it), 3-10 the parts.
+"""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from featstore.store import FeatureStore
+from tests.reliability import faults
+from tests.reliability.invariants import assert_store_consistent
+from tests.reliability.workloads import BUILD_BOXES_PER_SEGMENT, BUILD_FIELDS, build_command
+
+def _build(store: Path, inputs: dict, *extra: str) -> list[str]:
+    return build_command(store, inputs["annotations"], inputs["frames"], *extra)
+
+
+def _rerun_and_check(store: Path, inputs: dict) -> None:
+    rerun = faults.run(_build(store, inputs))
+    assert rerun.returncode == 0, faults.describe(rerun)
+    assert_store_consistent(store, inputs["uids"], n_fields=BUILD_FIELDS, boxes_per_segment=BUILD_BOXES_PER_SEGMENT)
+    got, want = FeatureStore.open(store), FeatureStore.open(inputs["reference"])
+    assert got.fields == want.fields
+    assert got.manifest["provenance"]["build_signature"] == want.manifest["provenance"]["build_signature"]
+
+
+def test_build_killed_inside_an_lmdb_commit_then_rerun_stores_every_segment_once(
+        build_inputs: dict, tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    killed = faults.run(_build(store, build_inputs), fault="lmdb.commit:3:kill-during", seed=3)  # 2nd segment
+    assert faults.killed(killed), faults.describe(killed)
+    _rerun_and_check(store, build_inputs)
+
+
+def test_build_killed_again_while_recovering_then_rerun(build_inputs: dict, tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    first = faults.run(_build(store, build_inputs), fault="lmdb.commit:5:kill-after")  # 3rd segment: not exported
+    assert faults.killed(first), faults.describe(first)
+    # The rerun's writer exports that segment before anything else: die half-way through its part.
+    second = faults.run(_build(store, build_inputs), fault="parquet.write:2:kill-during", seed=2)
+    assert faults.killed(second), faults.describe(second)
+    _rerun_and_check(store, build_inputs)
+
+
+def test_build_with_a_decode_worker_killed_from_outside_at_a_seeded_random_time(
+        build_inputs: dict, tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    delay = random.Random(7).uniform(0.6, 1.0) * build_inputs["seconds"]
+    outcome = faults.run_killed_after(_build(store, build_inputs, "--workers", "1"), delay)
+    assert faults.killed(outcome) or outcome.returncode == 0, faults.describe(outcome)
+    _rerun_and_check(store, build_inputs)
