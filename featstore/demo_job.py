@@ -13,14 +13,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from featstore.demo import FULL_SAMPLE, NOUNS, QUICK_SAMPLE, VERBS, generate_sample, sample_paths
+from featstore.demo import NOUNS, QUICK_SAMPLE, VERBS, SampleSpec, generate_sample, sample_paths
 from featstore.extraction import BuildConfig, build_store
 from featstore.sampling import SamplingConfig
 
 HEADS = ("saoa", "global")
 TRAIN_WHERE = "participant_id <= 'P25'"
 VAL_WHERE = "participant_id > 'P25'"
-MARKER = ".featstore-demo"  # marks a folder as demo output, so a rerun may replace it
+MARKER = ".featstore-demo"
+# 6 training and 2 validation participants, 2 videos each, 8 segments a video: 128 segments, sized
+# so that building and training fit in a few minutes on a 2-core CPU.
+DEMO_SAMPLE = SampleSpec(("P01", "P02", "P03", "P04", "P05", "P06"), ("P26", "P27"),
+                         videos_per_participant=2, segments_per_video=8)  # marks a folder as demo output, so a rerun may replace it
 
 
 class DemoError(Exception):
@@ -79,7 +83,7 @@ def run_demo(out: str | os.PathLike = "demo-out", *, quick: bool = False, device
     _prepare_folder(out)
     result = DemoResult(out=out, store=out / "store")
     started = time.perf_counter()
-    sample = generate_sample(out / "sample", QUICK_SAMPLE if quick else FULL_SAMPLE, seed=seed)
+    sample = generate_sample(out / "sample", QUICK_SAMPLE if quick else DEMO_SAMPLE, seed=seed)
     result.seconds["sample"] = time.perf_counter() - started
     log(f"sample: {len(sample.segments)} segments of EPIC-layout JPEG frames in {sample.frames}")
 
