@@ -1,0 +1,377 @@
+"""`featstore build` against the models' pure forward on the same batches.
+
+Inputs are generated EPIC-layout JPEG folders (``featstore.synthetic.write_jpeg_video``) at EPIC's
+released frame size, an EPIC-55 annotation file, the video info file, and (``--boxes``) a boxes file
+with five boxes on every frame. Segments follow each other within a video, as in EPIC, so the
+detection windows of neighbouring segments share frames (the service detects a shared frame once;
+the reference runs exactly the frames the service ran).
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from benchmarks.common import Context, Result, compare, median_time, spread, synchronize
+from featstore.store import FeatureStore
+from featstore.synthetic import write_jpeg_video
+from featstore.synthetic_features import SegmentLabel, write_epic55_annotations
+
+FPS = 60.0
+
+
+@dataclass(frozen=True)
+class ExtractSetup:
+    """What one extraction benchmark builds with."""
+
+    name: str
+    segments: int
+    videos: int
+    frame_hw: tuple[int, int]
+    backbone: str
+    detector: str
+    use_boxes: bool
+    clip_frames: int
+    clip_stride: int
+    size: int
+    batch_size: int
+    workers: int
+    det_min_size: int | None
+    det_max_size: int | None
+    repeats: int
+    device: str
+
+    def describe(self) -> str:
+        h, w = self.frame_hw
+        boxes = "--boxes (given boxes, no proposals)" if self.use_boxes else "detecting"
+        return (f"{self.segments} segments in {self.videos} videos of {h}x{w} JPEG frames, {self.backbone} "
+                f"{self.clip_frames}x{self.size} (stride {self.clip_stride}) as verb and noun backbone, "
+                f"{self.detector} {boxes}, batch {self.batch_size}, {self.workers} decode workers, device {self.device}")
+
+
+@dataclass(frozen=True)
+class Dataset:
+    frames: Path
+    annotations: Path
+    boxes: Path | None
+    rows: list[SegmentLabel]
+    n_frames: int  # frames of every video
+
+
+def _write_video(args: tuple[Path, str, str, int, int, int, int]) -> None:
+    root, participant, video, n_frames, height, width, seed = args
+    write_jpeg_video(root, participant, video, n_frames, height=height, width=width, seed=seed)
+
+
+def make_dataset(root: Path, setup: ExtractSetup, *, processes: int = 1) -> Dataset:
+    """JPEG frames, annotations, video info and a boxes file for ``setup.segments`` segments.
+
+    Each video holds ``ceil(segments / videos)`` consecutive segments of 77 frames (1.28 s) starting
+    3 s in, and runs 3 s past the last one, so most detection windows (6 s) are full. 77 frames is
+    not a multiple of the 30-frame detection step, so neighbouring segments' detection grids do not
+    line up and share few frames (EPIC's segments start anywhere).
+    """
+    height, width = setup.frame_hw
+    per_video = -(-setup.segments // setup.videos)
+    segment_frames = 77
+    first = int(3 * FPS)
+    n_frames = first + per_video * segment_frames + int(3 * FPS)
+    videos = [(f"P{i + 1:02d}", f"P{i + 1:02d}_01") for i in range(setup.videos)]
+    jobs = [(root / "frames", p, v, n_frames, height, width, i) for i, (p, v) in enumerate(videos)]
+    if processes > 1:
+        with ProcessPoolExecutor(min(processes, len(jobs))) as pool:
+            list(pool.map(_write_video, jobs))
+    else:
+        for job in jobs:
+            _write_video(job)
+    rows = []
+    for i in range(setup.segments):
+        participant, video = videos[i % setup.videos]
+        k = i // setup.videos
+        start = first + k * segment_frames
+        rows.append(SegmentLabel(f"e{i:05d}", participant, video, start, start + segment_frames - 1, i % 125, i % 352))
+    annotations = write_epic55_annotations(root / "EPIC_train_action_labels.csv", rows, fps=FPS)
+    with open(root / "EPIC_video_info.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["video", "resolution", "duration", "fps"])
+        for _, video in videos:
+            writer.writerow([video, f"{width}x{height}", n_frames / FPS, FPS])
+    boxes = None
+    if setup.use_boxes:
+        boxes = root / "boxes.csv"
+        rng = np.random.default_rng(0)
+        with open(boxes, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["video_id", "frame", "x1", "y1", "x2", "y2", "score", "label"])
+            for _, video in videos:
+                for frame in range(1, n_frames + 1):
+                    for k in range(5):
+                        x, y = rng.uniform(0, 0.7, 2)
+                        w, h = rng.uniform(0.1, 0.3, 2)
+                        writer.writerow([video, frame, f"{x:.4f}", f"{y:.4f}", f"{min(x + w, 1):.4f}",
+                                         f"{min(y + h, 1):.4f}", f"{0.9 - 0.1 * k:.2f}", k])
+    return Dataset(root / "frames", annotations, boxes, rows, n_frames)
+
+
+def build_config(setup: ExtractSetup, data: Dataset, store: Path):
+    from featstore.extraction import BuildConfig
+    from featstore.sampling import SamplingConfig
+
+    return BuildConfig(
+        store=store, annotations=data.annotations, frames_root=data.frames, verb_backbone=setup.backbone,
+        noun_backbone=setup.backbone, detector=setup.detector, boxes=data.boxes, boxes_coords="normalized",
+        det_score_thresh=0.0, det_min_size=setup.det_min_size, det_max_size=setup.det_max_size,
+        sampling=SamplingConfig(clip_frames=setup.clip_frames, clip_stride=setup.clip_stride, size=setup.size),
+        batch_size=setup.batch_size, workers=setup.workers, device=setup.device, progress=False,
+    )
+
+
+class ComputeTimer:
+    """Wall time the build's main process spends inside the model calls (their outputs are copied to the
+    host at the end of each call, so the time includes the device's work)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._patched: list[tuple[Any, str, Any]] = []
+
+    def __enter__(self) -> "ComputeTimer":
+        from featstore import extraction
+
+        for name in ("_run_backbones", "_run_detector"):
+            original = getattr(extraction, name, None)
+            if original is None:
+                continue
+
+            def timed(*args, _original=original, **kwargs):
+                started = time.perf_counter()
+                try:
+                    return _original(*args, **kwargs)
+                finally:
+                    self.seconds += time.perf_counter() - started
+
+            setattr(extraction, name, timed)
+            self._patched.append((extraction, name, original))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for module, name, original in self._patched:
+            setattr(module, name, original)
+
+    @property
+    def works(self) -> bool:
+        return len(self._patched) == 2
+
+
+def run_builds(setup: ExtractSetup, data: Dataset, root: Path, log: Callable[[str], None]) -> dict[str, Any]:
+    """One warm-up build, then ``setup.repeats`` timed builds, each into a fresh store.
+
+    Returns:
+        segments/s samples (the service's own loop time), wall seconds, compute shares, and the
+        store of the last build (kept for the reference's batch plan).
+    """
+    from featstore.extraction import build_store
+
+    rates, walls, compute_shares = [], [], []
+    last_store = None
+    for i in range(1 + setup.repeats):
+        store = root / f"store{i}"
+        with ComputeTimer() as timer:
+            started = time.perf_counter()
+            report = build_store(build_config(setup, data, store))
+            wall = time.perf_counter() - started
+        if report.failed:
+            raise RuntimeError(f"build failed for {len(report.failed)} segments, e.g. {report.failed[0]}")
+        if i > 0:
+            rates.append(report.segments_per_second)
+            walls.append(wall)
+            if timer.works and report.seconds > 0:
+                compute_shares.append(timer.seconds / report.seconds)
+        if last_store is not None:
+            import shutil
+
+            shutil.rmtree(last_store, ignore_errors=True)
+        last_store = store
+        log(f"  build {'warm-up' if i == 0 else i}: {report.segments_per_second:.2f} segments/s "
+            f"(loop {report.seconds:.1f} s, wall {wall:.1f} s)")
+    return {"rates": rates, "walls": walls, "compute_shares": compute_shares, "store": last_store}
+
+
+@dataclass
+class _Batch:
+    clips: torch.Tensor  # (B, 3, T, H, W) float in [0, 1], channels-last strides as in the service
+    images: list[torch.Tensor]  # distinct detection frames, (3, h, w) float in [0, 1], likewise
+    boxes: list[torch.Tensor]  # per image (k, 4) normalised (``--boxes``), else unused
+
+
+def predecode(setup: ExtractSetup, store_path: Path, data: Dataset, detector: Any, device: torch.device) -> list[_Batch]:
+    """The service's batches, decoded ahead: same segments per batch, same order, same frames.
+
+    Frames come from the same files through the same reader, resizing and sampling plans the
+    service uses (``open_frame_source``, ``resize_frames``, ``plan_segment``); a detection frame
+    shared by segments of a batch is kept once, and with ``--boxes`` only frames that have boxes
+    are kept, as the service does.
+    """
+    from featstore.extraction import resize_frames
+    from featstore.extraction_plan import PrecomputedBoxes
+    from featstore.frames import open_frame_source
+    from featstore.sampling import SamplingConfig, plan_segment
+
+    store = FeatureStore.open(store_path)
+    input_size = tuple(int(v) for v in store.manifest["provenance"]["input_size"])
+    sampling = SamplingConfig(clip_frames=setup.clip_frames, clip_stride=setup.clip_stride, size=setup.size)
+    source = open_frame_source(frames_root=data.frames, fps_by_video={r.video_id: FPS for r in data.rows})
+    given = (PrecomputedBoxes.read(data.boxes, coords="normalized", videos={r.video_id for r in data.rows})
+             if data.boxes is not None else None)
+    image_hw = _detector_image_size(setup, detector)
+    ordered = sorted(data.rows, key=lambda r: (r.video_id, r.start_frame, r.uid))  # the service's order
+
+    # The service's layouts: its clips are stacked (B, T, H, W, C) uint8 and permuted to
+    # (B, C, T, H, W) on the device, its frames (h, w, 3) permuted to (3, h, w); both stay in that
+    # memory layout (channels last) when cast to float, and convolutions run at different speeds on
+    # different layouts, so the reference gets exactly those tensors.
+    def clips_on_device(clips: list[np.ndarray]) -> torch.Tensor:
+        stacked = torch.from_numpy(np.ascontiguousarray(np.stack(clips)))  # (B, T, H, W, C) uint8
+        return stacked.to(device).permute(0, 4, 1, 2, 3).float().div_(255.0)
+
+    def image_on_device(image: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(image)).to(device).permute(2, 0, 1).float().div_(255.0)
+
+    batches = []
+    for lo in range(0, len(ordered), setup.batch_size):
+        clips, images, boxes, seen = [], [], [], set()
+        for row in ordered[lo:lo + setup.batch_size]:
+            plan = plan_segment(row.start_frame, row.stop_frame, fps=FPS, n_frames=data.n_frames, config=sampling)
+            clip = source.read(row.participant_id, row.video_id, list(plan.clip_frames))
+            clips.append(resize_frames(clip, *input_size))
+            for frame in plan.detection_frames:
+                if (row.video_id, frame) in seen:
+                    continue
+                found = None
+                if given is not None:
+                    found = given.frame(row.video_id, frame, topk=sampling.det_topk, frame_size=setup.frame_hw)
+                    if found is None:
+                        continue
+                seen.add((row.video_id, frame))
+                image = source.read(row.participant_id, row.video_id, [frame])
+                images.append(image_on_device(resize_frames(image, *image_hw)[0]))
+                boxes.append(torch.from_numpy(found[0]).to(device) if found is not None else None)
+        batches.append(_Batch(clips_on_device(clips), images, boxes))
+    return batches
+
+
+def _detector_image_size(setup: ExtractSetup, detector: Any) -> tuple[int, int]:
+    """The size the service hands frames to the detector at: the source frame, shrunk in the decode
+    workers to the detector's own short side when larger (it would resize them to that anyway)."""
+    from featstore.extraction_plan import input_size_for
+
+    height, width = setup.frame_hw
+    min_size = getattr(getattr(detector, "transform", None), "min_size", None)
+    if min_size:
+        short = int(min(min_size)) if isinstance(min_size, (tuple, list)) else int(min_size)
+        if min(height, width) > short:
+            return input_size_for(height, width, short)
+    return height, width
+
+
+def pure_forward(setup: ExtractSetup, store_path: Path, data: Dataset) -> tuple[float, list[float], str]:
+    """Segments/s of the models alone on pre-decoded device tensors, in the service's batches.
+
+    The models are the service's: built with the same seed (the service seeds each build with
+    ``BuildConfig.seed`` = 0), so random weights detect the same boxes. The verb backbone runs once
+    per batch (the noun spec is the same, so the service reuses its outputs); the detector pools
+    features at the given boxes (``--boxes``) or detects, in chunks of 16 frames as the service does.
+    """
+    from featstore.extraction import AMP_DTYPES
+    from featstore.models import build_backbone, build_detector
+
+    device = torch.device(setup.device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        backbone, _ = build_backbone(setup.backbone)
+        torch.manual_seed(0)
+        detector, _ = build_detector(setup.detector, score_thresh=0.0, min_size=setup.det_min_size,
+                                     max_size=setup.det_max_size)
+    backbone.to(device).eval()
+    detector.to(device).eval()
+    batches = predecode(setup, store_path, data, detector, device)
+    autocast = (torch.autocast(device_type="cuda", dtype=AMP_DTYPES["fp16"]) if device.type == "cuda"
+                else contextlib.nullcontext())
+    det_chunk = 16  # BuildConfig.det_batch_size default
+
+    def forward_all() -> None:
+        with torch.inference_mode(), autocast:
+            for batch in batches:
+                backbone(batch.clips)
+                for lo in range(0, len(batch.images), det_chunk):
+                    if setup.use_boxes:
+                        detector.features_at(batch.images[lo:lo + det_chunk], batch.boxes[lo:lo + det_chunk])
+                    else:
+                        detector.detect(batch.images[lo:lo + det_chunk], 5)
+
+    seconds, samples = median_time(forward_all, warmup=1, repeats=setup.repeats, sync=synchronize(device))
+    total = sum(len(b.clips) for b in batches)
+    frames = sum(len(b.images) for b in batches)
+    _, _, _, height, width = batches[0].clips.shape
+    detail = (f"{len(batches)} batches, {frames} distinct detection frames ({frames / total:.1f} per segment), "
+              f"clip input {height}x{width}")
+    return total / seconds, [total / s for s in samples], detail
+
+
+def extract_pipeline(ctx: Context, wanted: set[str]) -> list[Result]:
+    sizes = ctx.sizes
+    setup = ExtractSetup(
+        name="extract_pipeline_vs_forward", segments=sizes.extract_segments, videos=2, frame_hw=sizes.frame_hw,
+        backbone="r3d_18", detector=sizes.detector, use_boxes=True, clip_frames=sizes.clip_frames, clip_stride=2,
+        size=sizes.clip_size, batch_size=sizes.extract_batch, workers=sizes.extract_workers,
+        det_min_size=sizes.det_min_size, det_max_size=sizes.det_max_size, repeats=sizes.extract_repeats,
+        device="cpu",
+    )
+    return [_extract(ctx, setup, goal=">= 0.85")]
+
+
+def _extract(ctx: Context, setup: ExtractSetup, *, goal: str, processes: int = 1) -> Result:
+    root = ctx.workspace.path(setup.name)
+    try:
+        data = make_dataset(root / "data", setup, processes=processes)
+        built = run_builds(setup, data, root, ctx.log)
+        ours = float(np.median(built["rates"]))
+        ref, ref_samples, detail = pure_forward(setup, built["store"], data)
+    finally:
+        ctx.workspace.remove(setup.name)
+    shares = built["compute_shares"]
+    waits = (f"; the main process is inside model calls {100 * float(np.median(shares)):.0f} % of the loop, so the "
+             f"{'GPU' if setup.device == 'cuda' else 'compute'} waits ~{100 * (1 - float(np.median(shares))):.0f} %"
+             if shares else "")
+    notes = (f"{setup.describe()}; {detail}; ours = the service's segments/s (BuildReport: decode, models, "
+             f"slots, LMDB writes), median of {setup.repeats} builds after a warm-up build, samples "
+             f"{spread(built['rates'])}; reference = the same models (same seed) on the same frames, decoded "
+             f"beforehand and already on the device as float tensors, in the same batches, median of "
+             f"{setup.repeats}, samples {spread(ref_samples)}{waits}; "
+             f"torch threads {torch.get_num_threads()}")
+    return compare(setup.name, ours, ref, unit="segments/s", goal=goal, notes=notes)
+
+
+def gpu_extract(ctx: Context, wanted: set[str]) -> list[Result]:
+    """`featstore build` with r3d_50 64x256 and the ResNet-50 FPN Faster R-CNN (detecting) on CUDA."""
+    import os
+
+    sizes = ctx.sizes
+    cores = os.cpu_count() or 4
+    quick = sizes.quick
+    setup = ExtractSetup(
+        name="gpu_extract_r3d50_frcnn", segments=4 if quick else 96, videos=2 if quick else 4,
+        frame_hw=(90, 160) if quick else (256, 456), backbone="r3d_50",
+        detector="fasterrcnn_mobilenet_v3_large_320_fpn" if quick else "fasterrcnn_resnet50_fpn",
+        use_boxes=False, clip_frames=8 if quick else 64, clip_stride=2, size=32 if quick else 256,
+        batch_size=2 if quick else 8, workers=1 if quick else max(2, cores - 2),
+        det_min_size=64 if quick else None, det_max_size=128 if quick else None,
+        repeats=1 if quick else 2, device=ctx.device,
+    )
+    return [_extract(ctx, setup, goal="report", processes=1 if quick else min(cores, setup.videos))]
