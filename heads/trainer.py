@@ -437,8 +437,8 @@ def train(
     main_process = world is None or world.is_main
     if world is not None and config.device.startswith("cuda"):
         config = dataclasses.replace(config, device=f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
-    out.mkdir(parents=True, exist_ok=True)  # before loading features: an unwritable --out fails at once
     run = prepare(store_path, config, log=log if main_process else (lambda _: None))
+    out.mkdir(parents=True, exist_ok=True)  # only once the store opened: a refused run leaves no trace
     if main_process:
         _remove_temporaries(out)
     state = RunState(run, out)
