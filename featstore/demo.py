@@ -1,30 +1,64 @@
 """`featstore demo`: the whole job on a small generated sample, nothing downloaded.
 
-Scenes (``generate_sample``): EPIC-layout JPEG frames of a few synthetic kitchens. Each segment is a
-short shot of a kitchen counter with three objects: the *active* object, held by a hand, and two
-static distractor objects of other classes. The verb is carried by motion only (how the hand moves
-the active object), the noun by appearance only (each noun class has its own shape and colours):
+1. ``generate_sample``: EPIC-layout JPEG frames of synthetic kitchens (96x128, 8 fps), an EPIC-55
+   training-label CSV, ``EPIC_video_info.csv`` and a boxes file in the ``--boxes`` format. Each
+   annotated segment is a 2 s shot of a kitchen counter seen from above: a forearm and hand move
+   the *active* object, two distractor objects of other classes stand still. Verbs are carried by
+   motion only, nouns by appearance only (a shape and colours per class):
 
-- take: the object rises off the counter;  put: it comes down onto the counter;
-- open: it grows (a flap swung towards the camera);  move: it slides sideways, left or right.
+   - take: the object rises off the counter;  put: it comes down onto the counter;
+   - open: it grows (swung towards the camera);  move: it slides sideways, left or right.
 
-Every object appears in every frame, so a feature pooled over the whole frame sees the active
-noun and two others: reading the noun needs the hand-held box, which is what SAOA's object branch
-attends to. A boxes file gives the boxes of all three objects on every frame, so the detector only
-pools features at them (``--boxes``).
+2. ``build_store`` (what `featstore build` runs) with torchvision ``r3d_18`` backbones and a
+   ``fasterrcnn_resnet50_fpn`` detector, all with random weights, pooling detector features at the
+   boxes of the boxes file.
+3. ``heads.trainer.train`` of ``saoa`` and ``global`` on the paper's participant split
+   (``epic55-lfb-train`` = P01-P25, ``epic55-lfb-val`` = P26+), then a results table with chance,
+   plots, and an ablation grid for ``heads ablate``.
+
+Why the sample looks the way it does (measured; random weights make the features weak): the
+active object is held close to the camera (large), the motions are long, and the kitchens are
+painted in muted tones close to the colour the networks subtract before their first layer, so that
+flat background gives near-zero activations. With bright, contrasting kitchens the pooled features
+were dominated by a constant part, which left the heads at the class prior for dozens of epochs.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
+import json
 import math
-from dataclasses import dataclass
+import shlex
+import shutil
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
 
 from featstore.synthetic import write_jpeg_video
 from featstore.synthetic_features import EPIC55_COLUMNS, SegmentLabel
+
+if TYPE_CHECKING:
+    from featstore.extraction import BuildConfig
+    from featstore.sampling import SamplingConfig
+    from heads.trainer import TrainConfig
+
+__all__ = [
+    "DemoConfig",
+    "DemoError",
+    "DemoReport",
+    "FULL_SAMPLE",
+    "HeadRun",
+    "QUICK_SAMPLE",
+    "SampleSpec",
+    "build_config",
+    "chance_metrics",
+    "format_results",
+    "generate_sample",
+    "run_demo",
+]
 
 # ------------------------------------------------------------------------------------------------
 # the sample's vocabulary: EPIC-55 class ids and keys, so names read as in the real dataset
@@ -35,20 +69,26 @@ NOUNS: dict[int, str] = {1: "pan", 4: "plate", 5: "knife", 6: "bowl", 21: "spong
 FRAME_HEIGHT, FRAME_WIDTH = 96, 128
 FPS = 8.0
 ACTION_FRAMES = 16  # annotated frames of a segment (2 s)
-REST_FRAMES = 4  # static frames before and after each action (the detection windows reach them)
+REST_FRAMES = 4  # still frames before and after each action: a shot starts and ends at rest
 SHOT_FRAMES = REST_FRAMES + ACTION_FRAMES + REST_FRAMES
 COUNTER_Y = 0.46  # the counter's top edge, as a fraction of the height
 
-# Kitchens: (wall, cabinet doors, counter, counter stripes) RGB.
+# Kitchens: (wall, cabinet doors, counter, counter stripes) RGB, muted tones near the mean colour
+# the backbones and the detector subtract (Kinetics / ImageNet, about (110, 100, 95)): see the
+# module docstring.
 KITCHENS: tuple[tuple[tuple[int, int, int], ...], ...] = (
-    ((214, 205, 185), (132, 96, 62), (150, 150, 155), (135, 135, 140)),
-    ((190, 210, 215), (238, 238, 232), (120, 86, 60), (105, 75, 52)),
-    ((225, 215, 160), (70, 100, 80), (200, 196, 188), (185, 180, 172)),
-    ((200, 190, 205), (90, 90, 100), (95, 105, 95), (84, 94, 84)),
+    ((124, 112, 102), (104, 94, 86), (112, 106, 100), (100, 95, 90)),
+    ((112, 116, 118), (98, 102, 106), (122, 108, 96), (110, 98, 88)),
+    ((128, 118, 98), (110, 104, 88), (106, 104, 102), (96, 94, 92)),
+    ((114, 106, 112), (100, 94, 100), (118, 114, 104), (106, 102, 94)),
 )
 SKIN = (222, 172, 140)
 ACTIVE_SCALE = 2.4  # the hand-held object is close to the camera: much bigger than the distractors
 DISTRACTOR_SCALE = 0.9
+LIFT = 0.42  # take / put: vertical travel, as a fraction of the height
+SLIDE = 0.35  # move: horizontal travel, as a fraction of the width
+OPEN_FROM, OPEN_TO = 0.6, 1.5  # open: scale of the active object before / after
+ARM_ANCHOR_X = 0.82  # where the forearm enters the frame, as a fraction of the width
 MARGIN = 8  # pixels of background beyond the frame on each side (camera sway)
 
 
@@ -124,6 +164,18 @@ def _paste(image: np.ndarray, sprite: np.ndarray, cy: float, cx: float) -> tuple
     return (float(x0 + cols.min()), float(y0 + rows.min()), float(x0 + cols.max() + 1), float(y0 + rows.max() + 1))
 
 
+def _draw_arm(image: np.ndarray, hand_y: float, hand_x: float, anchor: tuple[float, float], *, width: float) -> None:
+    """The forearm, from below the frame (the camera wearer's body) to the hand: sleeve, then skin."""
+    height, width_px = image.shape[:2]
+    y, x = np.mgrid[0:height, 0:width_px].astype(np.float32)
+    ay, ax = anchor
+    vy, vx = hand_y - ay, hand_x - ax
+    t = np.clip(((y - ay) * vy + (x - ax) * vx) / max(vy * vy + vx * vx, 1e-6), 0.0, 1.0)
+    near = np.hypot(y - (ay + t * vy), x - (ax + t * vx)) <= width / 2
+    image[near & (t < 0.55)] = (120, 60, 60)
+    image[near & (t >= 0.55)] = SKIN
+
+
 def paint_kitchen(kitchen: int, *, rng: np.random.Generator) -> np.ndarray:
     """A kitchen background: wall with cabinet doors above a striped counter; lighting varies per video."""
     wall, doors, counter, stripes = (np.array(c, np.float32) for c in KITCHENS[kitchen % len(KITCHENS)])
@@ -167,15 +219,15 @@ def active_state(shot: Shot, k: int) -> tuple[float, float, float]:
     t = _ease((k - REST_FRAMES + 0.5) / ACTION_FRAMES)
     cy, cx = shot.start
     scale = ACTIVE_SCALE
-    lift = 0.3 * FRAME_HEIGHT
+    lift = LIFT * FRAME_HEIGHT
     if shot.verb == 0:  # take: up, off the counter
         cy -= lift * t
     elif shot.verb == 1:  # put: down, onto the counter (starts high)
         cy -= lift * (1.0 - t)
     elif shot.verb == 2:  # open: grows towards the camera
-        scale *= 0.75 + 0.6 * t
+        scale *= OPEN_FROM + (OPEN_TO - OPEN_FROM) * t
     elif shot.verb == 9:  # move: slides sideways
-        cx += shot.direction * 0.25 * FRAME_WIDTH * t
+        cx += shot.direction * SLIDE * FRAME_WIDTH * t
     else:
         raise ValueError(f"no motion for verb class {shot.verb}")
     return cy, cx, scale
@@ -199,9 +251,11 @@ def render_shot(shot: Shot, background: np.ndarray, k: int, *, rng: np.random.Ge
         box = _paste(image, _sprite(noun, DISTRACTOR_SCALE), cy + dy, cx + dx)
         boxes.append((noun, box, False))
     cy, cx, scale = active_state(shot, k)
-    box = _paste(image, _sprite(shot.noun, scale), cy + dy, cx + dx)
     sprite_half = 12 * scale
-    _paste(image, _hand_sprite(0.7 * scale), cy + dy - sprite_half * 0.7, cx + dx + sprite_half * 0.45)
+    hand_y, hand_x = cy + dy - sprite_half * 0.7, cx + dx + sprite_half * 0.45
+    _draw_arm(image, hand_y, hand_x, (FRAME_HEIGHT + 14 + dy, ARM_ANCHOR_X * FRAME_WIDTH + dx), width=6 * scale)
+    box = _paste(image, _sprite(shot.noun, scale), cy + dy, cx + dx)
+    _paste(image, _hand_sprite(0.7 * scale), hand_y, hand_x)
     boxes.append((shot.noun, box, True))
     noise = rng.normal(0.0, 3.0, image.shape).astype(np.float32)
     return np.clip(image + noise, 0, 255).astype(np.uint8), boxes
@@ -248,9 +302,11 @@ class SampleSpec:
         return len(self.participants) * self.videos_per_participant * self.segments_per_video
 
 
+# 144 training segments (P01-P06) and 48 validation segments (P26-P27).
 FULL_SAMPLE = SampleSpec(("P01", "P02", "P03", "P04", "P05", "P06"), ("P26", "P27"),
                          videos_per_participant=2, segments_per_video=12)
-QUICK_SAMPLE = SampleSpec(("P01", "P02"), ("P26",), videos_per_participant=1, segments_per_video=12)
+# 48 training segments (P01-P03) and 16 validation segments (P26).
+QUICK_SAMPLE = SampleSpec(("P01", "P02", "P03"), ("P26",), videos_per_participant=1, segments_per_video=16)
 
 
 @dataclass(frozen=True)
@@ -375,3 +431,490 @@ def generate_sample(root: str | Path, spec: SampleSpec, *, seed: int = 0) -> Sam
         writer.writerows(box_rows)
     return Sample(root=paths.root, frames=paths.frames, annotations=paths.annotations, video_info=paths.video_info,
                   boxes=paths.boxes, segments=tuple(segments))
+
+
+def plot_sample(sample: Sample, path: str | Path, *, frames_per_row: int = 6) -> Path:
+    """A contact sheet of the sample: the first segment of each verb, with the boxes of the boxes file.
+
+    The active object's box (its label is the segment's noun) is drawn in green, distractors in grey.
+    Reads the frames and boxes back from disk, so it shows what `featstore build` reads.
+    """
+    from PIL import Image
+
+    plt = _pyplot()
+    with open(sample.annotations, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    firsts = {}
+    for row in rows:
+        firsts.setdefault(int(row["verb_class"]), row)
+    wanted: dict[tuple[str, int], list[tuple[float, ...]]] = {}
+    picks = []
+    for verb in sorted(firsts):
+        row = firsts[verb]
+        first, last = int(row["start_frame"]) - REST_FRAMES, int(row["stop_frame"]) + REST_FRAMES
+        frames = np.linspace(first, last, frames_per_row).round().astype(int).tolist()
+        picks.append((row, frames))
+        for frame in frames:
+            wanted[(row["video_id"], frame)] = []
+    with open(sample.boxes, newline="") as handle:
+        for box in csv.DictReader(handle):
+            key = (box["video_id"], int(box["frame"]))
+            if key in wanted:
+                wanted[key].append(tuple(float(box[c]) for c in ("x1", "y1", "x2", "y2", "label")))
+    fig, axes = plt.subplots(len(picks), frames_per_row, figsize=(1.9 * frames_per_row, 1.6 * len(picks)),
+                             squeeze=False)
+    for (row, frames), axes_row in zip(picks, axes):
+        for frame, ax in zip(frames, axes_row):
+            image = Image.open(sample.frames / row["participant_id"] / "rgb_frames" / row["video_id"]
+                               / f"frame_{frame:010d}.jpg")
+            ax.imshow(np.asarray(image))
+            for x1, y1, x2, y2, label in wanted[(row["video_id"], frame)]:
+                active = int(label) == int(row["noun_class"])
+                ax.add_patch(plt.Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, linewidth=1.2,
+                                           edgecolor="lime" if active else "0.6"))
+            inside = int(row["start_frame"]) <= frame <= int(row["stop_frame"])
+            ax.set_title(f"frame {frame}" + ("" if inside else " (rest)"), fontsize=7)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes_row[0].set_ylabel(f"{row['verb']} {row['noun']}", fontsize=9)
+    fig.suptitle("demo sample: one segment per verb (green: the active object's box; grey: distractors)",
+                 fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: the demo writes PNGs, never opens windows
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: str | Path) -> Path:
+    plt = _pyplot()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------
+# the build and the heads the demo runs
+
+VERB_BACKBONE = "r3d_18"
+NOUN_BACKBONE = "r3d_18"  # the same spec: one network, run once (its noun.global is verb.global)
+DETECTOR = "fasterrcnn_resnet50_fpn"  # random weights; its box head pools the features at the given boxes
+DET_MIN_SIZE, DET_MAX_SIZE = 64, 128  # the detector's input: the 96x128 frames at short side 64
+BUILD_BATCH_SIZE = 8  # segments per backbone forward
+
+
+def sampling_config() -> SamplingConfig:
+    """Short clips and few detection frames: the sample's segments last 2 s at 8 fps.
+
+    The clip (8 frames at stride 2, short side 64) spans the 16 annotated frames. Detections at
+    1 fps: the global window (2 s) takes 2 frames, a quarter and three quarters into the action;
+    the local window (1 s) 1 frame, which falls on the global grid (the later one), so the detector
+    runs twice per segment. Top 3 per frame: the three objects of a shot. The detector's share of
+    the build is the largest; these windows keep the demo within minutes on a 2-core CPU.
+    """
+    from featstore.sampling import SamplingConfig
+
+    return SamplingConfig(clip_frames=8, clip_stride=2, size=64, det_fps=1.0, det_global_seconds=2.0,
+                          det_local_seconds=1.0, det_topk=3)
+
+
+def build_config(sample: Sample, store: str | Path, *, seed: int = 0, device: str = "cpu", progress: bool = True,
+                 workers: int = 1, command: str | None = None) -> BuildConfig:
+    """The `featstore.extraction.BuildConfig` the demo builds its store with (see `build_command`)."""
+    from featstore.extraction import BuildConfig
+
+    return BuildConfig(
+        store=Path(store), annotations=sample.annotations, frames_root=sample.frames, video_info=sample.video_info,
+        verb_backbone=VERB_BACKBONE, noun_backbone=NOUN_BACKBONE, detector=DETECTOR, boxes=sample.boxes,
+        det_min_size=DET_MIN_SIZE, det_max_size=DET_MAX_SIZE, sampling=sampling_config(), device=device,
+        batch_size=BUILD_BATCH_SIZE, workers=workers, seed=seed, progress=progress, command=command,
+    )
+
+
+def build_command(sample: Sample, store: str | Path, *, seed: int = 0, device: str = "cpu", workers: int = 1) -> str:
+    """The `featstore build` command line equivalent to `build_config` (printed, and kept in the manifest)."""
+    sampling = sampling_config()
+    args = [
+        "featstore", "build", str(store), "--annotations", str(sample.annotations), "--frames", str(sample.frames),
+        "--verb-backbone", VERB_BACKBONE, "--noun-backbone", NOUN_BACKBONE, "--detector", DETECTOR,
+        "--boxes", str(sample.boxes), "--det-min-size", str(DET_MIN_SIZE), "--det-max-size", str(DET_MAX_SIZE),
+        "--clip-frames", str(sampling.clip_frames), "--clip-stride", str(sampling.clip_stride),
+        "--size", str(sampling.size), "--det-fps", f"{sampling.det_fps:g}",
+        "--det-global-seconds", f"{sampling.det_global_seconds:g}",
+        "--det-local-seconds", f"{sampling.det_local_seconds:g}", "--det-topk", str(sampling.det_topk),
+        "--batch-size", str(BUILD_BATCH_SIZE), "--workers", str(workers), "--seed", str(seed), "--device", device,
+    ]
+    return shlex.join(args)
+
+
+@dataclass(frozen=True)
+class HeadRun:
+    """One head the demo trains, with the settings that suit the sample's features."""
+
+    name: str  # the run directory under runs/
+    model: str  # registered head
+    lr: float
+    epochs: int
+    lr_steps: tuple[int, ...] = ()  # epochs at whose start the lr drops x0.1
+    batch_size: int = 8
+    switches: dict[str, Any] = field(default_factory=dict)
+
+    def train_config(self, *, seed: int, device: str) -> TrainConfig:
+        from heads.trainer import TrainConfig
+
+        return TrainConfig(model=self.model, switches=dict(self.switches), train_split="epic55-lfb-train",
+                           val_split="epic55-lfb-val", epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
+                           lr_steps=self.lr_steps, seed=seed, device=device)
+
+    def command(self, store: str | Path, out: str | Path, *, seed: int, device: str) -> str:
+        """The `heads train` command line that trains the same run."""
+        args = ["heads", "train", str(store), "--model", self.model]
+        for switch, value in self.switches.items():
+            flag = switch.replace("_", "-")
+            args.append(f"--{flag}" if value else f"--no-{flag}")
+        args += ["--train", "epic55-lfb-train", "--val", "epic55-lfb-val", "--epochs", str(self.epochs),
+                 "--batch-size", str(self.batch_size), "--lr", f"{self.lr:g}"]
+        if self.lr_steps:
+            args += ["--lr-steps", ",".join(str(step) for step in self.lr_steps)]
+        args += ["--seed", str(seed), "--device", device, "--out", str(out)]
+        return shlex.join(args)
+
+
+# Random-weight features are far from centred (pooled ReLU outputs: a common part much larger than
+# the differences between segments) and the detector's are ~20x larger than the backbone's, so the
+# paper's schedule (lr 1e-4, 15 epochs) would not move the heads off the class prior here: the
+# sample is small, the lr high, the epochs many. SAOA uses the report's L2 scheme (--normalize),
+# so one lr suits both kinds of feature.
+HEADS: tuple[HeadRun, ...] = (
+    HeadRun("saoa", "saoa", lr=0.03, epochs=50, lr_steps=(40,), switches={"normalize": True}),
+    HeadRun("global", "global", lr=0.1, epochs=40, lr_steps=(30,)),
+)
+
+
+# ------------------------------------------------------------------------------------------------
+# the demo
+
+
+DEMO_VERSION = 1  # bump when the sample, build or head settings change: older outputs are rebuilt
+MARKER = "demo.json"  # marks a folder as a demo output (a rerun may reuse or replace what it holds)
+OWNED = ("sample", "store", "runs", "plots", "grid.toml", MARKER)  # what a demo of other settings replaces
+METRICS = ("verb_top1", "verb_top5", "noun_top1", "noun_top5", "action_top1", "action_top5")
+
+
+class DemoError(Exception):
+    """The demo cannot run (a folder that is not a demo output, a failed build)."""
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """One `featstore demo` call."""
+
+    out: Path = Path("demo-out")  # the output folder: sample/, store/, runs/, plots/, grid.toml, demo.json
+    quick: bool = False  # the small sample (for tests; its 16 validation segments make accuracies coarse)
+    seed: int = 0  # the sample's, the models' and the heads' seed
+    device: str = "cpu"  # 'cpu' or 'cuda', for the build and the heads
+    progress: bool = True  # progress bars on stderr
+    workers: int = 1  # decode processes of the build (the sample's frames are small)
+
+    @property
+    def spec(self) -> SampleSpec:
+        return QUICK_SAMPLE if self.quick else FULL_SAMPLE
+
+    def key(self) -> dict[str, Any]:
+        """What an output folder must have been made with to be reused."""
+        return {"version": DEMO_VERSION, "quick": self.quick, "seed": self.seed}
+
+
+@dataclass
+class DemoReport:
+    """What a demo did and where everything went."""
+
+    out: Path
+    sample: Sample
+    store: Path
+    runs: dict[str, Path]  # head run name -> run directory
+    metrics: dict[str, dict[str, float]]  # head run name -> metrics.json
+    chance: dict[str, float]  # the same keys: a uniform guess among the sample's classes
+    plots: list[Path]
+    grid: Path
+    commands: list[str]  # the featstore / heads commands equivalent to what ran
+    seconds: dict[str, float]  # wall time per stage
+    reused: list[str] = field(default_factory=list)  # stages taken from an earlier run into the same folder
+    n_val: int = 0
+
+    def results_table(self) -> str:
+        return format_results(self.metrics, self.chance, n_val=self.n_val)
+
+    def locations(self) -> str:
+        """Where the sample, store, runs, plots and grid went (one line each)."""
+        lines = [
+            f"sample   {self.sample.root}  (JPEG frames, {self.sample.annotations.name}, {self.sample.boxes.name})",
+            f"store    {self.store}",
+        ]
+        for name, run in self.runs.items():
+            lines.append(f"run      {run}  ({name}: metrics.json, predictions.parquet, curves.png)")
+        for plot in self.plots:
+            lines.append(f"plot     {plot}")
+        lines.append(f"grid     {self.grid}  (for heads ablate)")
+        return "\n".join(lines)
+
+
+def chance_metrics(num_verbs: int, num_nouns: int, num_actions: int) -> dict[str, float]:
+    """Top-1 / top-5 accuracy (%) of a uniform guess among the classes present."""
+    out = {}
+    for what, k in (("verb", num_verbs), ("noun", num_nouns), ("action", num_actions)):
+        out[f"{what}_top1"] = 100.0 / k
+        out[f"{what}_top5"] = 100.0 * min(5, k) / k
+    return out
+
+
+def format_results(metrics: dict[str, dict[str, float]], chance: dict[str, float], *, n_val: int = 0) -> str:
+    """The results table: one row per head, then chance; verb / noun / action top-1 and top-5 (%)."""
+    header = f"{'head':<10}" + "".join(f"{what + ' ' + k:>14}" for what in ("verb", "noun", "action")
+                                      for k in ("top-1", "top-5"))
+    lines = [header]
+    for name, values in list(metrics.items()) + [("chance", chance)]:
+        cells = "".join(f"{values[m]:>14.1f}" if m in values else f"{'-':>14}" for m in METRICS)
+        lines.append(f"{name:<10}{cells}")
+    if n_val:
+        lines.append(f"(validation: the {n_val} segments of participants P26+ (epic55-lfb-val); chance: a uniform "
+                     "guess among the sample's classes)")
+    return "\n".join(lines)
+
+
+def plot_results(metrics: dict[str, dict[str, float]], chance: dict[str, float], path: str | Path) -> Path:
+    """Bars of verb / noun / action top-1 per head, with chance marked."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    groups = ("verb_top1", "noun_top1", "action_top1")
+    width = 0.8 / max(len(metrics), 1)
+    for i, (name, values) in enumerate(metrics.items()):
+        xs = np.arange(len(groups)) + (i - (len(metrics) - 1) / 2) * width
+        ax.bar(xs, [values.get(g, 0.0) for g in groups], width, label=name)
+    for j, g in enumerate(groups):
+        ax.hlines(chance[g], j - 0.45, j + 0.45, colors="k", linestyles="--", label="chance" if j == 0 else None)
+    ax.set_xticks(np.arange(len(groups)), ["verb top-1", "noun top-1", "action top-1"])
+    ax.set(ylabel="accuracy (%)", ylim=(0, 118), yticks=range(0, 101, 20),
+           title="featstore demo: validation accuracy (P26+)")
+    ax.legend(fontsize="small", loc="upper center", ncol=len(metrics) + 1, frameon=False)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+GRID_TEMPLATE = """\
+# An ablation grid over the demo store (the format: heads/ablation.py):
+#   heads ablate {store} --grid {grid} --out {out}/ablation
+[base]
+train_split = "epic55-lfb-train"
+val_split = "epic55-lfb-val"
+epochs = {epochs}
+lr_steps = [{lr_step}]
+batch_size = {batch_size}
+lr = {lr}
+seed = {seed}
+normalize = true           # for the heads that have the switch (saoa, sap)
+
+[[run]]
+name = "saoa"
+model = "saoa"
+
+[[run]]
+name = "saoa-no-relation"
+model = "saoa"
+no_relation = true
+
+[[run]]
+name = "global"
+model = "global"
+lr = {global_lr}
+"""
+
+
+def write_grid(path: Path, *, store: Path, out: Path, seed: int, epochs: int) -> Path:
+    """The grid file for `heads ablate` (the demo's SAOA settings over ``epochs`` epochs)."""
+    saoa = next(h for h in HEADS if h.model == "saoa")
+    baseline = next(h for h in HEADS if h.model == "global")
+    lr_step = max(1, round(epochs * 0.8))
+    path.write_text(GRID_TEMPLATE.format(store=store, grid=path, out=out, epochs=epochs, lr_step=lr_step,
+                                         batch_size=saoa.batch_size, lr=saoa.lr, seed=seed, global_lr=baseline.lr))
+    return path
+
+
+@contextlib.contextmanager
+def _head_threads(device: str) -> Iterator[None]:
+    """One CPU thread while the heads train: their matrices are small, so a second thread gains
+    little on an idle machine and costs a lot (thread synchronisation) on a busy one."""
+    import torch
+
+    if device != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _read_marker(out: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((out / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_marker(out: Path, state: dict[str, Any]) -> None:
+    tmp = out / f".{MARKER}.tmp"
+    tmp.write_text(json.dumps(state, indent=2, default=str))
+    tmp.replace(out / MARKER)
+
+
+def _prepare_out(config: DemoConfig, log: Callable[[str], None]) -> dict[str, Any]:
+    """Check that the output folder may be used; returns the state recorded by an earlier demo there.
+
+    Raises:
+        DemoError: ``out`` is a file, or a non-empty folder without a demo marker.
+    """
+    out = config.out
+    if out.exists() and not out.is_dir():
+        raise DemoError(f"{out} is a file; give a folder for the demo's output")
+    if out.is_dir() and any(out.iterdir()):
+        state = _read_marker(out)
+        if state is None:
+            raise DemoError(f"{out} is not empty and is not a featstore demo output (no {MARKER}); "
+                            "give a new or empty folder, e.g. featstore demo demo-out")
+        if state.get("key") == config.key():
+            return state
+        log(f"{out} holds a demo made with other settings ({state.get('key')}); replacing it")
+        for name in OWNED:
+            path = out / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    state = {"key": config.key(), "done": []}
+    _write_marker(out, state)
+    return state
+
+
+def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> DemoReport:
+    """Generate the sample, build the store, train the heads, write the plots: `featstore demo`.
+
+    A rerun into the same folder with the same settings reuses what is finished (the sample, the
+    stored segments, finished runs) and resumes the rest; a demo of other settings there is
+    replaced; any other non-empty folder is refused.
+
+    Args:
+        config: the demo's settings.
+        log: where progress lines go.
+    Returns:
+        The report: metrics per head, chance, paths, equivalent commands, timings.
+    Raises:
+        DemoError: the folder cannot be used, or segments failed to build.
+    """
+    from featstore.extraction import RANDOM_WEIGHTS_NOTE, build_store
+    from heads.trainer import train
+
+    import torch
+
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise DemoError("--device cuda, but torch sees no CUDA device here (use --device cpu)")
+    if config.device not in ("cpu", "cuda"):
+        raise DemoError(f"device must be 'cpu' or 'cuda', got {config.device!r}")
+    out = config.out
+    state = _prepare_out(config, log)
+    done = set(state.get("done", []))
+    seconds: dict[str, float] = {}
+    reused: list[str] = []
+    spec = config.spec
+
+    def mark(stage: str) -> None:
+        done.add(stage)
+        state["done"] = sorted(done)
+        _write_marker(out, state)
+
+    # 1. the sample
+    started = time.perf_counter()
+    sample = sample_paths(out / "sample")
+    n_frames = spec.n_segments * SHOT_FRAMES
+    if "sample" in done and sample.annotations.is_file():
+        reused.append("sample")
+        log(f"[1/4] sample: reusing {sample.root}")
+    else:
+        if sample.root.exists():
+            shutil.rmtree(sample.root)
+        log(f"[1/4] sample: {spec.n_segments} segments ({len(VERBS)} verbs x {len(NOUNS)} nouns, "
+            f"{len(spec.participants)} participants), {n_frames} JPEG frames -> {sample.root}")
+        sample = generate_sample(sample.root, spec, seed=config.seed)
+        mark("sample")
+    plots = [plot_sample(sample, out / "plots" / "sample.png")]
+    seconds["sample"] = time.perf_counter() - started
+
+    # 2. the store
+    started = time.perf_counter()
+    store = out / "store"
+    command = build_command(sample, store, seed=config.seed, device=config.device, workers=config.workers)
+    log(f"[2/4] build: {command}")
+    report = build_store(build_config(sample, store, seed=config.seed, device=config.device,
+                                      progress=config.progress, workers=config.workers, command=command))
+    random = [w for w in report.warnings if RANDOM_WEIGHTS_NOTE in w]
+    if random:
+        # The build warns, rightly for real data; here it is the point: say what it means for the demo.
+        log(f"      note: {len(random)} model(s) have RANDOM WEIGHTS (no weights can be downloaded); the sample "
+            "is made so that even random features separate its motions and colours")
+    for warning in report.warnings:
+        if warning not in random:
+            log(f"      warning: {warning}")
+    log(f"      {report.summary()}")
+    if report.failed:
+        raise DemoError(f"{len(report.failed)} segment(s) failed to build; rerun the demo to retry them")
+    if report.skipped == report.selected:
+        reused.append("store")
+    seconds["build"] = time.perf_counter() - started
+
+    # 3. the heads
+    started = time.perf_counter()
+    runs: dict[str, Path] = {}
+    metrics: dict[str, dict[str, float]] = {}
+    commands = [command]
+    for head in HEADS:
+        run = out / "runs" / head.name
+        runs[head.name] = run
+        head_command = head.command(store, run, seed=config.seed, device=config.device)
+        commands.append(head_command)
+        if (run / "metrics.json").is_file() and f"run:{head.name}" in done:
+            reused.append(f"runs/{head.name}")
+            log(f"[3/4] train: reusing {run}")
+        else:
+            log(f"[3/4] train: {head_command}")
+            head_started = time.perf_counter()
+            resume = (run / "checkpoints" / "last.pt").is_file()
+            with _head_threads(config.device):
+                train(store, run, head.train_config(seed=config.seed, device=config.device), resume=resume,
+                      progress=config.progress, log=lambda _line: None)
+            mark(f"run:{head.name}")
+            log(f"      {head.epochs} epochs in {time.perf_counter() - head_started:.1f} s")
+        metrics[head.name] = {k: v for k, v in json.loads((run / "metrics.json").read_text()).items() if k in METRICS}
+    seconds["train"] = time.perf_counter() - started
+
+    # 4. results, plots, the grid for `heads ablate`
+    chance = chance_metrics(len(VERBS), len(NOUNS), len(VERBS) * len(NOUNS))
+    plots.append(plot_results(metrics, chance, out / "plots" / "results.png"))
+    plots.extend(run / "curves.png" for run in runs.values())
+    grid = write_grid(out / "grid.toml", store=store, out=out, seed=config.seed, epochs=3 if config.quick else 25)
+    n_val = len(spec.val_participants) * spec.videos_per_participant * spec.segments_per_video
+    state.update(metrics=metrics, chance=chance, seconds=seconds, n_val=n_val)
+    _write_marker(out, state)
+    log(f"[4/4] plots: {', '.join(str(p) for p in plots[:2])}")
+    return DemoReport(out=out, sample=sample, store=store, runs=runs, metrics=metrics, chance=chance, plots=plots,
+                      grid=grid, commands=commands, seconds=seconds, reused=reused, n_val=n_val)
