@@ -390,14 +390,36 @@ class FeatureStore:
         except lmdb.Error as err:
             raise StoreError(f"{self.path}: LMDB shard {shard!r} cannot be read: {err}") from err
 
+    def _segments_state(self) -> tuple:
+        """Names, sizes and mtimes of the index parts: changes whenever a writer exports a part."""
+        try:
+            with os.scandir(self.path / "segments") as entries:
+                return tuple(sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns)
+                                    for e in entries if e.name.endswith(".parquet")))
+        except FileNotFoundError:
+            return ()
+
+    def _shard_index(self) -> dict[str, tuple[str, str]]:
+        """uid -> (shard, status) of the whole index, cached until the index parts change.
+
+        Every read looks its segments up here: one DuckDB query per read made the preload of a
+        field cost a query, and a streaming batch a query per segment.
+        """
+        state = self._segments_state()
+        cached = getattr(self, "_shard_cache", None)
+        if cached is None or cached[0] != state:
+            with self.connect() as con:
+                table = con.sql("select uid, shard, status from segments").to_arrow_table()
+            index = dict(zip(table.column("uid").to_pylist(),
+                             zip(table.column("shard").to_pylist(), table.column("status").to_pylist())))
+            self._shard_cache = cached = (state, index)
+        return cached[1]
+
     def _shard_of(self, uids: Sequence[str]) -> dict[str, str]:
-        with self.connect() as con:
-            con.register("wanted", pa.table({"uid": pa.array(list(uids), pa.string())}))
-            rows = con.execute(
-                "select w.uid, s.shard, s.status from wanted w left join segments s using (uid)"
-            ).fetchall()
+        index = self._shard_index()
         shards = {}
-        for uid, shard, status in rows:
+        for uid in uids:
+            shard, status = index.get(uid, (None, None))
             if status != STATUS_OK:
                 raise KeyError(f"{uid!r} is not a stored segment of {self.path} (status: {status})")
             shards[uid] = shard

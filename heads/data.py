@@ -133,8 +133,10 @@ class PreloadedFeatures:
     def batch(self, index: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
         """Gather rows ``index`` (on any device); features come back float32."""
         index = index.to(self.device)
-        batch = {k: (v[index].float() if v.dtype == torch.float16 else v[index]) for k, v in self.tensors.items()}
-        return batch, self.verb[index], self.noun[index]
+        # index_select, not v[index]: advanced indexing goes through a generic gather kernel that is
+        # several times slower on CPU for these wide rows (benchmarks/README.md, train_data_path).
+        batch = {k: _gather(v, index) for k, v in self.tensors.items()}
+        return batch, self.verb.index_select(0, index), self.noun.index_select(0, index)
 
     def batches(self, order: torch.Tensor, batch_size: int) -> Iterator[tuple[dict, torch.Tensor, torch.Tensor]]:
         return self.batches_of(chunk_order(order, batch_size))
@@ -143,6 +145,12 @@ class PreloadedFeatures:
         """One batch per chunk of row numbers."""
         for rows in chunks:
             yield self.batch(rows)
+
+
+def _gather(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Rows ``index`` of ``values``; float16 features come back float32."""
+    rows = values.index_select(0, index)
+    return rows.float() if rows.dtype == torch.float16 else rows
 
 
 class _BatchReader(torch.utils.data.Dataset):

@@ -195,13 +195,17 @@ def prepare(store_path: str | os.PathLike, config: TrainConfig, *, log: Callable
     val_labels = head_data.selection_labels(store, val_where) if (val_where is not None) else None
     if val_labels is not None and not val_labels.uids:
         raise TrainingError(f"the validation selection ({val_where}) holds no stored segments")
-    budget = (head_data.default_memory_budget(config.device) if config.memory_budget_gb is None
-              else int(config.memory_budget_gb * 2**30))
     shared = {} if shared is None else shared
 
     def features(labels):
-        key = (str(store.path), labels.uids, tuple(sorted(fields)), config.pool, config.device, budget)
+        # Keyed by the budget as configured, not as computed: the default (half the free memory)
+        # shrinks once the first run's features are loaded, and a key holding it made every later
+        # run of a grid load its features again.
+        key = (str(store.path), labels.uids, tuple(sorted(fields)), config.pool, config.device,
+               config.memory_budget_gb)
         if key not in shared:
+            budget = (head_data.default_memory_budget(config.device) if config.memory_budget_gb is None
+                      else int(config.memory_budget_gb * 2**30))
             shared[key] = head_data.load_features(store, labels, fields, device=config.device, memory_budget=budget,
                                                   pool=config.pool, log=log)
         return shared[key]
