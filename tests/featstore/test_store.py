@@ -229,3 +229,20 @@ def test_checksum_depends_on_every_byte_and_the_shape() -> None:
     c = {"x": np.arange(6, dtype=np.float16)}
     c["x"][5] = 6
     assert len({segment_checksum(a), segment_checksum(b), segment_checksum(c)}) == 3
+
+
+def test_an_open_reader_sees_segments_and_failures_written_after_it_looked_one_up(tmp_path: Path) -> None:
+    # Readers cache the uid -> shard index; a writer's new index part must invalidate it.
+    _fill(tmp_path / "s", 3)
+    reader = FeatureStore.open(tmp_path / "s")
+    reader.read("0")
+    with pytest.raises(KeyError, match="'new'"):
+        reader.read("new")
+    rng = np.random.default_rng(9)
+    new = _arrays(rng)
+    with FeatureStore.open(tmp_path / "s").writer() as writer:
+        writer.put(_row("new"), new)
+        writer.fail(_row("broken"), "unreadable frames")
+    assert np.array_equal(reader.read("new", ["det.global.box"])["det.global.box"], new["det.global.box"])
+    with pytest.raises(KeyError, match="status: failed"):
+        reader.read("broken")

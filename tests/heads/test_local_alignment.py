@@ -80,3 +80,21 @@ def test_padded_boxes_are_finite_and_bad_input_is_refused() -> None:
         pool_local_verb_features(verb_map, torch.zeros(3, 4, 4))
     with pytest.raises(ValueError, match="verb_map"):
         pool_local_verb_features(verb_map[:, :, 0], torch.zeros(2, 4, 4))
+
+
+def test_average_equals_roi_align_then_mean_of_its_bins() -> None:
+    # The avg path applies per-box pixel weights with a matmul instead of RoI-aligning all C
+    # channels; it must give what RoIAlign followed by the bin mean gives.
+    from torchvision.ops import roi_align
+
+    generator = torch.Generator().manual_seed(3)
+    verb_map = torch.randn(5, 16, 3, 6, 9, generator=generator)
+    corners = torch.rand(5, 7, 2, 2, generator=generator)
+    boxes = torch.cat([corners.amin(dim=2), corners.amax(dim=2)], dim=-1)  # (5, 7, 4) x1 y1 x2 y2
+    pooled = pool_local_verb_features(verb_map, boxes, output_size=7, pool="avg")
+
+    frames = verb_map.mean(dim=2)
+    scale = torch.tensor([9.0, 6.0, 9.0, 6.0])
+    rois = torch.cat([torch.arange(5.0).repeat_interleave(7)[:, None], (boxes * scale).reshape(-1, 4)], dim=1)
+    expected = roi_align(frames, rois, output_size=7, spatial_scale=1.0, aligned=True).mean(dim=(2, 3))
+    torch.testing.assert_close(pooled, expected.reshape(5, 7, 16), atol=1e-5, rtol=1e-5)
