@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from featstore import __version__
+from featstore.allocator import keep_freed_memory
 from featstore.annotations import find_video_info, read_segments, read_video_info
 from featstore.extraction_plan import (
     BOX_SETS,
@@ -834,6 +835,8 @@ def build_store(config: BuildConfig, *, on_segment: Callable[[str], None] | None
         raise BuildError("--device cuda, but torch sees no CUDA device here (use --device cpu)")
     if config.device == "cuda" and config.local_rank >= torch.cuda.device_count():
         raise BuildError(f"local rank {config.local_rank} has no GPU: torch sees {torch.cuda.device_count()}")
+    if config.device == "cpu":
+        keep_freed_memory()  # the models' activations are fresh CPU blocks on every call: see featstore/allocator.py
     selection = _select(config)
     report = BuildReport(store=config.store, shard=config.shard, rank=config.rank, world_size=config.world_size)
     if not selection:

@@ -21,7 +21,7 @@ import pyarrow as pa
 import torch
 
 from featstore.store import FeatureStore
-from heads.allocator import keep_freed_memory
+from featstore.allocator import keep_freed_memory
 from heads.local_alignment import pool_local_verb_features
 
 # Store field -> batch key the heads read.
@@ -124,7 +124,7 @@ class PreloadedFeatures:
         self.labels = labels
         self.device = torch.device(device)
         if self.device.type == "cpu":
-            keep_freed_memory()  # every batch is a fresh CPU allocation: see heads/allocator.py
+            keep_freed_memory()  # every batch is a fresh CPU allocation: see featstore/allocator.py
         cpu = _segment_tensors(store, list(labels.uids), set(fields), pool=pool, output_size=output_size)
         self.tensors = {k: v.to(self.device) for k, v in cpu.items()}
         self.verb = labels.verb.to(self.device)

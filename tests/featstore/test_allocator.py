@@ -1,4 +1,4 @@
-"""heads.allocator: freed batch-sized blocks stay in the process on glibc instead of going back to
+"""featstore.allocator: freed batch-sized blocks stay in the process on glibc instead of going back to
 the kernel (run in fresh interpreters: the setting is process-wide)."""
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 PROBE = r"""
 import ctypes, sys
 import numpy as np
-from heads.allocator import keep_freed_memory
+from featstore.allocator import keep_freed_memory
 
 class MallInfo2(ctypes.Structure):
     _fields_ = [(n, ctypes.c_size_t) for n in
@@ -51,6 +51,6 @@ def test_a_freed_batch_stays_in_the_heap_only_when_tuned() -> None:
 
 
 def test_it_is_applied_once_and_answers_the_same() -> None:
-    from heads.allocator import keep_freed_memory
+    from featstore.allocator import keep_freed_memory
 
     assert keep_freed_memory() == keep_freed_memory()
