@@ -179,7 +179,7 @@ QUICK = Sizes(
     det_min_size=64, det_max_size=128, extract_repeats=1, heads_segments=128, heads_dim=32, heads_det_dim=16,
     heads_map=(1, 4, 4), heads_epochs=1, heads_repeats=1,
 )
-FULL = Sizes(quick=False, segments=5000, verb_dim=2048, det_dim=1024, map_size=(4, 7, 7))
+FULL = Sizes(quick=False, segments=5000, verb_dim=2048, det_dim=1024, map_size=(4, 7, 7), repeats=9)
 
 
 class Workspace:

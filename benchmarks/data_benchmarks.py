@@ -108,7 +108,8 @@ def store_bytes(ctx: Context, wanted: set[str]) -> list[Result]:
     on_disk = store.disk_bytes()
     parts = {}
     for sub in ("lmdb", "segments", "boxes"):
-        parts[sub] = sum(min(p.stat().st_size, p.stat().st_blocks * 512) for p in (built.path / sub).rglob("*") if p.is_file())
+        files = [p.stat() for p in (built.path / sub).rglob("*") if p.is_file()]
+        parts[sub] = sum(min(st.st_size, st.st_blocks * 512) for st in files)
     notes = (f"{built.describe()}; payload = every stored tensor's bytes (float16 features, float32 boxes and "
              f"scores); on disk = allocated blocks of every file: LMDB {parts['lmdb'] / MiB:.0f} MiB, "
              f"segments parquet {parts['segments'] / MiB:.2f} MiB, boxes parquet {parts['boxes'] / MiB:.2f} MiB")
@@ -269,8 +270,8 @@ def train_data_path(ctx: Context, wanted: set[str]) -> list[Result]:
     shape_note = (f"saoa's batch: {', '.join(f'{k} {tuple(v.shape[1:])}' for k, v in features.tensors.items())}; "
                   f"{n} segments of {built.describe().split(', ', 1)[1]}, batch {sizes.batch_size} "
                   f"({batch_bytes / MiB:.1f} MiB float32), {batches_per_epoch} batches per epoch, device {device}; "
-                  f"median of {sizes.repeats} epochs after {sizes.warmup} warm-up, each round one epoch of every side on the "
-                  f"same order")
+                  f"median of {sizes.repeats} epochs after {sizes.warmup} warm-up, each round one epoch of every "
+                  f"side on the same order")
 
     def ours_epoch(order: torch.Tensor) -> None:
         for _ in features.batches(order, sizes.batch_size):

@@ -19,7 +19,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from benchmarks.common import Context, Result, compare, median_time, spread, synchronize
+from benchmarks.common import Context, Result, compare, load_average, spread, synchronize
 from featstore.store import FeatureStore
 from featstore.synthetic import write_jpeg_video
 from featstore.synthetic_features import SegmentLabel, write_epic55_annotations
@@ -169,38 +169,22 @@ class ComputeTimer:
         return len(self._patched) == 2
 
 
-def run_builds(setup: ExtractSetup, data: Dataset, root: Path, log: Callable[[str], None]) -> dict[str, Any]:
-    """One warm-up build, then ``setup.repeats`` timed builds, each into a fresh store.
+def run_build(setup: ExtractSetup, data: Dataset, store: Path) -> tuple[float, float, float | None]:
+    """One `featstore build` into a fresh store.
 
     Returns:
-        segments/s samples (the service's own loop time), wall seconds, compute shares, and the
-        store of the last build (kept for the reference's batch plan).
+        (the service's own segments/s, wall seconds, share of its loop spent inside model calls or None).
     """
     from featstore.extraction import build_store
 
-    rates, walls, compute_shares = [], [], []
-    last_store = None
-    for i in range(1 + setup.repeats):
-        store = root / f"store{i}"
-        with ComputeTimer() as timer:
-            started = time.perf_counter()
-            report = build_store(build_config(setup, data, store))
-            wall = time.perf_counter() - started
-        if report.failed:
-            raise RuntimeError(f"build failed for {len(report.failed)} segments, e.g. {report.failed[0]}")
-        if i > 0:
-            rates.append(report.segments_per_second)
-            walls.append(wall)
-            if timer.works and report.seconds > 0:
-                compute_shares.append(timer.seconds / report.seconds)
-        if last_store is not None:
-            import shutil
-
-            shutil.rmtree(last_store, ignore_errors=True)
-        last_store = store
-        log(f"  build {'warm-up' if i == 0 else i}: {report.segments_per_second:.2f} segments/s "
-            f"(loop {report.seconds:.1f} s, wall {wall:.1f} s)")
-    return {"rates": rates, "walls": walls, "compute_shares": compute_shares, "store": last_store}
+    with ComputeTimer() as timer:
+        started = time.perf_counter()
+        report = build_store(build_config(setup, data, store))
+        wall = time.perf_counter() - started
+    if report.failed:
+        raise RuntimeError(f"build failed for {len(report.failed)} segments, e.g. {report.failed[0]}")
+    share = timer.seconds / report.seconds if timer.works and report.seconds > 0 else None
+    return report.segments_per_second, wall, share
 
 
 @dataclass
@@ -280,13 +264,16 @@ def _detector_image_size(setup: ExtractSetup, detector: Any) -> tuple[int, int]:
     return height, width
 
 
-def pure_forward(setup: ExtractSetup, store_path: Path, data: Dataset) -> tuple[float, list[float], str]:
-    """Segments/s of the models alone on pre-decoded device tensors, in the service's batches.
+def pure_forward(setup: ExtractSetup, store_path: Path, data: Dataset) -> tuple[Callable[[], None], int, str]:
+    """The models alone on pre-decoded device tensors, in the service's batches.
 
     The models are the service's: built with the same seed (the service seeds each build with
     ``BuildConfig.seed`` = 0), so random weights detect the same boxes. The verb backbone runs once
     per batch (the noun spec is the same, so the service reuses its outputs); the detector pools
     features at the given boxes (``--boxes``) or detects, in chunks of 16 frames as the service does.
+
+    Returns:
+        (a callable running every batch once, segments per call, a description of the batches).
     """
     from featstore.extraction import AMP_DTYPES
     from featstore.models import build_backbone, build_detector
@@ -301,11 +288,12 @@ def pure_forward(setup: ExtractSetup, store_path: Path, data: Dataset) -> tuple[
     backbone.to(device).eval()
     detector.to(device).eval()
     batches = predecode(setup, store_path, data, detector, device)
-    autocast = (torch.autocast(device_type="cuda", dtype=AMP_DTYPES["fp16"]) if device.type == "cuda"
-                else contextlib.nullcontext())
     det_chunk = 16  # BuildConfig.det_batch_size default
+    sync = synchronize(device)
 
     def forward_all() -> None:
+        autocast = (torch.autocast(device_type="cuda", dtype=AMP_DTYPES["fp16"]) if device.type == "cuda"
+                    else contextlib.nullcontext())
         with torch.inference_mode(), autocast:
             for batch in batches:
                 backbone(batch.clips)
@@ -314,14 +302,15 @@ def pure_forward(setup: ExtractSetup, store_path: Path, data: Dataset) -> tuple[
                         detector.features_at(batch.images[lo:lo + det_chunk], batch.boxes[lo:lo + det_chunk])
                     else:
                         detector.detect(batch.images[lo:lo + det_chunk], 5)
+        if sync is not None:
+            sync()
 
-    seconds, samples = median_time(forward_all, warmup=1, repeats=setup.repeats, sync=synchronize(device))
     total = sum(len(b.clips) for b in batches)
     frames = sum(len(b.images) for b in batches)
     _, _, _, height, width = batches[0].clips.shape
     detail = (f"{len(batches)} batches, {frames} distinct detection frames ({frames / total:.1f} per segment), "
               f"clip input {height}x{width}")
-    return total / seconds, [total / s for s in samples], detail
+    return forward_all, total, detail
 
 
 def extract_pipeline(ctx: Context, wanted: set[str]) -> list[Result]:
@@ -337,24 +326,40 @@ def extract_pipeline(ctx: Context, wanted: set[str]) -> list[Result]:
 
 
 def _extract(ctx: Context, setup: ExtractSetup, *, goal: str, processes: int = 1) -> Result:
+    """A warm-up build and forward pass, then builds and forward passes in turns (shared-machine drift
+    hits both alike); every build goes into a fresh store."""
     root = ctx.workspace.path(setup.name)
+    rates, ref_rates, shares = [], [], []
     try:
         data = make_dataset(root / "data", setup, processes=processes)
-        built = run_builds(setup, data, root, ctx.log)
-        ours = float(np.median(built["rates"]))
-        ref, ref_samples, detail = pure_forward(setup, built["store"], data)
+        rate, wall, _ = run_build(setup, data, root / "store-warmup")
+        ctx.log(f"  build warm-up: {rate:.2f} segments/s (wall {wall:.1f} s)")
+        forward_all, total, detail = pure_forward(setup, root / "store-warmup", data)
+        forward_all()  # warm-up
+        for repeat in range(setup.repeats):
+            rate, wall, share = run_build(setup, data, root / f"store{repeat}")
+            ctx.workspace.remove(f"{setup.name}/store{repeat}")
+            started = time.perf_counter()
+            forward_all()
+            ref_rate = total / (time.perf_counter() - started)
+            rates.append(rate)
+            ref_rates.append(ref_rate)
+            if share is not None:
+                shares.append(share)
+            ctx.log(f"  round {repeat + 1}: build {rate:.2f} segments/s (wall {wall:.1f} s), "
+                    f"forward only {ref_rate:.2f} segments/s")
     finally:
         ctx.workspace.remove(setup.name)
-    shares = built["compute_shares"]
+    ours, ref = float(np.median(rates)), float(np.median(ref_rates))
     waits = (f"; the main process is inside model calls {100 * float(np.median(shares)):.0f} % of the loop, so the "
              f"{'GPU' if setup.device == 'cuda' else 'compute'} waits ~{100 * (1 - float(np.median(shares))):.0f} %"
              if shares else "")
     notes = (f"{setup.describe()}; {detail}; ours = the service's segments/s (BuildReport: decode, models, "
-             f"slots, LMDB writes), median of {setup.repeats} builds after a warm-up build, samples "
-             f"{spread(built['rates'])}; reference = the same models (same seed) on the same frames, decoded "
-             f"beforehand and already on the device as float tensors, in the same batches, median of "
-             f"{setup.repeats}, samples {spread(ref_samples)}{waits}; "
-             f"torch threads {torch.get_num_threads()}")
+             f"slots, LMDB writes), into a fresh store each time; reference = the same models (same seed) on the "
+             f"same frames, decoded beforehand and already on the device as float tensors in the service's "
+             f"layout, in the same batches; a warm-up of each, then {setup.repeats} rounds of one build and one "
+             f"forward pass, medians; samples ours {spread(rates)}, reference {spread(ref_rates)}{waits}; "
+             f"torch threads {torch.get_num_threads()}; load average {load_average()}")
     return compare(setup.name, ours, ref, unit="segments/s", goal=goal, notes=notes)
 
 

@@ -119,10 +119,10 @@ def parallel_heads(ctx: Context, wanted: set[str], *, name: str = "parallel_head
              f"segments of C={dim}, Cd={det_dim}, verb.map {dim}x{'x'.join(map(str, map_size))}, batch "
              f"{sizes.batch_size}, device {ctx.device}; ours = run_grid(parallel={runs}), reference = "
              f"run_grid(parallel=1) (the grid runner shares preloaded features between runs in both modes: "
-             f"load_features ran {loads.of(runs)} times per grid in ours, {loads.of(1)} in the reference; validation and a checkpoint after every "
-             f"epoch in both); "
-             f"{'no warm-up, ' if sizes.quick else ''}median of {repeats}, samples ours {spread(timings[runs])} s, reference "
-             f"{spread(timings[1])} s; torch threads {torch.get_num_threads()}")
+             f"load_features ran {loads.of(runs)} times per grid in ours, {loads.of(1)} in the reference; "
+             f"validation and a checkpoint after every epoch in both); {'no warm-up, ' if sizes.quick else ''}"
+             f"median of {repeats}, samples ours {spread(timings[runs])} s, reference {spread(timings[1])} s; "
+             f"torch threads {torch.get_num_threads()}")
     return [compare(name, ours, reference, unit="s", goal=goal, notes=notes)]
 
 

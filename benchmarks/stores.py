@@ -58,7 +58,8 @@ class FeaturePool:
         return self.values[start:start + n].reshape(shape)
 
 
-def segment_arrays(pool: FeaturePool, shapes: dict[str, tuple[int, ...]], valid_fraction: float = 0.8) -> dict[str, np.ndarray]:
+def segment_arrays(pool: FeaturePool, shapes: dict[str, tuple[int, ...]],
+                   valid_fraction: float = 0.8) -> dict[str, np.ndarray]:
     """One segment's tensors in their stored dtypes: features from the pool, boxes and scores drawn."""
     rng = pool.rng
     arrays = {}
