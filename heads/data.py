@@ -20,8 +20,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from featstore.store import FeatureStore
 from featstore.allocator import keep_freed_memory
+from featstore.store import FeatureStore
 from heads.local_alignment import pool_local_verb_features
 
 # Store field -> batch key the heads read.
