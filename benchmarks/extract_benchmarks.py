@@ -22,7 +22,7 @@ import torch
 from benchmarks.common import Context, Result, compare, load_average, spread, synchronize
 from featstore.store import FeatureStore
 from featstore.synthetic import write_jpeg_video
-from featstore.synthetic_features import SegmentLabel, write_epic55_annotations
+from featstore.synthetic_features import SegmentLabel, write_epic55_annotations, write_video_info
 
 FPS = 60.0
 
@@ -98,11 +98,7 @@ def make_dataset(root: Path, setup: ExtractSetup, *, processes: int = 1) -> Data
         start = first + k * segment_frames
         rows.append(SegmentLabel(f"e{i:05d}", participant, video, start, start + segment_frames - 1, i % 125, i % 352))
     annotations = write_epic55_annotations(root / "EPIC_train_action_labels.csv", rows, fps=FPS)
-    with open(root / "EPIC_video_info.csv", "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["video", "resolution", "duration", "fps"])
-        for _, video in videos:
-            writer.writerow([video, f"{width}x{height}", n_frames / FPS, FPS])
+    write_video_info(root / "EPIC_video_info.csv", [(video, width, height, n_frames) for _, video in videos], fps=FPS)
     boxes = None
     if setup.use_boxes:
         boxes = root / "boxes.csv"

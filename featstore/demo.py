@@ -38,7 +38,11 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 import numpy as np
 
 from featstore.synthetic import write_jpeg_video
-from featstore.synthetic_features import EPIC55_COLUMNS, SegmentLabel
+from featstore.synthetic_features import (
+    SegmentLabel,
+    write_epic55_annotations,
+    write_video_info,
+)
 
 if TYPE_CHECKING:
     from featstore.extraction import BuildConfig
@@ -336,29 +340,6 @@ def _balanced_labels(n: int, rng: np.random.Generator) -> list[tuple[int, int]]:
     return [pool[i] for i in rng.permutation(len(pool))[:n]]
 
 
-def _timestamp(frame: int, fps: float) -> str:
-    seconds = (frame - 1) / fps
-    return f"{int(seconds // 3600):02d}:{int(seconds % 3600 // 60):02d}:{seconds % 60:05.2f}"
-
-
-def _write_annotations(path: Path, segments: Sequence[SegmentLabel]) -> None:
-    """EPIC-55 training labels, with EPIC's class keys as verb and noun names."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=EPIC55_COLUMNS)
-        writer.writeheader()
-        for seg in segments:
-            verb, noun = VERBS[seg.verb_class], NOUNS[seg.noun_class]
-            writer.writerow({
-                "uid": seg.uid, "participant_id": seg.participant_id, "video_id": seg.video_id,
-                "narration": f"{verb} {noun}",
-                "start_timestamp": _timestamp(seg.start_frame, FPS), "stop_timestamp": _timestamp(seg.stop_frame, FPS),
-                "start_frame": seg.start_frame, "stop_frame": seg.stop_frame,
-                "verb": verb, "verb_class": seg.verb_class, "noun": noun, "noun_class": seg.noun_class,
-                "all_nouns": f"['{noun}']", "all_noun_classes": f"[{seg.noun_class}]",
-            })
-
-
 def generate_sample(root: str | Path, spec: SampleSpec, *, seed: int = 0) -> Sample:
     """Write a synthetic EPIC-layout sample: JPEG frames, annotations, video info and a boxes file.
 
@@ -419,12 +400,8 @@ def generate_sample(root: str | Path, spec: SampleSpec, *, seed: int = 0) -> Sam
             write_jpeg_video(paths.frames, participant, video, n_frames, height=FRAME_HEIGHT, width=FRAME_WIDTH,
                              painter=painter)
             info_rows.append((video, n_frames))
-    _write_annotations(paths.annotations, segments)
-    with open(paths.video_info, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["video", "resolution", "duration", "fps"])
-        for video, n_frames in info_rows:
-            writer.writerow([video, f"{FRAME_WIDTH}x{FRAME_HEIGHT}", f"{n_frames / FPS:.3f}", FPS])
+    write_epic55_annotations(paths.annotations, segments, fps=FPS, verb_names=VERBS, noun_names=NOUNS)
+    write_video_info(paths.video_info, [(video, FRAME_WIDTH, FRAME_HEIGHT, n) for video, n in info_rows], fps=FPS)
     with open(paths.boxes, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["video_id", "frame", "x1", "y1", "x2", "y2", "score", "label"])
@@ -822,10 +799,10 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> DemoR
     Raises:
         DemoError: the folder cannot be used, or segments failed to build.
     """
+    import torch
+
     from featstore.extraction import RANDOM_WEIGHTS_NOTE, build_store
     from heads.trainer import train
-
-    import torch
 
     if config.device == "cuda" and not torch.cuda.is_available():
         raise DemoError("--device cuda, but torch sees no CUDA device here (use --device cpu)")

@@ -231,6 +231,7 @@ class FeatureStore:
         self.path = Path(path)
         self.manifest = manifest
         self.fields: dict[str, FieldSpec] = _fields_of(self.path / MANIFEST_NAME, manifest)
+        self._shard_cache: tuple[tuple, dict[str, tuple[str, str]]] | None = None  # see _shard_index
 
     # ------------------------------------------------------------------ opening
     @classmethod
@@ -394,10 +395,10 @@ class FeatureStore:
         """Names, sizes and mtimes of the index parts: changes whenever a writer exports a part."""
         try:
             with os.scandir(self.path / "segments") as entries:
-                return tuple(sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns)
-                                    for e in entries if e.name.endswith(".parquet")))
+                parts = [(e.name, e.stat()) for e in entries if e.name.endswith(".parquet")]
         except FileNotFoundError:
             return ()
+        return tuple(sorted((name, st.st_size, st.st_mtime_ns) for name, st in parts))
 
     def _shard_index(self) -> dict[str, tuple[str, str]]:
         """uid -> (shard, status) of the whole index, cached until the index parts change.
@@ -406,14 +407,13 @@ class FeatureStore:
         field cost a query, and a streaming batch a query per segment.
         """
         state = self._segments_state()
-        cached = getattr(self, "_shard_cache", None)
-        if cached is None or cached[0] != state:
+        if self._shard_cache is None or self._shard_cache[0] != state:
             with self.connect() as con:
                 table = con.sql("select uid, shard, status from segments").to_arrow_table()
             index = dict(zip(table.column("uid").to_pylist(),
                              zip(table.column("shard").to_pylist(), table.column("status").to_pylist())))
-            self._shard_cache = cached = (state, index)
-        return cached[1]
+            self._shard_cache = (state, index)
+        return self._shard_cache[1]
 
     def _shard_of(self, uids: Sequence[str]) -> dict[str, str]:
         index = self._shard_index()

@@ -9,7 +9,7 @@ import csv
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -75,8 +75,13 @@ def generate_segments(
 
 
 def write_epic55_annotations(path: str | os.PathLike, segments: Sequence[SegmentLabel], *, fps: float = 60.0,
-                             labelled: bool = True) -> Path:
-    """Write segments as an EPIC-55 training-label CSV (or a test-timestamps CSV when unlabelled)."""
+                             labelled: bool = True, verb_names: Mapping[int, str] | None = None,
+                             noun_names: Mapping[int, str] | None = None) -> Path:
+    """Write segments as an EPIC-55 training-label CSV (or a test-timestamps CSV when unlabelled).
+
+    ``verb_names`` / ``noun_names`` map class ids to the names written in the verb, noun and
+    narration columns; classes without one are named ``verb<id>`` / ``noun<id>``.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     columns = EPIC55_COLUMNS if labelled else (
@@ -85,15 +90,28 @@ def write_epic55_annotations(path: str | os.PathLike, segments: Sequence[Segment
         writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         for seg in segments:
+            verb = (verb_names or {}).get(seg.verb_class, f"verb{seg.verb_class}")
+            noun = (noun_names or {}).get(seg.noun_class, f"noun{seg.noun_class}")
             writer.writerow({
                 "uid": seg.uid, "participant_id": seg.participant_id, "video_id": seg.video_id,
-                "narration": f"verb{seg.verb_class} noun{seg.noun_class}",
+                "narration": f"{verb} {noun}",
                 "start_timestamp": _timestamp(seg.start_frame, fps), "stop_timestamp": _timestamp(seg.stop_frame, fps),
                 "start_frame": seg.start_frame, "stop_frame": seg.stop_frame,
-                "verb": f"verb{seg.verb_class}", "verb_class": seg.verb_class,
-                "noun": f"noun{seg.noun_class}", "noun_class": seg.noun_class,
-                "all_nouns": f"['noun{seg.noun_class}']", "all_noun_classes": f"[{seg.noun_class}]",
+                "verb": verb, "verb_class": seg.verb_class, "noun": noun, "noun_class": seg.noun_class,
+                "all_nouns": f"['{noun}']", "all_noun_classes": f"[{seg.noun_class}]",
             })
+    return path
+
+
+def write_video_info(path: str | os.PathLike, videos: Iterable[tuple[str, int, int, int]], *, fps: float) -> Path:
+    """Write an ``EPIC_video_info.csv`` (video, resolution, duration, fps) for (video, width, height, frames)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["video", "resolution", "duration", "fps"])
+        for video, width, height, n_frames in videos:
+            writer.writerow([video, f"{width}x{height}", n_frames / fps, fps])
     return path
 
 

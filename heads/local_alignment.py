@@ -73,12 +73,12 @@ def pool_local_verb_features(
             weights = _avg_roi_weights(chunk_boxes.reshape(-1, 4), height, width, output_size)  # (n*K, H*W)
             pixels = frames.reshape(n, channels, height * width).transpose(1, 2)  # (n, H*W, C)
             out[start:stop] = torch.bmm(weights.reshape(n, num_boxes, height * width), pixels)
-            continue
-        segment_index = torch.arange(n, device=device, dtype=torch.float32).repeat_interleave(num_boxes)
-        rois = torch.cat([segment_index[:, None], chunk_boxes.reshape(-1, 4)], dim=1)  # (n*K, 5)
-        bins = roi_align(frames, rois, output_size=output_size, spatial_scale=1.0, aligned=True)
-        # bins: (n*K, C, S, S)
-        out[start:stop] = bins.amax(dim=(2, 3)).reshape(n, num_boxes, channels)
+        else:
+            segment_index = torch.arange(n, device=device, dtype=torch.float32).repeat_interleave(num_boxes)
+            rois = torch.cat([segment_index[:, None], chunk_boxes.reshape(-1, 4)], dim=1)  # (n*K, 5)
+            bins = roi_align(frames, rois, output_size=output_size, spatial_scale=1.0, aligned=True)
+            # bins: (n*K, C, S, S)
+            out[start:stop] = bins.amax(dim=(2, 3)).reshape(n, num_boxes, channels)
     return out
 
 

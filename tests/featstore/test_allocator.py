@@ -50,7 +50,19 @@ def test_a_freed_batch_stays_in_the_heap_only_when_tuned() -> None:
     assert tuned_free >= 20 * 2**20
 
 
-def test_it_is_applied_once_and_answers_the_same() -> None:
-    from featstore.allocator import keep_freed_memory
+def test_it_sets_glibc_once_per_process_and_reports_refusal(monkeypatch: pytest.MonkeyPatch) -> None:
+    from featstore import allocator
 
-    assert keep_freed_memory() == keep_freed_memory()
+    calls = []
+    monkeypatch.setattr(allocator, "_applied", None)
+    monkeypatch.setattr(allocator, "_mallopt", lambda param, value: calls.append((param, value)) or True)
+    assert allocator.keep_freed_memory() is True
+    assert allocator.keep_freed_memory() is True
+    assert calls == [(allocator._M_MMAP_MAX, 0), (allocator._M_TRIM_THRESHOLD, allocator._TRIM_THRESHOLD)]
+
+    # A C library that refuses the first setting: reported, and the second is not tried.
+    calls.clear()
+    monkeypatch.setattr(allocator, "_applied", None)
+    monkeypatch.setattr(allocator, "_mallopt", lambda param, value: calls.append((param, value)) is not None)
+    assert allocator.keep_freed_memory() is False
+    assert calls == [(allocator._M_MMAP_MAX, 0)]

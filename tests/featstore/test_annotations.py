@@ -477,3 +477,25 @@ def test_read_segments_round_trips_valid_tables(case):
     )
     assert table.equals(expected), (table.to_pylist(), rows)
 
+
+
+def test_generated_epic55_files_read_back_with_their_class_names_and_video_info(tmp_path) -> None:
+    import csv
+
+    from featstore.annotations import read_segments, read_video_info
+    from featstore.synthetic_features import SegmentLabel, write_epic55_annotations, write_video_info
+
+    segments = [SegmentLabel("0", "P01", "P01_01", 9, 24, 0, 23), SegmentLabel("1", "P01", "P01_01", 33, 48, 9, 7)]
+    path = write_epic55_annotations(tmp_path / "EPIC_train_action_labels.csv", segments, fps=8.0,
+                                    verb_names={0: "take", 9: "move"}, noun_names={23: "cup"})
+    table = read_segments(path).to_pydict()
+    assert table["narration"] == ["take cup", "move noun7"]
+    assert table["verb_class"] == [0, 9] and table["noun_class"] == [23, 7]
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(r["verb"], r["noun"], r["all_nouns"]) for r in rows] == [("take", "cup", "['cup']"),
+                                                                       ("move", "noun7", "['noun7']")]
+    assert table["start_timestamp"] == ["00:00:01.12", "00:00:04.12"]
+
+    info = write_video_info(tmp_path / "EPIC_video_info.csv", [("P01_01", 128, 96, 480)], fps=8.0)
+    assert read_video_info(info)["P01_01"] == pytest.approx(8.0)

@@ -39,7 +39,7 @@ from featstore.models import build_detector, get_backbone_record
 from featstore.sampling import SamplingConfig, plan_segment
 from featstore.store import FeatureStore
 from featstore.synthetic import truncate_file, write_jpeg_video, write_mp4
-from featstore.synthetic_features import SegmentLabel, write_epic55_annotations
+from featstore.synthetic_features import SegmentLabel, write_epic55_annotations, write_video_info
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = Path(__file__).with_name("torchrun_build.py")
@@ -80,11 +80,7 @@ def make_epic_dataset(root: Path, *, n_segments: int = 6, flow: bool = False) ->
         for i in range(n_segments)
     ]
     annotations = write_epic55_annotations(root / "EPIC_train_action_labels.csv", segments, fps=FPS)
-    with open(root / "EPIC_video_info.csv", "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["video", "resolution", "duration", "fps"])
-        for _, video in VIDEOS:
-            writer.writerow([video, f"{WIDTH}x{HEIGHT}", N_FRAMES / FPS, FPS])
+    write_video_info(root / "EPIC_video_info.csv", [(video, WIDTH, HEIGHT, N_FRAMES) for _, video in VIDEOS], fps=FPS)
     return frames, annotations
 
 
