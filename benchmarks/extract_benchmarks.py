@@ -1,6 +1,6 @@
 """`featstore build` against the models' pure forward on the same batches.
 
-Inputs are generated EPIC-layout JPEG folders (``featstore.synthetic.write_jpeg_video``) at EPIC's
+Inputs are generated EPIC-layout JPEG folders (``featstore.samples.frames.write_jpeg_video``) at EPIC's
 released frame size, an EPIC-55 annotation file, the video info file, and (``--boxes``) a boxes file
 with five boxes on every frame. Segments follow each other within a video, as in EPIC, so the
 detection windows of neighbouring segments share frames (the service detects a shared frame once;
@@ -19,10 +19,21 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from benchmarks.common import Context, Result, compare, load_average, spread, synchronize
+from benchmarks.common import (
+    Context,
+    Result,
+    compare,
+    load_average,
+    spread,
+    synchronize,
+)
+from featstore.samples.annotations import (
+    SegmentLabel,
+    write_epic55_annotations,
+    write_video_info,
+)
+from featstore.samples.frames import write_jpeg_video
 from featstore.store import FeatureStore
-from featstore.synthetic import write_jpeg_video
-from featstore.synthetic_features import SegmentLabel, write_epic55_annotations, write_video_info
 
 FPS = 60.0
 

@@ -15,8 +15,10 @@ import numpy as np
 
 from featstore.annotations import read_segments
 from featstore.importer import box_rows_from_arrays
-from featstore.store import FeatureStore, FieldSpec, default_dtype
-from featstore.synthetic_features import feature_shapes, generate_segments, random_boxes, write_epic55_annotations
+from featstore.samples.annotations import generate_segments, write_epic55_annotations
+from featstore.samples.features import feature_shapes, random_boxes
+from featstore.schema import FieldSpec, default_dtype
+from featstore.store import FeatureStore
 
 # EPIC-55 class counts; participants split 3 : 1 into train (P01-P03) and validation (P26).
 NUM_VERBS, NUM_NOUNS = 125, 352

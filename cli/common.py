@@ -34,7 +34,7 @@ def domain_errors(func: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-_OUR_PACKAGES = ("featstore", "heads")
+_OUR_PACKAGES = ("featstore", "heads", "cli")
 
 
 def _raised_by_us(err: BaseException) -> bool:

@@ -38,8 +38,8 @@ def demo(ctx: click.Context, out: Path, quick: bool, device: str, seed: int, pro
 
         featstore demo demo-out
     """
+    from cli.demo import DemoConfig, run_demo
     from cli.featstore_cli import info
-    from featstore.demo import DemoConfig, run_demo
 
     started = time.perf_counter()
     click.echo(f"featstore demo: {'quick' if quick else 'full'} sample, output in {out}")

@@ -38,7 +38,6 @@ from featstore import __version__
 from featstore.allocator import keep_freed_memory
 from featstore.annotations import find_video_info, read_segments, read_video_info
 from featstore.extraction_plan import (
-    BOX_SETS,
     BoxesFileError,
     FrameDetections,
     PrecomputedBoxes,
@@ -49,7 +48,13 @@ from featstore.extraction_plan import (
     shard_uids,
     store_fields,
 )
-from featstore.frames import EpicJpegFrames, FrameError, FrameSource, open_frame_source
+from featstore.frames import (
+    MODALITY_CHANNELS,
+    EpicJpegFrames,
+    FrameError,
+    FrameSource,
+    open_frame_source,
+)
 from featstore.models import (
     BackboneRecord,
     DetectorRecord,
@@ -61,8 +66,9 @@ from featstore.models import (
     parse_model_spec,
 )
 from featstore.sampling import SamplingConfig, SegmentPlan, plan_segment
+from featstore.schema import BOX_SETS, MANIFEST_NAME, FieldSpec
 from featstore.splits import resolve_selection, select_segments
-from featstore.store import MANIFEST_NAME, FeatureStore, FieldSpec, StoreWriter
+from featstore.store import FeatureStore, StoreWriter
 
 __all__ = [
     "BoxesFileError",
@@ -73,7 +79,6 @@ __all__ = [
     "distributed_env",
 ]
 
-MODALITY_CHANNELS = {"rgb": 3, "flow": 2}
 AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 RANDOM_WEIGHTS_NOTE = "RANDOM WEIGHTS"
 

@@ -19,10 +19,9 @@ import pyarrow.compute as pc
 
 from featstore.models import BackboneRecord, backbone_map_shape
 from featstore.sampling import SamplingConfig
-from featstore.store import FieldSpec, default_dtype
+from featstore.schema import FieldSpec, default_dtype
 
 __all__ = [
-    "BOX_SETS",
     "BoxesFileError",
     "FrameDetections",
     "PrecomputedBoxes",
@@ -32,7 +31,6 @@ __all__ = [
     "store_fields",
 ]
 
-BOX_SETS = ("global", "local")  # det.global.* (noun branch, 6 s) and det.local.* (verb branch, 4 s)
 
 # A stored score of 0 is the padding marker readers mask on (DESIGN section 3: "0 for padded slots"),
 # so a real box keeps a positive score even when its source said 0 (a boxes file, or an underflow).

@@ -16,9 +16,8 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from featstore.annotations import read_segments
-from featstore.store import FeatureStore, FieldSpec, StoreError, default_dtype
-
-BOX_SETS = ("global", "local")
+from featstore.schema import BOX_SETS, FieldSpec, StoreError, default_dtype
+from featstore.store import FeatureStore
 
 
 class ImportFailure(StoreError):

@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 import duckdb
 import pyarrow as pa
 
+from featstore.schema import BOX_SCHEMA, SEGMENT_SCHEMA, StoreError
+
 if TYPE_CHECKING:
     from featstore.store import FeatureStore
 
@@ -50,8 +52,6 @@ def _quote(text: str) -> str:
 
 def connect_store(store: "FeatureStore") -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB connection with the store's views, locked down as the module says."""
-    from featstore.store import BOX_SCHEMA, SEGMENT_SCHEMA
-
     con = duckdb.connect(
         ":memory:",
         config={
@@ -83,8 +83,6 @@ def connect_store(store: "FeatureStore") -> duckdb.DuckDBPyConnection:
         con.execute(f"create view segments_all as select * from {sources['segments']}")
         _create_views(con, sources)
     except duckdb.Error as err:
-        from featstore.store import StoreError
-
         con.close()
         reason = str(err).strip().splitlines()[0]  # DuckDB appends the view's SQL: not the user's
         raise StoreError(f"{store.path}: the index (segments/, boxes/) cannot be read: {reason}") from None

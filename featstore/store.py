@@ -23,8 +23,6 @@ import hashlib
 import json
 import os
 import time
-import uuid as uuid_lib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
@@ -36,92 +34,30 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from featstore import __version__
-from featstore.annotations import SEGMENT_SCHEMA as ANNOTATION_SCHEMA
+from featstore.atomic import atomic_write, atomic_write_json, remove_temporaries
+from featstore.schema import (
+    BOX_SCHEMA,
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    SEGMENT_SCHEMA,
+    STATUS_FAILED,
+    STATUS_OK,
+    FieldMismatchError,
+    FieldSpec,
+    FormatVersionError,
+    StoreError,
+    StoreLockedError,
+)
 
-FORMAT_VERSION = 1
-MANIFEST_NAME = "manifest.json"
 JOURNAL_PREFIX = b"__journal__/"
 FLUSHED_KEY = b"__flushed_seq__"
 DEFAULT_MAP_SIZE = 256 * 2**20  # grows by doubling when full; LMDB files are sparse, so this costs no disk
 
-STATUS_OK = "ok"
-STATUS_FAILED = "failed"
 
-# The index: the annotation columns of a segment, then what the store adds.
-SEGMENT_SCHEMA = pa.schema(
-    list(ANNOTATION_SCHEMA)
-    + [
-        pa.field("status", pa.string()),
-        pa.field("error", pa.string()),
-        pa.field("checksum", pa.string()),
-        pa.field("shard", pa.string()),
-        pa.field("written_at", pa.int64()),  # ns since the epoch; orders attempts at the same uid
-    ]
-)
-
-BOX_SCHEMA = pa.schema(
-    [
-        ("uid", pa.string()),
-        ("set", pa.string()),  # 'global' | 'local'
-        ("slot", pa.int32()),
-        ("frame", pa.int64()),  # EPIC 1-based frame; null for padded slots or imported features
-        ("x1", pa.float32()),
-        ("y1", pa.float32()),
-        ("x2", pa.float32()),
-        ("y2", pa.float32()),
-        ("score", pa.float32()),
-        ("label", pa.int64()),
-        ("valid", pa.bool_()),
-        ("written_at", pa.int64()),
-    ]
-)
-
-
-class StoreError(Exception):
-    """A store cannot be opened, written or read as asked."""
-
-
-class FormatVersionError(StoreError):
-    """The store was written by another format version of featstore."""
-
-
-class FieldMismatchError(StoreError):
-    """A tensor's name, shape or dtype does not match the store's field schema."""
-
-
-class StoreLockedError(StoreError):
-    """Another process is writing the same LMDB shard."""
-
-
-@dataclass(frozen=True)
-class FieldSpec:
-    """The dtype and shape every segment's tensor of one field has."""
-
-    dtype: str
-    shape: tuple[int, ...]
-
-    @property
-    def nbytes(self) -> int:
-        return int(np.dtype(self.dtype).itemsize * int(np.prod(self.shape, dtype=np.int64)))
-
-    def to_json(self) -> dict[str, Any]:
-        return {"dtype": self.dtype, "shape": list(self.shape)}
-
-
-def default_dtype(field: str) -> str:
-    """The stored dtype of a field, from its name.
-
-    float32 for box coordinates and scores (they are compared and thresholded), int64 for frame
-    numbers and class labels, bool for masks, float16 for features.
-    """
-    leaf = field.rsplit(".", 1)[-1]
-    if leaf in ("box", "score"):
-        return "float32"
-    if leaf in ("frame", "label"):
-        return "int64"
-    if leaf == "valid":
-        return "bool"
-    return "float16"
+def write_parquet(path: Path, table: pa.Table) -> Path:
+    """Write an index part atomically: readers glob ``*.parquet`` only, so a crash mid-write leaves
+    a ``.tmp`` file nobody reads rather than a truncated part."""
+    return atomic_write(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
 
 
 def segment_checksum(tensors: Mapping[str, np.ndarray]) -> str:
@@ -138,58 +74,6 @@ def segment_checksum(tensors: Mapping[str, np.ndarray]) -> str:
         digest.update(f"{name}|{array.dtype.str}|{array.shape}|".encode())
         digest.update(memoryview(array).cast("B"))
     return digest.hexdigest()
-
-
-TMP_SUFFIX = ".tmp"
-
-
-def _tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{uuid_lib.uuid4().hex}{TMP_SUFFIX}")
-
-
-def _discard(tmp: Path) -> None:
-    # A failed write (full or read-only disk) must not leave its partial temporary file behind.
-    try:
-        tmp.unlink()
-    except OSError:
-        pass
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = _tmp_name(path)
-    try:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        _discard(tmp)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _atomic_write_parquet(path: Path, table: pa.Table) -> None:
-    # Parquet is written beside its final name and renamed: readers glob '*.parquet' only, so a
-    # crash mid-write leaves a '.tmp' file nobody reads rather than a truncated part.
-    tmp = _tmp_name(path)
-    try:
-        pq.write_table(table, tmp, compression="zstd")
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        _discard(tmp)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _holds_store_data(path: Path) -> bool:
@@ -283,7 +167,7 @@ class FeatureStore:
             "provenance": dict(provenance or {}),
         }
         # Two ranks may create the same store at once: both write identical schemas, last rename wins.
-        _atomic_write_bytes(manifest_path, json.dumps(manifest, indent=2, sort_keys=True).encode())
+        atomic_write_json(manifest_path, manifest, sort_keys=True)
         return cls.open(path)
 
     @classmethod
@@ -313,9 +197,7 @@ class FeatureStore:
     def update_provenance(self, **entries: Any) -> None:
         """Merge entries into the manifest's provenance (atomic rewrite)."""
         self.manifest.setdefault("provenance", {}).update(entries)
-        _atomic_write_bytes(
-            self.path / MANIFEST_NAME, json.dumps(self.manifest, indent=2, sort_keys=True).encode()
-        )
+        atomic_write_json(self.path / MANIFEST_NAME, self.manifest, sort_keys=True)
 
     @property
     def manifest_hash(self) -> str:
@@ -757,8 +639,7 @@ class StoreWriter:
         # holder of the shard's lock writes them): nobody reads them, and the journal still holds
         # their rows, so they go and the export is redone.
         for folder in ("segments", "boxes"):
-            for tmp in (self.store.path / folder).glob(f".part-{self.shard}-*{TMP_SUFFIX}"):
-                _discard(tmp)
+            remove_temporaries(self.store.path / folder, [f"part-{self.shard}-*"])
         if self._pending():
             self.flush()
 
@@ -872,10 +753,8 @@ class StoreWriter:
                     box_columns[col].extend(cols[col])
         # Boxes first: a segment row is the proof of completion, so it must not appear before its boxes.
         if box_columns["uid"]:
-            _atomic_write_parquet(
-                self.store.path / "boxes" / name, pa.Table.from_pydict(box_columns, schema=BOX_SCHEMA)
-            )
-        _atomic_write_parquet(self.store.path / "segments" / name, segments)
+            write_parquet(self.store.path / "boxes" / name, pa.Table.from_pydict(box_columns, schema=BOX_SCHEMA))
+        write_parquet(self.store.path / "segments" / name, segments)
         self._commit([(FLUSHED_KEY, str(last).encode())])
         return len(entries)
 

@@ -72,7 +72,6 @@ import os
 import re
 import time
 import tomllib
-import uuid as uuid_lib
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,6 +82,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from featstore.atomic import atomic_write, atomic_write_text
+from featstore.figures import pyplot, save_figure
 from heads import data as head_data
 from heads.models import get_head, list_heads
 from heads.trainer import (
@@ -744,12 +745,6 @@ def results_table(grid: Grid, out: Path, *, failed: dict[str, str] | None = None
     return pa.table(columns)
 
 
-def _atomic_write_bytes(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid_lib.uuid4().hex}.tmp{path.suffix}")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def _summary(table: pa.Table) -> list[dict[str, Any]]:
     """Per method (grid order): model, switches, counts, and mean / std of each Table-1 metric."""
     rows = table.to_pylist()
@@ -812,7 +807,7 @@ def write_results_markdown(table: pa.Table, path: str | os.PathLike, *, title: s
             error = (row["error"] or "").replace("|", "\\|").replace("\n", " ")
             lines.append(f"| {row['name']} | {row['status']} | {error} |")
     text = "\n".join(lines) + "\n"
-    _atomic_write_bytes(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    atomic_write_text(path, text)
     return path
 
 
@@ -826,9 +821,7 @@ def plot_grid_results(table: pa.Table, path: str | os.PathLike, *, title: str = 
     Returns:
         ``path``.
     """
-    from heads.plots import _pyplot
-
-    plt = _pyplot()
+    plt = pyplot()
     path = Path(path)
     summary = _summary(table)
     methods = [entry["method"] for entry in summary]
@@ -847,8 +840,7 @@ def plot_grid_results(table: pa.Table, path: str | os.PathLike, *, title: str = 
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    _atomic_write_bytes(path, lambda tmp: fig.savefig(tmp, dpi=90))
-    plt.close(fig)
+    save_figure(fig, path)
     return path
 
 
@@ -860,7 +852,7 @@ def write_results(table: pa.Table, out: str | os.PathLike) -> dict[str, Path]:
     """
     out = Path(out)
     parquet = out / "results.parquet"
-    _atomic_write_bytes(parquet, lambda tmp: pq.write_table(table, tmp))
+    atomic_write(parquet, lambda tmp: pq.write_table(table, tmp))
     return {"parquet": parquet, "markdown": write_results_markdown(table, out / "results.md",
                                                                    title=f"Ablation results ({out.name})"),
             "png": plot_grid_results(table, out / "results.png", title=out.name)}

@@ -26,13 +26,13 @@ from __future__ import annotations
 
 import json
 import os
-import uuid as uuid_lib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from featstore.atomic import atomic_write_json
 from heads import data as head_data
 from heads.predictions import Predictions, read_predictions, write_predictions
 
@@ -175,7 +175,13 @@ def score_like_run(predictions: Predictions, run_dir: str | os.PathLike, *,
     """
     from featstore.splits import resolve_selection
     from featstore.store import FeatureStore
-    from heads.evaluation import NUM_CLASSES, action_prior_for, load_class_sets, many_shot_from_training, score
+    from heads.evaluation import (
+        NUM_CLASSES,
+        action_prior_for,
+        load_class_sets,
+        many_shot_from_training,
+        score,
+    )
     from heads.trainer import TrainConfig, default_meta_dir, store_dataset
 
     recorded = json.loads((Path(run_dir) / "config.json").read_text())
@@ -211,12 +217,6 @@ def score_like_run(predictions: Predictions, run_dir: str | os.PathLike, *,
     train_pairs = {(int(v), int(n)) for v, n in zip(train_verbs, train_nouns)}
     return score(predictions.verb_logits, predictions.noun_logits, verbs, nouns, dataset=dataset,
                  class_sets=class_sets, participants=participants, prior=prior, train_pairs=train_pairs)
-
-
-def _write_json(path: Path, payload: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid_lib.uuid4().hex}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str))
-    os.replace(tmp, path)
 
 
 def fuse(
@@ -278,12 +278,12 @@ def fuse(
                                  action_prior_from=action_prior_from or source.get("action_prior_from"))
     metrics_path = out / "metrics.json"
     if metrics is not None:
-        _write_json(metrics_path, metrics)
+        atomic_write_json(metrics_path, metrics)
     else:
         metrics_path.unlink(missing_ok=True)  # a stale file from an earlier fusion would mislead
         log("no labels for the fused segments (pass --annotations to score them); wrote predictions only")
     w = parse_weights(weights, len(paths))
-    _write_json(out / "fusion.json", {
+    atomic_write_json(out / "fusion.json", {
         "inputs": [str(p.resolve()) for p in paths], "weights": [float(x) for x in w], "how": how,
         "n_segments": len(fused.uids), "label_source": source if metrics is not None else None,
     })

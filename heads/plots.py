@@ -5,19 +5,12 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # headless: runs write PNGs, never open windows
-    import matplotlib.pyplot as plt
-
-    return plt
+from featstore.figures import pyplot, save_figure
 
 
 def plot_training_curves(history: Sequence[dict[str, Any]], path: str | os.PathLike, *, title: str = "") -> Path:
     """Loss and validation top-1 accuracies per epoch, side by side, as a PNG."""
-    plt = _pyplot()
+    plt = pyplot()
     path = Path(path)
     epochs = [h["epoch"] for h in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.6))
@@ -35,15 +28,3 @@ def plot_training_curves(history: Sequence[dict[str, Any]], path: str | os.PathL
     fig.tight_layout()
     save_figure(fig, path)
     return path
-
-
-def save_figure(fig, path: Path) -> None:
-    """Write a figure atomically; a failed write leaves no temporary file behind."""
-    plt = _pyplot()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    try:
-        fig.savefig(tmp, dpi=90)
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        tmp.unlink(missing_ok=True)

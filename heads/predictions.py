@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import uuid as uuid_lib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -10,6 +9,8 @@ from typing import Sequence
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from featstore.atomic import atomic_write
 
 
 class PredictionsError(ValueError):
@@ -47,17 +48,14 @@ def _list_column(matrix: np.ndarray) -> pa.ListArray:
 
 
 def write_predictions(path: str | os.PathLike, predictions: Predictions) -> Path:
-    """Write atomically (temporary name, then rename)."""
+    """Write ``predictions`` as a Parquet file (atomically: ``featstore.atomic``)."""
     path = Path(path)
     table = pa.table({
         "uid": pa.array(list(predictions.uids), pa.string()),
         "verb_logits": _list_column(predictions.verb_logits),
         "noun_logits": _list_column(predictions.noun_logits),
     })
-    tmp = path.with_name(f".{path.name}.{uuid_lib.uuid4().hex}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda tmp: pq.write_table(table, tmp))
 
 
 def _matrix(column: pa.ChunkedArray, name: str, path: Path) -> np.ndarray:

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import json
 import os
-import uuid as uuid_lib
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +40,7 @@ from typing import Sequence
 
 import numpy as np
 
+from featstore.atomic import atomic_write
 from heads.actions import action_scores, lfb_action_prior, softmax
 from heads.evaluation import NUM_CLASSES
 from heads.predictions import Predictions, read_predictions
@@ -259,14 +259,13 @@ def _write_zip(out: Path, members: dict[str, str]) -> None:
     Deflate level 1: level 5 (the official script's) makes an S1 file 10% smaller but takes 3 s instead of 0.8.
     """
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{uuid_lib.uuid4().hex}.tmp")
-    try:
+
+    def write(tmp: Path) -> None:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as archive:
             for name, text in members.items():
                 archive.writestr(name, text)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    atomic_write(out, write)
 
 
 def _prior_from(annotations: str | os.PathLike | None, dataset: str) -> np.ndarray | None:

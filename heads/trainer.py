@@ -16,7 +16,6 @@ import math
 import os
 import sys
 import time
-import uuid as uuid_lib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -24,10 +23,17 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from featstore.atomic import atomic_write, atomic_write_json, remove_temporaries
 from featstore.splits import resolve_selection
 from featstore.store import FeatureStore
 from heads import data as head_data
-from heads.evaluation import NUM_CLASSES, action_prior_for, load_class_sets, many_shot_from_training, score
+from heads.evaluation import (
+    NUM_CLASSES,
+    action_prior_for,
+    load_class_sets,
+    many_shot_from_training,
+    score,
+)
 from heads.models import FeatureDims, build_head, check_fields, get_head, head_loss
 from heads.predictions import Predictions, write_predictions
 
@@ -108,48 +114,23 @@ def default_meta_dir(store: FeatureStore) -> str | None:
     return str(Path(annotations).parent) if annotations else None
 
 
-def _discard(path: Path) -> None:
-    try:
-        path.unlink()
-    except OSError:
-        pass
-
-
-def _atomic_json(path: Path, payload: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid_lib.uuid4().hex}.tmp")
-    try:
-        tmp.write_text(json.dumps(payload, indent=2, default=str))
-        os.replace(tmp, path)
-    except BaseException:
-        _discard(tmp)  # a full or read-only disk leaves nothing half-written behind
-        raise
-
-
-def _atomic_torch_save(path: Path, payload: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid_lib.uuid4().hex}.tmp")
-    try:
+def _save_checkpoint(path: Path, payload: Any) -> None:
+    def write(tmp: Path) -> None:
         try:
             torch.save(payload, tmp)
         except RuntimeError as err:
             # torch's zip writer reports a failed write (full disk, file size limit) as an
             # "enforce fail ... unexpected pos" RuntimeError that names neither file nor cause.
             raise TrainingError(f"cannot write the checkpoint {path} (is the disk full?): {err}") from err
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        _discard(tmp)
-        raise
+
+    atomic_write(path, write)
 
 
 def _remove_temporaries(out: Path) -> None:
     """Delete the hidden ``.NAME.HEX.tmp`` files of the run's own writes that a killed or failed run
     never finished (checkpoint, JSON, predictions): nothing reads them, and a checkpoint's can be large."""
-    for folder, names in ((out, ("config.json", "history.json", "metrics.json", "predictions.parquet")),
-                          (out / "checkpoints", ("last.pt",))):
-        for name in names:
-            for tmp in folder.glob(f".{name}.*.tmp"):
-                _discard(tmp)
+    remove_temporaries(out, ("config.json", "history.json", "metrics.json", "predictions.parquet", "curves.png"))
+    remove_temporaries(out / "checkpoints", ("last.pt",))
 
 
 @dataclass
@@ -270,11 +251,11 @@ class RunState:
 
     def save(self) -> None:
         self.checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_torch_save(self.checkpoint_path, {
+        _save_checkpoint(self.checkpoint_path, {
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "epoch": self.epoch,
             "history": self.history, "config": self.run.config.to_json(),
         })
-        _atomic_json(self.out_dir / "history.json", self.history)
+        atomic_write_json(self.out_dir / "history.json", self.history)
 
     def load(self) -> None:
         state = torch.load(self.checkpoint_path, map_location=self.run.config.device, weights_only=False)
@@ -473,7 +454,7 @@ def _epoch_line(entry: dict[str, Any]) -> str:
 
 
 def write_config(out: Path, run: PreparedRun) -> None:
-    _atomic_json(out / "config.json", {
+    atomic_write_json(out / "config.json", {
         **run.config.to_json(),
         "store": str(run.store.path.resolve()),
         "manifest_sha256": run.store.manifest_hash,
@@ -496,7 +477,7 @@ def finish(out: Path, run: PreparedRun, state: RunState) -> dict[str, float]:
         if run.val is not None:
             preds, metrics = evaluate(run, state.model)
             write_predictions(out / "predictions.parquet", preds)
-        _atomic_json(out / "metrics.json", metrics)
+        atomic_write_json(out / "metrics.json", metrics)
         from heads.plots import plot_training_curves
 
         plot_training_curves(state.history, out / "curves.png", title=f"{run.config.model} on {run.store.path.name}")

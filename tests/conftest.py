@@ -2,18 +2,18 @@
 from __future__ import annotations
 
 import os
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
+from click.testing import CliRunner
 
+from cli.featstore_cli import main as featstore_main
 from featstore.importer import import_npz
-from featstore.synthetic_features import (
-    PlantedSignal,
-    generate_segments,
-    write_epic55_annotations,
-    write_feature_npzs,
-)
+from featstore.samples.annotations import generate_segments, write_epic55_annotations
+from featstore.samples.features import PlantedSignal, write_feature_npzs
 
 REPO = Path(__file__).resolve().parents[1]
 # CI lays ../shared beside the checkout; a user's clone may not have it.
@@ -52,3 +52,27 @@ def make_planted_store(root: Path, n: int = 480, *, seed: int = 0, **planted_kwa
 def planted_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.set_num_threads(1)
     return make_planted_store(tmp_path_factory.mktemp("planted"), 480)
+
+
+@dataclass(frozen=True)
+class QuickDemo:
+    root: Path  # the working folder: `demo-out` lies in it, as the README's commands expect
+    out: Path  # root / "demo-out"
+    output: str  # what the command printed (stdout and stderr)
+    seconds: float
+
+
+@pytest.fixture(scope="session")
+def quick_demo(tmp_path_factory: pytest.TempPathFactory) -> QuickDemo:
+    """`featstore demo demo-out --quick`, run once per session through the CLI and shared."""
+    root = tmp_path_factory.mktemp("quick-demo")
+    out = root / "demo-out"
+    threads = torch.get_num_threads()
+    started = time.perf_counter()
+    try:
+        result = CliRunner().invoke(featstore_main, ["demo", str(out), "--quick", "--no-progress"],
+                                    catch_exceptions=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert result.exit_code == 0, result.output
+    return QuickDemo(root, out, result.output, time.perf_counter() - started)

@@ -2,7 +2,7 @@
 
 - The two newcomer commands at the top are the ones `.ci/run` runs (the test command verbatim).
 - The bash block of "Try it on the demo store" runs, command by command, against a `--quick` demo
-  built in a temporary folder (the one `tests/featstore/test_demo.py` builds, shared per session).
+  built in a temporary folder (the `quick_demo` fixture of tests/conftest.py, shared per session).
 - Every `featstore` / `heads` subcommand the README names anywhere exists (`--help` works), and
   every `--option` written after one is an option of that subcommand.
 """
@@ -17,12 +17,11 @@ import sys
 from pathlib import Path
 
 import click
-import pytest
 from click.testing import CliRunner
 
 from cli.featstore_cli import main as featstore_main
 from cli.heads_cli import main as heads_main
-from tests.featstore.test_demo import QuickDemo, run_quick_demo
+from tests.conftest import QuickDemo
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
@@ -158,11 +157,6 @@ def _environment(workdir: Path) -> dict[str, str]:
     env["PATH"] = os.pathsep.join([str(scripts), env.get("PATH", "")])
     env["OMP_NUM_THREADS"] = "1"  # small heads on a shared CPU: one thread each is faster, not slower
     return env
-
-
-@pytest.fixture(scope="module")
-def quick_demo(tmp_path_factory: pytest.TempPathFactory) -> QuickDemo:
-    return run_quick_demo(tmp_path_factory)
 
 
 def test_the_demo_block_runs_against_a_demo(quick_demo: QuickDemo) -> None:

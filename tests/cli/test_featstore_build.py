@@ -11,8 +11,8 @@ from click.testing import CliRunner, Result
 
 from cli.featstore_cli import main
 from featstore.frames import EpicJpegFrames
+from featstore.samples.damage import corrupt_jpeg
 from featstore.sampling import SamplingConfig, plan_segment
-from featstore.synthetic import corrupt_jpeg
 from tests.featstore.test_extraction import FPS, N_FRAMES, make_epic_dataset
 
 DETECTOR = "fasterrcnn_mobilenet_v3_large_320_fpn"

@@ -12,14 +12,10 @@ import pytest
 from click.testing import CliRunner
 
 from cli.featstore_cli import main
+from featstore.samples.annotations import generate_segments, write_epic55_annotations
+from featstore.samples.features import feature_shapes, write_feature_npzs
 from featstore.store import FeatureStore
 from tests.corruption import flip_live_byte
-from featstore.synthetic_features import (
-    feature_shapes,
-    generate_segments,
-    write_epic55_annotations,
-    write_feature_npzs,
-)
 
 SMALL = feature_shapes(verb_dim=8, noun_dim=8, det_dim=4, n_global=6, n_local=4, map_size=None)
 

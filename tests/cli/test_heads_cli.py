@@ -10,7 +10,8 @@ from click.testing import CliRunner
 
 from cli.heads_cli import main
 from featstore.annotations import read_segments
-from featstore.store import FeatureStore, FieldSpec
+from featstore.schema import FieldSpec
+from featstore.store import FeatureStore
 
 TRAIN = "participant_id <= 'P25'"
 VAL = "participant_id > 'P25'"

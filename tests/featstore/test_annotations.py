@@ -483,7 +483,11 @@ def test_generated_epic55_files_read_back_with_their_class_names_and_video_info(
     import csv
 
     from featstore.annotations import read_segments, read_video_info
-    from featstore.synthetic_features import SegmentLabel, write_epic55_annotations, write_video_info
+    from featstore.samples.annotations import (
+        SegmentLabel,
+        write_epic55_annotations,
+        write_video_info,
+    )
 
     segments = [SegmentLabel("0", "P01", "P01_01", 9, 24, 0, 23), SegmentLabel("1", "P01", "P01_01", 33, 48, 9, 7)]
     path = write_epic55_annotations(tmp_path / "EPIC_train_action_labels.csv", segments, fps=8.0,

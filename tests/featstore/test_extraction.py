@@ -24,7 +24,13 @@ import pytest
 import torch
 
 from featstore import extraction
-from featstore.extraction import BuildConfig, BuildError, build_store, distributed_env, resize_frames
+from featstore.extraction import (
+    BuildConfig,
+    BuildError,
+    build_store,
+    distributed_env,
+    resize_frames,
+)
 from featstore.extraction_plan import (
     BoxesFileError,
     FrameDetections,
@@ -36,10 +42,15 @@ from featstore.extraction_plan import (
 )
 from featstore.frames import EpicJpegFrames, resize_short_side
 from featstore.models import build_detector, get_backbone_record
+from featstore.samples.annotations import (
+    SegmentLabel,
+    write_epic55_annotations,
+    write_video_info,
+)
+from featstore.samples.damage import truncate_file
+from featstore.samples.frames import write_jpeg_video, write_mp4
 from featstore.sampling import SamplingConfig, plan_segment
 from featstore.store import FeatureStore
-from featstore.synthetic import truncate_file, write_jpeg_video, write_mp4
-from featstore.synthetic_features import SegmentLabel, write_epic55_annotations, write_video_info
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = Path(__file__).with_name("torchrun_build.py")

@@ -18,11 +18,10 @@ from featstore.frames import (
     open_frame_source,
     resize_short_side,
 )
-from featstore.synthetic import (
-    corrupt_jpeg,
+from featstore.samples.damage import corrupt_jpeg, truncate_file
+from featstore.samples.frames import (
     paint_frame,
     read_frame_number,
-    truncate_file,
     write_jpeg_video,
     write_mp4,
 )

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from featstore.query import QueryError, format_result, run_query
-from featstore.store import FeatureStore, FieldSpec
+from featstore.schema import FieldSpec
+from featstore.store import FeatureStore
 
 
 @pytest.fixture()

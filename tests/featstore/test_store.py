@@ -12,15 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.corruption import flip_live_byte
-from featstore.store import (
-    FeatureStore,
+from featstore.schema import (
     FieldMismatchError,
     FieldSpec,
     FormatVersionError,
     StoreError,
-    segment_checksum,
 )
+from featstore.store import FeatureStore, segment_checksum
+from tests.corruption import flip_live_byte
 
 FIELDS = {
     "verb.global": FieldSpec("float16", (16,)),
@@ -141,7 +140,7 @@ def test_second_writer_on_the_same_shard_is_refused(tmp_path: Path) -> None:
     store = FeatureStore.create(tmp_path / "s", fields=FIELDS)
     with store.writer("0"):
         code = (
-            "import sys; from featstore.store import FeatureStore, StoreLockedError\n"
+            "import sys; from featstore.store import FeatureStore; from featstore.schema import StoreLockedError\n"
             f"s = FeatureStore.open({str(tmp_path / 's')!r})\n"
             "try:\n    s.writer('0')\nexcept StoreLockedError as e:\n    print('LOCKED', e); sys.exit(3)\n"
         )
@@ -189,7 +188,8 @@ def test_dataloader_workers_read_the_same_bytes_as_one_process(tmp_path: Path, c
 _KILL_SCRIPT = """
 import os, signal, sys
 import numpy as np
-from featstore.store import FeatureStore, FieldSpec
+from featstore.store import FeatureStore
+from featstore.schema import FieldSpec
 path, n, kill_at = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 store = FeatureStore.create(path, fields={"verb.global": FieldSpec("float16", (16,))})
 writer = store.writer(flush_every=4)

@@ -12,7 +12,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from heads.models import MissingFieldsError
-from heads.trainer import TrainConfig, TrainingError, evaluate_run, lr_at, predict_selection, train
+from heads.trainer import (
+    TrainConfig,
+    TrainingError,
+    evaluate_run,
+    lr_at,
+    predict_selection,
+    train,
+)
 
 TRAIN = "participant_id <= 'P25'"
 VAL = "participant_id > 'P25'"
@@ -89,8 +96,11 @@ def test_diverging_loss_names_epoch_and_step(planted_store: Path, tmp_path: Path
 
 def test_store_lacking_fields_is_refused_with_their_names(tmp_path: Path) -> None:
     from featstore.importer import import_npz
-    from featstore.synthetic_features import (feature_shapes, generate_segments, write_epic55_annotations,
-                                              write_feature_npzs)
+    from featstore.samples.annotations import (
+        generate_segments,
+        write_epic55_annotations,
+    )
+    from featstore.samples.features import feature_shapes, write_feature_npzs
 
     segments = generate_segments(8, num_verbs=3, num_nouns=3)
     annotations = write_epic55_annotations(tmp_path / "a.csv", segments)

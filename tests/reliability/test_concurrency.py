@@ -12,8 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from featstore.store import FeatureStore, FieldSpec, segment_checksum
-from featstore.synthetic_features import generate_segments, write_epic55_annotations, write_feature_npzs
+from featstore.samples.annotations import generate_segments, write_epic55_annotations
+from featstore.samples.features import write_feature_npzs
+from featstore.schema import FieldSpec
+from featstore.store import FeatureStore, segment_checksum
 from tests.reliability import faults
 from tests.reliability.invariants import assert_store_consistent
 from tests.reliability.workloads import (

@@ -14,11 +14,16 @@ from pathlib import Path
 
 import pytest
 
+from featstore.samples.annotations import generate_segments, write_epic55_annotations
+from featstore.samples.features import write_feature_npzs
 from featstore.store import FeatureStore
-from featstore.synthetic_features import generate_segments, write_epic55_annotations, write_feature_npzs
 from tests.reliability import faults
 from tests.reliability.invariants import assert_store_consistent
-from tests.reliability.workloads import IMPORT_BOXES_PER_SEGMENT, IMPORT_SHAPES, import_command
+from tests.reliability.workloads import (
+    IMPORT_BOXES_PER_SEGMENT,
+    IMPORT_SHAPES,
+    import_command,
+)
 
 N_SEGMENTS = 300
 

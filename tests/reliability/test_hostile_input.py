@@ -39,18 +39,25 @@ from cli.featstore_cli import main as featstore_main
 from cli.heads_cli import main as heads_main
 from featstore.extraction import build_store
 from featstore.frames import EpicJpegFrames
+from featstore.samples.annotations import generate_segments, write_epic55_annotations
+from featstore.samples.damage import corrupt_jpeg
+from featstore.samples.features import random_segment_arrays, write_feature_npzs
+from featstore.samples.frames import paint_frame
 from featstore.sampling import SamplingConfig, plan_segment
 from featstore.store import FeatureStore
-from featstore.synthetic import corrupt_jpeg, paint_frame
-from featstore.synthetic_features import (
-    generate_segments,
-    random_segment_arrays,
-    write_epic55_annotations,
-    write_feature_npzs,
+from tests.featstore.test_extraction import (
+    FPS,
+    N_FRAMES,
+    make_epic_dataset,
+    small_config,
 )
-from tests.featstore.test_extraction import FPS, N_FRAMES, make_epic_dataset, small_config
 from tests.reliability.invariants import assert_store_consistent
-from tests.reliability.workloads import IMPORT_BOXES_PER_SEGMENT, IMPORT_SHAPES, TRAIN_WHERE, VAL_WHERE
+from tests.reliability.workloads import (
+    IMPORT_BOXES_PER_SEGMENT,
+    IMPORT_SHAPES,
+    TRAIN_WHERE,
+    VAL_WHERE,
+)
 
 
 def featstore(*args: object):

@@ -20,7 +20,8 @@ from click.testing import CliRunner
 
 from cli.featstore_cli import main
 from featstore.query import MAX_QUERY_CHARS
-from featstore.store import FeatureStore, FieldSpec
+from featstore.schema import FieldSpec
+from featstore.store import FeatureStore
 
 REFUSED = "query refused: only SELECT is allowed"
 FAILED = "query failed: Permission Error"  # DuckDB's file access check, with the path it refused

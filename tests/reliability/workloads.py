@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from featstore.synthetic_features import feature_shapes
+from featstore.samples.features import feature_shapes
 from tests.featstore.test_extraction import DETECTOR
 from tests.reliability import faults
 

@@ -1,4 +1,4 @@
-"""Small synthetic EPIC-layout data for tests, benchmarks and ``featstore demo``.
+"""Synthetic EPIC-layout frames (JPEG folders and video files) for tests, benchmarks and the demo.
 
 No dataset can be downloaded here, so everything that reads frames is tested on frames written by
 these generators. The default content is a moving colour pattern (so that crops, resizes and clips
@@ -21,8 +21,6 @@ __all__ = [
     "read_frame_number",
     "write_jpeg_video",
     "write_mp4",
-    "corrupt_jpeg",
-    "truncate_file",
 ]
 
 # painter(frame_index) -> (H, W, 3) uint8: the content of one 1-based frame.
@@ -231,42 +229,3 @@ def write_mp4(
         for packet in stream.encode():  # flush delayed (B-)frames
             container.mux(packet)
     return path
-
-
-def corrupt_jpeg(path: str | Path, how: str = "truncate") -> None:
-    """Damage a JPEG in one of the ways real frame folders get damaged.
-
-    Args:
-        path: the file.
-        how: ``"truncate"`` (keep the first half: an interrupted copy), ``"zero"`` (zero bytes: a
-            failed write) or ``"garbage"`` (same length of random bytes: not a JPEG at all).
-    """
-    path = Path(path)
-    data = path.read_bytes()
-    if how == "truncate":
-        path.write_bytes(data[: len(data) // 2])
-    elif how == "zero":
-        path.write_bytes(b"")
-    elif how == "garbage":
-        rng = np.random.default_rng(len(data))
-        garbage = rng.integers(0, 256, size=max(len(data), 64), dtype=np.uint8).tobytes()
-        if garbage[:2] == b"\xff\xd8":  # make sure it does not start like a JPEG by chance
-            garbage = b"\x00" + garbage[1:]
-        path.write_bytes(garbage)
-    else:
-        raise ValueError(f"how must be 'truncate', 'zero' or 'garbage', got {how!r}")
-
-
-def truncate_file(path: str | Path, keep_fraction: float) -> None:
-    """Cut a file to its first ``keep_fraction`` (0..1) of bytes, as an interrupted download would.
-
-    Args:
-        path: the file.
-        keep_fraction: share of bytes to keep.
-    """
-    if not 0.0 <= keep_fraction <= 1.0:
-        raise ValueError(f"keep_fraction must be in [0, 1], got {keep_fraction}")
-    path = Path(path)
-    size = path.stat().st_size
-    with path.open("r+b") as handle:
-        handle.truncate(int(size * keep_fraction))

@@ -1,55 +1,22 @@
 """`featstore demo`: the whole job on the generated sample, run through the CLI (`--quick`).
 
-The quick demo is built once per test session (`run_quick_demo`) and shared with
-`tests/test_readme.py`, which runs the README's commands against the same folder.
+The quick demo is built once per test session (the `quick_demo` fixture of tests/conftest.py) and
+shared with `tests/test_readme.py`, which runs the README's commands against the same folder.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import torch
 from click.testing import CliRunner
 
+from cli import demo
 from cli.featstore_cli import main
-from featstore import demo
+from featstore.samples import kitchens
 from featstore.store import FeatureStore
-
-
-@dataclass(frozen=True)
-class QuickDemo:
-    root: Path  # the working folder: `demo-out` lies in it, as the README's commands expect
-    out: Path  # root / "demo-out"
-    output: str  # what the command printed (stdout and stderr)
-    seconds: float
-
-
-_QUICK_DEMO: list[QuickDemo] = []
-
-
-def run_quick_demo(tmp_path_factory: pytest.TempPathFactory) -> QuickDemo:
-    """`featstore demo demo-out --quick`, once per session (later calls return the same run)."""
-    if not _QUICK_DEMO:
-        root = tmp_path_factory.mktemp("quick-demo")
-        out = root / "demo-out"
-        threads = torch.get_num_threads()
-        started = time.perf_counter()
-        try:
-            result = CliRunner().invoke(main, ["demo", str(out), "--quick", "--no-progress"], catch_exceptions=False)
-        finally:
-            torch.set_num_threads(threads)
-        assert result.exit_code == 0, result.output
-        _QUICK_DEMO.append(QuickDemo(root, out, result.output, time.perf_counter() - started))
-    return _QUICK_DEMO[0]
-
-
-@pytest.fixture(scope="module")
-def quick_demo(tmp_path_factory: pytest.TempPathFactory) -> QuickDemo:
-    return run_quick_demo(tmp_path_factory)
+from tests.conftest import QuickDemo
 
 
 def _recorded(out: Path) -> dict:
@@ -58,15 +25,15 @@ def _recorded(out: Path) -> dict:
 
 def test_quick_demo_writes_sample_store_runs_and_plots(quick_demo: QuickDemo) -> None:
     out = quick_demo.out
-    sample = demo.sample_paths(out / "sample")
+    sample = kitchens.sample_paths(out / "sample")
     for path in (sample.annotations, sample.video_info, sample.boxes, out / "grid.toml"):
         assert path.is_file(), path
     assert len(list((sample.frames / "P01" / "rgb_frames" / "P01_01").glob("frame_*.jpg"))) == \
-        demo.QUICK_SAMPLE.segments_per_video * demo.SHOT_FRAMES
+        kitchens.QUICK_SAMPLE.segments_per_video * kitchens.SHOT_FRAMES
 
     store = FeatureStore.open(out / "store")
     info = store.info()
-    assert info["segments"] == {"ok": demo.QUICK_SAMPLE.n_segments, "failed": 0}
+    assert info["segments"] == {"ok": kitchens.QUICK_SAMPLE.n_segments, "failed": 0}
     assert {"verb.global", "verb.map", "noun.global", "det.global.feat", "det.local.box"} <= set(info["fields"])
     assert store.verify() == []
     provenance = info["manifest"]["provenance"]
@@ -92,7 +59,7 @@ def test_quick_demo_prints_results_info_and_locations(quick_demo: QuickDemo) -> 
     chance_row = [float(v) for v in lines[header + 3].split()[1:]]
     assert chance_row == pytest.approx([25.0, 100.0, 16.7, 83.3, 4.2, 20.8], abs=0.05)
     # The store's `featstore info`, as that command prints it.
-    assert f"segments  {demo.QUICK_SAMPLE.n_segments} ok, 0 failed" in output
+    assert f"segments  {kitchens.QUICK_SAMPLE.n_segments} ok, 0 failed" in output
     assert "det.global.feat" in output
     # Where everything went.
     for name in ("sample", "store", "runs/saoa", "runs/global", "plots/sample.png", "plots/results.png", "grid.toml"):
@@ -160,11 +127,11 @@ def test_the_sample_is_reproducible_and_balanced(tmp_path: Path) -> None:
     assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
     assert len(first.segments) == 8
     assert {s.participant_id for s in first.segments} == {"P01", "P26"}
-    assert {s.verb_class for s in first.segments} <= set(demo.VERBS)
+    assert {s.verb_class for s in first.segments} <= set(kitchens.VERBS)
     # Every frame of every shot has a box per object, the active object's labelled with its noun.
     rows = (tmp_path / "a" / "boxes.csv").read_text().splitlines()
     assert rows[0] == "video_id,frame,x1,y1,x2,y2,score,label"
-    assert len(rows) - 1 == 2 * 4 * demo.SHOT_FRAMES * 3
+    assert len(rows) - 1 == 2 * 4 * kitchens.SHOT_FRAMES * 3
 
 
 def test_chance_is_a_uniform_guess_among_the_classes() -> None:
