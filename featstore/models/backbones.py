@@ -15,6 +15,7 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
+from featstore.frames import MODALITY_CHANNELS
 from featstore.models.checkpoints import LoadReport, load_checkpoint, parse_model_spec
 from featstore.models.registry import Registry
 
@@ -22,8 +23,6 @@ from featstore.models.registry import Registry
 # the range TV-L1 flow networks (I3D) are trained on. A record may say otherwise (EPIC-100 TSN/TSM: 0.226).
 FLOW_MEAN: float = 0.5
 FLOW_STD: float = 0.5
-# Channels one decoded frame gives per modality: RGB, and optical flow's (u, v).
-FRAME_CHANNELS = {"rgb": 3, "flow": 2}
 # How a backbone's clip is taken from a segment (featstore.sampling.CLIP_SAMPLINGS).
 CENTRED, SEGMENTS = "centred", "segments"
 
@@ -92,7 +91,7 @@ class BackboneRecord:
 
     def in_channels(self, modality: str) -> int:
         """Input channels the backbone takes for ``modality``: 3 for RGB, 2 x snippet frames for flow."""
-        return FRAME_CHANNELS[modality] * self.snippet_frames(modality)
+        return MODALITY_CHANNELS[modality] * self.snippet_frames(modality)
 
 
 class VideoBackbone(nn.Module):
