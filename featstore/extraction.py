@@ -315,6 +315,8 @@ def _build_models(config: BuildConfig, sampling: ResolvedSampling) -> _Models:
     ):
         entry, warning = _model_provenance(kind, spec, record.name, record.feature_dim)
         entry["in_channels"] = in_channels
+        mean, std = record.normalisation(in_channels)  # always the record's: the publisher's values
+        entry["normalisation"] = {"mean": list(mean), "std": list(std), "input": "[0, 1]"}
         provenance[key] = entry
         if warning and warning not in warnings:
             warnings.append(warning)

@@ -2,8 +2,9 @@
 
 A backbone is described by a frozen `BackboneRecord` whose numbers (feature_dim, strides, input
 normalisation, default clip) set every downstream size. Model families register a builder together
-with the record and an exact output-size rule in their own files (`video_resnet.py`, `i3d.py`);
-``featstore.models`` imports those files so the registry is complete whenever this package is used.
+with the record and an exact output-size rule in their own files (`video_resnet.py`, `resnet3d.py`,
+`i3d.py`, `slowfast.py`, `tsn.py`); ``featstore.models`` imports those files so the registry is
+complete whenever this package is used. Adding a backbone is one such file (and its import there).
 """
 from __future__ import annotations
 

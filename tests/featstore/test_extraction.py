@@ -392,6 +392,8 @@ def test_build_with_a_published_backbone_stores_its_map_shape(
     assert store.fields["verb.map"].shape == expected
     assert store.read_field(store.uids(), "verb.map").shape == (2, *expected)
     assert provenance["in_channels"] == record.in_channels(modality) == provenance["verb_backbone"]["in_channels"]
+    mean, std = record.normalisation(record.in_channels(modality))
+    assert provenance["verb_backbone"]["normalisation"] == {"mean": list(mean), "std": list(std), "input": "[0, 1]"}
     assert (sampling.clip_sampling, sampling.snippet_frames) == (record.clip_sampling, record.snippet_frames(modality))
     sources = provenance["sampling_sources"]
     assert sources["size"] == "flag" and sources["clip_sampling"] == f"backbone:{backbone}"
