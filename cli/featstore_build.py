@@ -15,6 +15,10 @@ from cli.common import command_line, domain_errors
 
 _EXISTING_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
 _EXISTING_DIR = click.Path(exists=True, file_okay=False, path_type=Path)
+# Options that set a SamplingConfig field; unset ones come from the verb backbone's record (clip) or the
+# paper's defaults (detection windows), and the manifest's sampling_sources says which.
+SAMPLING_OPTIONS = ("clip_frames", "clip_stride", "size", "clip_sampling", "snippet_frames", "det_fps",
+                    "det_global_seconds", "det_local_seconds", "det_topk")
 
 
 def make_build_config(params: dict[str, Any], *, command: str | None = None):
@@ -27,7 +31,6 @@ def make_build_config(params: dict[str, Any], *, command: str | None = None):
         A `featstore.extraction.BuildConfig`, with rank / world size from the torchrun environment.
     """
     from featstore.extraction import BuildConfig, distributed_env
-    from featstore.sampling import SamplingConfig
 
     if (params["frames_root"] is None) == (params["videos_dir"] is None):
         raise click.UsageError("give exactly one of --frames ROOT (EPIC JPEG folders) or --videos DIR (video files)")
@@ -36,18 +39,6 @@ def make_build_config(params: dict[str, Any], *, command: str | None = None):
             "give --detector SPEC (its box features are stored), optionally with --boxes FILE to pool "
             "them at precomputed boxes instead of the detector's own"
         )
-    try:
-        sampling = SamplingConfig(
-            clip_frames=params["clip_frames"],
-            clip_stride=params["clip_stride"],
-            size=params["size"],
-            det_fps=params["det_fps"],
-            det_global_seconds=params["det_global_seconds"],
-            det_local_seconds=params["det_local_seconds"],
-            det_topk=params["det_topk"],
-        )
-    except ValueError as err:
-        raise click.UsageError(str(err)) from err
     rank, world_size, local_rank = distributed_env()
     return BuildConfig(
         store=params["store"],
@@ -65,7 +56,7 @@ def make_build_config(params: dict[str, Any], *, command: str | None = None):
         det_max_size=params["det_max_size"],
         det_batch_size=params["det_batch_size"],
         noun_map=params["noun_map"],
-        sampling=sampling,
+        sampling_overrides={name: params[name] for name in SAMPLING_OPTIONS if params.get(name) is not None},
         fps=params["fps"],
         video_info=params["video_info"],
         split=params["split"],
@@ -108,13 +99,22 @@ def make_build_config(params: dict[str, Any], *, command: str | None = None):
 @click.option("--det-min-size", type=int, help="Detector input short side (default: the model's).")
 @click.option("--det-max-size", type=int, help="Detector input long-side cap (default: the model's).")
 @click.option("--det-batch-size", type=int, default=16, show_default=True, help="Frames per detector forward.")
-@click.option("--clip-frames", type=int, default=64, show_default=True)
-@click.option("--clip-stride", type=int, default=2, show_default=True)
-@click.option("--size", type=int, default=256, show_default=True, help="Short side of the clip frames (no crop).")
-@click.option("--det-fps", type=float, default=2.0, show_default=True)
-@click.option("--det-global-seconds", type=float, default=6.0, show_default=True)
-@click.option("--det-local-seconds", type=float, default=4.0, show_default=True)
-@click.option("--det-topk", type=int, default=5, show_default=True)
+@click.option("--clip-frames", type=int,
+              help="Clip samples (TSN / TSM: segments) [default: the verb backbone's record, e.g. 64 for r3d_50].")
+@click.option("--clip-stride", type=int,
+              help="Frames between clip samples; with segment sampling, between a snippet's frames "
+                   "[default: the verb backbone's record].")
+@click.option("--size", type=int, help="Short side of the clip frames, no crop [default: the verb backbone's record].")
+@click.option("--clip-sampling", type=click.Choice(["centred", "segments"]),
+              help="centred: consecutive frames around the segment centre (3D CNNs); segments: the middle "
+                   "of each of N equal parts (TSN / TSM) [default: the verb backbone's record].")
+@click.option("--snippet-frames", type=int,
+              help="Frames stacked as channels per sample (5 for TSN / TSM flow) [default: the verb "
+                   "backbone's record for the modality].")
+@click.option("--det-fps", type=float, help="Detection frames per second [default: 2].")
+@click.option("--det-global-seconds", type=float, help="Global detection window, s [default: 6].")
+@click.option("--det-local-seconds", type=float, help="Local detection window, s [default: 4].")
+@click.option("--det-topk", type=int, help="Detections kept per frame [default: 5].")
 @click.option("--fps", type=float, help="Frame rate when neither the video info file nor the container has one.")
 @click.option("--video-info", type=_EXISTING_FILE,
               help="EPIC_video_info.csv / EPIC_100_video_info.csv (default: found beside --annotations).")
@@ -134,9 +134,11 @@ def build(**params: Any) -> None:
     """Extract features of annotated segments into STORE (created, or resumed).
 
     Per segment: verb.global, verb.map, noun.global and det.{global,local}.{feat,box,score}
-    (DESIGN section 3). A rerun skips stored segments and retries failed ones; a bad input fails
-    its segment only, and the command exits 1 when any failed. Under torchrun each rank builds
-    its share into its own shard. Example:
+    (DESIGN section 3). Clip length, stride, input size, sampling mode and normalisation come from
+    the verb backbone's record unless a flag sets them (the manifest's sampling_sources says
+    which); the noun backbone runs on the same clip. A rerun skips stored segments and retries
+    failed ones; a bad input fails its segment only, and the command exits 1 when any failed.
+    Under torchrun each rank builds its share into its own shard. Example:
 
     \b
         featstore build STORE --annotations EPIC_train_action_labels.csv --frames EPIC/ \\

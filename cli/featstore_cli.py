@@ -108,6 +108,30 @@ def verify(store: Path, progress: bool) -> None:
     click.echo(f"{n} segments verified, all checksums match")
 
 
+@main.command("convert-checkpoint")
+@click.argument("source", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("target", type=click.Path(dir_okay=False, path_type=Path))
+@domain_errors
+def convert_checkpoint_cmd(source: Path, target: Path) -> None:
+    """Extract the state dict of a checkpoint that also pickles Python objects into TARGET.
+
+    For published files that `featstore build` refuses to read because they keep objects besides
+    their tensors (EPIC-55 action-models: an argparse.Namespace under 'args'; Lightning .ckpt
+    hyper-parameters). Only an allow-list of classes is rebuilt (tensors, plain containers,
+    argparse.Namespace, numpy scalars; omegaconf / Lightning configuration as inert data); a file
+    naming anything else is refused, so nothing in it runs. Example:
+
+        featstore convert-checkpoint tsn_rgb_epic55.pth.tar tsn_rgb_epic55.pt
+    """
+    from featstore.models import convert_checkpoint
+
+    report = convert_checkpoint(source, target)
+    click.echo(report.summary())
+    if report.inert:
+        click.echo(f"read as plain data (not imported): {', '.join(report.inert)}")
+    click.echo(f"sha256 {report.sha256}")
+
+
 def _register_optional_commands() -> None:
     # Commands living in their own modules (extraction, demo) join the group here.
     for module_name, attr in (("cli.featstore_build", "build"), ("cli.featstore_demo", "demo")):

@@ -26,7 +26,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -41,10 +41,12 @@ from featstore.extraction_plan import (
     BoxesFileError,
     FrameDetections,
     PrecomputedBoxes,
+    ResolvedSampling,
     describe_box_file,
     detection_slots,
     input_size_for,
     merge_box_rows,
+    resolve_sampling,
     shard_uids,
     store_fields,
 )
@@ -54,6 +56,7 @@ from featstore.frames import (
     FrameError,
     FrameSource,
     open_frame_source,
+    stack_snippets,
 )
 from featstore.models import (
     BackboneRecord,
@@ -63,6 +66,7 @@ from featstore.models import (
     build_backbone,
     build_detector,
     file_sha256,
+    get_backbone_record,
     parse_model_spec,
 )
 from featstore.sampling import SamplingConfig, SegmentPlan, plan_segment
@@ -110,7 +114,11 @@ class BuildConfig:
     det_max_size: int | None = None  # detector's cap on the long side
     det_batch_size: int = 16  # frames per detector forward
     noun_map: bool = False  # also store noun.map (optional in DESIGN section 3)
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    # None: clip frames / stride / size / sampling mode / stacked flow frames from the verb backbone's
+    # record, detection windows from SamplingConfig's defaults, each unless in sampling_overrides
+    # (featstore.extraction_plan.resolve_sampling). A SamplingConfig is used as given.
+    sampling: SamplingConfig | None = None
+    sampling_overrides: Mapping[str, Any] = field(default_factory=dict)  # SamplingConfig field -> value
     fps: float | None = None  # frame rate when neither the video info file nor the container knows
     video_info: Path | None = None  # EPIC_video_info.csv; None: looked for beside the annotations
     split: str | None = None  # a named split (featstore.splits.NAMED_SPLITS)
@@ -136,6 +144,8 @@ class BuildConfig:
             raise BuildError(f"modality must be 'rgb' or 'flow', got {self.modality!r}")
         if self.modality == "flow" and self.videos_dir is not None:
             raise BuildError("flow comes as EPIC JPEG u/v folders: use frames_root (--frames), not videos_dir")
+        if self.sampling is not None and any(v is not None for v in self.sampling_overrides.values()):
+            raise BuildError("give either a whole SamplingConfig (sampling) or sampling_overrides, not both")
         if self.boxes is not None and self.detector is None:
             raise BuildError(
                 "precomputed boxes need a detector spec too: its box head pools the features at the "
@@ -240,6 +250,20 @@ class _Models:
     detector_record: DetectorRecord | None
     provenance: dict[str, Any]
     warnings: list[str]
+    sampling: ResolvedSampling
+
+
+def _resolve_sampling(config: BuildConfig) -> ResolvedSampling:
+    """The build's sampling (see `BuildConfig.sampling`), from the records without building a model."""
+    verb_record = get_backbone_record(parse_model_spec(config.verb_backbone)[0])
+    noun_record = get_backbone_record(parse_model_spec(config.noun_backbone)[0])
+    if config.sampling is not None:
+        return ResolvedSampling(config=config.sampling,
+                                sources={name: "BuildConfig.sampling" for name in config.sampling.to_dict()})
+    try:
+        return resolve_sampling(verb_record, noun_record, modality=config.modality, given=config.sampling_overrides)
+    except ValueError as err:
+        raise BuildError(f"sampling: {err}") from err
 
 
 def _seeded(seed: int, build: Callable[[], Any]) -> Any:
@@ -267,8 +291,9 @@ def _model_provenance(kind: str, spec: str, name: str, feature_dim: int) -> tupl
     return entry, warning
 
 
-def _build_models(config: BuildConfig) -> _Models:
-    in_channels = MODALITY_CHANNELS[config.modality]
+def _build_models(config: BuildConfig, sampling: ResolvedSampling) -> _Models:
+    # Both backbones run on one clip, so they take its channels: 3 for RGB, 2 per stacked flow frame.
+    in_channels = MODALITY_CHANNELS[config.modality] * sampling.config.snippet_frames
     verb, verb_record = _seeded(config.seed, lambda: build_backbone(config.verb_backbone, in_channels=in_channels))
     if config.noun_backbone == config.verb_backbone:
         # The same spec is the same network (same checkpoint, or the same seed): run it once.
@@ -296,6 +321,8 @@ def _build_models(config: BuildConfig) -> _Models:
     ):
         entry, warning = _model_provenance(kind, spec, record.name, record.feature_dim)
         entry["in_channels"] = in_channels
+        mean, std = record.normalisation(in_channels)  # always the record's: the publisher's values
+        entry["normalisation"] = {"mean": list(mean), "std": list(std), "input": "[0, 1]"}
         provenance[key] = entry
         if warning and warning not in warnings:
             warnings.append(warning)
@@ -310,8 +337,9 @@ def _build_models(config: BuildConfig) -> _Models:
             warnings.append(warning)
     else:
         provenance["detector"] = None
+    warnings += [note for note in sampling.notes if note not in warnings]
     return _Models(verb=verb, noun=noun, verb_record=verb_record, noun_record=noun_record, detector=detector,
-                   detector_record=detector_record, provenance=provenance, warnings=warnings)
+                   detector_record=detector_record, provenance=provenance, warnings=warnings, sampling=sampling)
 
 
 def _detector_short_side(detector: ObjectDetector | None) -> int | None:
@@ -338,7 +366,8 @@ class DecodedSegment:
     Attributes:
         index: position in the build's to-do list.
         plan: the sampling plan (None when planning failed).
-        clip: uint8 (T, H, W, C) at the store's input size.
+        clip: uint8 (T, H, W, C) at the store's input size; with stacked frames (TSN / TSM flow) T
+            is the number of samples and C = snippet frames x channels.
         det_frames: the distinct detection frames, ascending.
         det_images: uint8 (F, h, w, 3) RGB frames for the detector, F = len(det_frames).
         source_size: (H, W) of the video's source RGB frames (to normalise pixel boxes).
@@ -434,7 +463,7 @@ class _SegmentFrames(torch.utils.data.Dataset):
             if det_frames:
                 det_images = self.det_source.read(participant, video, list(det_frames))
         source_size = tuple(int(s) for s in (det_images if det_images is not None and len(det_images) else clip).shape[1:3])
-        clip = resize_frames(clip, *self.input_size)
+        clip = stack_snippets(resize_frames(clip, *self.input_size), self.sampling.snippet_frames)
         det_tensor = None
         if det_images is not None and len(det_images):
             if self.det_short_side is not None and min(source_size) > self.det_short_side:
@@ -692,13 +721,18 @@ def _provenance(config: BuildConfig, models: _Models, signature: Mapping[str, An
         "featstore_version": __version__,
         "command": config.command,
         "modality": config.modality,
-        "in_channels": MODALITY_CHANNELS[config.modality],
+        "in_channels": MODALITY_CHANNELS[config.modality] * sampling.snippet_frames,
         **models.provenance,
         "noun_clip": "ours: the noun backbone runs on the verb backbone's clip (one clip, two models)",
         "boxes_file": boxes_record,
         "sampling": sampling.to_dict(),
+        # Where each sampling value came from: "backbone:NAME" (the verb backbone's record), "flag", "default".
+        "sampling_sources": dict(models.sampling.sources),
+        "sampling_notes": list(models.sampling.notes),
         "clip_frames": sampling.clip_frames,
         "clip_stride": sampling.clip_stride,
+        "clip_sampling": sampling.clip_sampling,
+        "snippet_frames": sampling.snippet_frames,
         "size": sampling.size,
         "input_size": list(input_size),  # (H, W) every clip is resized to
         "input_size_from": input_video,
@@ -735,7 +769,10 @@ def _check_resumable(store: FeatureStore, signature: Mapping[str, Any]) -> None:
     if provenance.get("source") != "build":
         raise BuildError(f"{store.path} was not made by `featstore build` (source: {provenance.get('source')!r}); "
                          "build into a new store directory")
-    stored = provenance.get("build_signature", {})
+    stored = dict(provenance.get("build_signature", {}))
+    if isinstance(stored.get("sampling"), Mapping):
+        # Stores built before a sampling field existed hold its default implicitly.
+        stored["sampling"] = SamplingConfig.from_dict(stored["sampling"]).to_dict()
     # JSON round trips turn tuples into lists; compare as JSON.
     differ = [key for key in sorted(set(signature) | set(stored))
               if json.dumps(stored.get(key), sort_keys=True) != json.dumps(signature.get(key), sort_keys=True)]
@@ -842,6 +879,8 @@ def build_store(config: BuildConfig, *, on_segment: Callable[[str], None] | None
         raise BuildError(f"local rank {config.local_rank} has no GPU: torch sees {torch.cuda.device_count()}")
     if config.device == "cpu":
         keep_freed_memory()  # the models' activations are fresh CPU blocks on every call: see featstore/allocator.py
+    sampling = _resolve_sampling(config)
+    config = replace(config, sampling=sampling.config, sampling_overrides={})
     selection = _select(config)
     report = BuildReport(store=config.store, shard=config.shard, rank=config.rank, world_size=config.world_size)
     if not selection:
@@ -854,7 +893,7 @@ def build_store(config: BuildConfig, *, on_segment: Callable[[str], None] | None
     except ValueError as err:
         raise BuildError(str(err)) from err
 
-    models = _build_models(config)
+    models = _build_models(config, sampling)
     report.warnings.extend(models.warnings)
     boxes = boxes_record = None
     if config.boxes is not None:

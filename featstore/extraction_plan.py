@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields as dataclass_fields
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -25,8 +25,10 @@ __all__ = [
     "BoxesFileError",
     "FrameDetections",
     "PrecomputedBoxes",
+    "ResolvedSampling",
     "detection_slots",
     "input_size_for",
+    "resolve_sampling",
     "shard_uids",
     "store_fields",
 ]
@@ -64,6 +66,96 @@ def shard_uids(uids: Iterable[str], *, rank: int, world_size: int) -> list[str]:
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in [0, {world_size})")
     return sorted(uids)[rank::world_size]
+
+
+# ------------------------------------------------------------------------------------------------
+# sampling settings: the verb backbone's record, unless given
+
+# SamplingConfig fields a backbone record has an opinion on; the others (detection windows) default
+# to the paper's values.
+CLIP_FIELDS = ("clip_frames", "clip_stride", "size", "clip_sampling", "snippet_frames")
+
+
+def _record_clip(record: BackboneRecord, modality: str) -> dict[str, Any]:
+    return {
+        "clip_frames": record.default_clip_frames,
+        "clip_stride": record.default_clip_stride,
+        "size": record.default_size,
+        "clip_sampling": record.clip_sampling,
+        "snippet_frames": record.snippet_frames(modality),
+    }
+
+
+@dataclass(frozen=True)
+class ResolvedSampling:
+    """A build's sampling and where each of its values came from.
+
+    Attributes:
+        config: the sampling the build uses.
+        sources: field -> ``"backbone:NAME"`` (the verb backbone's record), ``"flag"`` (given by the
+            user) or ``"default"`` (SamplingConfig's paper default).
+        notes: what the user should know, e.g. that the noun backbone's record asks for another clip
+            than the one it runs on.
+    """
+
+    config: SamplingConfig
+    sources: dict[str, str]
+    notes: tuple[str, ...] = ()
+
+
+def resolve_sampling(
+    verb_record: BackboneRecord,
+    noun_record: BackboneRecord,
+    *,
+    modality: str,
+    given: Mapping[str, Any] | None = None,
+) -> ResolvedSampling:
+    """The sampling of a build: what the user gave, else the verb backbone's record, else the defaults.
+
+    Both backbones run on one clip (DESIGN: one clip, two models), so the clip follows the verb
+    backbone's record. When the noun backbone's record asks for something else on a setting the user
+    did not give, the noun backbone still runs on the verb backbone's clip, and a note says so.
+
+    Args:
+        verb_record: the verb backbone's record (clip frames, stride, size, sampling mode, stacked
+            flow frames).
+        noun_record: the noun backbone's record (only compared).
+        modality: ``"rgb"`` or ``"flow"`` (stacked flow frames apply to flow only).
+        given: SamplingConfig field -> value the user set (flags); absent or None means not given.
+
+    Returns:
+        The `ResolvedSampling`.
+
+    Raises:
+        ValueError: an unknown field, or values that make no sampling (e.g. a clip of 0 frames).
+    """
+    given = {key: value for key, value in (given or {}).items() if value is not None}
+    known = {f.name for f in dataclass_fields(SamplingConfig)}
+    unknown = sorted(set(given) - known)
+    if unknown:
+        raise ValueError(f"unknown sampling setting(s): {', '.join(unknown)}")
+    verb_clip = _record_clip(verb_record, modality)
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for name in sorted(known):
+        if name in given:
+            values[name], sources[name] = given[name], "flag"
+        elif name in verb_clip:
+            values[name], sources[name] = verb_clip[name], f"backbone:{verb_record.name}"
+        else:
+            sources[name] = "default"
+    config = SamplingConfig(**values)
+    notes: list[str] = []
+    if noun_record.name != verb_record.name:
+        noun_clip = _record_clip(noun_record, modality)
+        differ = [f"{name} {noun_clip[name]}" for name in CLIP_FIELDS
+                  if name not in given and noun_clip[name] != verb_clip[name]]
+        if differ:
+            notes.append(
+                f"the noun backbone {noun_record.name} runs on the verb backbone {verb_record.name}'s clip "
+                f"({config.clip_sampling}, {config.clip_frames} x {config.snippet_frames} frames at stride "
+                f"{config.clip_stride}, short side {config.size}); its own record asks for {', '.join(differ)}")
+    return ResolvedSampling(config=config, sources=sources, notes=tuple(notes))
 
 
 def input_size_for(height: int, width: int, size: int) -> tuple[int, int]:

@@ -35,6 +35,7 @@ __all__ = [
     "decode_jpeg_file",
     "resize_short_side",
     "open_frame_source",
+    "stack_snippets",
 ]
 
 MODALITY_CHANNELS = {"rgb": 3, "flow": 2}
@@ -612,6 +613,31 @@ def resize_short_side(frames: np.ndarray, size: int) -> np.ndarray:
                                     align_corners=False, antialias=True)  # (t, C, H', W')
             out[lo:lo + chunk] = resized.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
     return out
+
+
+def stack_snippets(frames: np.ndarray, snippet_frames: int) -> np.ndarray:
+    """Stacked-flow input: fold each clip sample's consecutive frames into its channels.
+
+    The EPIC flow TSN / TSM take, per segment, 5 consecutive (u, v) flow frames as 10 channels in the
+    order ``u1, v1, u2, v2, ..., u5, v5`` (their gulped flow interleaves u and v that way).
+
+    Args:
+        frames: (S * L, H, W, C) frames, sample-major (`featstore.sampling.plan_segment` order).
+        snippet_frames: L, frames per sample.
+
+    Returns:
+        (S, H, W, L * C); channel ``l * C + c`` is channel c of the sample's l-th frame. The input
+        itself when L is 1.
+    """
+    if snippet_frames == 1:
+        return frames
+    total, height, width, channels = frames.shape
+    if total % snippet_frames:
+        raise ValueError(f"{total} frames do not split into snippets of {snippet_frames}")
+    samples = frames.reshape(total // snippet_frames, snippet_frames, height, width, channels)
+    # (S, L, H, W, C) -> (S, H, W, L, C) -> (S, H, W, L * C)
+    return np.ascontiguousarray(samples.transpose(0, 2, 3, 1, 4)).reshape(
+        total // snippet_frames, height, width, snippet_frames * channels)
 
 
 def open_frame_source(

@@ -3,6 +3,15 @@
 Pure functions over frame indices, no I/O. All indices are EPIC's 1-based RGB frame indices (the
 index space of the annotations' ``start_frame`` / ``stop_frame`` and of ``frame_%010d.jpg``).
 
+Two ways to take a backbone's clip (``SamplingConfig.clip_sampling``):
+
+- ``"centred"``: ``clip_frames`` frames ``clip_stride`` apart around the segment centre (3D CNNs:
+  ResNet50-3D, I3D, R(2+1)D, SlowFast);
+- ``"segments"``: TSN's test-time sampling: the segment is cut into ``clip_frames`` equal parts and
+  each gives the snippet in its middle (TSN / TSM). A snippet is ``snippet_frames`` frames
+  ``clip_stride`` apart, later stacked as channels: the EPIC flow TSN / TSM take 5 consecutive flow
+  frames (2 RGB frames apart, flow being at half the RGB rate) as 10 channels.
+
 One rounding rule is used everywhere a time falls between two frames: the nearest frame, halves
 rounded up (``floor(x + 0.5)``). Python's ``round`` rounds halves to even, which would make the
 spacing of a detection grid alternate (e.g. 12 and 13 frames at 25 fps steps of 12.5); rounding
@@ -14,7 +23,9 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
-__all__ = ["SamplingConfig", "SegmentPlan", "plan_segment"]
+__all__ = ["CLIP_SAMPLINGS", "SamplingConfig", "SegmentPlan", "plan_segment"]
+
+CLIP_SAMPLINGS = ("centred", "segments")
 
 # Times are products of small integers and float frame rates (59.94, 29.97...); a half that comes
 # out as 0.49999999999 must still round up, so the rule is floor(x + 0.5 + eps).
@@ -27,11 +38,18 @@ def _round_half_up(value: float) -> int:
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    """How frames are sampled around a segment (paper defaults; recorded in the store's manifest)."""
+    """How frames are sampled around a segment (paper defaults; recorded in the store's manifest).
 
-    clip_frames: int = 64  # frames per backbone clip (64 for ResNet50-3D / I3D, 32 for R(2+1)D-34)
-    clip_stride: int = 2  # frames between clip samples, in the video's own frames (4 for R(2+1)D-34)
+    A build takes the clip settings from its verb backbone's record unless given
+    (`featstore.extraction_plan.resolve_sampling`); the defaults here are the paper's ResNet50-3D ones.
+    """
+
+    clip_frames: int = 64  # clip samples (64 for ResNet50-3D / I3D, 32 for R(2+1)D-34; TSN: segments, 8)
+    clip_stride: int = 2  # frames between clip samples, in the video's own frames (4 for R(2+1)D-34);
+    # with clip_sampling 'segments': frames between the frames of one snippet
     size: int = 256  # short side after resizing, no crop (128 for R(2+1)D-34)
+    clip_sampling: str = "centred"  # 'centred' (around the segment centre) | 'segments' (TSN)
+    snippet_frames: int = 1  # frames per clip sample, stacked as channels (5 for TSN / TSM flow)
     det_fps: float = 2.0  # detection frames per second of video
     det_global_seconds: float = 6.0  # global window (noun branch) around the clip centre
     det_local_seconds: float = 4.0  # local window (verb branch) around the clip centre
@@ -44,6 +62,12 @@ class SamplingConfig:
             raise ValueError(f"clip_stride must be >= 1, got {self.clip_stride}")
         if self.size < 1:
             raise ValueError(f"size must be >= 1, got {self.size}")
+        if self.clip_sampling not in CLIP_SAMPLINGS:
+            raise ValueError(f"clip_sampling must be one of {', '.join(CLIP_SAMPLINGS)}, got {self.clip_sampling!r}")
+        if self.snippet_frames < 1:
+            raise ValueError(f"snippet_frames must be >= 1, got {self.snippet_frames}")
+        if self.snippet_frames > 1 and self.clip_sampling != "segments":
+            raise ValueError("snippet_frames > 1 (stacked frames per sample) needs clip_sampling='segments'")
         if not self.det_fps > 0:
             raise ValueError(f"det_fps must be > 0, got {self.det_fps}")
         if self.det_global_seconds < 0 or self.det_local_seconds < 0:
@@ -99,7 +123,8 @@ class SamplingConfig:
 class SegmentPlan:
     """The frames one segment needs. Indices are EPIC 1-based RGB frame indices."""
 
-    clip_frames: tuple[int, ...]  # (clip_frames,) backbone clip, clamped into the video (edges repeat)
+    clip_frames: tuple[int, ...]  # (clip_frames * snippet_frames,) backbone clip, sample-major, clamped
+    # into the video (edges repeat)
     clip_center: int  # frame the clip and both detection windows are centred on
     global_frames: tuple[int | None, ...]  # (n_global_frames,) None = outside the video: padded, masked
     local_frames: tuple[int | None, ...]  # (n_local_frames,) None = outside the video: padded, masked
@@ -120,6 +145,21 @@ def _detection_offsets(n_frames_in_window: int, shift_half_steps: int) -> list[i
     return [2 * k - (n_frames_in_window - 1) + shift_half_steps for k in range(n_frames_in_window)]
 
 
+def _segment_snippets(start_frame: int, stop_frame: int, config: SamplingConfig) -> list[int]:
+    """TSN's test-time snippets (see `plan_segment`): sample-major frame indices, unclamped."""
+    n_frames = stop_frame - start_frame + 1
+    snippet_span = (config.snippet_frames - 1) * config.clip_stride + 1
+    tick = (n_frames - snippet_span + 1) / config.clip_frames
+    frames: list[int] = []
+    for k in range(config.clip_frames):
+        # The publisher's float expression, truncated as it truncates (no rounding epsilon: the same
+        # float arithmetic gives the same frames). A segment shorter than one snippet (tick <= 0)
+        # takes every snippet from its start, as TsnDataset's short-segment branch does.
+        offset = int(tick / 2.0 + tick * k) if tick > 0 else 0
+        frames += [start_frame + offset + j * config.clip_stride for j in range(config.snippet_frames)]
+    return frames
+
+
 def plan_segment(
     start_frame: int,
     stop_frame: int,
@@ -132,11 +172,18 @@ def plan_segment(
 
     Rules:
       * Centre: the segment centre ``(start + stop) / 2`` rounded to a frame (halves up).
-      * Clip: ``clip_frames`` frames ``clip_stride`` apart, symmetric about the centre (the j-th at
-        ``centre + (j - (N-1)/2) * stride``, rounded halves up when the span is odd). Frames past the
-        video's ends are clamped into ``[1, n_frames]``, repeating the edge frame: a backbone needs a
-        full-length clip, and repeating the edge is what EPIC loaders do. With ``n_frames=None``
-        (length unknown) only the start is clamped; the reader reports frames past the end.
+      * Clip, ``clip_sampling="centred"``: ``clip_frames`` frames ``clip_stride`` apart, symmetric
+        about the centre (the j-th at ``centre + (j - (N-1)/2) * stride``, rounded halves up when the
+        span is odd).
+      * Clip, ``clip_sampling="segments"`` (TSN's test-time rule, ``TsnDataset._get_test_indices``):
+        with n = stop - start + 1 frames, a snippet spanning L = (snippet_frames - 1) * clip_stride + 1
+        frames and S = clip_frames segments, ``tick = (n - L + 1) / S``; snippet k starts at
+        ``start + floor(tick / 2 + k * tick)`` (at ``start`` when the segment is shorter than a
+        snippet) and holds ``snippet_frames`` frames ``clip_stride`` apart. Frames come sample-major.
+      * Frames past the video's ends are clamped into ``[1, n_frames]``, repeating the edge frame: a
+        backbone needs a full-length clip, and repeating the edge is what EPIC loaders do. With
+        ``n_frames=None`` (length unknown) only the start is clamped; the reader reports frames past
+        the end.
       * Detection: ``n`` frames at ``det_fps`` per window, the k-th of M at
         ``centre + (k - (M-1)/2) * fps / det_fps`` rounded halves up. Frames outside the video are
         ``None`` (padded, masked slots), not clamped, so that no detections are invented by running
@@ -157,8 +204,8 @@ def plan_segment(
         config: the sampling configuration.
 
     Returns:
-        The plan: ``clip_frames`` (clip_frames,), ``global_frames`` (n_global_frames,),
-        ``local_frames`` (n_local_frames,).
+        The plan: ``clip_frames`` (clip_frames * snippet_frames,), ``global_frames``
+        (n_global_frames,), ``local_frames`` (n_local_frames,).
 
     Raises:
         ValueError: on a non-positive fps, stop before start, a start before frame 1, or a segment
@@ -180,11 +227,14 @@ def plan_segment(
     # (start + stop) / 2 rounded halves up == (start + stop + 1) // 2, exactly, in integers.
     clip_center = (start_frame + stop_frame + 1) // 2
 
-    clip: list[int] = []
-    for j in range(config.clip_frames):
-        offset_half_frames = (2 * j - (config.clip_frames - 1)) * config.clip_stride
-        frame = clip_center + (offset_half_frames + 1) // 2  # exact integer half-up rounding
-        clip.append(int(min(max(frame, 1), last_frame)))
+    if config.clip_sampling == "segments":
+        raw_clip = _segment_snippets(start_frame, stop_frame, config)
+    else:
+        raw_clip = []
+        for j in range(config.clip_frames):
+            offset_half_frames = (2 * j - (config.clip_frames - 1)) * config.clip_stride
+            raw_clip.append(clip_center + (offset_half_frames + 1) // 2)  # exact integer half-up rounding
+    clip = [int(min(max(frame, 1), last_frame)) for frame in raw_clip]
 
     n_global, n_local = config.n_global_frames, config.n_local_frames
     # Put the shorter window on the longer one's grid (see "Shared frames" above).

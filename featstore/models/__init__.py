@@ -15,9 +15,12 @@ from featstore.models.backbones import (
     register_backbone,
 )
 from featstore.models.checkpoints import (
+    CONVERT_COMMAND,
     CheckpointError,
+    ConvertReport,
     LoadReport,
     apply_state_dict,
+    convert_checkpoint,
     file_sha256,
     load_checkpoint,
     parse_model_spec,
@@ -36,11 +39,16 @@ from featstore.models.registry import Registry, UnknownModelError
 
 # Imported for their registrations.
 from featstore.models import video_resnet as video_resnet  # noqa: E402  isort: skip
+from featstore.models import resnet3d as resnet3d  # noqa: E402  isort: skip
 from featstore.models import i3d as i3d  # noqa: E402  isort: skip
+from featstore.models import slowfast as slowfast  # noqa: E402  isort: skip
+from featstore.models import tsn as tsn  # noqa: E402  isort: skip
 
 __all__ = [
     "BackboneRecord",
+    "CONVERT_COMMAND",
     "CheckpointError",
+    "ConvertReport",
     "Detections",
     "DetectorRecord",
     "ObjectDetector",
@@ -52,6 +60,7 @@ __all__ = [
     "backbone_map_shape",
     "build_backbone",
     "build_detector",
+    "convert_checkpoint",
     "file_sha256",
     "get_backbone_record",
     "get_detector_record",

@@ -2,8 +2,9 @@
 
 A backbone is described by a frozen `BackboneRecord` whose numbers (feature_dim, strides, input
 normalisation, default clip) set every downstream size. Model families register a builder together
-with the record and an exact output-size rule in their own files (`video_resnet.py`, `i3d.py`);
-``featstore.models`` imports those files so the registry is complete whenever this package is used.
+with the record and an exact output-size rule in their own files (`video_resnet.py`, `resnet3d.py`,
+`i3d.py`, `slowfast.py`, `tsn.py`); ``featstore.models`` imports those files so the registry is
+complete whenever this package is used. Adding a backbone is one such file (and its import there).
 """
 from __future__ import annotations
 
@@ -15,13 +16,16 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
+from featstore.frames import MODALITY_CHANNELS
 from featstore.models.checkpoints import LoadReport, load_checkpoint, parse_model_spec
 from featstore.models.registry import Registry
 
 # Optical flow frames (EPIC u/v JPEGs) are mapped to [0, 1]; 0.5 / 0.5 recentres them to [-1, 1],
-# the range TV-L1 flow networks (I3D, TSN) are trained on.
+# the range TV-L1 flow networks (I3D) are trained on. A record may say otherwise (EPIC-100 TSN/TSM: 0.226).
 FLOW_MEAN: float = 0.5
 FLOW_STD: float = 0.5
+# How a backbone's clip is taken from a segment (featstore.sampling.CLIP_SAMPLINGS).
+CENTRED, SEGMENTS = "centred", "segments"
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,13 @@ class BackboneRecord:
         default_clip_stride: frame step between clip frames (at the EPIC 50/60 fps frame rate).
         default_size: short side the frames are resized to for extraction.
         description: one line for ``featstore info`` and listings.
+        clip_sampling: ``"centred"`` (consecutive frames at a stride around the segment centre: 3D
+            CNNs) or ``"segments"`` (one sample from the middle of each of ``default_clip_frames``
+            equal parts of the segment: TSN / TSM).
+        flow_snippet_frames: consecutive flow frames stacked as channels per clip sample
+            (5 for TSN / TSM: 10 channels; 1 for the 3D CNNs: 2 channels).
+        flow_mean: mean subtracted from [0, 1] flow values (every flow channel).
+        flow_std: std flow values are divided by.
     """
 
     name: str
@@ -51,19 +62,37 @@ class BackboneRecord:
     default_clip_stride: int
     default_size: int
     description: str
+    clip_sampling: str = CENTRED
+    flow_snippet_frames: int = 1
+    flow_mean: float = FLOW_MEAN
+    flow_std: float = FLOW_STD
+
+    def __post_init__(self) -> None:
+        if self.clip_sampling not in (CENTRED, SEGMENTS):
+            raise ValueError(f"{self.name}: clip_sampling must be {CENTRED!r} or {SEGMENTS!r}, got {self.clip_sampling!r}")
+        if self.flow_snippet_frames < 1:
+            raise ValueError(f"{self.name}: flow_snippet_frames must be >= 1, got {self.flow_snippet_frames}")
 
     def normalisation(self, in_channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
         """Mean and std for ``in_channels`` input channels (3: the record's RGB values; else flow).
 
         Args:
-            in_channels: 3 for RGB, 2 for optical flow (u, v).
+            in_channels: 3 for RGB; an even number for optical flow (2 per stacked (u, v) frame).
 
         Returns:
             ``(mean, std)``, each of length ``in_channels``.
         """
         if in_channels == 3:
             return self.mean, self.std
-        return (FLOW_MEAN,) * in_channels, (FLOW_STD,) * in_channels
+        return (self.flow_mean,) * in_channels, (self.flow_std,) * in_channels
+
+    def snippet_frames(self, modality: str) -> int:
+        """Consecutive frames stacked as channels per clip sample for ``modality`` ('rgb' | 'flow')."""
+        return self.flow_snippet_frames if modality == "flow" else 1
+
+    def in_channels(self, modality: str) -> int:
+        """Input channels the backbone takes for ``modality``: 3 for RGB, 2 x snippet frames for flow."""
+        return MODALITY_CHANNELS[modality] * self.snippet_frames(modality)
 
 
 class VideoBackbone(nn.Module):
@@ -75,12 +104,15 @@ class VideoBackbone(nn.Module):
 
     Args:
         record: the registry record (normalisation comes from it).
-        in_channels: 3 for RGB, 2 for optical flow.
+        in_channels: 3 for RGB, 2 per stacked frame for optical flow.
     """
 
     # Checkpoint keys of the classification head, which featstore does not build: dropped on load so
     # that published checkpoints (with any number of classes) load without complaint.
     classifier_prefixes: tuple[str, ...] = ()
+    # Prefixes a publisher's training wrapper puts on every key (Lightning: "model."), stripped on load
+    # when every key of the file has them.
+    checkpoint_prefixes: tuple[str, ...] = ()
     # Set by `build_backbone` when weights came from a checkpoint (what was loaded / ignored).
     load_report: LoadReport | None = None
 
@@ -184,7 +216,8 @@ def build_backbone(spec: str, *, in_channels: int = 3) -> tuple[VideoBackbone, B
 
     Args:
         spec: ``"NAME"`` (random init) or ``"NAME:/local/path.pt"``.
-        in_channels: 3 for RGB, 2 for optical flow (changes the stem's input channels).
+        in_channels: 3 for RGB, 2 for optical flow, 2 x N for N stacked flow frames
+            (`BackboneRecord.in_channels`); changes the stem's input channels.
 
     Returns:
         ``(backbone, record)``; the backbone is a CPU module in eval mode (extraction only).
@@ -220,6 +253,7 @@ def load_backbone_checkpoint(backbone: VideoBackbone, path: str | Path) -> LoadR
         backbone,
         path,
         ignore_prefixes=backbone.classifier_prefixes,
+        strip_prefixes=backbone.checkpoint_prefixes,
         model_name=backbone.record.name,
     )
 

@@ -1,26 +1,42 @@
-"""Local checkpoint loading shared by backbones and detectors.
+"""Local checkpoint loading shared by backbones and detectors, and the checkpoint converter.
 
 featstore never downloads weights: every pretrained model comes from a file the user names. This
 module reads such a file, unwraps the usual containers, and checks that its keys and shapes fit the
 module before anything is copied, so a wrong file fails with a message that says what does not fit.
+
+Files are read with ``torch.load(weights_only=True)``: tensors and plain containers only, never code.
+Some published checkpoints also pickle Python objects (the EPIC-55 action-models keep an
+``argparse.Namespace`` under ``args``; Lightning files keep their hyper-parameter objects), which that
+reader refuses. `convert_checkpoint` (``featstore convert-checkpoint IN OUT``) reads such a file with an
+unpickler that resolves only an allow-list of classes and writes its state dict as a plain file.
 """
 from __future__ import annotations
 
+import argparse
+import collections
+import datetime
 import hashlib
+import pathlib
 import pickle
 import re
+import types
+import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from featstore.atomic import atomic_write
+
 # How many key names an error message lists per category; the counts are always given in full.
 _KEYS_SHOWN = 10
 # Containers that training scripts wrap a state dict in (Lightning / mmaction: 'state_dict';
-# detectron2 / many research repos: 'model').
-_WRAPPER_KEYS = ("state_dict", "model")
+# detectron2 / many research repos: 'model'; PySlowFast, e.g. EPIC-100 SlowFast.pyth: 'model_state').
+_WRAPPER_KEYS = ("state_dict", "model", "model_state")
+CONVERT_COMMAND = "featstore convert-checkpoint IN OUT"
 # Buffers that BatchNorm gained in PyTorch 0.4.1; checkpoints older than that (e.g. the widely shared
 # I3D ones) or from FrozenBatchNorm2d models lack them, and BatchNorm fills them in on load.
 _OPTIONAL_SUFFIXES = ("num_batches_tracked",)
@@ -98,17 +114,43 @@ def file_sha256(path: str | Path, *, chunk_bytes: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def _strip_prefix(state_dict: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
+def strip_common_prefix(state_dict: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    """Drop ``prefix`` from every key, only when every key has it (else return the keys unchanged).
+
+    Args:
+        state_dict: ``{key: tensor}``.
+        prefix: e.g. ``"module."`` (DataParallel) or ``"model."`` (a Lightning module's attribute).
+
+    Returns:
+        A new dict.
+    """
     if state_dict and all(key.startswith(prefix) for key in state_dict):
         return {key[len(prefix):]: value for key, value in state_dict.items()}
     return dict(state_dict)
 
 
+def _unwrap_state_dict(payload: Any, path: Path) -> tuple[dict[str, Tensor], tuple[str, ...]]:
+    """The tensors of a loaded checkpoint and the container entries left out (e.g. 'args', 'epoch')."""
+    dropped: list[str] = []
+    for wrapper in _WRAPPER_KEYS:
+        if isinstance(payload, Mapping) and isinstance(payload.get(wrapper), Mapping):
+            dropped = [str(key) for key in payload if key != wrapper]
+            payload = payload[wrapper]
+            break
+    if not isinstance(payload, Mapping):
+        raise CheckpointError(f"checkpoint {str(path)!r} holds a {type(payload).__name__}, not a state dict")
+    state_dict = {key: value for key, value in payload.items() if isinstance(value, Tensor)}
+    dropped += [str(key) for key, value in payload.items() if not isinstance(value, Tensor)]
+    if not state_dict:
+        raise CheckpointError(f"checkpoint {str(path)!r} contains no tensors")
+    return state_dict, tuple(dropped)
+
+
 def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     """Read a local checkpoint into a flat ``{key: tensor}`` state dict on the CPU.
 
-    Accepts a raw state dict or one stored under ``'state_dict'`` / ``'model'``, and strips the
-    ``'module.'`` prefix that (Distributed)DataParallel adds to every key.
+    Accepts a raw state dict or one stored under ``'state_dict'`` / ``'model'`` / ``'model_state'``,
+    and strips the ``'module.'`` prefix that (Distributed)DataParallel adds to every key.
 
     Args:
         path: local checkpoint file (``torch.save`` output).
@@ -117,7 +159,8 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
         The state dict; non-tensor entries of the container are dropped.
 
     Raises:
-        CheckpointError: missing file, a file that is not a safe tensor checkpoint, or no tensors in it.
+        CheckpointError: missing file, a file that is not a safe tensor checkpoint (the message names
+            the conversion command for files that pickle Python objects), or no tensors in it.
     """
     path = _require_local_file(Path(path))
     try:
@@ -127,20 +170,14 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
         reason = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip().splitlines()
         raise CheckpointError(
             f"cannot read checkpoint {str(path)!r} as a tensor checkpoint ({type(error).__name__}: "
-            f"{reason[0] if reason else 'no details'}). If it holds Python objects besides "
-            "tensors, re-save just its state dict: torch.save(torch.load(p, weights_only=False)"
-            "['state_dict'], 'clean.pt') in an environment you trust."
+            f"{reason[0] if reason else 'no details'}). featstore does not unpickle arbitrary Python "
+            "objects. If the file keeps objects besides its tensors (an argparse.Namespace under "
+            "'args', as the EPIC-55 action-models do, or Lightning hyper-parameters), convert it "
+            f"once: `featstore convert-checkpoint {path} {path.with_suffix('')}.state_dict.pt`, "
+            "then pass the converted file."
         ) from error
-    for wrapper in _WRAPPER_KEYS:
-        if isinstance(payload, Mapping) and isinstance(payload.get(wrapper), Mapping):
-            payload = payload[wrapper]
-            break
-    if not isinstance(payload, Mapping):
-        raise CheckpointError(f"checkpoint {str(path)!r} holds a {type(payload).__name__}, not a state dict")
-    state_dict = {key: value for key, value in payload.items() if isinstance(value, Tensor)}
-    if not state_dict:
-        raise CheckpointError(f"checkpoint {str(path)!r} contains no tensors")
-    return _strip_prefix(state_dict, "module.")
+    state_dict, _ = _unwrap_state_dict(payload, path)
+    return strip_common_prefix(state_dict, "module.")
 
 
 def _listing(what: str, keys: list[str]) -> str:
@@ -216,6 +253,7 @@ def load_checkpoint(
     path: str | Path,
     *,
     ignore_prefixes: Iterable[str] = (),
+    strip_prefixes: Iterable[str] = (),
     model_name: str | None = None,
 ) -> LoadReport:
     """Load a local checkpoint file into ``module`` (see `read_state_dict` and `apply_state_dict`).
@@ -223,7 +261,9 @@ def load_checkpoint(
     Args:
         module: the model to fill.
         path: local checkpoint file.
-        ignore_prefixes: key prefixes to drop (unused classifier heads).
+        ignore_prefixes: key prefixes to drop (unused classifier heads), after ``strip_prefixes``.
+        strip_prefixes: wrapper prefixes removed, in order, each when every key has it (a Lightning
+            module's ``"model."``).
         model_name: the registry name, for messages.
 
     Returns:
@@ -232,10 +272,202 @@ def load_checkpoint(
     Raises:
         CheckpointError: missing/unreadable file or keys that do not fit.
     """
+    state_dict = read_state_dict(path)
+    for prefix in strip_prefixes:
+        state_dict = strip_common_prefix(state_dict, prefix)
     return apply_state_dict(
         module,
-        read_state_dict(path),
+        state_dict,
         source=repr(str(path)),
         ignore_prefixes=ignore_prefixes,
         model_name=model_name,
     )
+
+
+# ------------------------------------------------------------------------------------------------
+# conversion of checkpoints that pickle Python objects
+
+
+class _InertRecord(dict):
+    """Stand-in for an allow-listed data class (omegaconf / Lightning containers): keeps whatever the
+    pickle gives it as plain data and runs none of the original class's code (it is never imported)."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> "_InertRecord":
+        return super().__new__(cls)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__()
+        self.args = args
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+    def append(self, item: Any) -> None:  # list subclasses (APPENDS opcode)
+        self.__dict__.setdefault("items", []).append(item)
+
+    def extend(self, items: Iterable[Any]) -> None:
+        self.__dict__.setdefault("items", []).extend(items)
+
+
+def _numpy_global(name: str) -> Any:
+    import numpy
+
+    multiarray = getattr(numpy, "_core", None) or numpy.core  # numpy 2 moved numpy.core to numpy._core
+    return {"_reconstruct": multiarray.multiarray._reconstruct, "scalar": multiarray.multiarray.scalar,
+            "ndarray": numpy.ndarray, "dtype": numpy.dtype}[name]
+
+
+# Classes and functions a checkpoint may be rebuilt from: tensors and their storages (storages are
+# resolved by torch.load itself), plain containers and values, argparse.Namespace (EPIC-55
+# action-models, TSN / TSM training scripts), numpy scalars and arrays (a best_prec1 saved as
+# numpy.float64). Each is data-only: calling it cannot run code named by the file.
+_ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("collections", "defaultdict"): collections.defaultdict,
+    ("argparse", "Namespace"): argparse.Namespace,
+    ("builtins", "set"): set,
+    ("builtins", "frozenset"): frozenset,
+    ("builtins", "slice"): slice,
+    ("builtins", "complex"): complex,
+    ("builtins", "dict"): dict,
+    ("builtins", "list"): list,
+    ("builtins", "tuple"): tuple,
+    ("builtins", "int"): int,
+    ("builtins", "float"): float,
+    ("builtins", "str"): str,
+    ("builtins", "bool"): bool,
+    ("builtins", "bytes"): bytes,
+    ("builtins", "bytearray"): bytearray,
+    ("builtins", "object"): object,
+    ("_codecs", "encode"): __import__("_codecs").encode,  # protocol-2 pickles spell bytes this way
+    ("copyreg", "_reconstructor"): __import__("copyreg")._reconstructor,
+    ("typing", "Any"): typing.Any,
+    ("pathlib", "PosixPath"): pathlib.PosixPath,
+    ("pathlib", "WindowsPath"): pathlib.PureWindowsPath,
+    ("pathlib", "PurePosixPath"): pathlib.PurePosixPath,
+    ("pathlib", "PureWindowsPath"): pathlib.PureWindowsPath,
+    ("datetime", "datetime"): datetime.datetime,
+    ("datetime", "date"): datetime.date,
+    ("datetime", "timedelta"): datetime.timedelta,
+    ("torch", "Size"): torch.Size,
+    ("torch", "device"): torch.device,
+    ("torch", "Tensor"): torch.Tensor,
+    ("torch._utils", "_rebuild_tensor"): torch._utils._rebuild_tensor,
+    ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
+    ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
+    ("torch._utils", "_rebuild_parameter_with_state"): torch._utils._rebuild_parameter_with_state,
+    ("torch._tensor", "_rebuild_from_type_v2"): torch._tensor._rebuild_from_type_v2,
+    ("torch.nn.parameter", "Parameter"): torch.nn.Parameter,
+}
+_NUMPY_MODULES = ("numpy.core.multiarray", "numpy._core.multiarray", "numpy")
+_NUMPY_NAMES = ("_reconstruct", "scalar", "ndarray", "dtype")
+# Packages whose classes a training framework pickles as plain configuration (Lightning's
+# hyper-parameters are omegaconf containers; its callback states are keyed by their class). They are
+# read as `_InertRecord`s: the package is never imported, so nothing of it runs.
+_INERT_PACKAGES = ("omegaconf", "pytorch_lightning", "lightning", "lightning_fabric")
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """An unpickler that resolves only `_ALLOWED_GLOBALS` (and inert stand-ins for `_INERT_PACKAGES`).
+
+    Every global a pickle names (a class to build, a function to call) goes through `find_class`
+    (the restriction the Python documentation describes under "Restricting Globals"), so a file
+    naming anything else (``os.system``, a class of its author's script) is refused, never run.
+    """
+
+    # The inert classes met, for the report (a fresh set per conversion: `_restricted_pickle_module`).
+    inert_seen: set[str]
+
+    def find_class(self, module: str, name: str) -> Any:
+        key = (module, name)
+        if key in _ALLOWED_GLOBALS:
+            return _ALLOWED_GLOBALS[key]
+        if module in _NUMPY_MODULES and name in _NUMPY_NAMES:
+            return _numpy_global(name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        if module.split(".")[0] in _INERT_PACKAGES:
+            self.inert_seen.add(f"{module}.{name}")
+            return type(name, (_InertRecord,), {"__module__": f"featstore.inert.{module}"})
+        raise pickle.UnpicklingError(
+            f"refused to rebuild {module}.{name}: it is not on the allow-list of what checkpoints hold "
+            "(tensors, plain containers, argparse.Namespace, numpy scalars, omegaconf/Lightning "
+            "configuration)"
+        )
+
+
+def _restricted_pickle_module(inert_seen: set[str]) -> types.ModuleType:
+    """A module object torch.load accepts as ``pickle_module``, built around `_RestrictedUnpickler`.
+
+    torch.load subclasses ``pickle_module.Unpickler`` (to resolve storages) and calls
+    ``pickle_module.load`` for the legacy format's headers, so both go through `find_class`.
+    """
+    unpickler = type("Unpickler", (_RestrictedUnpickler,), {"inert_seen": inert_seen})
+    module = types.ModuleType("featstore_restricted_pickle")
+    module.Unpickler = unpickler  # type: ignore[attr-defined]
+    module.load = lambda file, **kwargs: unpickler(file, **kwargs).load()  # type: ignore[attr-defined]
+    module.__version__ = "1"  # type: ignore[attr-defined]
+    return module
+
+
+@dataclass(frozen=True)
+class ConvertReport:
+    """What `convert_checkpoint` did.
+
+    Attributes:
+        source: the file read.
+        target: the file written (a plain ``{key: tensor}`` state dict).
+        tensors: number of tensors written.
+        dropped: container entries left out (e.g. ``args``, ``epoch``, ``optimizer``).
+        inert: classes read as plain data without importing them (omegaconf / Lightning).
+        sha256: SHA-256 of the written file.
+    """
+
+    source: Path
+    target: Path
+    tensors: int
+    dropped: tuple[str, ...]
+    inert: tuple[str, ...]
+    sha256: str
+
+    def summary(self) -> str:
+        """One line for the terminal."""
+        dropped = f"; left out: {', '.join(self.dropped)}" if self.dropped else ""
+        return f"wrote {self.tensors} tensors of {self.source} to {self.target}{dropped}"
+
+
+def convert_checkpoint(source: str | Path, target: str | Path) -> ConvertReport:
+    """Extract the state dict of a checkpoint that also pickles Python objects, into a plain file.
+
+    The file is read with an allow-listed unpickler (`_RestrictedUnpickler`): tensors, plain
+    containers, ``argparse.Namespace`` and numpy scalars are rebuilt; omegaconf / Lightning
+    configuration objects become inert records; anything else (a custom class, ``os.system``) is
+    refused. The state dict is found as `read_state_dict` finds it (``state_dict`` / ``model`` /
+    ``model_state`` or the top level) and written with ``torch.save`` (keys unchanged), atomically (``featstore.atomic``).
+
+    Args:
+        source: the published checkpoint.
+        target: where to write the state dict (must differ from ``source``).
+
+    Returns:
+        A `ConvertReport`.
+
+    Raises:
+        CheckpointError: missing file, a class outside the allow-list (named), no tensors.
+    """
+    source, target = Path(source), Path(target)
+    _require_local_file(source)
+    if target.resolve() == source.resolve():
+        raise CheckpointError(f"convert-checkpoint writes a new file; {str(target)!r} is the input itself")
+    inert_seen: set[str] = set()
+    try:
+        payload = torch.load(source, map_location="cpu", weights_only=False,
+                             pickle_module=_restricted_pickle_module(inert_seen))
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, TypeError, AttributeError) as error:
+        raise CheckpointError(f"cannot convert {str(source)!r}: {error}") from error
+    state_dict, dropped = _unwrap_state_dict(payload, source)
+    inert = tuple(sorted(inert_seen))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(target, lambda tmp: torch.save(state_dict, tmp))
+    return ConvertReport(source=source, target=target, tensors=len(state_dict), dropped=dropped,
+                         inert=inert, sha256=file_sha256(target))

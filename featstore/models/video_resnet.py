@@ -1,5 +1,4 @@
-"""VideoResNet backbones: torchvision's r3d_18 / mc3_18 / r2plus1d_18, the paper's ResNet50-3D and
-the IG-65M R(2+1)D-34.
+"""VideoResNet backbones: torchvision's r3d_18 / mc3_18 / r2plus1d_18 and the IG-65M R(2+1)D-34.
 
 All are torchvision's `VideoResNet` (blocks and per-layer convolution types passed in) without its
 average pool and fc, so checkpoint keys are torchvision's (``stem.0.weight``, ``layer1.0.conv1.0.weight``,
@@ -14,7 +13,6 @@ from torch import Tensor, nn
 from torchvision.models.video.resnet import (
     BasicBlock,
     BasicStem,
-    Bottleneck,
     Conv2Plus1D,
     Conv3DNoTemporal,
     Conv3DSimple,
@@ -35,7 +33,7 @@ KINETICS_MEAN: tuple[float, float, float] = (0.43216, 0.394666, 0.37645)
 KINETICS_STD: tuple[float, float, float] = (0.22803, 0.22145, 0.216989)
 
 ConvMaker = type[Conv3DSimple] | type[Conv3DNoTemporal] | type[Conv2Plus1D]
-Block = type[BasicBlock] | type[Bottleneck]
+Block = type[BasicBlock]
 
 
 class VideoResNetBackbone(VideoBackbone):
@@ -145,19 +143,6 @@ R2PLUS1D_18 = BackboneRecord(
     default_size=128,
     description="R(2+1)D-18 (torchvision), layer4 map",
 )
-R3D_50 = BackboneRecord(
-    name="r3d_50",
-    feature_dim=2048,
-    temporal_stride=8,
-    spatial_stride=16,  # BasicStem has no max pool, unlike 2D ResNets (stride 32)
-    mean=KINETICS_MEAN,
-    std=KINETICS_STD,
-    # Paper (report 3.1): 64 consecutive frames at stride 2, short side 256, no crop.
-    default_clip_frames=64,
-    default_clip_stride=2,
-    default_size=256,
-    description="ResNet50-3D: torchvision VideoResNet, Bottleneck 3-4-6-3, 3x3x3 convs, layer4 map",
-)
 R2PLUS1D_34 = BackboneRecord(
     name="r2plus1d_34",
     feature_dim=512,
@@ -209,19 +194,6 @@ def r2plus1d_18(*, in_channels: int = 3) -> VideoResNetBackbone:
         conv_makers=[Conv2Plus1D] * 4,
         layers=[2, 2, 2, 2],
         stem=R2Plus1dStem,
-    )
-
-
-@register_backbone(R3D_50, map_size=_downsampling_map_size)
-def r3d_50(*, in_channels: int = 3) -> VideoResNetBackbone:
-    """ResNet50-3D trunk (Bottleneck, 3-4-6-3, full 3x3x3 convs). Args: in_channels: 3 RGB / 2 flow."""
-    return VideoResNetBackbone(
-        record=R3D_50,
-        in_channels=in_channels,
-        block=Bottleneck,
-        conv_makers=[Conv3DSimple] * 4,
-        layers=[3, 4, 6, 3],
-        stem=BasicStem,
     )
 
 

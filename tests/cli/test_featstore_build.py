@@ -121,3 +121,45 @@ def test_build_usage_errors(tmp_path: Path) -> None:
     unknown = _invoke("build", tmp_path / "s", "--annotations", annotations, "--frames", frames,
                       "--verb-backbone", "no_such_net", "--noun-backbone", "r3d_18", "--detector", DETECTOR)
     assert unknown.exit_code == 1 and "no_such_net" in unknown.output and "Traceback" not in unknown.output
+
+
+@pytest.mark.slow
+def test_build_takes_clip_and_normalisation_from_the_verb_backbone_record(tmp_path: Path) -> None:
+    """No clip flags: TSM flow samples 8 segments of 5 stacked (u, v) pairs, as its record says; the
+    manifest says where each value came from."""
+    frames, annotations = make_epic_dataset(tmp_path / "epic", n_segments=2, flow=True)
+    store = tmp_path / "store"
+    result = _invoke(
+        "build", store, "--annotations", annotations, "--frames", frames, "--modality", "flow",
+        "--verb-backbone", "tsm_r50", "--noun-backbone", "tsn_r50", "--detector", DETECTOR,
+        "--det-score-thresh", "0", "--det-min-size", "64", "--det-max-size", "128", "--det-topk", "2",
+        "--size", "32", "--workers", "0", "--no-progress",
+    )
+    assert result.exit_code == 0, result.output
+    provenance = json.loads(_invoke("info", store, "--json").output)["manifest"]["provenance"]
+    assert provenance["sampling"]["clip_frames"] == 8 and provenance["sampling"]["clip_sampling"] == "segments"
+    assert provenance["snippet_frames"] == 5 and provenance["in_channels"] == 10
+    assert provenance["sampling_sources"]["clip_frames"] == "backbone:tsm_r50"
+    assert provenance["sampling_sources"]["size"] == provenance["sampling_sources"]["det_topk"] == "flag"
+    assert provenance["sampling_sources"]["det_fps"] == "default"
+    assert provenance["sampling_notes"] == [], "TSN's record asks for the same clip"
+    info = json.loads(_invoke("info", store, "--json").output)
+    assert info["fields"]["verb.map"]["shape"] == [2048, 8, 1, 2]
+    assert info["fields"]["det.local.feat"]["shape"] == [16, 1024]  # 8 local frames x top 2
+
+
+def test_build_says_when_the_noun_record_asks_for_another_clip(tmp_path: Path) -> None:
+    frames, annotations = make_epic_dataset(tmp_path / "epic", n_segments=1)
+    store = tmp_path / "store"
+    result = _invoke(
+        "build", store, "--annotations", annotations, "--frames", frames,
+        "--verb-backbone", "r3d_18", "--noun-backbone", "tsn_r50", "--detector", DETECTOR,
+        "--det-score-thresh", "0", "--det-min-size", "64", "--det-max-size", "128",
+        "--size", "32", "--workers", "0", "--no-progress",
+    )
+    assert result.exit_code == 0, result.output
+    assert "WARNING: the noun backbone tsn_r50 runs on the verb backbone r3d_18's clip" in result.output
+    provenance = json.loads(_invoke("info", store, "--json").output)["manifest"]["provenance"]
+    assert provenance["sampling"]["clip_frames"] == 16 and provenance["sampling_sources"]["clip_stride"] == "backbone:r3d_18"
+    (note,) = provenance["sampling_notes"]
+    assert "clip_sampling segments" in note and "clip_frames 8" in note

@@ -152,3 +152,23 @@ def test_query_refusal_is_a_clear_error_and_nonzero_exit(tmp_path: Path) -> None
     assert result.exit_code == 1 and "only SELECT is allowed" in result.output
     result = _invoke("query", tmp_path / "nowhere", "select 1")
     assert result.exit_code == 2
+
+
+def test_convert_checkpoint_command(tmp_path: Path) -> None:
+    import argparse
+
+    import torch
+
+    published = tmp_path / "tsn_epic55.pth.tar"
+    torch.save({"state_dict": {"base_model.conv1.weight": torch.ones(2)}, "args": argparse.Namespace(lr=0.1)},
+               published)
+    result = _invoke("convert-checkpoint", published, tmp_path / "tsn_epic55.pt")
+    assert result.exit_code == 0, result.output
+    assert "wrote 1 tensors" in result.output and "left out: args" in result.output and "sha256 " in result.output
+    assert torch.load(tmp_path / "tsn_epic55.pt", weights_only=True)["base_model.conv1.weight"].tolist() == [1, 1]
+
+    from fractions import Fraction  # harmless, but not something a checkpoint holds: not on the allow-list
+
+    torch.save({"state_dict": {"w": torch.ones(1)}, "x": Fraction(1, 3)}, tmp_path / "bad.pth")
+    refused = CliRunner().invoke(main, ["convert-checkpoint", str(tmp_path / "bad.pth"), str(tmp_path / "o.pt")])
+    assert refused.exit_code == 1 and "refused to rebuild fractions.Fraction" in refused.output

@@ -27,8 +27,13 @@ from featstore.models import (
 )
 from featstore.models.checkpoints import apply_state_dict
 
-# The smallest clip every registered backbone accepts (I3D / S3D reduce T by 8 and H, W by 32).
+# A small clip every registered backbone accepts (I3D / S3D reduce T by 8 and H, W by 32); backbones
+# that reduce T further (r3d_50: 16) get as many frames as they reduce T by.
 TINY_FRAMES, TINY_SIZE = 8, 64
+
+
+def _tiny_frames(record: BackboneRecord) -> int:
+    return max(TINY_FRAMES, record.temporal_stride)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -40,34 +45,39 @@ def _single_thread() -> Iterator[None]:
     torch.set_num_threads(previous)
 
 
-def _tiny_clip(in_channels: int, seed: int = 0) -> torch.Tensor:
+def _tiny_clip(in_channels: int, seed: int = 0, frames: int = TINY_FRAMES) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
-    return torch.rand(1, in_channels, TINY_FRAMES, TINY_SIZE, TINY_SIZE, generator=generator)
+    return torch.rand(1, in_channels, frames, TINY_SIZE, TINY_SIZE, generator=generator)
 
 
-def test_registry_holds_the_paper_backbones() -> None:
-    assert {"r3d_18", "mc3_18", "r2plus1d_18", "s3d", "r3d_50", "r2plus1d_34", "i3d"} <= set(list_backbones())
+def test_registry_holds_the_paper_and_the_epic_backbones() -> None:
+    paper = {"r3d_18", "mc3_18", "r2plus1d_18", "s3d", "r3d_50", "r2plus1d_34", "i3d"}
+    epic = {"slowfast_r50", "tsn_r50", "tsm_r50"}
+    assert paper | epic <= set(list_backbones())
     assert list_backbones() == sorted(list_backbones())
 
 
-@pytest.mark.parametrize("in_channels", [3, 2], ids=["rgb", "flow"])
+@pytest.mark.parametrize("modality", ["rgb", "flow"])
 @pytest.mark.parametrize("name", list_backbones())
-def test_backbone_builds_and_map_matches_record(name: str, in_channels: int) -> None:
+def test_backbone_builds_and_map_matches_record(name: str, modality: str) -> None:
+    record = get_backbone_record(name)
+    in_channels = record.in_channels(modality)  # flow: 2 per stacked (u, v) frame (TSN / TSM: 10)
+    frames = _tiny_frames(record)
     torch.manual_seed(0)
-    backbone, record = build_backbone(name, in_channels=in_channels)
-    assert record == get_backbone_record(name)
+    backbone, built_record = build_backbone(name, in_channels=in_channels)
+    assert built_record is record
     assert backbone.record is record
     assert not backbone.training, "extraction backbones are returned in eval mode"
 
     with torch.no_grad():
-        feature_map, global_feature = backbone(_tiny_clip(in_channels))
+        feature_map, global_feature = backbone(_tiny_clip(in_channels, frames=frames))
 
-    expected = backbone_map_shape(record, clip_frames=TINY_FRAMES, height=TINY_SIZE, width=TINY_SIZE)
+    expected = backbone_map_shape(record, clip_frames=frames, height=TINY_SIZE, width=TINY_SIZE)
     assert tuple(feature_map.shape) == (1, *expected)
     assert feature_map.shape[1] == record.feature_dim
     # Sizes divisible by the strides: the record's strides are the true downsampling factors.
     assert expected[1:] == (
-        TINY_FRAMES // record.temporal_stride,
+        frames // record.temporal_stride,
         TINY_SIZE // record.spatial_stride,
         TINY_SIZE // record.spatial_stride,
     )
@@ -78,24 +88,29 @@ def test_backbone_builds_and_map_matches_record(name: str, in_channels: int) -> 
     mean, std = record.normalisation(in_channels)
     assert backbone.pixel_mean.flatten().tolist() == pytest.approx(mean)
     assert backbone.pixel_std.flatten().tolist() == pytest.approx(std)
-    if in_channels == 2:
-        assert mean == (0.5, 0.5) and std == (0.5, 0.5)
+    if modality == "flow":
+        assert (mean, std) == ((record.flow_mean,) * in_channels, (record.flow_std,) * in_channels)
     with pytest.raises(ValueError, match="expects clips"):
-        backbone(torch.rand(1, in_channels + 1, TINY_FRAMES, TINY_SIZE, TINY_SIZE))
+        backbone(torch.rand(1, in_channels + 1, frames, TINY_SIZE, TINY_SIZE))
 
 
 @pytest.mark.parametrize("name", list_backbones())
 def test_map_shape_is_exact_for_awkward_and_paper_sizes(name: str) -> None:
-    """`backbone_map_shape` (arithmetic only) against a meta-device forward (shapes, no compute)."""
+    """`backbone_map_shape` (arithmetic only) against a meta-device forward (shapes, no compute); a
+    clip the rule refuses (SlowFast: T not a multiple of alpha) must be refused by the model too."""
     record = get_backbone_record(name)
     with torch.device("meta"):
         backbone, _ = build_backbone(name)
     for frames, height, width in [(8, 64, 64), (9, 67, 93), (17, 113, 150), (32, 128, 227), (64, 256, 455)]:
+        try:
+            expected = backbone_map_shape(record, clip_frames=frames, height=height, width=width)
+        except ValueError:
+            with torch.device("meta"), torch.no_grad(), pytest.raises(ValueError):
+                backbone(torch.empty(1, 3, frames, height, width))
+            continue
         with torch.device("meta"), torch.no_grad():
             feature_map, _ = backbone(torch.empty(1, 3, frames, height, width))
-        assert backbone_map_shape(record, clip_frames=frames, height=height, width=width) == tuple(
-            feature_map.shape[1:]
-        ), (frames, height, width)
+        assert expected == tuple(feature_map.shape[1:]), (frames, height, width)
 
 
 def test_map_shape_rejects_clips_that_are_too_small() -> None:
@@ -348,8 +363,8 @@ def test_unreadable_or_unsafe_checkpoints_fail_clearly(tmp_path: Path) -> None:
     garbage.write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="cannot read checkpoint"):
         build_backbone(f"s3d:{garbage}")
-    # Arbitrary pickled objects are never unpickled (weights_only); the message says how to re-save.
+    # Arbitrary pickled objects are never unpickled (weights_only); the message names the converter.
     unsafe = tmp_path / "unsafe.pt"
     torch.save({"state_dict": {}, "args": argparse.Namespace(lr=0.1)}, unsafe)
-    with pytest.raises(CheckpointError, match="re-save just its state dict"):
+    with pytest.raises(CheckpointError, match="featstore convert-checkpoint"):
         build_backbone(f"s3d:{unsafe}")

@@ -41,7 +41,8 @@ from featstore.extraction_plan import (
     store_fields,
 )
 from featstore.frames import EpicJpegFrames, resize_short_side
-from featstore.models import build_detector, get_backbone_record
+from featstore.annotations import read_segments
+from featstore.models import backbone_map_shape, build_detector, get_backbone_record
 from featstore.samples.annotations import (
     SegmentLabel,
     write_epic55_annotations,
@@ -369,6 +370,92 @@ def test_flow_store_feeds_two_channels(dataset, tmp_path: Path) -> None:
     assert provenance["modality"] == "flow" and provenance["verb_backbone"]["in_channels"] == 2
     assert store.fields["verb.map"].shape == (512, 1, 2, 4)
     assert len(store.boxes(store.uids())) == 200  # detections come from the RGB frames beside the flow
+
+
+# The publishers' backbones in a build: random weights, tiny frames (size 32, a few samples); sampling
+# otherwise from each record, so TSN / TSM take 8 segments and, for flow, 5 stacked (u, v) pairs.
+PUBLISHED_BUILDS = [
+    pytest.param("r3d_50", "rgb", {"clip_frames": 16}, id="r3d_50-rgb"),
+    pytest.param("slowfast_r50", "rgb", {"clip_frames": 8}, id="slowfast_r50-rgb"),
+    pytest.param("tsn_r50", "rgb", {}, id="tsn_r50-rgb"),
+    pytest.param("tsn_r50", "flow", {}, id="tsn_r50-flow"),
+    pytest.param("tsm_r50", "rgb", {}, id="tsm_r50-rgb"),
+    pytest.param("tsm_r50", "flow", {}, id="tsm_r50-flow"),
+]
+
+
+@pytest.mark.parametrize(("backbone", "modality", "overrides"), PUBLISHED_BUILDS)
+def test_build_with_a_published_backbone_stores_its_map_shape(
+    dataset, tmp_path: Path, backbone: str, modality: str, overrides: dict
+) -> None:
+    frames, annotations = dataset
+    config = small_config(tmp_path / "store", annotations, frames, verb_backbone=backbone, noun_backbone=backbone,
+                          modality=modality, detector=None, sampling=None,
+                          sampling_overrides={"size": 32, **overrides}, limit=2, batch_size=2)
+    report = build_store(config)
+    assert (report.built, report.failed) == (2, [])
+    store = FeatureStore.open(config.store)
+    record = get_backbone_record(backbone)
+    provenance = store.manifest["provenance"]
+    sampling = SamplingConfig.from_dict(provenance["sampling"])
+    height, width = provenance["input_size"]
+    expected = backbone_map_shape(record, clip_frames=sampling.clip_frames, height=height, width=width)
+    assert store.fields["verb.map"].shape == expected
+    assert store.read_field(store.uids(), "verb.map").shape == (2, *expected)
+    assert provenance["in_channels"] == record.in_channels(modality) == provenance["verb_backbone"]["in_channels"]
+    mean, std = record.normalisation(record.in_channels(modality))
+    assert provenance["verb_backbone"]["normalisation"] == {"mean": list(mean), "std": list(std), "input": "[0, 1]"}
+    assert (sampling.clip_sampling, sampling.snippet_frames) == (record.clip_sampling, record.snippet_frames(modality))
+    sources = provenance["sampling_sources"]
+    assert sources["size"] == "flag" and sources["clip_sampling"] == f"backbone:{backbone}"
+    assert sources["det_fps"] == "default"
+
+
+def test_stacked_flow_clip_is_the_planned_flow_frames_u_v_interleaved(dataset, tmp_path: Path) -> None:
+    """What the flow TSN receives: per segment 5 consecutive flow files, channels u1, v1, ..., u5, v5."""
+    frames, annotations = dataset
+    received: list[torch.Tensor] = []
+    real_build_backbone = extraction.build_backbone
+
+    def recording_build_backbone(spec, *, in_channels):
+        backbone, record = real_build_backbone(spec, in_channels=in_channels)
+        real_forward_map = backbone.forward_map
+
+        def forward_map(clip):
+            received.append(clip * backbone.pixel_std + backbone.pixel_mean)  # undo the normalisation
+            return real_forward_map(clip)
+
+        backbone.forward_map = forward_map
+        return backbone, record
+
+    config = small_config(tmp_path / "store", annotations, frames, verb_backbone="tsn_r50", noun_backbone="tsn_r50",
+                          modality="flow", detector=None, sampling=None, sampling_overrides={"size": 32},
+                          limit=1, batch_size=1)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(extraction, "build_backbone", recording_build_backbone)
+        assert build_store(config).built == 1
+    (clip,) = received  # (1, 10, 8, H, W)
+    sampling = SamplingConfig.from_dict(FeatureStore.open(config.store).manifest["provenance"]["sampling"])
+    row = read_segments(annotations).to_pylist()[0]
+    flow = EpicJpegFrames(frames, modality="flow")
+    plan = plan_segment(row["start_frame"], row["stop_frame"], fps=FPS, n_frames=flow.n_frames("P01", "P01_01"),
+                        config=sampling)
+    assert len(plan.clip_frames) == 40
+    decoded = resize_frames(flow.read("P01", "P01_01", list(plan.clip_frames)), *clip.shape[3:])  # (40, H, W, 2)
+    expected = torch.from_numpy(decoded).float().div(255).view(8, 5, *decoded.shape[1:])  # (S, L, H, W, 2)
+    expected = expected.permute(1, 4, 0, 2, 3).reshape(10, 8, *decoded.shape[1:3])  # (L * 2, S, H, W)
+    torch.testing.assert_close(clip[0], expected, atol=1e-5, rtol=0)
+    # Snippet 0 is 5 consecutive flow files.
+    assert [f // 2 for f in plan.clip_frames[:5]] == list(range(plan.clip_frames[0] // 2, plan.clip_frames[0] // 2 + 5))
+
+
+def test_sampling_comes_from_the_verb_record_unless_given(dataset, tmp_path: Path) -> None:
+    frames, annotations = dataset
+    with pytest.raises(BuildError, match="not both"):
+        small_config(tmp_path / "x", annotations, frames, sampling_overrides={"size": 32})
+    with pytest.raises(BuildError, match="clip_frames"):
+        build_store(small_config(tmp_path / "y", annotations, frames, sampling=None,
+                                 sampling_overrides={"clip_frames": 0}))
 
 
 def test_video_files_build_and_a_truncated_one_fails_alone(tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ from featstore.frames import (
     VideoFiles,
     open_frame_source,
     resize_short_side,
+    stack_snippets,
 )
 from featstore.samples.damage import corrupt_jpeg, truncate_file
 from featstore.samples.frames import (
@@ -290,3 +291,17 @@ def test_resize_short_side_keeps_content_and_identity() -> None:
     assert read_frame_number(resize_short_side(small, 90)[0]) == 7
     with pytest.raises(ValueError):
         resize_short_side(frame[0], 45)
+
+
+def test_stack_snippets_interleaves_u_and_v_per_frame() -> None:
+    # 2 samples x 3 frames of (u, v): value = 100 * sample + 10 * frame + channel.
+    frames = np.array([[[[100 * s + 10 * f + c for c in range(2)]]] for s in range(2) for f in range(3)],
+                      dtype=np.uint8)  # (6, 1, 1, 2)
+    stacked = stack_snippets(frames, 3)
+    assert stacked.shape == (2, 1, 1, 6)
+    # u1, v1, u2, v2, u3, v3 of each sample: the channel order of the EPIC flow TSN / TSM.
+    assert stacked[0, 0, 0].tolist() == [0, 1, 10, 11, 20, 21]
+    assert stacked[1, 0, 0].tolist() == [100, 101, 110, 111, 120, 121]
+    assert stack_snippets(frames, 1) is frames
+    with pytest.raises(ValueError, match="snippets of 4"):
+        stack_snippets(frames, 4)

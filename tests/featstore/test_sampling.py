@@ -125,6 +125,57 @@ def test_plan_rejects_bad_fps() -> None:
         plan_segment(1, 10, fps=0.0, n_frames=None, config=DEFAULT)
 
 
+def _publisher_test_offsets(n_frames: int, segments: int, snippet: int) -> list[int]:
+    """C1-Action-Recognition-TSN-TRN-TSM TsnDataset._get_test_indices, transcribed (numpy-free)."""
+    tick = (n_frames - snippet + 1) / float(segments)
+    return [int(tick / 2.0 + tick * x) for x in range(segments)]
+
+
+@pytest.mark.parametrize(("start", "stop"), [(100, 179), (1, 8), (5000, 5333), (20, 81), (7, 7000)])
+def test_segment_sampling_is_tsn_test_sampling(start: int, stop: int) -> None:
+    config = SamplingConfig(clip_frames=8, clip_sampling="segments")
+    plan = plan_segment(start, stop, fps=60.0, n_frames=None, config=config)
+    assert plan.clip_frames == tuple(start + o for o in _publisher_test_offsets(stop - start + 1, 8, 1))
+    assert plan.clip_center == (start + stop + 1) // 2, "detection windows stay centred on the segment"
+
+
+def test_segment_sampling_by_hand_and_stacked_snippets() -> None:
+    # 80 frames, 8 segments: tick 10, the middle of each: 100 + 5, 15, ..., 75.
+    config = SamplingConfig(clip_frames=8, clip_sampling="segments")
+    assert plan_segment(100, 179, fps=60.0, n_frames=None, config=config).clip_frames == tuple(range(105, 180, 10))
+    # Flow: 5 frames 2 apart per snippet (span 9): tick (80 - 9 + 1) / 8 = 9, offsets 4, 13, ..., 67;
+    # sample-major, so snippet k is frames 4k..4k+4 of the plan.
+    flow = SamplingConfig(clip_frames=8, clip_stride=2, clip_sampling="segments", snippet_frames=5)
+    frames = plan_segment(100, 179, fps=60.0, n_frames=None, config=flow).clip_frames
+    assert len(frames) == 40
+    assert frames[:5] == (104, 106, 108, 110, 112) and frames[5:10] == (113, 115, 117, 119, 121)
+    assert frames[-5:] == (167, 169, 171, 173, 175)
+    # The EPIC flow files hold RGB frame 2f and 2f + 1 as flow frame f: a snippet is 5 consecutive files.
+    assert [f // 2 for f in frames[:5]] == [52, 53, 54, 55, 56]
+
+
+def test_segment_sampling_short_segments_and_video_end() -> None:
+    # A segment shorter than a snippet: every snippet starts at its first frame (TsnDataset's fallback).
+    flow = SamplingConfig(clip_frames=4, clip_stride=2, clip_sampling="segments", snippet_frames=3)
+    assert plan_segment(10, 12, fps=60.0, n_frames=None, config=flow).clip_frames == (10, 12, 14) * 4
+    # Frames past the end are clamped to the last frame, as the centred clips are.
+    assert plan_segment(10, 12, fps=60.0, n_frames=13, config=flow).clip_frames == (10, 12, 13) * 4
+
+
+def test_stacked_snippets_need_segment_sampling() -> None:
+    with pytest.raises(ValueError, match="segments"):
+        SamplingConfig(snippet_frames=5)
+    with pytest.raises(ValueError, match="clip_sampling"):
+        SamplingConfig(clip_sampling="random")
+    with pytest.raises(ValueError, match="snippet_frames"):
+        SamplingConfig(clip_sampling="segments", snippet_frames=0)
+
+
+def test_configs_of_old_manifests_get_the_new_fields_defaulted() -> None:
+    old = {k: v for k, v in DEFAULT.to_dict().items() if k not in ("clip_sampling", "snippet_frames")}
+    assert SamplingConfig.from_dict(old) == DEFAULT
+
+
 configs = st.builds(
     SamplingConfig,
     clip_frames=st.integers(1, 80),
