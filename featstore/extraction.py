@@ -244,8 +244,9 @@ def _seeded(seed: int, build: Callable[[], Any]) -> Any:
         return build()
 
 
-def _model_provenance(kind: str, spec: str, name: str, feature_dim: int) -> tuple[dict[str, Any], str | None]:
-    _, checkpoint = parse_model_spec(spec)
+def _model_provenance(
+    kind: str, spec: str, name: str, feature_dim: int, checkpoint: Path | None
+) -> tuple[dict[str, Any], str | None]:
     entry: dict[str, Any] = {
         "name": name,
         "spec": spec,
@@ -289,14 +290,15 @@ def _build_models(config: BuildConfig) -> _Models:
         ("verb_backbone", "verb backbone", config.verb_backbone, verb_record),
         ("noun_backbone", "noun backbone", config.noun_backbone, noun_record),
     ):
-        entry, warning = _model_provenance(kind, spec, record.name, record.feature_dim)
+        entry, warning = _model_provenance(kind, spec, record.name, record.feature_dim, parse_model_spec(spec)[1])
         entry["in_channels"] = in_channels
         provenance[key] = entry
         if warning and warning not in warnings:
             warnings.append(warning)
     if detector_record is not None:
+        # The detector says which file it loaded: a detectron2 spec also names a config.
         entry, warning = _model_provenance("detector", config.detector, detector_record.name,
-                                           detector_record.feature_dim)
+                                           detector_record.feature_dim, detector.checkpoint)
         entry.update(score_thresh=config.det_score_thresh, min_size=config.det_min_size,
                      max_size=config.det_max_size,
                      input="rgb frames" if config.modality == "rgb" else "rgb frames of the same videos (flow store)")

@@ -37,6 +37,7 @@ from featstore.models.registry import Registry, UnknownModelError
 # Imported for their registrations.
 from featstore.models import video_resnet as video_resnet  # noqa: E402  isort: skip
 from featstore.models import i3d as i3d  # noqa: E402  isort: skip
+from featstore.models import detectron2_rcnn as detectron2_rcnn  # noqa: E402  isort: skip  (when installed)
 
 __all__ = [
     "BackboneRecord",
