@@ -312,16 +312,12 @@ def _build_models(config: BuildConfig) -> _Models:
 
 
 def _detector_short_side(detector: ObjectDetector | None) -> int | None:
-    """The short side the detector resizes its input to, when it says (torchvision's transform does).
+    """The short side the detector resizes its input to, when it says.
 
     Frames larger than that are shrunk in the decode workers: the detector would do the same, and
     sending 1080p frames between processes costs more than decoding them.
     """
-    transform = getattr(detector, "transform", None)
-    min_size = getattr(transform, "min_size", None)
-    if not min_size:
-        return None
-    return int(min(min_size)) if isinstance(min_size, (tuple, list)) else int(min_size)
+    return None if detector is None else detector.input_short_side
 
 
 # ------------------------------------------------------------------------------------------------

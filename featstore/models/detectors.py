@@ -96,6 +96,11 @@ class ObjectDetector(nn.Module):
         super().__init__()
         self.record = record
 
+    @property
+    def input_short_side(self) -> int | None:
+        """The short side this detector resizes images to (None: it does not say)."""
+        return None
+
     def save_checkpoint(self, path: str | os.PathLike) -> str:
         """Write this detector's weights (atomically) where `build_detector` reads them back.
 
@@ -202,6 +207,12 @@ class TorchvisionFasterRCNN(ObjectDetector):
         self.backbone = model.backbone
         self.rpn = model.rpn
         self.roi_heads = model.roi_heads
+
+    @property
+    def input_short_side(self) -> int:
+        """See `ObjectDetector.input_short_side` (the transform's smallest ``min_size``)."""
+        min_size = self.transform.min_size
+        return int(min(min_size)) if isinstance(min_size, (tuple, list)) else int(min_size)
 
     def _image_features(self, images: list[Tensor]) -> tuple[ImageList, OrderedDict[str, Tensor]]:
         """Resize, normalise and batch the images, then run the backbone (with FPN).

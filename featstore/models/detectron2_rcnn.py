@@ -129,6 +129,11 @@ class Detectron2Detector(ObjectDetector):
         self.input_format = input_format
         self.config_yaml = config_yaml
 
+    @property
+    def input_short_side(self) -> int:
+        """See `ObjectDetector.input_short_side`."""
+        return self.min_size
+
     def save_checkpoint(self, path: str | os.PathLike) -> str:
         """Write the weights to ``path`` and the config to ``config.yaml`` beside it (both atomically).
 

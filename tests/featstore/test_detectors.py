@@ -98,6 +98,7 @@ def test_detect_returns_topk_normalised_boxes_with_box_head_features(
 ) -> None:
     assert len(detections) == 2
     assert detector.record.feature_dim == get_detector_record(detector.record.name).feature_dim
+    assert detector.input_short_side == MIN_SIZE  # what the build's decode workers shrink frames to
     for found in detections:
         assert_well_formed(found, TOPK, detector.record.feature_dim)
     # score_thresh=0 must give boxes, else the re-pooling tests below would be vacuous.

@@ -56,6 +56,7 @@ def test_epic_object_labels_become_one_record_per_image(tmp_path: Path) -> None:
         ("P27", "P27_01", 1),
     ]
     background, cupboard, busy, _, _ = labels
+    assert labels[2] is busy
     assert len(background) == 0 and background.boxes.shape == (0, 4) and background.labels.dtype == np.int64
     assert as_tuples(cupboard) == [(2, 1, 6, 4, 8)]  # the zero-height box is dropped ...
     assert labels.dropped_boxes == 1  # ... and counted
@@ -83,6 +84,7 @@ BAD_CELLS = [
     ("noun_class", "pan", "row 2, column 'noun_class': expected an integer, got 'pan'"),
     ("noun_class", "", "row 2, column 'noun_class': empty cell"),
     ("frame", "12.5", "row 2, column 'frame': expected an integer"),
+    ("frame", "-3", "row 2, column 'frame': negative frame -3"),
     ("participant_id", "X1", "row 2, column 'participant_id': 'X1' does not look like P##"),
     ("video_id", "P02_01", "row 2, column 'video_id': video_id 'P02_01' does not start with participant_id 'P01'"),
 ]
