@@ -190,6 +190,27 @@ def pixel_scale(image_size: tuple[int, int], like: Tensor) -> Tensor:
     return like.new_tensor([width, height, width, height])
 
 
+def top_detections(
+    pixel_boxes: Tensor, scores: Tensor, labels: Tensor, image_size: tuple[int, int], topk: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The ``topk`` best final detections of one image, boxes normalised by its (resized) size.
+
+    Args:
+        pixel_boxes: (n, 4) x1, y1, x2, y2 in pixels of the image the model saw.
+        scores: (n,).
+        labels: (n,).
+        image_size: (H, W) of that image.
+        topk: how many to keep.
+
+    Returns:
+        ``(boxes (k, 4) float32 in [0, 1], scores (k,), labels (k,) int64)``, best first; NMS output is
+        already score-ordered, but sorting again (stably) keeps topk independent of that detail.
+    """
+    order = torch.argsort(scores, descending=True, stable=True)[:topk]
+    boxes = pixel_boxes[order].to(torch.float32)
+    return (boxes / pixel_scale(image_size, boxes)).clamp_(0.0, 1.0), scores[order], labels[order].to(torch.int64)
+
+
 class TorchvisionFasterRCNN(ObjectDetector):
     """A torchvision `FasterRCNN`, run step by step so the final boxes can be re-pooled.
 
@@ -264,18 +285,14 @@ class TorchvisionFasterRCNN(ObjectDetector):
         # Final detections in resized-image pixels (roi_heads clips them to each image).
         results, _ = self.roi_heads(features, proposals, image_list.image_sizes)
 
-        normalised_boxes: list[Tensor] = []
-        kept: list[tuple[Tensor, Tensor]] = []
-        for result, size in zip(results, image_sizes):
-            # NMS output is already score-ordered; sort again so topk never depends on that detail.
-            order = torch.argsort(result["scores"], descending=True, stable=True)[:topk]
-            boxes = result["boxes"][order].to(torch.float32) / pixel_scale(size, result["boxes"].to(torch.float32))
-            normalised_boxes.append(boxes.clamp_(0.0, 1.0))
-            kept.append((result["scores"][order], result["labels"][order].to(torch.int64)))
-        box_features = self._pool_normalised(features, normalised_boxes, image_sizes)
+        kept = [
+            top_detections(result["boxes"], result["scores"], result["labels"], size, topk)
+            for result, size in zip(results, image_sizes)
+        ]
+        box_features = self._pool_normalised(features, [boxes for boxes, _, _ in kept], image_sizes)
         return [
             Detections(boxes=boxes, scores=scores, labels=labels, features=feats)
-            for boxes, (scores, labels), feats in zip(normalised_boxes, kept, box_features)
+            for (boxes, scores, labels), feats in zip(kept, box_features)
         ]
 
     @torch.no_grad()

@@ -52,6 +52,7 @@ from featstore.models.detectors import (
     check_images,
     pixel_scale,
     register_detector,
+    top_detections,
     write_file_atomically,
     write_state_dict,
 )
@@ -209,19 +210,15 @@ class Detectron2Detector(ObjectDetector):
         self.model.roi_heads.box_predictor.test_topk_per_image = max(DEFAULT_DETECTIONS_PER_IMAGE, topk)
         # Final detections in resized-image pixels (the box predictor clips them to each image).
         instances, _ = self.model.roi_heads(image_list, features, proposals, None)
-        normalised_boxes: list[Tensor] = []
-        kept: list[tuple[Tensor, Tensor]] = []
+        kept = []
         for found, size in zip(instances, image_sizes):
             # detectron2's postprocessing drops boxes that clipping left without area; so do we.
             found = found[found.pred_boxes.nonempty()]
-            order = torch.argsort(found.scores, descending=True, stable=True)[:topk]
-            pixel_boxes = found.pred_boxes.tensor[order].float()
-            normalised_boxes.append((pixel_boxes / pixel_scale(size, pixel_boxes)).clamp_(0.0, 1.0))
-            kept.append((found.scores[order], found.pred_classes[order].to(torch.int64)))
-        box_features = self._pool_normalised(features, normalised_boxes, image_sizes)
+            kept.append(top_detections(found.pred_boxes.tensor, found.scores, found.pred_classes, size, topk))
+        box_features = self._pool_normalised(features, [boxes for boxes, _, _ in kept], image_sizes)
         return [
             Detections(boxes=boxes, scores=scores, labels=labels, features=feats)
-            for boxes, (scores, labels), feats in zip(normalised_boxes, kept, box_features)
+            for (boxes, scores, labels), feats in zip(kept, box_features)
         ]
 
     @torch.no_grad()
