@@ -89,7 +89,11 @@ def make_build_config(params: dict[str, Any], *, command: str | None = None):
 @click.option("--noun-backbone", required=True, metavar="SPEC",
               help="NAME or NAME:/path; runs on the verb backbone's clip (one clip, two models).")
 @click.option("--noun-map/--no-noun-map", default=False, show_default=True, help="Also store noun.map.")
-@click.option("--detector", metavar="SPEC", help="Detector NAME or NAME:/local/checkpoint (box features).")
+@click.option("--detector", metavar="SPEC",
+              help="Detector NAME or NAME:/local/checkpoint (box features); detectron2 as "
+                   "detectron2:CONFIG[:WEIGHTS] (CONFIG a local .yaml or a model-zoo name such as "
+                   "COCO-Detection/faster_rcnn_R_50_FPN_3x.yaml; WEIGHTS a .pth or model-zoo .pkl) or "
+                   "detectron2:DIR/model_final.pth with DIR/config.yaml.")
 @click.option("--boxes", type=_EXISTING_FILE,
               help="CSV/Parquet of video_id, frame, x1, y1, x2, y2, score[, label]: pool --detector "
                    "features at these boxes (no proposals).")

@@ -1,6 +1,6 @@
 """`featstore demo`: the whole job end to end on a generated sample (registered by `cli.featstore_cli`).
 
-Thin: make the `DemoConfig`, call `featstore.demo.run_demo`, print the store's `featstore info`,
+Thin: make the `DemoConfig`, call `cli.demo.run_demo`, print the store's `featstore info`,
 where everything went and, last, the results table.
 """
 from __future__ import annotations

@@ -38,9 +38,13 @@ __all__ = [
     "AnnotationError",
     "SEGMENT_SCHEMA",
     "EpicMeta",
+    "check_participant_ids",
     "detect_dataset",
     "find_video_info",
     "load_meta",
+    "parse_int_column",
+    "read_annotation_rows",
+    "read_class_list",
     "read_segments",
     "read_video_info",
     "reconstruct_narration_ids",
@@ -125,8 +129,12 @@ class _Kind:
     source: str
 
 
-def _load_frame(path: Path) -> pd.DataFrame:
-    """The file's rows as a DataFrame: CSV cells as strings ('' when empty), a pkl as pickled."""
+def read_annotation_rows(path: Path) -> pd.DataFrame:
+    """The file's rows as a DataFrame: CSV cells as strings ('' when empty), a pkl as pickled.
+
+    Raises:
+        AnnotationError: missing file, or one that does not parse (ragged rows name their row).
+    """
     suffix = path.suffix.lower()
     try:
         if suffix == ".pkl":
@@ -218,7 +226,7 @@ def _first(mask: np.ndarray) -> int:
     return int(np.flatnonzero(mask)[0])
 
 
-def _int_column(
+def parse_int_column(
     frame: pd.DataFrame, column: str, path: Path, *, nullable: bool
 ) -> tuple[np.ndarray, np.ndarray]:
     """Parse one integer column.
@@ -283,7 +291,7 @@ def _id_column(frame: pd.DataFrame, column: str, path: Path) -> np.ndarray:
     series = frame[column]
     if pd.api.types.is_float_dtype(series.dtype):
         # A float uid column comes from a pickle with missing ids; show them as integers when whole.
-        values, _ = _int_column(frame, column, path, nullable=False)
+        values, _ = parse_int_column(frame, column, path, nullable=False)
         return values.astype(str).astype(object)
     text = series.astype("string").str.strip()
     empty = (text.isna() | (text == "")).to_numpy()
@@ -292,7 +300,12 @@ def _id_column(frame: pd.DataFrame, column: str, path: Path) -> np.ndarray:
     return text.to_numpy(dtype=object)
 
 
-def _check_participants(participant: np.ndarray, video: np.ndarray, path: Path, video_column: str) -> None:
+def check_participant_ids(participant: np.ndarray, video: np.ndarray, path: Path, video_column: str) -> None:
+    """Check that participant ids look like ``P##`` and every video id starts with its participant's.
+
+    Raises:
+        AnnotationError: at the first row that does not.
+    """
     p = pd.Series(participant, dtype="string")
     v = pd.Series(video, dtype="string")
     bad = ~p.str.fullmatch(_PARTICIPANT_RE).fillna(False).to_numpy(dtype=bool)
@@ -368,7 +381,7 @@ def read_segments(path: str | os.PathLike) -> pa.Table:
             prefixing the video_id.
     """
     path = Path(path)
-    frame = _load_frame(path)
+    frame = read_annotation_rows(path)
     txt = path.suffix.lower() == ".txt"
     kind = _kind_of(frame.columns, path)
     for column in _required_columns(kind, txt):
@@ -385,12 +398,12 @@ def read_segments(path: str | os.PathLike) -> pa.Table:
         video = frame["video_id"].astype("string").str.strip().to_numpy(dtype=object, na_value=None)
         video_column = "video_id"
 
-    start, _ = _int_column(frame, "start_frame", path, nullable=False)
-    stop, _ = _int_column(frame, "stop_frame", path, nullable=False)
+    start, _ = parse_int_column(frame, "start_frame", path, nullable=False)
+    stop, _ = parse_int_column(frame, "stop_frame", path, nullable=False)
     if kind.labelled:
         # The derived list has a label on every line; an empty one there is a short line, not a null.
-        verb, verb_null = _int_column(frame, "verb_class", path, nullable=not txt)
-        noun, noun_null = _int_column(frame, "noun_class", path, nullable=not txt)
+        verb, verb_null = parse_int_column(frame, "verb_class", path, nullable=not txt)
+        noun, noun_null = parse_int_column(frame, "noun_class", path, nullable=not txt)
     else:
         verb, verb_null = np.zeros(len(frame), np.int64), np.ones(len(frame), bool)
         noun, noun_null = verb.copy(), verb_null.copy()
@@ -409,7 +422,7 @@ def read_segments(path: str | os.PathLike) -> pa.Table:
         i = _first(reversed_rows)
         raise AnnotationError(path, i + 1, "start_frame", f"start_frame {start[i]} > stop_frame {stop[i]}")
 
-    _check_participants(participant, video, path, video_column)
+    check_participant_ids(participant, video, path, video_column)
 
     if kind.id_column is None:
         uid = reconstruct_narration_ids(video)
@@ -451,7 +464,7 @@ def _columns_of(path: Path) -> list[str]:
     if suffix == ".txt":
         return list(_DERIVED_TXT_COLUMNS)
     if suffix == ".pkl":
-        return list(_load_frame(path).columns)
+        return list(read_annotation_rows(path).columns)
     try:
         return [str(c).strip() for c in pd.read_csv(path, nrows=0, encoding="utf-8").columns]
     except FileNotFoundError:
@@ -508,7 +521,7 @@ def read_video_info(path: str | os.PathLike) -> dict[str, float]:
         AnnotationError: a missing column or a non-numeric / non-positive fps, with its row.
     """
     path = Path(path)
-    frame = _load_frame(path)
+    frame = read_annotation_rows(path)
     video_column = "video_id" if "video_id" in frame.columns else "video"
     for column in (video_column, "fps"):
         if column not in frame.columns:
@@ -612,7 +625,7 @@ def _meta_file(meta_dir: Path, name: str, dataset: str) -> Path:
 
 def _meta_table(meta_dir: Path, name: str, dataset: str, columns: tuple[str, ...]) -> pd.DataFrame:
     path = _meta_file(meta_dir, name, dataset)
-    frame = _load_frame(path)
+    frame = read_annotation_rows(path)
     for column in columns:
         if column not in frame.columns:
             raise AnnotationError(path, None, column, "required column missing")
@@ -621,18 +634,51 @@ def _meta_table(meta_dir: Path, name: str, dataset: str, columns: tuple[str, ...
 
 def _int_set(meta_dir: Path, name: str, dataset: str, column: str) -> frozenset[int]:
     frame = _meta_table(meta_dir, name, dataset, (column,))
-    values, _ = _int_column(frame, column, meta_dir / name, nullable=False)
+    values, _ = parse_int_column(frame, column, meta_dir / name, nullable=False)
     return frozenset(values.tolist())
 
 
 def _class_keys(meta_dir: Path, dataset: str, what: str) -> tuple[str, ...]:
-    name, id_column, key_column, expected = _CLASS_FILES[dataset][what]
-    path = meta_dir / name
-    frame = _meta_table(meta_dir, name, dataset, (id_column, key_column))
-    ids, _ = _int_column(frame, id_column, path, nullable=False)
+    name = _CLASS_FILES[dataset][what][0]
+    return read_class_list(_meta_file(meta_dir, name, dataset))
+
+
+def read_class_list(path: str | os.PathLike) -> tuple[str, ...]:
+    """A class table (``EPIC_noun_classes.csv``, ``EPIC_100_verb_classes.csv``, ...) as index -> key.
+
+    The EPIC files are recognised by name and their class count is checked (e.g. 352 EPIC-55
+    nouns); another file with the EPIC-55 columns (``noun_id`` / ``verb_id``, ``class_key``) or the
+    EPIC-100 ones (``id``, ``key``) reads too, unchecked in size.
+
+    Args:
+        path: the CSV.
+    Returns:
+        ``keys[i]`` is the key of class ``i`` (e.g. ``read_class_list(EPIC_noun_classes.csv)[1] == 'pan'``).
+    Raises:
+        AnnotationError: no id / key columns, ids that are not 0..n-1 without gaps, or an EPIC file
+            of the wrong size.
+    """
+    path = Path(path)
+    known = [(dataset, what, entry) for dataset, entries in _CLASS_FILES.items()
+             for what, entry in entries.items() if entry[0] == path.name]
+    frame = read_annotation_rows(path)
+    if known:
+        dataset, what, (_, id_column, key_column, expected) = known[0]
+    else:
+        dataset, what, expected = None, "", None
+        pairs = [("noun_id", "class_key"), ("verb_id", "class_key"), ("id", "key")]
+        found = [pair for pair in pairs if set(pair) <= set(frame.columns)]
+        if not found:
+            raise AnnotationError(path, None, None, "a class table needs columns noun_id / verb_id and class_key, "
+                                                    f"or id and key; found {', '.join(frame.columns)}")
+        id_column, key_column = found[0]
+    for column in (id_column, key_column):
+        if column not in frame.columns:
+            raise AnnotationError(path, None, column, "required column missing")
+    ids, _ = parse_int_column(frame, id_column, path, nullable=False)
     if sorted(ids.tolist()) != list(range(len(ids))):
         raise AnnotationError(path, None, id_column, f"class ids are not 0..{len(ids) - 1} without gaps")
-    if len(ids) != expected:
+    if expected is not None and len(ids) != expected:
         raise AnnotationError(path, None, id_column, f"{len(ids)} {what} classes, expected {expected} for {dataset}")
     keys = frame[key_column].astype("string").to_numpy(dtype=object)
     return tuple(str(keys[i]) for i in np.argsort(ids))
@@ -673,8 +719,8 @@ def load_meta(meta_dir: str | os.PathLike, dataset: str | None = None) -> EpicMe
     if dataset == "epic55":
         verbs_file, nouns_file, actions_file = _SUBSET_FILES[dataset]
         actions = _meta_table(meta_dir, actions_file, dataset, ("verb_class", "noun_class"))
-        action_verbs, _ = _int_column(actions, "verb_class", meta_dir / actions_file, nullable=False)
-        action_nouns, _ = _int_column(actions, "noun_class", meta_dir / actions_file, nullable=False)
+        action_verbs, _ = parse_int_column(actions, "verb_class", meta_dir / actions_file, nullable=False)
+        action_nouns, _ = parse_int_column(actions, "noun_class", meta_dir / actions_file, nullable=False)
         return EpicMeta(
             dataset=dataset,
             verb_classes=verbs,

@@ -273,8 +273,9 @@ def _seeded(seed: int, build: Callable[[], Any]) -> Any:
         return build()
 
 
-def _model_provenance(kind: str, spec: str, name: str, feature_dim: int) -> tuple[dict[str, Any], str | None]:
-    _, checkpoint = parse_model_spec(spec)
+def _model_provenance(
+    kind: str, spec: str, name: str, feature_dim: int, checkpoint: Path | None
+) -> tuple[dict[str, Any], str | None]:
     entry: dict[str, Any] = {
         "name": name,
         "spec": spec,
@@ -319,7 +320,7 @@ def _build_models(config: BuildConfig, sampling: ResolvedSampling) -> _Models:
         ("verb_backbone", "verb backbone", config.verb_backbone, verb_record),
         ("noun_backbone", "noun backbone", config.noun_backbone, noun_record),
     ):
-        entry, warning = _model_provenance(kind, spec, record.name, record.feature_dim)
+        entry, warning = _model_provenance(kind, spec, record.name, record.feature_dim, parse_model_spec(spec)[1])
         entry["in_channels"] = in_channels
         mean, std = record.normalisation(in_channels)  # always the record's: the publisher's values
         entry["normalisation"] = {"mean": list(mean), "std": list(std), "input": "[0, 1]"}
@@ -327,8 +328,9 @@ def _build_models(config: BuildConfig, sampling: ResolvedSampling) -> _Models:
         if warning and warning not in warnings:
             warnings.append(warning)
     if detector_record is not None:
+        # The detector says which file it loaded: a detectron2 spec also names a config.
         entry, warning = _model_provenance("detector", config.detector, detector_record.name,
-                                           detector_record.feature_dim)
+                                           detector_record.feature_dim, detector.checkpoint)
         entry.update(score_thresh=config.det_score_thresh, min_size=config.det_min_size,
                      max_size=config.det_max_size,
                      input="rgb frames" if config.modality == "rgb" else "rgb frames of the same videos (flow store)")
@@ -343,16 +345,12 @@ def _build_models(config: BuildConfig, sampling: ResolvedSampling) -> _Models:
 
 
 def _detector_short_side(detector: ObjectDetector | None) -> int | None:
-    """The short side the detector resizes its input to, when it says (torchvision's transform does).
+    """The short side the detector resizes its input to, when it says.
 
     Frames larger than that are shrunk in the decode workers: the detector would do the same, and
     sending 1080p frames between processes costs more than decoding them.
     """
-    transform = getattr(detector, "transform", None)
-    min_size = getattr(transform, "min_size", None)
-    if not min_size:
-        return None
-    return int(min(min_size)) if isinstance(min_size, (tuple, list)) else int(min_size)
+    return None if detector is None else detector.input_short_side
 
 
 # ------------------------------------------------------------------------------------------------

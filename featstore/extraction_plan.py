@@ -11,7 +11,7 @@ import math
 import os
 from dataclasses import dataclass, fields as dataclass_fields
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -22,6 +22,7 @@ from featstore.sampling import SamplingConfig
 from featstore.schema import FieldSpec, default_dtype
 
 __all__ = [
+    "BoxFileFrame",
     "BoxesFileError",
     "FrameDetections",
     "PrecomputedBoxes",
@@ -325,7 +326,29 @@ class _VideoBoxes:
     ends: np.ndarray  # (F,) one past its last row
     boxes: np.ndarray  # (R, 4) float32, rows grouped by frame, best score first within a frame
     scores: np.ndarray  # (R,) float32
-    labels: np.ndarray | None  # (R,) int64
+    labels: np.ndarray | None  # (R,) int64; -1 where the file's label cell is empty
+    file_rows: np.ndarray  # (R,) int64 1-based data row of the file each box came from
+
+
+@dataclass(frozen=True)
+class BoxFileFrame:
+    """The rows of a boxes file for one frame, as the file gives them.
+
+    Attributes:
+        video_id: the video.
+        frame: EPIC 1-based RGB frame index.
+        boxes: (k, 4) float32 x1, y1, x2, y2 in the file's coordinates (not clipped).
+        scores: (k,) float32, descending.
+        labels: (k,) int64 (-1 for an empty label cell), or None when the file has no label column.
+        file_rows: (k,) 1-based data rows of the file (header excluded), for messages.
+    """
+
+    video_id: str
+    frame: int
+    boxes: np.ndarray
+    scores: np.ndarray
+    labels: np.ndarray | None
+    file_rows: np.ndarray
 
 
 class PrecomputedBoxes:
@@ -369,13 +392,17 @@ class PrecomputedBoxes:
             )
         has_label = "label" in table.column_names
         table = table.select(list(_BOX_FILE_COLUMNS) + (["label"] if has_label else []))
+        file_rows = np.arange(1, table.num_rows + 1, dtype=np.int64)  # 1-based data rows, as messages count
         if videos is not None:
             wanted = pa.array(sorted(set(videos)), pa.string())
-            table = table.filter(pc.is_in(pc.cast(table.column("video_id"), pa.string()), value_set=wanted))
+            keep = pc.is_in(pc.cast(table.column("video_id"), pa.string()), value_set=wanted).fill_null(False)
+            table = table.filter(keep)
+            file_rows = file_rows[np.asarray(keep.to_numpy(zero_copy_only=False), dtype=bool)]
         for name in table.column_names:
             nulls = table.column(name).null_count
             if nulls and not (name == "label"):
-                raise BoxesFileError(f"{path}: column {name!r} has {nulls} empty value(s)")
+                row = int(file_rows[np.flatnonzero(table.column(name).is_null().to_numpy(zero_copy_only=False))[0]])
+                raise BoxesFileError(f"{path}: row {row}, column {name!r}: empty value ({nulls} in all)")
         try:
             video = np.asarray(pc.cast(table.column("video_id"), pa.string()).to_pylist(), dtype=object)
             frame = table.column("frame").to_numpy().astype(np.float64)
@@ -387,14 +414,16 @@ class PrecomputedBoxes:
                 label = np.asarray(label_column.fill_null(-1).to_numpy(), dtype=np.float64)
         except (pa.ArrowInvalid, pa.ArrowTypeError, ValueError, TypeError) as err:
             raise BoxesFileError(f"{path}: non-numeric frame, coordinate, score or label ({err})") from err
-        _check_box_values(path, frame, xyxy, score, coords)
+        _check_box_values(path, file_rows, frame, xyxy, score, coords)
         if label is not None and np.any(label != np.floor(label)):
-            raise BoxesFileError(f"{path}: labels must be integers")
+            row = int(file_rows[np.flatnonzero(label != np.floor(label))[0]])
+            raise BoxesFileError(f"{path}: row {row}, column 'label': labels must be integers")
 
         # Group: by video, then frame, best score first (stable, so ties keep file order).
         order = np.lexsort((-score, frame, video.astype(str)))
         video, frame, xyxy, score = video[order], frame[order].astype(np.int64), xyxy[order], score[order]
         label = None if label is None else label[order].astype(np.int64)
+        file_rows = file_rows[order]
         by_video: dict[str, _VideoBoxes] = {}
         if len(video):
             video_starts = np.flatnonzero(np.r_[True, video[1:] != video[:-1]])
@@ -409,11 +438,29 @@ class PrecomputedBoxes:
                     boxes=xyxy[lo:hi].astype(np.float32),
                     scores=score[lo:hi].astype(np.float32),
                     labels=None if label is None else label[lo:hi],
+                    file_rows=file_rows[lo:hi],
                 )
         return cls(path, coords, by_video, rows=len(video))
 
     def has_labels(self) -> bool:
         return any(v.labels is not None for v in self._videos.values())
+
+    def frames(self) -> Iterator[BoxFileFrame]:
+        """Every frame the file has rows for, by video then frame, in the file's coordinates.
+
+        This is the file as ground truth (training a detector on it), where `frame` serves lookups.
+        """
+        for video_id in sorted(self._videos):
+            entry = self._videos[video_id]
+            for frame, lo, hi in zip(entry.frames.tolist(), entry.starts.tolist(), entry.ends.tolist()):
+                yield BoxFileFrame(
+                    video_id=video_id,
+                    frame=int(frame),
+                    boxes=entry.boxes[lo:hi].copy(),
+                    scores=entry.scores[lo:hi].copy(),
+                    labels=None if entry.labels is None else entry.labels[lo:hi].copy(),
+                    file_rows=entry.file_rows[lo:hi].copy(),
+                )
 
     def frame(
         self, video_id: str, frame: int, *, topk: int, frame_size: tuple[int, int]
@@ -462,23 +509,31 @@ def _read_box_table(path: Path) -> pa.Table:
         raise BoxesFileError(f"cannot read boxes file {path}: {err}") from err
 
 
-def _check_box_values(path: Path, frame: np.ndarray, xyxy: np.ndarray, score: np.ndarray, coords: str) -> None:
+def _check_box_values(
+    path: Path, file_rows: np.ndarray, frame: np.ndarray, xyxy: np.ndarray, score: np.ndarray, coords: str
+) -> None:
     def first_bad(mask: np.ndarray) -> int:
-        return int(np.flatnonzero(mask)[0]) + 1  # 1-based data row, as the annotation errors count
+        return int(file_rows[np.flatnonzero(mask)[0]])  # 1-based data row, as the annotation errors count
 
     bad = ~np.isfinite(frame) | (frame < 1) | (frame != np.floor(frame))
     if bad.any():
-        raise BoxesFileError(f"{path}: row {first_bad(bad)}: frame must be a 1-based integer, got {frame[bad][0]}")
-    bad = ~np.isfinite(xyxy).all(axis=1) | ~np.isfinite(score)
-    if bad.any():
-        raise BoxesFileError(f"{path}: row {first_bad(bad)}: non-finite coordinate or score")
-    bad = (xyxy[:, 2] <= xyxy[:, 0]) | (xyxy[:, 3] <= xyxy[:, 1])
-    if bad.any():
-        row = first_bad(bad)
         raise BoxesFileError(
-            f"{path}: row {row}: box {xyxy[row - 1].tolist()} has x2 <= x1 or y2 <= y1 "
-            "(expected x1, y1, x2, y2 corners)"
+            f"{path}: row {first_bad(bad)}, column 'frame': must be a 1-based integer, got {frame[bad][0]}"
         )
+    values = np.concatenate([xyxy, score[:, None]], axis=1)  # (N, 5): x1, y1, x2, y2, score
+    bad = ~np.isfinite(values)
+    if bad.any():
+        row, column = np.argwhere(bad)[0]
+        name = ("x1", "y1", "x2", "y2", "score")[column]
+        raise BoxesFileError(f"{path}: row {int(file_rows[row])}, column {name!r}: non-finite value {values[row, column]}")
+    for low, high in (("x1", "x2"), ("y1", "y2")):
+        at = {"x1": 0, "y1": 1, "x2": 2, "y2": 3}
+        bad = xyxy[:, at[high]] <= xyxy[:, at[low]]
+        if bad.any():
+            raise BoxesFileError(
+                f"{path}: row {first_bad(bad)}, column {high!r}: box {xyxy[bad][0].tolist()} has {high} <= {low} "
+                "(expected x1, y1, x2, y2 corners)"
+            )
     if coords == "normalized":
         bad = (xyxy < -_NORMALISED_SLACK).any(axis=1) | (xyxy > 1 + _NORMALISED_SLACK).any(axis=1)
         if bad.any():

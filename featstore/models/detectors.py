@@ -1,4 +1,7 @@
-"""Object detectors for the detection features: torchvision Faster R-CNNs and a detectron2 adapter.
+"""Object detectors for the detection features: the registry, its base class, torchvision Faster R-CNNs.
+
+The detectron2 adapter lives in `featstore.models.detectron2_rcnn` and registers itself here when
+detectron2 is installed.
 
 Per-box features follow the paper (report 3.1, after LFB): the box head's representation RoI-pooled
 on the *final* detections, not on the proposals that produced them. The detector runs as usual to
@@ -9,9 +12,10 @@ proposals, so both paths give identical features for identical boxes.
 """
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -37,7 +41,7 @@ from featstore.models.registry import Registry
 # torchvision's detection models are trained on COCO: 80 classes + background, indexed with gaps to 91.
 COCO_NUM_CLASSES = 91
 # torchvision's own default cap on detections per image; raised on the fly when topk asks for more.
-_DEFAULT_DETECTIONS_PER_IMAGE = 100
+DEFAULT_DETECTIONS_PER_IMAGE = 100
 
 
 @dataclass(frozen=True)
@@ -62,7 +66,8 @@ class Detections:
     Attributes:
         boxes: (k, 4) float32 x1, y1, x2, y2 normalised to [0, 1] by the image width / height.
         scores: (k,) detection scores, descending.
-        labels: (k,) int64 class indices of the detector's label space.
+        labels: (k,) int64 class indices of the detector's label space: torchvision's are 1..K with 0
+            for background (COCO: the 91-slot ids with gaps), detectron2's are 0..K-1.
         features: (k, Cd) box-head representation pooled at ``boxes``.
     """
 
@@ -82,12 +87,31 @@ class ObjectDetector(nn.Module):
         record: the registry record.
     """
 
-    # Set by the builder when weights came from a checkpoint.
+    # Set by the builder when weights came from a checkpoint: what was loaded, and from which file
+    # (the file whose hash the store manifest records).
     load_report: LoadReport | None = None
+    checkpoint: Path | None = None
 
     def __init__(self, *, record: DetectorRecord) -> None:
         super().__init__()
         self.record = record
+
+    @property
+    def input_short_side(self) -> int | None:
+        """The short side this detector resizes images to (None: it does not say)."""
+        return None
+
+    def save_checkpoint(self, path: str | os.PathLike) -> str:
+        """Write this detector's weights (atomically) where `build_detector` reads them back.
+
+        Args:
+            path: the checkpoint file to write, ``{"model": state_dict}`` in torch format.
+
+        Returns:
+            The spec that rebuilds this detector from the file (``"NAME:path"``).
+        """
+        write_state_dict(path, self.state_dict())
+        return f"{self.record.name}:{path}"
 
     def detect(self, images: list[Tensor], topk: int) -> list[Detections]:
         """Detect objects and pool box-head features at the final boxes.
@@ -119,13 +143,40 @@ class ObjectDetector(nn.Module):
         return self.detect(images, topk)
 
 
-def _check_images(images: list[Tensor]) -> None:
+def write_file_atomically(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it over ``path``.
+
+    A crash mid-write leaves the old file (or none), never a truncated checkpoint.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_state_dict(path: str | os.PathLike, state_dict: Mapping[str, Tensor]) -> None:
+    """Save ``{"model": state_dict}`` atomically (the container `read_state_dict` unwraps).
+
+    Args:
+        path: the file to write.
+        state_dict: the tensors; moved to the CPU so the file loads anywhere.
+    """
+    tensors = {key: value.detach().cpu() for key, value in state_dict.items()}
+    write_file_atomically(path, lambda tmp: torch.save({"model": tensors}, tmp))
+
+
+def check_images(images: list[Tensor]) -> None:
+    """Raise ValueError naming the first image that is not (3, H, W)."""
     for index, image in enumerate(images):
         if image.dim() != 3 or image.shape[0] != 3:
             raise ValueError(f"image {index}: expected (3, H, W), got {tuple(image.shape)}")
 
 
-def _check_boxes(images: list[Tensor], boxes: list[Tensor]) -> None:
+def check_boxes(images: list[Tensor], boxes: list[Tensor]) -> None:
+    """Raise ValueError unless there is one (k, 4) box tensor per image."""
     if len(images) != len(boxes):
         raise ValueError(f"{len(images)} images but {len(boxes)} box tensors")
     for index, image_boxes in enumerate(boxes):
@@ -133,10 +184,31 @@ def _check_boxes(images: list[Tensor], boxes: list[Tensor]) -> None:
             raise ValueError(f"boxes of image {index}: expected (k, 4), got {tuple(image_boxes.shape)}")
 
 
-def _scale(image_size: tuple[int, int], like: Tensor) -> Tensor:
+def pixel_scale(image_size: tuple[int, int], like: Tensor) -> Tensor:
     """(4,) multiplier from normalised x1, y1, x2, y2 to pixels of an (H, W) image."""
     height, width = image_size
     return like.new_tensor([width, height, width, height])
+
+
+def top_detections(
+    pixel_boxes: Tensor, scores: Tensor, labels: Tensor, image_size: tuple[int, int], topk: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The ``topk`` best final detections of one image, boxes normalised by its (resized) size.
+
+    Args:
+        pixel_boxes: (n, 4) x1, y1, x2, y2 in pixels of the image the model saw.
+        scores: (n,).
+        labels: (n,).
+        image_size: (H, W) of that image.
+        topk: how many to keep.
+
+    Returns:
+        ``(boxes (k, 4) float32 in [0, 1], scores (k,), labels (k,) int64)``, best first; NMS output is
+        already score-ordered, but sorting again (stably) keeps topk independent of that detail.
+    """
+    order = torch.argsort(scores, descending=True, stable=True)[:topk]
+    boxes = pixel_boxes[order].to(torch.float32)
+    return (boxes / pixel_scale(image_size, boxes)).clamp_(0.0, 1.0), scores[order], labels[order].to(torch.int64)
 
 
 class TorchvisionFasterRCNN(ObjectDetector):
@@ -156,6 +228,12 @@ class TorchvisionFasterRCNN(ObjectDetector):
         self.backbone = model.backbone
         self.rpn = model.rpn
         self.roi_heads = model.roi_heads
+
+    @property
+    def input_short_side(self) -> int:
+        """See `ObjectDetector.input_short_side` (the transform's smallest ``min_size``)."""
+        min_size = self.transform.min_size
+        return int(min(min_size)) if isinstance(min_size, (tuple, list)) else int(min_size)
 
     def _image_features(self, images: list[Tensor]) -> tuple[ImageList, OrderedDict[str, Tensor]]:
         """Resize, normalise and batch the images, then run the backbone (with FPN).
@@ -189,7 +267,7 @@ class TorchvisionFasterRCNN(ObjectDetector):
         pixel_boxes = []
         for image_boxes, size in zip(boxes, image_sizes):
             image_boxes = image_boxes.to(device=reference.device, dtype=torch.float32)
-            pixel_boxes.append((image_boxes * _scale(size, image_boxes)).to(reference.dtype))
+            pixel_boxes.append((image_boxes * pixel_scale(size, image_boxes)).to(reference.dtype))
         pooled = self.roi_heads.box_roi_pool(features, pixel_boxes, image_sizes)  # (N, 256, 7, 7)
         representation = self.roi_heads.box_head(pooled)  # (N, Cd)
         return list(representation.split(counts))
@@ -197,35 +275,31 @@ class TorchvisionFasterRCNN(ObjectDetector):
     @torch.no_grad()
     def detect(self, images: list[Tensor], topk: int) -> list[Detections]:
         """See `ObjectDetector.detect`."""
-        _check_images(images)
+        check_images(images)
         if not images:
             return []
         image_list, features = self._image_features(images)
         image_sizes = [(int(h), int(w)) for h, w in image_list.image_sizes]
         proposals, _ = self.rpn(image_list, features)
-        self.roi_heads.detections_per_img = max(_DEFAULT_DETECTIONS_PER_IMAGE, topk)
+        self.roi_heads.detections_per_img = max(DEFAULT_DETECTIONS_PER_IMAGE, topk)
         # Final detections in resized-image pixels (roi_heads clips them to each image).
         results, _ = self.roi_heads(features, proposals, image_list.image_sizes)
 
-        normalised_boxes: list[Tensor] = []
-        kept: list[tuple[Tensor, Tensor]] = []
-        for result, size in zip(results, image_sizes):
-            # NMS output is already score-ordered; sort again so topk never depends on that detail.
-            order = torch.argsort(result["scores"], descending=True, stable=True)[:topk]
-            boxes = result["boxes"][order].to(torch.float32) / _scale(size, result["boxes"].to(torch.float32))
-            normalised_boxes.append(boxes.clamp_(0.0, 1.0))
-            kept.append((result["scores"][order], result["labels"][order].to(torch.int64)))
-        box_features = self._pool_normalised(features, normalised_boxes, image_sizes)
+        kept = [
+            top_detections(result["boxes"], result["scores"], result["labels"], size, topk)
+            for result, size in zip(results, image_sizes)
+        ]
+        box_features = self._pool_normalised(features, [boxes for boxes, _, _ in kept], image_sizes)
         return [
             Detections(boxes=boxes, scores=scores, labels=labels, features=feats)
-            for boxes, (scores, labels), feats in zip(normalised_boxes, kept, box_features)
+            for (boxes, scores, labels), feats in zip(kept, box_features)
         ]
 
     @torch.no_grad()
     def features_at(self, images: list[Tensor], boxes: list[Tensor]) -> list[Tensor]:
         """See `ObjectDetector.features_at`."""
-        _check_images(images)
-        _check_boxes(images, boxes)
+        check_images(images)
+        check_boxes(images, boxes)
         if not images:
             return []
         image_list, features = self._image_features(images)
@@ -272,7 +346,7 @@ def register_detector(record: DetectorRecord) -> Callable[[DetectorFactory], Det
 
 
 def list_detectors() -> list[str]:
-    """Names of all registered detectors, sorted (``detectron2`` only when it is importable)."""
+    """Names of all registered detectors, sorted (``detectron2`` only where it is installed)."""
     return _DETECTORS.names()
 
 
@@ -296,7 +370,8 @@ def build_detector(
     """Build a registered detector, optionally from a local checkpoint.
 
     Args:
-        spec: ``"NAME"`` (random init; fine for tests) or ``"NAME:/local/path"``.
+        spec: ``"NAME"`` (random init; fine for tests) or ``"NAME:/local/path"``; detectron2 takes
+            ``"detectron2[:CONFIG][:WEIGHTS]"`` (see `featstore.models.detectron2_rcnn`).
         score_thresh: minimum score of a final detection.
         num_classes: classes incl. background; default: from the checkpoint, else 91 (COCO).
         min_size: short side the detector resizes images to (None: the model's default).
@@ -361,6 +436,7 @@ def _build_torchvision(
         detector.load_report = apply_state_dict(
             detector, state_dict, source=repr(str(checkpoint)), model_name=record.name
         )
+        detector.checkpoint = checkpoint
     return detector
 
 
@@ -410,182 +486,3 @@ _register_torchvision(
     ),
     fasterrcnn_mobilenet_v3_large_320_fpn,
 )
-
-
-# ---------------------------------------------------------------------------------------------------
-# detectron2 (optional: registered only when importable; it is not installable from package registries)
-
-try:  # pragma: no cover - exercised only where detectron2 is installed
-    import detectron2  # noqa: F401
-
-    _HAVE_DETECTRON2 = True
-except ImportError:
-    _HAVE_DETECTRON2 = False
-
-
-class Detectron2Detector(ObjectDetector):  # pragma: no cover - needs detectron2
-    """Adapter for a detectron2 `GeneralizedRCNN` (e.g. an EPIC-Kitchens / Visual Genome Faster R-CNN).
-
-    Supports ``StandardROIHeads`` (FPN / C5 box heads: features = ``box_head`` output) and
-    ``Res5ROIHeads`` (C4: features = res5 output averaged over the RoI, 2048-d). Images are resized
-    here (detectron2 models expect pre-resized input), shortest edge to ``INPUT.MIN_SIZE_TEST``
-    capped by ``INPUT.MAX_SIZE_TEST``, and fed in the channel order and 0-255 range of ``INPUT.FORMAT``.
-
-    Args:
-        model: a built detectron2 model with weights loaded.
-        record: the registry record (its feature_dim is replaced with the model's).
-        min_size: shortest edge after resizing.
-        max_size: cap on the longest edge after resizing.
-        input_format: ``"BGR"`` or ``"RGB"``.
-    """
-
-    def __init__(
-        self, *, model: nn.Module, record: DetectorRecord, min_size: int, max_size: int, input_format: str
-    ) -> None:
-        roi_heads = model.roi_heads
-        if hasattr(roi_heads, "box_head"):
-            feature_dim = int(roi_heads.box_head.output_shape.channels)
-        else:
-            feature_dim = int(roi_heads.res5[-1].out_channels)
-        super().__init__(record=replace(record, feature_dim=feature_dim))
-        self.model = model
-        self.min_size = min_size
-        self.max_size = max_size
-        self.input_format = input_format
-
-    def _prepare(self, images: list[Tensor]) -> list[dict[str, object]]:
-        batched: list[dict[str, object]] = []
-        for image in images:
-            height, width = image.shape[-2:]
-            scale = self.min_size / min(height, width)
-            if max(height, width) * scale > self.max_size:
-                scale = self.max_size / max(height, width)
-            new_size = (int(round(height * scale)), int(round(width * scale)))
-            resized = torch.nn.functional.interpolate(
-                image[None].float(), size=new_size, mode="bilinear", align_corners=False
-            )[0]
-            pixels = resized.clamp(0.0, 1.0) * 255.0
-            if self.input_format == "BGR":
-                pixels = pixels.flip(0)
-            batched.append({"image": pixels, "height": new_size[0], "width": new_size[1]})
-        return batched
-
-    def _features(self, images: list[Tensor]) -> tuple[list[tuple[int, int]], dict[str, Tensor], object]:
-        batched = self._prepare(images)
-        image_list = self.model.preprocess_image(batched)
-        features = self.model.backbone(image_list.tensor)
-        return [tuple(size) for size in image_list.image_sizes], features, image_list
-
-    def _pool_normalised(
-        self, features: dict[str, Tensor], boxes: list[Tensor], image_sizes: list[tuple[int, int]]
-    ) -> list[Tensor]:
-        from detectron2.structures import Boxes
-
-        counts = [int(b.shape[0]) for b in boxes]
-        if sum(counts) == 0:
-            reference = next(iter(features.values()))
-            return [reference.new_zeros((0, self.record.feature_dim)) for _ in boxes]
-        pixel_boxes = [Boxes(b.float() * _scale(size, b.float())) for b, size in zip(boxes, image_sizes)]
-        roi_heads = self.model.roi_heads
-        if hasattr(roi_heads, "box_head"):
-            pooled = roi_heads.box_pooler([features[name] for name in roi_heads.box_in_features], pixel_boxes)
-            representation = roi_heads.box_head(pooled)
-        else:
-            in_features = [features[name] for name in roi_heads.in_features]
-            pooled = roi_heads._shared_roi_transform(in_features, pixel_boxes)
-            representation = pooled.mean(dim=(2, 3))
-        return list(representation.flatten(1).split(counts))
-
-    @torch.no_grad()
-    def detect(self, images: list[Tensor], topk: int) -> list[Detections]:
-        _check_images(images)
-        if not images:
-            return []
-        image_sizes, features, image_list = self._features(images)
-        proposals, _ = self.model.proposal_generator(image_list, features, None)
-        predictor = self.model.roi_heads.box_predictor
-        predictor.test_topk_per_image = max(_DEFAULT_DETECTIONS_PER_IMAGE, topk)
-        instances, _ = self.model.roi_heads(image_list, features, proposals, None)
-        normalised_boxes: list[Tensor] = []
-        kept: list[tuple[Tensor, Tensor]] = []
-        for found, size in zip(instances, image_sizes):
-            order = torch.argsort(found.scores, descending=True, stable=True)[:topk]
-            boxes = found.pred_boxes.tensor[order].float() / _scale(size, found.pred_boxes.tensor.float())
-            normalised_boxes.append(boxes.clamp_(0.0, 1.0))
-            kept.append((found.scores[order], found.pred_classes[order].to(torch.int64)))
-        box_features = self._pool_normalised(features, normalised_boxes, image_sizes)
-        return [
-            Detections(boxes=boxes, scores=scores, labels=labels, features=feats)
-            for boxes, (scores, labels), feats in zip(normalised_boxes, kept, box_features)
-        ]
-
-    @torch.no_grad()
-    def features_at(self, images: list[Tensor], boxes: list[Tensor]) -> list[Tensor]:
-        _check_images(images)
-        _check_boxes(images, boxes)
-        if not images:
-            return []
-        image_sizes, features, _ = self._features(images)
-        return self._pool_normalised(features, [b.float() for b in boxes], image_sizes)
-
-
-def _detectron2_paths(checkpoint: Path) -> tuple[Path, Path]:  # pragma: no cover - needs detectron2
-    """(config, weights) from ``model_final.pth`` (config.yaml beside it, as detectron2 training
-    writes) or from a config .yaml whose MODEL.WEIGHTS is a local file."""
-    if checkpoint.suffix in (".yaml", ".yml"):
-        return checkpoint, Path()
-    return checkpoint.parent / "config.yaml", checkpoint
-
-
-if _HAVE_DETECTRON2:  # pragma: no cover - needs detectron2
-
-    @register_detector(
-        DetectorRecord(
-            name="detectron2",
-            feature_dim=1024,
-            description="detectron2 Faster R-CNN from local config + weights (detectron2:/path/model_final.pth)",
-        )
-    )
-    def _build_detectron2(
-        checkpoint: Path | None,
-        *,
-        score_thresh: float,
-        num_classes: int | None,
-        min_size: int | None,
-        max_size: int | None,
-    ) -> ObjectDetector:
-        from detectron2.checkpoint import DetectionCheckpointer
-        from detectron2.config import get_cfg
-        from detectron2.modeling import build_model
-
-        if checkpoint is None:
-            raise CheckpointError(
-                "the detectron2 adapter needs a local model: detectron2:/path/model_final.pth (with config.yaml "
-                "beside it) or detectron2:/path/config.yaml whose MODEL.WEIGHTS is a local file"
-            )
-        config_path, weights_path = _detectron2_paths(checkpoint)
-        if not config_path.is_file():
-            raise CheckpointError(f"detectron2 config not found: {str(config_path)!r}")
-        cfg = get_cfg()
-        cfg.merge_from_file(str(config_path))
-        if weights_path == Path():
-            weights_path = Path(cfg.MODEL.WEIGHTS)
-        if not weights_path.is_file():
-            raise CheckpointError(
-                f"detectron2 weights not found: {str(weights_path)!r}. featstore never downloads weights; "
-                "pass the local path of model_final.pth"
-            )
-        cfg.MODEL.WEIGHTS = str(weights_path)
-        cfg.MODEL.DEVICE = "cpu"
-        cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = score_thresh
-        if num_classes is not None:
-            cfg.MODEL.ROI_HEADS.NUM_CLASSES = num_classes
-        model = build_model(cfg)
-        DetectionCheckpointer(model).load(str(weights_path))
-        return Detectron2Detector(
-            model=model,
-            record=get_detector_record("detectron2"),
-            min_size=min_size or int(cfg.INPUT.MIN_SIZE_TEST),
-            max_size=max_size or int(cfg.INPUT.MAX_SIZE_TEST),
-            input_format=str(cfg.INPUT.FORMAT),
-        )

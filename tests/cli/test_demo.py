@@ -122,8 +122,8 @@ def _digest(folder: Path) -> str:
 
 def test_the_sample_is_reproducible_and_balanced(tmp_path: Path) -> None:
     spec = demo.SampleSpec(("P01",), ("P26",), videos_per_participant=1, segments_per_video=4)
-    first = demo.generate_sample(tmp_path / "a", spec, seed=3)
-    demo.generate_sample(tmp_path / "b", spec, seed=3)
+    first = kitchens.generate_sample(tmp_path / "a", spec, seed=3)
+    kitchens.generate_sample(tmp_path / "b", spec, seed=3)
     assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
     assert len(first.segments) == 8
     assert {s.participant_id for s in first.segments} == {"P01", "P26"}

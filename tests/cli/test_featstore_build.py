@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 import shutil
 from pathlib import Path
 
@@ -30,10 +31,11 @@ def _invoke(*args: object) -> Result:
     return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
-def _build(store: Path, annotations: Path, frames: Path, *extra: object, size: int = 32) -> Result:
+def _build(store: Path, annotations: Path, frames: Path, *extra: object, size: int = 32,
+           detector: str = DETECTOR) -> Result:
     return _invoke(
         "build", store, "--annotations", annotations, "--frames", frames,
-        "--verb-backbone", "r3d_18", "--noun-backbone", "r3d_18", "--detector", DETECTOR,
+        "--verb-backbone", "r3d_18", "--noun-backbone", "r3d_18", "--detector", detector,
         "--det-score-thresh", "0", "--det-min-size", "64", "--det-max-size", "128",
         "--clip-frames", "8", "--clip-stride", "2", "--size", size, "--no-progress", *extra,
     )
@@ -53,31 +55,70 @@ def test_build_writes_the_documented_fields_and_box_rows(tmp_path: Path) -> None
     assert "built 4, already stored 0, failed 0 of 4 segments" in result.output
     assert "RANDOM WEIGHTS" in result.output  # CliRunner mixes stderr into output
 
-    info = json.loads(_invoke("info", store, "--json").output)
+    info = _assert_detection_store_contract(store, n_segments=4, feature_dim=1024)
     shapes = {name: spec["shape"] for name, spec in info["fields"].items()}
-    assert shapes == {
+    assert {name: shape for name, shape in shapes.items() if not name.startswith("det.")} == {
         "verb.global": [512], "verb.map": [512, 1, 7, 13], "noun.global": [512],
-        "det.global.feat": [60, 1024], "det.global.box": [60, 4], "det.global.score": [60],
-        "det.local.feat": [40, 1024], "det.local.box": [40, 4], "det.local.score": [40],
     }
-    assert info["fields"]["det.global.box"]["dtype"] == "float32"
-    assert info["segments"] == {"ok": 4, "failed": 0}
     provenance = info["manifest"]["provenance"]
     assert provenance["input_size"] == [112, 199] and provenance["clip_frames"] == 8
     assert provenance["size"] == 112 and provenance["clip_stride"] == 2 and provenance["modality"] == "rgb"
     assert provenance["detector"]["name"] == DETECTOR and provenance["detector"]["checkpoint_sha256"] is None
     assert isinstance(provenance["command"], str)  # under CliRunner it is the test runner's command line
 
+    again = _build(store, annotations, frames, "--workers", "0", size=112)
+    assert again.exit_code == 0 and "built 0, already stored 4, failed 0" in again.output
+
+
+def _assert_detection_store_contract(store: Path, *, n_segments: int, feature_dim: int) -> dict:
+    """What every detector's store holds (DESIGN section 3): the det.* fields at 60 / 40 slots, a
+    boxes row per slot, boxes normalised to [0, 1], real detections with a positive score and a
+    frame, padded slots masked. Returns `featstore info --json`."""
+    info = json.loads(_invoke("info", store, "--json").output)
+    shapes = {name: spec["shape"] for name, spec in info["fields"].items() if name.startswith("det.")}
+    assert shapes == {
+        "det.global.feat": [60, feature_dim], "det.global.box": [60, 4], "det.global.score": [60],
+        "det.local.feat": [40, feature_dim], "det.local.box": [40, 4], "det.local.score": [40],
+    }
+    assert info["fields"]["det.global.box"]["dtype"] == "float32"
+    assert info["segments"] == {"ok": n_segments, "failed": 0}
+
     counts = _query(store, 'select uid, "set", count(*) as n from boxes group by all order by all')
-    assert counts == [{"uid": f"s{i}", "set": s, "n": n} for i in range(4) for s, n in (("global", 60), ("local", 40))]
+    assert counts == [{"uid": f"s{i}", "set": s, "n": n}
+                      for i in range(n_segments) for s, n in (("global", 60), ("local", 40))]
     # Padded slots are masked, never silently zero-filled: s0's window starts before frame 1.
     padded = _query(store, "select count(*) as n from boxes where not valid and score = 0 and frame is null "
                            "and uid = 's0'")
     assert padded[0]["n"] >= 10
     assert _query(store, "select count(*) as n from boxes where valid and (score <= 0 or frame is null)") == [{"n": 0}]
+    valid = _query(store, "select count(*) as n, min(least(x1, y1)) as lo, max(greatest(x2, y2)) as hi, "
+                          "bool_and(x2 >= x1 and y2 >= y1) as ordered from boxes where valid")[0]
+    assert valid["n"] > 0 and 0 <= valid["lo"] and valid["hi"] <= 1 and valid["ordered"]
+    return info
 
-    again = _build(store, annotations, frames, "--workers", "0", size=112)
-    assert again.exit_code == 0 and "built 0, already stored 4, failed 0" in again.output
+
+def test_build_with_a_detectron2_model_zoo_config(tmp_path: Path) -> None:
+    pytest.importorskip("detectron2")
+    from featstore.models import build_detector, file_sha256
+
+    # A zoo-format .pkl of a random model, so that the manifest must hash the weights file (the spec
+    # also names a config, which is no file to hash).
+    torch.manual_seed(0)
+    model = build_detector("detectron2")[0].model
+    weights = tmp_path / "model_final.pkl"
+    with open(weights, "wb") as handle:
+        pickle.dump({"model": {k: v.numpy() for k, v in model.state_dict().items()}, "__author__": "test"}, handle)
+    spec = f"detectron2:COCO-Detection/faster_rcnn_R_50_FPN_3x.yaml:{weights}"
+
+    frames, annotations = make_epic_dataset(tmp_path / "epic", n_segments=2)
+    store = tmp_path / "store"
+    result = _build(store, annotations, frames, "--workers", "0", detector=spec)
+    assert result.exit_code == 0, result.output
+    assert "built 2, already stored 0, failed 0 of 2 segments" in result.output
+    info = _assert_detection_store_contract(store, n_segments=2, feature_dim=1024)
+    detector = info["manifest"]["provenance"]["detector"]
+    assert detector["name"] == "detectron2" and detector["spec"] == spec
+    assert detector["checkpoint_sha256"] == file_sha256(weights) and detector["weights"] == "checkpoint"
 
 
 def test_corrupt_jpeg_fails_its_segment_only(tmp_path: Path) -> None:

@@ -1,6 +1,14 @@
-"""Detector tests on randomly initialised torchvision Faster R-CNNs (score_thresh=0 so random weights
-still yield boxes): shapes and normalisation of detections, and that detection features are the box
-head re-pooled on the final boxes, i.e. equal to `features_at` on those boxes."""
+"""Detector tests, parametrised over the detector registry: a detector is tested here the moment it
+is registered (``detectron2`` where detectron2 is installed, as in CI).
+
+Every detector is randomly initialised under a fixed seed at a small input size, with score
+threshold 0 so random weights still yield boxes. The contract: detections are the top-k, best first,
+with boxes normalised to [0, 1]; their features are the box head re-pooled on the final boxes, i.e.
+equal to `features_at` on those boxes; a checkpoint round-trips exactly and a wrong one is refused
+with what does not fit. Each family's detections are also checked against its library's own
+forward pass (torchvision's ``FasterRCNN.forward`` here; detectron2's predictor in
+test_detectron2.py), which pins the normalisation of the boxes.
+"""
 from __future__ import annotations
 
 import importlib.util
@@ -21,6 +29,22 @@ from featstore.models import (
 
 MOBILENET = "fasterrcnn_mobilenet_v3_large_320_fpn"
 TOPK = 5
+MIN_SIZE, MAX_SIZE = 64, 128
+# Detectors too large to build several times per test in the fast loop.
+LARGE = {"fasterrcnn_resnet50_fpn", "fasterrcnn_resnet50_fpn_v2", "detectron2"}
+
+
+def small_detector(spec: str, **kwargs) -> ObjectDetector:
+    """A registered detector at the tests' input size, score threshold 0."""
+    detector, _ = build_detector(spec, score_thresh=0.0, min_size=MIN_SIZE, max_size=MAX_SIZE, **kwargs)
+    return detector
+
+
+def each_detector(*, slow_when_large: bool = False) -> list:
+    return [
+        pytest.param(name, marks=pytest.mark.slow if slow_when_large and name in LARGE else ())
+        for name in list_detectors()
+    ]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -33,24 +57,23 @@ def _single_thread() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def images() -> list[torch.Tensor]:
-    """Two frames of different sizes (the transform resizes and pads them into one batch)."""
+    """Two frames of different sizes (each detector resizes and pads them into one batch)."""
     generator = torch.Generator().manual_seed(0)
     return [torch.rand(3, 120, 160, generator=generator), torch.rand(3, 100, 150, generator=generator)]
 
 
-@pytest.fixture(scope="module")
-def mobilenet() -> ObjectDetector:
+@pytest.fixture(scope="module", params=each_detector())
+def detector(request: pytest.FixtureRequest) -> ObjectDetector:
     torch.manual_seed(0)
-    detector, _ = build_detector(MOBILENET, score_thresh=0.0)
-    return detector
+    return small_detector(request.param)
 
 
 @pytest.fixture(scope="module")
-def detections(mobilenet: ObjectDetector, images: list[torch.Tensor]) -> list[Detections]:
-    return mobilenet.detect(images, topk=TOPK)
+def detections(detector: ObjectDetector, images: list[torch.Tensor]) -> list[Detections]:
+    return detector.detect(images, topk=TOPK)
 
 
-def _assert_well_formed(found: Detections, topk: int, feature_dim: int) -> None:
+def assert_well_formed(found: Detections, topk: int, feature_dim: int) -> None:
     count = len(found)
     assert count <= topk
     assert found.boxes.shape == (count, 4) and found.boxes.dtype == torch.float32
@@ -63,7 +86,7 @@ def _assert_well_formed(found: Detections, topk: int, feature_dim: int) -> None:
     assert torch.isfinite(found.features).all()
 
 
-def test_registry_lists_the_torchvision_detectors() -> None:
+def test_registry_lists_the_detectors() -> None:
     names = list_detectors()
     assert {"fasterrcnn_resnet50_fpn", "fasterrcnn_resnet50_fpn_v2", MOBILENET} <= set(names)
     assert ("detectron2" in names) == (importlib.util.find_spec("detectron2") is not None)
@@ -71,88 +94,99 @@ def test_registry_lists_the_torchvision_detectors() -> None:
 
 
 def test_detect_returns_topk_normalised_boxes_with_box_head_features(
-    mobilenet: ObjectDetector, detections: list[Detections]
+    detector: ObjectDetector, detections: list[Detections]
 ) -> None:
     assert len(detections) == 2
-    assert mobilenet.record.feature_dim == 1024
+    assert detector.record.feature_dim == get_detector_record(detector.record.name).feature_dim
+    assert detector.input_short_side == MIN_SIZE  # what the build's decode workers shrink frames to
     for found in detections:
-        _assert_well_formed(found, TOPK, mobilenet.record.feature_dim)
-    # score_thresh=0 must give boxes, else the re-pooling test below would be vacuous.
-    assert sum(len(found) for found in detections) > 0
+        assert_well_formed(found, TOPK, detector.record.feature_dim)
+    # score_thresh=0 must give boxes, else the re-pooling tests below would be vacuous.
+    assert all(len(found) > 0 for found in detections)
 
 
 def test_detect_features_are_repooled_on_the_final_boxes(
-    mobilenet: ObjectDetector, images: list[torch.Tensor], detections: list[Detections]
+    detector: ObjectDetector, images: list[torch.Tensor], detections: list[Detections]
 ) -> None:
-    pooled = mobilenet.features_at(images, [found.boxes for found in detections])
+    pooled = detector.features_at(images, [found.boxes for found in detections])
     for found, features in zip(detections, pooled):
-        torch.testing.assert_close(features, found.features, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(features, found.features, rtol=1e-5, atol=1e-5)
 
 
 def test_smaller_topk_keeps_the_best_detections(
-    mobilenet: ObjectDetector, images: list[torch.Tensor], detections: list[Detections]
+    detector: ObjectDetector, images: list[torch.Tensor], detections: list[Detections]
 ) -> None:
-    fewer = mobilenet.detect(images, topk=2)
+    fewer = detector.detect(images, topk=2)
     for short, full in zip(fewer, detections):
         assert len(short) == min(2, len(full))
         torch.testing.assert_close(short.boxes, full.boxes[: len(short)])
         torch.testing.assert_close(short.features, full.features[: len(short)])
 
 
-def test_features_at_given_boxes_are_deterministic(mobilenet: ObjectDetector, images: list[torch.Tensor]) -> None:
+def test_features_at_given_boxes(detector: ObjectDetector, images: list[torch.Tensor]) -> None:
     boxes = [
         torch.tensor([[0.0, 0.0, 1.0, 1.0], [0.0, 0.0, 0.5, 0.5], [0.5, 0.5, 1.0, 1.0]]),
         torch.zeros((0, 4)),  # an image without boxes (e.g. a padded detection frame)
     ]
-    first = mobilenet.features_at(images, boxes)
-    second = mobilenet.features_at(images, boxes)
-    assert first[0].shape == (3, 1024) and first[1].shape == (0, 1024)
-    assert torch.equal(first[0], second[0])
+    first = detector.features_at(images, boxes)
+    second = detector.features_at(images, boxes)
+    dim = detector.record.feature_dim
+    assert first[0].shape == (3, dim) and first[1].shape == (0, dim)
+    assert torch.equal(first[0], second[0]) and torch.isfinite(first[0]).all()
+    assert detector.features_at([], []) == [] and detector.detect([], topk=TOPK) == []
+    assert [f.shape for f in detector.features_at(images, [torch.zeros((0, 4))] * 2)] == [(0, dim)] * 2
     with pytest.raises(ValueError, match="2 images but 1 box"):
-        mobilenet.features_at(images, boxes[:1])
+        detector.features_at(images, boxes[:1])
+    with pytest.raises(ValueError, match=r"boxes of image 0: expected \(k, 4\)"):
+        detector.features_at(images, [torch.zeros(3), boxes[1]])
+    with pytest.raises(ValueError, match=r"image 0: expected \(3, H, W\)"):
+        detector.detect([images[0][:2]], topk=TOPK)
 
 
-def test_resnet50_fpn_at_a_small_input_size() -> None:
-    torch.manual_seed(0)
-    detector, record = build_detector("fasterrcnn_resnet50_fpn", score_thresh=0.0, min_size=128, max_size=160)
-    assert record.feature_dim == 1024
-    image = [torch.rand(3, 90, 120, generator=torch.Generator().manual_seed(1))]
-    (found,) = detector.detect(image, topk=3)
-    _assert_well_formed(found, 3, record.feature_dim)
-    torch.testing.assert_close(
-        detector.features_at(image, [found.boxes])[0], found.features, rtol=1e-5, atol=1e-6
-    )
-    # Pooling happens where the box is: opposite quadrants of a half-dark frame differ. (Randomly
-    # initialised MobileNet features are nearly constant, so this check uses the ResNet.)
-    frame = torch.zeros(3, 90, 120)
-    frame[:, 45:, 60:] = 1.0
-    quadrants = torch.tensor([[0.0, 0.0, 0.5, 0.5], [0.5, 0.5, 1.0, 1.0]])
-    top_left, bottom_right = detector.features_at([frame], [quadrants])[0]
-    assert not torch.allclose(top_left, bottom_right)
-
-
-def test_checkpoint_round_trip_takes_num_classes_from_the_checkpoint(
-    images: list[torch.Tensor], tmp_path: Path
+@pytest.mark.parametrize("name", each_detector(slow_when_large=True))
+def test_checkpoint_round_trip_is_exact_and_keeps_the_class_count(
+    name: str, images: list[torch.Tensor], tmp_path: Path
 ) -> None:
     torch.manual_seed(3)
-    original, _ = build_detector(MOBILENET, score_thresh=0.0, num_classes=5)
-    checkpoint = tmp_path / "detector.pt"
-    torch.save({"model": original.state_dict()}, checkpoint)
+    original = small_detector(name, num_classes=5)
+    assert original.checkpoint is None
+    spec = original.save_checkpoint(tmp_path / "detector.pth")
+    assert spec.startswith(f"{name}:")
 
-    torch.manual_seed(4)
-    loaded, _ = build_detector(f"{MOBILENET}:{checkpoint}", score_thresh=0.0)
-    assert loaded.roi_heads.box_predictor.cls_score.out_features == 5
+    torch.manual_seed(4)  # another random init: everything must come from the file
+    loaded = small_detector(spec)
+    assert loaded.checkpoint == tmp_path / "detector.pth" and loaded.load_report.loaded > 0
     box = [torch.tensor([[0.1, 0.2, 0.6, 0.9]]), torch.tensor([[0.0, 0.0, 1.0, 1.0]])]
     for expected, actual in zip(original.features_at(images, box), loaded.features_at(images, box)):
         assert torch.equal(expected, actual)
     for expected, actual in zip(original.detect(images, topk=3), loaded.detect(images, topk=3)):
         assert torch.equal(expected.boxes, actual.boxes) and torch.equal(expected.labels, actual.labels)
+        assert bool((actual.labels < 5).all()), "5 classes incl. background"
 
     with pytest.raises(CheckpointError, match="num_classes=91 contradicts"):
-        build_detector(f"{MOBILENET}:{checkpoint}", num_classes=91)
+        small_detector(spec, num_classes=91)
 
 
-def test_detector_checkpoint_errors(tmp_path: Path) -> None:
+@pytest.mark.parametrize("name", each_detector(slow_when_large=True))
+def test_a_checkpoint_that_does_not_fit_says_what(name: str, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    spec = small_detector(name).save_checkpoint(tmp_path / "detector.pth")
+    state = torch.load(tmp_path / "detector.pth", weights_only=True)["model"]
+    dropped, reshaped = list(state)[0], list(state)[-1]
+    del state[dropped]
+    state[reshaped] = torch.zeros(3, 3)
+    state["backbone.nonsense.weight"] = torch.zeros(1)
+    torch.save({"model": state}, tmp_path / "detector.pth")
+    with pytest.raises(CheckpointError) as error:
+        small_detector(spec)
+    message = str(error.value)
+    assert f"does not fit model {name!r}" in message and "detector.pth" in message
+    assert f"1 missing key(s): {dropped}" in message
+    assert "1 unexpected key(s): backbone.nonsense.weight" in message
+    assert f"1 shape-mismatched key(s): {reshaped} (3, 3) vs model" in message
+
+
+def test_missing_and_unreadable_checkpoints(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="never downloads weights.*local path"):
         build_detector(f"fasterrcnn_resnet50_fpn:{tmp_path / 'missing.pth'}")
     wrong = tmp_path / "wrong.pt"
@@ -161,8 +195,36 @@ def test_detector_checkpoint_errors(tmp_path: Path) -> None:
         build_detector(f"{MOBILENET}:{wrong}")
 
 
-def test_detectron2_adapter_is_registered_when_importable() -> None:
-    pytest.importorskip("detectron2")
-    assert "detectron2" in list_detectors()
-    with pytest.raises(CheckpointError, match="needs a local model"):
-        build_detector("detectron2")
+def test_torchvision_detections_are_torchvisions_own_normalised(images: list[torch.Tensor]) -> None:
+    """The step-by-step detect equals torchvision's FasterRCNN.forward, with boxes divided by each
+    image's own width and height (forward maps them back to the input size)."""
+    from torchvision.models.detection import fasterrcnn_mobilenet_v3_large_320_fpn
+
+    torch.manual_seed(0)
+    ours = small_detector(MOBILENET)
+    reference = fasterrcnn_mobilenet_v3_large_320_fpn(
+        weights=None, weights_backbone=None, num_classes=91, box_score_thresh=0.0, min_size=MIN_SIZE,
+        max_size=MAX_SIZE,
+    ).eval()
+    reference.load_state_dict(ours.state_dict())
+    with torch.no_grad():
+        expected = reference(images)
+    for image, found, want in zip(images, ours.detect(images, topk=TOPK), expected):
+        height, width = image.shape[-2:]
+        assert len(found) == min(TOPK, len(want["boxes"])) > 0
+        scale = torch.tensor([width, height, width, height], dtype=torch.float32)
+        torch.testing.assert_close(found.boxes, want["boxes"][:TOPK] / scale, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(found.scores, want["scores"][:TOPK])
+        assert torch.equal(found.labels, want["labels"][:TOPK])
+
+
+@pytest.mark.slow
+def test_resnet50_features_depend_on_where_the_box_is() -> None:
+    # Randomly initialised MobileNet features are nearly constant, so this check uses the ResNet.
+    torch.manual_seed(0)
+    detector = small_detector("fasterrcnn_resnet50_fpn")
+    frame = torch.zeros(3, 90, 120)
+    frame[:, 45:, 60:] = 1.0
+    quadrants = torch.tensor([[0.0, 0.0, 0.5, 0.5], [0.5, 0.5, 1.0, 1.0]])
+    top_left, bottom_right = detector.features_at([frame], [quadrants])[0]
+    assert not torch.allclose(top_left, bottom_right)

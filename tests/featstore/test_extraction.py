@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -212,6 +213,37 @@ def test_precomputed_boxes_top_k_and_pixel_normalisation(tmp_path: Path) -> None
     bad.write_text("video_id,frame,x1,y1,x2,score\nP01_01,1,0,0,1,0.5\n")
     with pytest.raises(BoxesFileError, match="y2"):
         PrecomputedBoxes.read(bad, coords="pixel")
+
+
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        ("P01_01,0,0,0,5,5,0.5", r"row 3, column 'frame': must be a 1-based integer, got 0.0"),
+        ("P01_01,2,0,0,inf,5,0.5", r"row 3, column 'x2': non-finite value inf"),
+        ("P01_01,2,0,9,5,5,0.5", r"row 3, column 'y2': box \[0.0, 9.0, 5.0, 5.0\] has y2 <= y1"),
+        ("P01_01,2,0,0,5,5,", r"row 3, column 'score': empty value \(1 in all\)"),
+    ],
+)
+def test_boxes_file_errors_name_the_file_row_and_column(tmp_path: Path, row: str, message: str) -> None:
+    # Row numbers are the file's own, also when a video selection skips rows before the bad one.
+    path = tmp_path / "boxes.csv"
+    path.write_text(f"video_id,frame,x1,y1,x2,y2,score\nP02_01,1,0,0,5,5,0.5\nP01_01,1,0,0,5,5,0.5\n{row}\n")
+    with pytest.raises(BoxesFileError, match=message):
+        PrecomputedBoxes.read(path, coords="pixel", videos={"P01_01"})
+
+
+def test_boxes_file_frames_are_the_file_as_given(tmp_path: Path) -> None:
+    path = tmp_path / "boxes.parquet"
+    pq.write_table(pa.table({
+        "video_id": ["P02_01", "P01_01", "P01_01", "P01_01"], "frame": [5, 9, 3, 9],
+        "x1": [0.0, 1, 2, 3], "y1": [0.0, 0, 0, 0], "x2": [10.0, 11, 12, 200], "y2": [5.0, 5, 5, 5],
+        "score": [0.5, 0.2, 0.9, 0.8], "label": [1, None, 3, 4],
+    }), path)
+    frames = list(PrecomputedBoxes.read(path, coords="pixel").frames())
+    assert [(f.video_id, f.frame) for f in frames] == [("P01_01", 3), ("P01_01", 9), ("P02_01", 5)]
+    nine = frames[1]
+    assert nine.boxes.tolist() == [[3, 0, 200, 5], [1, 0, 11, 5]]  # best score first, not clipped
+    assert nine.labels.tolist() == [4, -1] and nine.file_rows.tolist() == [4, 2]
 
 
 def test_distributed_env() -> None:
