@@ -4,7 +4,6 @@ head re-pooled on the final boxes, i.e. equal to `features_at` on those boxes.""
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,17 +17,13 @@ from featstore.models import (
     get_detector_record,
     list_detectors,
 )
+from tests.helpers.threads import torch_threads
 
 MOBILENET = "fasterrcnn_mobilenet_v3_large_320_fpn"
 TOPK = 5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread() -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +42,8 @@ def mobilenet() -> ObjectDetector:
 
 @pytest.fixture(scope="module")
 def detections(mobilenet: ObjectDetector, images: list[torch.Tensor]) -> list[Detections]:
-    return mobilenet.detect(images, topk=TOPK)
+    with torch_threads(1):  # as the tests that recompute from them (one_thread)
+        return mobilenet.detect(images, topk=TOPK)
 
 
 def _assert_well_formed(found: Detections, topk: int, feature_dim: int) -> None:

@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import torch
 
 from heads.ablation import TABLE_METRICS, GridError, ablate, load_grid, parse_grid, run_grid, switch_label
 from heads.predictions import read_predictions
@@ -18,10 +17,8 @@ VAL = "participant_id > 'P25'"
 BASE = {"train_where": TRAIN, "val_where": VAL, "epochs": 1, "lr": 0.05, "batch_size": 32}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> None:
-    # Two shared cores; and one thread keeps the reduction order, so solo and grouped runs compare bitwise.
-    torch.set_num_threads(1)
+# One thread keeps the reduction order fixed, so solo and grouped runs compare bitwise.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _quiet(_: str) -> None:

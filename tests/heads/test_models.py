@@ -26,7 +26,7 @@ from heads.models.layers import (
     masked_softmax,
 )
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 DIMS = FeatureDims(verb_dim=12, noun_dim=10, det_dim=8)
 NUM_VERBS, NUM_NOUNS = 7, 9

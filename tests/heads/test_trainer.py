@@ -24,6 +24,9 @@ from heads.trainer import (
 TRAIN = "participant_id <= 'P25'"
 VAL = "participant_id > 'P25'"
 
+# One thread here as in the killed subprocess below: the same reduction order, bitwise-equal results.
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def _config(**overrides) -> TrainConfig:
     base = dict(model="saoa", train_where=TRAIN, val_where=VAL, epochs=2, batch_size=32, lr=0.05, seed=3)

@@ -43,6 +43,8 @@ from tests.reliability.workloads import (
     train_command,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # heads train runs in this process
+
 MAP_FIELDS = {"verb.map": FieldSpec("float16", (64, 32, 32))}  # 128 KiB a segment
 N_BIG = 160  # 20 MiB of tensors into a 64 KiB map: 320 times its size
 
