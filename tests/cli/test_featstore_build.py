@@ -67,6 +67,7 @@ def test_build_writes_the_documented_fields_and_box_rows(tmp_path: Path) -> None
     assert again.exit_code == 0 and "built 0, already stored 4, failed 0" in again.output
 
 
+@pytest.mark.slow  # two builds; the fast loop has tests/reliability/test_hostile_input.py's damaged frames
 def test_corrupt_jpeg_fails_its_segment_only(tmp_path: Path) -> None:
     frames, annotations = make_epic_dataset(tmp_path / "epic", n_segments=4)
     plans = {uid: plan_segment(start, stop, fps=FPS, n_frames=N_FRAMES, config=SMALL)

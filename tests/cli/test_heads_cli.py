@@ -71,6 +71,7 @@ def test_bad_selection_and_unknown_model_are_clear_errors(planted_store: Path, t
     assert result.exit_code == 1 and "epic55-lfb-train" in result.output
 
 
+@pytest.mark.slow  # a store of all 28,472 EPIC-55 training segments
 def test_named_lfb_split_counts_on_a_store_of_all_epic55_training_segments(epic55_dir: Path, tmp_path: Path) -> None:
     """config.json shows 23,191 / 5,281 for the paper's validation protocol."""
     table = read_segments(epic55_dir / "EPIC_train_action_labels.csv")

@@ -104,6 +104,7 @@ def test_fuse_refuses_inputs_without_shared_segments(tmp_path: Path) -> None:
     assert result.exit_code == 1 and "share no segment" in result.output
 
 
+@pytest.mark.slow  # every EPIC-55 test segment
 def test_submit_epic55_zip_holds_every_test_segment(epic55_dir: Path, tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     for name, test_set in (("s1", "epic55-s1"), ("s2", "epic55-s2")):

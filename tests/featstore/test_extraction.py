@@ -322,6 +322,7 @@ def _subprocess_env() -> dict[str, str]:
     return env
 
 
+@pytest.mark.slow
 def test_killed_build_resumes_with_every_segment_once(dataset, tmp_path: Path) -> None:
     frames, annotations = dataset
     store_path = tmp_path / "store"

@@ -116,6 +116,7 @@ def test_grid_records_failures_skips_finished_runs_and_flags_changed_ones(plante
     assert "holds a run with other settings (lr: recorded 0.05, grid 0.01)" in third.failed["global"]
 
 
+@pytest.mark.slow  # a grid trained grouped and each run solo
 def test_grouped_training_equals_solo_training(planted_store: Path, tmp_path: Path) -> None:
     base = {**BASE, "epochs": 2}
     grid = parse_grid({"base": base, "run": [
