@@ -1,23 +1,33 @@
-"""Shared fixtures: where the real EPIC annotation files are, and a clean torch state."""
+"""Shared fixtures: where the real EPIC annotation files are, one torch thread, small stores, the quick demo.
+
+Plain helpers (generators, build settings, oracles) live in tests/helpers/.
+"""
 from __future__ import annotations
 
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import pytest
-import torch
 from click.testing import CliRunner
 
 from cli.featstore_cli import main as featstore_main
-from featstore.importer import import_npz
-from featstore.samples.annotations import generate_segments, write_epic55_annotations
-from featstore.samples.features import PlantedSignal, write_feature_npzs
+from tests.helpers.stores import make_planted_store
+from tests.helpers.threads import torch_threads
 
 REPO = Path(__file__).resolve().parents[1]
 # CI lays ../shared beside the checkout; a user's clone may not have it.
 SHARED_DATA = Path(os.environ.get("FEATSTORE_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests on the quick demo are slow: the demo builds a store and trains two heads first
+    (about a minute on two cores). The fast loop (``-m "not slow"``) skips them; CI runs them."""
+    for item in items:
+        if "quick_demo" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")
@@ -38,19 +48,21 @@ def epic100_dir(shared_data: Path) -> Path:
     return shared_data / "epic100"
 
 
-def make_planted_store(root: Path, n: int = 480, *, seed: int = 0, **planted_kwargs) -> Path:
-    """A store of planted-signal features: participants P01, P02 (train) and P26, P27 (val)."""
-    planted = PlantedSignal(**planted_kwargs)
-    segments = generate_segments(n, num_verbs=planted.verb_embedding.shape[0], num_nouns=planted.num_nouns, seed=seed)
-    annotations = write_epic55_annotations(root / "annotations" / "EPIC_train_action_labels.csv", segments)
-    npz = write_feature_npzs(root / "npz", segments, seed=seed, make_arrays=planted)
-    import_npz(root / "store", annotations, npz, progress=False)
-    return root / "store"
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Torch on one CPU thread for the test, then back to the previous count.
+
+    Use it (``pytestmark = pytest.mark.usefixtures("one_thread")``) where a test runs models: the
+    test machines' cores are shared, and a fixed thread count fixes the CPU reduction order, so
+    results compare bit for bit with runs in subprocesses that also use one thread.
+    """
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="session")
 def planted_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.set_num_threads(1)
+    """A 480-segment planted-signal store (`make_planted_store`), made once per session."""
     return make_planted_store(tmp_path_factory.mktemp("planted"), 480)
 
 
@@ -67,12 +79,9 @@ def quick_demo(tmp_path_factory: pytest.TempPathFactory) -> QuickDemo:
     """`featstore demo demo-out --quick`, run once per session through the CLI and shared."""
     root = tmp_path_factory.mktemp("quick-demo")
     out = root / "demo-out"
-    threads = torch.get_num_threads()
     started = time.perf_counter()
-    try:
+    with torch_threads(1):  # the build's models too: the test machines' cores are shared
         result = CliRunner().invoke(featstore_main, ["demo", str(out), "--quick", "--no-progress"],
                                     catch_exceptions=False)
-    finally:
-        torch.set_num_threads(threads)
     assert result.exit_code == 0, result.output
     return QuickDemo(root, out, result.output, time.perf_counter() - started)

@@ -15,6 +15,9 @@ import torch
 
 from benchmarks.run import ALL_NAMES, GPU_NAMES, parse_args, selected_names
 
+# The benchmark suite's quick mode, in a subprocess: over a minute (CI runs it).
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[2]
 RUN = REPO / "benchmarks" / "run.py"
 KEYS = {"name", "ours", "reference", "unit", "ratio", "goal", "meets"}

@@ -13,18 +13,17 @@ from click.testing import CliRunner, Result
 from cli.featstore_cli import main
 from featstore.frames import EpicJpegFrames
 from featstore.samples.damage import corrupt_jpeg
-from featstore.sampling import SamplingConfig, plan_segment
-from tests.featstore.test_extraction import FPS, N_FRAMES, make_epic_dataset
+from featstore.sampling import plan_segment
+from tests.helpers.tiny_build import (
+    DETECTOR,
+    FPS,
+    N_FRAMES,
+    SMALL,
+    make_epic_dataset,
+    tiny_build_flags,
+)
 
-DETECTOR = "fasterrcnn_mobilenet_v3_large_320_fpn"
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _invoke(*args: object) -> Result:
@@ -33,12 +32,8 @@ def _invoke(*args: object) -> Result:
 
 def _build(store: Path, annotations: Path, frames: Path, *extra: object, size: int = 32,
            detector: str = DETECTOR) -> Result:
-    return _invoke(
-        "build", store, "--annotations", annotations, "--frames", frames,
-        "--verb-backbone", "r3d_18", "--noun-backbone", "r3d_18", "--detector", detector,
-        "--det-score-thresh", "0", "--det-min-size", "64", "--det-max-size", "128",
-        "--clip-frames", "8", "--clip-stride", "2", "--size", size, "--no-progress", *extra,
-    )
+    return _invoke("build", store, "--annotations", annotations, "--frames", frames,
+                   *tiny_build_flags(size=size, detector=detector), "--no-progress", *extra)
 
 
 def _query(store: Path, sql: str) -> list[dict]:
@@ -121,10 +116,10 @@ def test_build_with_a_detectron2_model_zoo_config(tmp_path: Path) -> None:
     assert detector["checkpoint_sha256"] == file_sha256(weights) and detector["weights"] == "checkpoint"
 
 
+@pytest.mark.slow  # two builds; the fast loop has tests/reliability/test_hostile_input.py's damaged frames
 def test_corrupt_jpeg_fails_its_segment_only(tmp_path: Path) -> None:
     frames, annotations = make_epic_dataset(tmp_path / "epic", n_segments=4)
-    sampling = SamplingConfig(clip_frames=8, clip_stride=2, size=32)
-    plans = {uid: plan_segment(start, stop, fps=FPS, n_frames=N_FRAMES, config=sampling)
+    plans = {uid: plan_segment(start, stop, fps=FPS, n_frames=N_FRAMES, config=SMALL)
              for uid, start, stop in (("s0", 20, 80), ("s2", 80, 140))}  # the two segments of P01_01
     others = set(plans["s0"].clip_frames) | set(plans["s0"].detection_frames)
     frame = next(f for f in plans["s2"].clip_frames if f not in others)

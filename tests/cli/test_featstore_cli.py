@@ -167,7 +167,9 @@ def test_convert_checkpoint_command(tmp_path: Path) -> None:
     assert "wrote 1 tensors" in result.output and "left out: args" in result.output and "sha256 " in result.output
     assert torch.load(tmp_path / "tsn_epic55.pt", weights_only=True)["base_model.conv1.weight"].tolist() == [1, 1]
 
-    from fractions import Fraction  # harmless, but not something a checkpoint holds: not on the allow-list
+    from fractions import (
+        Fraction,  # harmless, but not something a checkpoint holds: not on the allow-list
+    )
 
     torch.save({"state_dict": {"w": torch.ones(1)}, "x": Fraction(1, 3)}, tmp_path / "bad.pth")
     refused = CliRunner().invoke(main, ["convert-checkpoint", str(tmp_path / "bad.pth"), str(tmp_path / "o.pt")])

@@ -12,9 +12,12 @@ from cli.heads_cli import main
 from featstore.annotations import read_segments
 from featstore.schema import FieldSpec
 from featstore.store import FeatureStore
+from tests.helpers.stores import make_planted_store
 
 TRAIN = "participant_id <= 'P25'"
 VAL = "participant_id > 'P25'"
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _invoke(*args):
@@ -68,6 +71,7 @@ def test_bad_selection_and_unknown_model_are_clear_errors(planted_store: Path, t
     assert result.exit_code == 1 and "epic55-lfb-train" in result.output
 
 
+@pytest.mark.slow  # a store of all 28,472 EPIC-55 training segments
 def test_named_lfb_split_counts_on_a_store_of_all_epic55_training_segments(epic55_dir: Path, tmp_path: Path) -> None:
     """config.json shows 23,191 / 5,281 for the paper's validation protocol."""
     table = read_segments(epic55_dir / "EPIC_train_action_labels.csv")
@@ -92,8 +96,6 @@ def test_named_lfb_split_counts_on_a_store_of_all_epic55_training_segments(epic5
 @pytest.mark.slow
 def test_acceptance_saoa_beats_global_on_nouns_and_sap_on_verbs(tmp_path: Path) -> None:
     """The issue's acceptance command on a planted-signal store, for each of the three heads."""
-    from tests.conftest import make_planted_store
-
     store = make_planted_store(tmp_path, 960, seed=5)
     results = {}
     for model in ("saoa", "sap", "global"):

@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import torch
 from click.testing import CliRunner, Result
 
 from cli.heads_cli import main
@@ -39,9 +38,7 @@ model = "global"
 """
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> None:
-    torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _invoke(*args: object) -> Result:
@@ -107,6 +104,7 @@ def test_fuse_refuses_inputs_without_shared_segments(tmp_path: Path) -> None:
     assert result.exit_code == 1 and "share no segment" in result.output
 
 
+@pytest.mark.slow  # every EPIC-55 test segment
 def test_submit_epic55_zip_holds_every_test_segment(epic55_dir: Path, tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     for name, test_set in (("s1", "epic55-s1"), ("s2", "epic55-s2")):

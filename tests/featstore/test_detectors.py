@@ -12,7 +12,6 @@ test_detectron2.py), which pins the normalisation of the boxes.
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,6 +25,7 @@ from featstore.models import (
     get_detector_record,
     list_detectors,
 )
+from tests.helpers.threads import torch_threads
 
 MOBILENET = "fasterrcnn_mobilenet_v3_large_320_fpn"
 TOPK = 5
@@ -47,12 +47,7 @@ def each_detector(*, slow_when_large: bool = False) -> list:
     ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread() -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +65,8 @@ def detector(request: pytest.FixtureRequest) -> ObjectDetector:
 
 @pytest.fixture(scope="module")
 def detections(detector: ObjectDetector, images: list[torch.Tensor]) -> list[Detections]:
-    return detector.detect(images, topk=TOPK)
+    with torch_threads(1):  # as the tests that recompute from them (one_thread)
+        return detector.detect(images, topk=TOPK)
 
 
 def assert_well_formed(found: Detections, topk: int, feature_dim: int) -> None:

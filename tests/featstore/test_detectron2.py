@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import pickle
 import socket
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -37,12 +36,7 @@ MIN_SIZE, MAX_SIZE = 96, 160
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread() -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small(spec: str = ZOO_SPEC, **kwargs) -> Detectron2Detector:

@@ -3,8 +3,8 @@ video files, crash and resume, and a two-rank torchrun build equal to a one-proc
 
 Models are randomly initialised under a fixed seed (nothing is downloaded): r3d_18 for both
 backbones, the MobileNet Faster R-CNN with score threshold 0 (so random weights still detect) at a
-small input size, 8-frame clips. Most builds use a 32-pixel short side to stay fast; the CLI test
-builds at 112.
+small input size, 8-frame clips, a 32-pixel short side (tests/helpers/tiny_build.py). The pure parts
+of a build (shards, schema, slots, boxes files) are tested in test_extraction_plan.py.
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ import pytest
 import torch
 
 from featstore import extraction
+from featstore.annotations import read_segments
 from featstore.extraction import (
     BuildConfig,
     BuildError,
@@ -34,77 +35,37 @@ from featstore.extraction import (
 )
 from featstore.extraction_plan import (
     BoxesFileError,
-    FrameDetections,
     PrecomputedBoxes,
-    detection_slots,
     input_size_for,
-    shard_uids,
     store_fields,
 )
-from featstore.frames import EpicJpegFrames, resize_short_side
-from featstore.annotations import read_segments
+from featstore.frames import EpicJpegFrames
 from featstore.models import backbone_map_shape, build_detector, get_backbone_record
 from featstore.samples.annotations import (
     SegmentLabel,
     write_epic55_annotations,
-    write_video_info,
 )
 from featstore.samples.damage import truncate_file
 from featstore.samples.frames import write_jpeg_video, write_mp4
 from featstore.sampling import SamplingConfig, plan_segment
 from featstore.store import FeatureStore
+from tests.helpers.threads import torch_threads
+from tests.helpers.tiny_build import (
+    DETECTOR,
+    FPS,
+    HEIGHT,
+    N_FRAMES,
+    SMALL,
+    WIDTH,
+    make_epic_dataset,
+    small_config,
+    tiny_build_flags,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = Path(__file__).with_name("torchrun_build.py")
-HEIGHT, WIDTH = 90, 160  # generated frame size
-N_FRAMES = 300  # frames per generated video (5 s at 60 fps: detection windows run past both ends)
-FPS = 60.0
-DETECTOR = "fasterrcnn_mobilenet_v3_large_320_fpn"
-SMALL = SamplingConfig(clip_frames=8, clip_stride=2, size=32)
-VIDEOS = (("P01", "P01_01"), ("P02", "P02_01"))
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Several engineers share two cores; the models are deterministic on CPU either way.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def make_epic_dataset(root: Path, *, n_segments: int = 6, flow: bool = False) -> tuple[Path, Path]:
-    """EPIC-layout JPEG frames of two videos, an EPIC-55 annotation file and its video info.
-
-    Segment i is 61 frames long, in video i % 2, starting at 20 + 60 * (i // 2): the first ones sit at
-    the videos' start, so their detection windows run past it (padded slots).
-
-    Returns:
-        (frames root, annotation file).
-    """
-    frames = root / "frames"
-    for seed, (participant, video) in enumerate(VIDEOS):
-        write_jpeg_video(frames, participant, video, N_FRAMES, height=HEIGHT, width=WIDTH, seed=seed)
-        if flow:
-            write_jpeg_video(frames, participant, video, N_FRAMES, height=HEIGHT, width=WIDTH, seed=seed,
-                             modality="flow")
-    segments = [
-        SegmentLabel(f"s{i}", *VIDEOS[i % 2], 20 + 60 * (i // 2), 80 + 60 * (i // 2), i % 3, i % 4)
-        for i in range(n_segments)
-    ]
-    annotations = write_epic55_annotations(root / "EPIC_train_action_labels.csv", segments, fps=FPS)
-    write_video_info(root / "EPIC_video_info.csv", [(video, WIDTH, HEIGHT, N_FRAMES) for _, video in VIDEOS], fps=FPS)
-    return frames, annotations
-
-
-def small_config(store: Path, annotations: Path, frames: Path | None, **overrides) -> BuildConfig:
-    values = dict(
-        store=store, annotations=annotations, frames_root=frames, verb_backbone="r3d_18", noun_backbone="r3d_18",
-        detector=DETECTOR, det_score_thresh=0.0, det_min_size=64, det_max_size=128, sampling=SMALL,
-        workers=0, batch_size=3, progress=False,
-    )
-    values.update(overrides)
-    return BuildConfig(**values)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def plan_of(row_start: int, row_stop: int, sampling: SamplingConfig = SMALL):
@@ -137,82 +98,14 @@ def built(dataset, tmp_path_factory: pytest.TempPathFactory):
     store_path = tmp_path_factory.mktemp("built") / "store"
     # batch_size 1: one detector call per segment, so its image count is that segment's.
     config = small_config(store_path, annotations, frames, batch_size=1, det_batch_size=64)
-    with pytest.MonkeyPatch.context() as patch:
+    with pytest.MonkeyPatch.context() as patch, torch_threads(1):
         patch.setattr(extraction, "build_detector", counting_build_detector)
-        torch.set_num_threads(1)
         report = build_store(config)
     return config, report, calls
 
 
 # ------------------------------------------------------------------------------------------------
-# pure parts
-
-
-def test_shard_uids_are_disjoint_and_cover_the_selection() -> None:
-    uids = [str(i) for i in range(11)]
-    shards = [shard_uids(reversed(uids), rank=r, world_size=3) for r in range(3)]
-    assert sorted(u for s in shards for u in s) == sorted(uids)
-    assert shards[0] == sorted(uids)[0::3]
-    with pytest.raises(ValueError):
-        shard_uids(uids, rank=3, world_size=3)
-
-
-@pytest.mark.parametrize("height, width, size", [(90, 160, 112), (90, 160, 32), (160, 90, 64), (256, 456, 256), (101, 101, 7)])
-def test_input_size_matches_resize_short_side(height: int, width: int, size: int) -> None:
-    frame = np.zeros((1, height, width, 3), np.uint8)
-    assert input_size_for(height, width, size) == resize_short_side(frame, size).shape[1:3]
-
-
-def test_store_fields_follow_the_records() -> None:
-    record = get_backbone_record("r3d_18")
-    fields = store_fields(verb_record=record, noun_record=record, sampling=SamplingConfig(clip_frames=8, size=112),
-                          input_size=(112, 199), detector_dim=1024)
-    assert fields["verb.map"].shape == (512, 1, 7, 13) and fields["verb.map"].dtype == "float16"
-    assert fields["det.global.feat"].shape == (60, 1024) and fields["det.local.box"].shape == (40, 4)
-    assert fields["det.local.score"].dtype == "float32" and fields["det.global.box"].dtype == "float32"
-    assert "noun.map" not in fields
-
-
-def test_detection_slots_pad_missing_frames_and_short_detections() -> None:
-    found = FrameDetections(
-        boxes=np.array([[0.1, 0.1, 0.5, 0.5], [0.2, 0.2, 0.9, 0.9]], np.float32),
-        scores=np.array([0.9, 0.0], np.float32),  # a real box with score 0 must stay distinguishable
-        labels=np.array([3, 4]),
-        features=np.ones((2, 4), np.float32),
-    )
-    tensors, rows = detection_slots("local", [None, 10, 20], {10: found}, topk=3, feature_dim=4)
-    assert tensors["det.local.feat"].shape == (9, 4) and tensors["det.local.box"].shape == (9, 4)
-    valid = np.array(rows["valid"])
-    assert valid.tolist() == [False] * 3 + [True, True, False] + [False] * 3
-    assert (tensors["det.local.score"] > 0).tolist() == valid.tolist()  # readers mask on score > 0
-    assert np.all(tensors["det.local.feat"][~valid] == 0) and np.all(tensors["det.local.box"][~valid] == 0)
-    assert rows["frame"] == [None] * 3 + [10, 10, None] + [None] * 3
-    assert rows["label"][3:5] == [3, 4] and rows["slot"] == list(range(9))
-    assert rows["x2"][4] == pytest.approx(0.9)
-
-
-def test_precomputed_boxes_top_k_and_pixel_normalisation(tmp_path: Path) -> None:
-    path = tmp_path / "boxes.csv"
-    with open(path, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["video_id", "frame", "x1", "y1", "x2", "y2", "score", "label"])
-        for k in range(7):  # 7 boxes on frame 30, scores 0.1 .. 0.7
-            writer.writerow(["P01_01", 30, k, 0, k + 16, 9, (k + 1) / 10, k])
-        writer.writerow(["P01_01", 60, 0, 0, 160, 90, 0.5, 1])
-        writer.writerow(["P02_01", 30, 0, 0, 80, 45, 0.5, 1])
-    boxes = PrecomputedBoxes.read(path, coords="pixel", videos={"P01_01"})
-    got, scores, labels = boxes.frame("P01_01", 30, topk=5, frame_size=(90, 160))
-    assert scores.tolist() == pytest.approx([0.7, 0.6, 0.5, 0.4, 0.3])
-    assert labels.tolist() == [6, 5, 4, 3, 2]
-    assert got[0].tolist() == pytest.approx([6 / 160, 0, 22 / 160, 0.1])
-    assert boxes.frame("P01_01", 31, topk=5, frame_size=(90, 160)) is None
-    assert boxes.frame("P02_01", 30, topk=5, frame_size=(90, 160)) is None  # not selected
-    with pytest.raises(BoxesFileError, match="--boxes-coords pixel"):
-        PrecomputedBoxes.read(path, coords="normalized")
-    bad = tmp_path / "bad.csv"
-    bad.write_text("video_id,frame,x1,y1,x2,score\nP01_01,1,0,0,1,0.5\n")
-    with pytest.raises(BoxesFileError, match="y2"):
-        PrecomputedBoxes.read(bad, coords="pixel")
+# configuration
 
 
 @pytest.mark.parametrize(
@@ -313,6 +206,8 @@ def test_box_rows_match_the_slot_tensors_and_the_plan(built) -> None:
                     assert not b["valid"] and b["frame"] is None and b["score"] == 0
                 elif b["valid"]:
                     assert b["frame"] == frame and 0 <= b["x1"] < b["x2"] <= 1 and b["label"] is not None
+    # The per-box checks above ran on real detections, not only on padding.
+    assert sum(b["valid"] for b in boxes) >= len(store.uids()) * 5
     # s0 is centred on frame 50: the global window's first frames are before frame 1.
     s0 = plan_of(20, 80)
     assert s0.global_frames[0] is None
@@ -544,10 +439,8 @@ def test_segment_that_cannot_be_sampled_fails_alone(dataset, tmp_path: Path) -> 
 
 
 def _build_args(store: Path, annotations: Path, frames: Path, *extra: str) -> list[str]:
-    return [str(store), "--annotations", str(annotations), "--frames", str(frames),
-            "--verb-backbone", "r3d_18", "--noun-backbone", "r3d_18", "--detector", DETECTOR,
-            "--det-score-thresh", "0", "--det-min-size", "64", "--det-max-size", "128",
-            "--clip-frames", "8", "--clip-stride", "2", "--size", "32", "--no-progress", *extra]
+    return [str(store), "--annotations", str(annotations), "--frames", str(frames), *tiny_build_flags(),
+            "--no-progress", *extra]
 
 
 def _subprocess_env() -> dict[str, str]:
@@ -556,6 +449,7 @@ def _subprocess_env() -> dict[str, str]:
     return env
 
 
+@pytest.mark.slow
 def test_killed_build_resumes_with_every_segment_once(dataset, tmp_path: Path) -> None:
     frames, annotations = dataset
     store_path = tmp_path / "store"

@@ -11,7 +11,6 @@ import pyarrow.parquet as pq
 import pytest
 
 from featstore.annotations import AnnotationError, read_class_list
-from featstore.samples.kitchens import SampleSpec, generate_sample
 from featstore.extraction_plan import BoxesFileError
 from featstore.frames import EpicJpegFrames
 from featstore.objects import (
@@ -23,6 +22,7 @@ from featstore.objects import (
     read_epic_object_labels,
     read_objects,
 )
+from featstore.samples.kitchens import SampleSpec, generate_sample
 
 # Rows as EPIC_train_object_labels.csv has them: one noun on one frame per row, boxes as
 # (top, left, height, width), zero-padded frame numbers, frames with several nouns, nouns not visible.

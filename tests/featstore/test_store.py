@@ -163,7 +163,8 @@ class _FieldDataset:
         return self.uids[i], arrays["verb.global"].tobytes() + arrays["det.global.box"].tobytes(), os.getpid()
 
 
-@pytest.mark.parametrize("context", ["fork", "spawn"])
+# spawn starts a fresh interpreter per worker: seconds each.
+@pytest.mark.parametrize("context", ["fork", pytest.param("spawn", marks=pytest.mark.slow)])
 def test_dataloader_workers_read_the_same_bytes_as_one_process(tmp_path: Path, context: str) -> None:
     import torch.utils.data
 

@@ -7,9 +7,16 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import torch
 
-from heads.ablation import TABLE_METRICS, GridError, ablate, load_grid, parse_grid, run_grid, switch_label
+from heads.ablation import (
+    TABLE_METRICS,
+    GridError,
+    ablate,
+    load_grid,
+    parse_grid,
+    run_grid,
+    switch_label,
+)
 from heads.predictions import read_predictions
 from heads.trainer import TrainConfig, train
 
@@ -18,10 +25,8 @@ VAL = "participant_id > 'P25'"
 BASE = {"train_where": TRAIN, "val_where": VAL, "epochs": 1, "lr": 0.05, "batch_size": 32}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> None:
-    # Two shared cores; and one thread keeps the reduction order, so solo and grouped runs compare bitwise.
-    torch.set_num_threads(1)
+# One thread keeps the reduction order fixed, so solo and grouped runs compare bitwise.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _quiet(_: str) -> None:
@@ -119,6 +124,7 @@ def test_grid_records_failures_skips_finished_runs_and_flags_changed_ones(plante
     assert "holds a run with other settings (lr: recorded 0.05, grid 0.01)" in third.failed["global"]
 
 
+@pytest.mark.slow  # a grid trained grouped and each run solo
 def test_grouped_training_equals_solo_training(planted_store: Path, tmp_path: Path) -> None:
     base = {**BASE, "epochs": 2}
     grid = parse_grid({"base": base, "run": [

@@ -1,12 +1,5 @@
-"""Action scores and the LFB prior, against a transcription of the official EPIC scoring code.
-
-The `official_*` functions below are our own rewrite of the logic of
-epic-kitchens/epic-kitchens-55-lib `epic_kitchens/scoring.py` (`top_scores`, `softmax`,
-`compute_action_scores`, `_scores_dict_to_ranks`) and of how `epic_kitchens/metrics.py`
-(`compute_metrics`) turns the action scores into `{action_id: score}` dicts and ranks. They keep
-its per-segment structure (dicts, Python loops) so they share no code path with `heads.actions`.
-The one change: numpy's default `argsort` is unstable, so the official order of equal scores is
-unspecified; these use `kind="stable"`, which is the tie rule `heads.actions` documents.
+"""Action scores and the LFB prior, against a transcription of the official EPIC scoring code
+(`official_action_ranks`, tests/helpers/official_epic.py: no code path shared with `heads.actions`).
 """
 from __future__ import annotations
 
@@ -17,62 +10,7 @@ import pytest
 import scipy.special
 
 from heads.actions import action_scores, lfb_action_prior, rank_classes, softmax
-
-ACTION_VERB_MULTIPLIER = 1000  # official action id = verb * 1000 + noun
-
-
-def official_top_scores(scores: np.ndarray, top_k: int) -> tuple[np.ndarray, np.ndarray]:
-    idx = np.argsort(scores, kind="stable")[..., ::-1][:, :top_k]
-    return idx, scores[np.arange(len(scores)).reshape(-1, 1), idx]
-
-
-def official_softmax(x: np.ndarray) -> np.ndarray:
-    max_x = np.max(x, axis=1).reshape((-1, 1))
-    exp_x = np.exp(x - max_x)
-    return exp_x / np.sum(exp_x, axis=1).reshape((-1, 1))
-
-
-def official_compute_action_scores(
-    verb_scores: np.ndarray, noun_scores: np.ndarray, top_k: int = 100, action_priors: np.ndarray | None = None,
-    softmax_fn=official_softmax,
-) -> tuple[tuple[np.ndarray, np.ndarray], np.ndarray]:
-    top_verbs, top_verb_scores = official_top_scores(verb_scores, top_k)
-    top_nouns, top_noun_scores = official_top_scores(noun_scores, top_k)
-    matrix = softmax_fn(top_verb_scores)[:, :, None] * softmax_fn(top_noun_scores)[:, None, :]
-    if action_priors is not None:
-        matrix = matrix * action_priors[top_verbs[:, :, None], top_nouns[:, None, :]]
-    n = matrix.shape[0]
-    flat = matrix.reshape(n, -1)
-    ranks = np.argsort(flat, axis=-1, kind="stable")[:, ::-1][:, :top_k]
-    verb_idx, noun_idx = np.unravel_index(ranks, matrix.shape[1:])
-    segments = np.arange(n).reshape(-1, 1)
-    return (top_verbs[segments, verb_idx], top_nouns[segments, noun_idx]), flat[segments, ranks]
-
-
-def official_action_dicts(verbs: np.ndarray, nouns: np.ndarray, scores: np.ndarray) -> list[dict[int, float]]:
-    return [
-        {int(v) * ACTION_VERB_MULTIPLIER + int(n): s for v, n, s in zip(seg_v, seg_n, seg_s)}
-        for seg_v, seg_n, seg_s in zip(verbs, nouns, scores)
-    ]
-
-
-def official_dict_ranks(dicts: list[dict[int, float]]) -> np.ndarray:
-    ranks = []
-    for scores in dicts:
-        class_ids = np.array(list(scores.keys()))
-        values = np.array([scores[c] for c in class_ids])
-        ranks.append(class_ids[np.argsort(values, kind="stable")[::-1]])
-    return np.array(ranks)
-
-
-def official_action_ranks(
-    verb_scores: np.ndarray, noun_scores: np.ndarray, top_k: int = 100, action_priors: np.ndarray | None = None,
-    softmax_fn=official_softmax,
-) -> tuple[np.ndarray, list[dict[int, float]]]:
-    """Ranked action ids `(N, A)` as the official evaluation sees them, and the score dicts."""
-    (verbs, nouns), scores = official_compute_action_scores(verb_scores, noun_scores, top_k, action_priors, softmax_fn)
-    dicts = official_action_dicts(verbs, nouns, scores)
-    return official_dict_ranks(dicts), dicts
+from tests.helpers.official_epic import ACTION_VERB_MULTIPLIER, official_action_ranks
 
 
 def _as_ids(pairs: np.ndarray) -> np.ndarray:

@@ -11,6 +11,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+# Two trainings in subprocesses, one under torchrun (CI runs it).
+pytestmark = pytest.mark.slow
+
 TRAIN = "participant_id <= 'P25'"
 VAL = "participant_id > 'P25'"
 

@@ -6,12 +6,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from heads.actions import softmax
 from heads.fusion import FusionError, fuse, fuse_predictions, parse_weights
 from heads.predictions import Predictions, read_predictions, write_predictions
 from heads.trainer import TrainConfig, train
+from tests.helpers.threads import torch_threads
 
 TRAIN = "participant_id <= 'P25'"
 VAL = "participant_id > 'P25'"
@@ -23,12 +23,12 @@ def _quiet(_: str) -> None:
 
 @pytest.fixture(scope="module")
 def two_runs(planted_store: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("fusion_runs")
     runs = []
     for model in ("saoa", "global"):
         config = TrainConfig(model=model, train_where=TRAIN, val_where=VAL, epochs=1, lr=0.05)
-        train(planted_store, root / model, config, progress=False, log=_quiet)
+        with torch_threads(1):
+            train(planted_store, root / model, config, progress=False, log=_quiet)
         runs.append(root / model)
     return runs[0], runs[1]
 

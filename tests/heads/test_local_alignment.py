@@ -10,7 +10,7 @@ import torch
 
 from heads.local_alignment import pool_local_verb_features
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 WHOLE = [0.0, 0.0, 1.0, 1.0]
 TOP_LEFT = [0.0, 0.0, 0.5, 0.5]

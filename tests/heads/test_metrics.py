@@ -1,12 +1,5 @@
-"""Metrics: hand-computed cases, and equality with transcriptions of the official evaluations.
-
-`official_epic55_metrics` is our rewrite of the logic of epic-kitchens/epic-kitchens-55-lib
-`epic_kitchens/metrics.py` (`compute_metrics`, `compute_class_aware_metrics`,
-`compute_class_agnostic_metrics`, `topk_accuracy`, `precision_recall`, which calls sklearn's
-`precision_recall_fscore_support(average=None, labels=classes)`; sklearn is not installed here, so
-its per-class precision/recall is written out as a loop). `official_epic100_metrics` rewrites
-epic-kitchens/C1-Action-Recognition `evaluate.py` + `utils/metrics.py` (`compute_metrics`).
-Both use stable sorts (see tests/heads/test_actions.py) and return fractions, as the originals.
+"""Metrics: hand-computed cases, and equality with transcriptions of the official evaluations
+(`official_epic55_metrics`, `official_epic100_metrics`: tests/helpers/official_epic.py).
 """
 from __future__ import annotations
 
@@ -16,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import scipy.special
 
 from heads.actions import action_scores, lfb_action_prior
 from heads.metrics import (
@@ -26,7 +18,10 @@ from heads.metrics import (
     epic100_metrics,
     topk_accuracy,
 )
-from tests.heads.test_actions import ACTION_VERB_MULTIPLIER, official_action_ranks
+from tests.helpers.official_epic import (
+    official_epic55_metrics,
+    official_epic100_metrics,
+)
 
 
 @dataclass(frozen=True)
@@ -34,84 +29,6 @@ class Meta:
     many_shot_verbs: frozenset[int]
     many_shot_nouns: frozenset[int]
     many_shot_actions: frozenset[tuple[int, int]]
-
-
-# ---------------------------------------------------------------- official transcriptions
-
-
-def official_scores_to_ranks(scores: np.ndarray) -> np.ndarray:
-    return np.argsort(scores, axis=-1, kind="stable")[:, ::-1]
-
-
-def official_topk_accuracy(rankings: np.ndarray, labels: np.ndarray, ks: tuple[int, ...] = (1, 5)) -> list[float]:
-    tp = rankings[:, : max(ks)] == labels.reshape(-1, 1)
-    return [tp[:, :k].max(1).mean() for k in ks]
-
-
-def sklearn_precision_recall(y_true: np.ndarray, y_pred: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """`precision_recall_fscore_support(y_true, y_pred, labels=labels, average=None)[:2]`, zero_division -> 0."""
-    precision, recall = [], []
-    for c in labels:
-        tp = np.sum((y_pred == c) & (y_true == c))
-        predicted = np.sum(y_pred == c)
-        actual = np.sum(y_true == c)
-        precision.append(tp / predicted if predicted else 0.0)
-        recall.append(tp / actual if actual else 0.0)
-    return np.array(precision), np.array(recall)
-
-
-def official_precision_recall(rankings: np.ndarray, labels: np.ndarray, classes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    y_pred = rankings[:, 0]
-    assert np.all(np.isin(classes, np.unique(labels)))  # the official code raises otherwise
-    return sklearn_precision_recall(labels, y_pred, classes)
-
-
-def official_epic55_metrics(
-    verb_scores: np.ndarray, noun_scores: np.ndarray, verb_labels: np.ndarray, noun_labels: np.ndarray,
-    many_shot_verbs: np.ndarray, many_shot_nouns: np.ndarray, many_shot_actions: list[tuple[int, int]],
-    action_priors: np.ndarray | None = None,
-) -> dict:
-    action_labels = verb_labels * ACTION_VERB_MULTIPLIER + noun_labels
-    many_shot_action_ids = np.array([v * ACTION_VERB_MULTIPLIER + n for v, n in many_shot_actions])
-    action_ranks, _ = official_action_ranks(verb_scores, noun_scores, 100, action_priors)
-    ranks = {"verb": official_scores_to_ranks(verb_scores), "noun": official_scores_to_ranks(noun_scores),
-             "action": action_ranks}
-    accuracy = {
-        "verb": official_topk_accuracy(ranks["verb"], verb_labels),
-        "noun": official_topk_accuracy(ranks["noun"], noun_labels),
-        "action": official_topk_accuracy(ranks["action"], action_labels),
-    }
-    # _exclude_non_existent_classes: many-shot classes intersected with the ground truth.
-    classes = {
-        "verb": np.intersect1d(many_shot_verbs, np.unique(verb_labels)),
-        "noun": np.intersect1d(many_shot_nouns, np.unique(noun_labels)),
-        "action": np.intersect1d(many_shot_action_ids, np.unique(action_labels)),
-    }
-    labels = {"verb": verb_labels, "noun": noun_labels, "action": action_labels}
-    precision, recall = {}, {}
-    for task in ("verb", "noun", "action"):
-        p, r = official_precision_recall(ranks[task], labels[task], classes[task])
-        precision[task], recall[task] = p.mean(), r.mean()
-    return {"accuracy": accuracy, "precision": precision, "recall": recall}
-
-
-def official_epic100_metrics(
-    verb_scores: np.ndarray, noun_scores: np.ndarray, verb_labels: np.ndarray, noun_labels: np.ndarray,
-    tail_verbs: np.ndarray, tail_nouns: np.ndarray, unseen: np.ndarray,
-) -> dict:
-    action_labels = verb_labels * ACTION_VERB_MULTIPLIER + noun_labels
-    # evaluate.py: compute_action_scores(top_n=100) with scipy's softmax over the whole array.
-    action_ranks, _ = official_action_ranks(verb_scores, noun_scores, 100, softmax_fn=lambda x: scipy.special.softmax(x))
-    ranks = {"verb": official_scores_to_ranks(verb_scores), "noun": official_scores_to_ranks(noun_scores),
-             "action": action_ranks}
-    labels = {"verb": verb_labels, "noun": noun_labels, "action": action_labels}
-    out = {"all": {t: official_topk_accuracy(ranks[t], labels[t], (1, 5)) for t in labels}}
-    out["unseen"] = {t: official_topk_accuracy(ranks[t][unseen], labels[t][unseen], (1,)) for t in labels}
-    tail_verb = np.isin(verb_labels, tail_verbs)
-    tail_noun = np.isin(noun_labels, tail_nouns)
-    tail_idx = {"verb": tail_verb, "noun": tail_noun, "action": tail_verb | tail_noun}
-    out["tail"] = {t: official_topk_accuracy(ranks[t][tail_idx[t]], labels[t][tail_idx[t]], (1,)) for t in labels}
-    return out
 
 
 def _tricky_predictions(seed: int, n: int, num_verbs: int, num_nouns: int) -> tuple[np.ndarray, ...]:

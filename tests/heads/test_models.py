@@ -26,7 +26,7 @@ from heads.models.layers import (
     masked_softmax,
 )
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 DIMS = FeatureDims(verb_dim=12, noun_dim=10, det_dim=8)
 NUM_VERBS, NUM_NOUNS = 7, 9
@@ -433,6 +433,7 @@ def _train_and_score(name: str, train: tuple, test: tuple, steps: int = 300) -> 
     return verb_acc, noun_acc
 
 
+@pytest.mark.slow  # trains every head to convergence on a planted signal
 def test_planted_signal_is_learned_only_by_the_right_head() -> None:
     """SAOA learns a signal that, by construction, `global` and SAP cannot see.
 

@@ -11,7 +11,13 @@ import pytest
 
 from heads.actions import action_scores, lfb_action_prior, softmax
 from heads.predictions import Predictions, write_predictions
-from heads.submission import SubmissionError, align_to_test_set, epic55_submission, epic100_submission, timestamp_uids
+from heads.submission import (
+    SubmissionError,
+    align_to_test_set,
+    epic55_submission,
+    epic100_submission,
+    timestamp_uids,
+)
 
 
 def _random_predictions(uids, num_verbs: int, num_nouns: int, seed: int = 0) -> Predictions:
@@ -26,6 +32,7 @@ def _read(zip_path: Path) -> dict[str, dict]:
         return {name: json.loads(archive.read(name)) for name in archive.namelist()}
 
 
+@pytest.mark.slow  # every EPIC-55 test segment (11k), timed
 def test_epic55_zip_holds_every_test_segment_with_the_official_layout(epic55_dir: Path, tmp_path: Path) -> None:
     s1, s2 = timestamp_uids(epic55_dir, "epic55-s1"), timestamp_uids(epic55_dir, "epic55-s2")
     assert (len(s1), len(s2)) == (8047, 2929) and s1[0] == "1924"
@@ -83,6 +90,7 @@ def test_a_missing_or_extra_segment_is_refused(epic55_dir: Path, tmp_path: Path)
         align_to_test_set(_random_predictions(["x"], 125, 352), s1, "seen (S1)")
 
 
+@pytest.mark.slow  # every EPIC-100 test segment
 def test_epic100_zip_has_the_supervision_levels_and_every_narration(epic100_dir: Path, tmp_path: Path) -> None:
     ids = timestamp_uids(epic100_dir, "epic100-test")
     assert len(ids) == 13092 and ids[0] == "P01_101_0"

@@ -24,6 +24,9 @@ from heads.trainer import (
 TRAIN = "participant_id <= 'P25'"
 VAL = "participant_id > 'P25'"
 
+# One thread here as in the killed subprocess below: the same reduction order, bitwise-equal results.
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def _config(**overrides) -> TrainConfig:
     base = dict(model="saoa", train_where=TRAIN, val_where=VAL, epochs=2, batch_size=32, lr=0.05, seed=3)
@@ -63,6 +66,7 @@ def test_official_class_lists_give_the_class_aware_metrics(planted_store: Path, 
     assert json.loads((tmp_path / "run" / "config.json").read_text())["class_lists"] == "official"
 
 
+@pytest.mark.slow  # four trainings, one in a subprocess
 def test_same_seed_same_result_and_resume_after_kill(planted_store: Path, tmp_path: Path) -> None:
     config = _config(epochs=3)
     straight = train(planted_store, tmp_path / "a", config, progress=False)

@@ -4,23 +4,13 @@ from __future__ import annotations
 import time
 
 import pytest
-import torch
 
-from tests.conftest import make_planted_store
-from tests.featstore.test_extraction import make_epic_dataset
+from tests.helpers.stores import make_planted_store
+from tests.helpers.tiny_build import make_epic_dataset
 from tests.reliability import faults
 from tests.reliability.workloads import build_command, train_command
 
 BUILD_SEGMENTS = 4
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Two shared cores: the suites' own work stays on one of them.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="session")

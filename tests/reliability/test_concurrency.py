@@ -27,6 +27,9 @@ from tests.reliability.workloads import (
     import_command,
 )
 
+# Writers and readers in several processes: over a minute in all (CI runs them).
+pytestmark = pytest.mark.slow
+
 FIELDS = {"verb.global": FieldSpec("float16", (64,)), "verb.map": FieldSpec("float16", (16, 64))}
 N_WRITTEN = 500
 
@@ -75,7 +78,6 @@ def _read_until(path: str, everyone_ready, done, results) -> None:
     results.put({"rounds": rounds, "seen": seen, "problems": problems[:10], "n_problems": len(problems)})
 
 
-@pytest.mark.slow
 def test_readers_in_other_processes_see_only_complete_segments_while_a_writer_appends(tmp_path: Path) -> None:
     path = str(tmp_path / "store")
     FeatureStore.create(path, fields=FIELDS)

@@ -12,10 +12,19 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+import pytest
+
 from featstore.store import FeatureStore
 from tests.reliability import faults
 from tests.reliability.invariants import assert_store_consistent
-from tests.reliability.workloads import BUILD_BOXES_PER_SEGMENT, BUILD_FIELDS, build_command
+from tests.reliability.workloads import (
+    BUILD_BOXES_PER_SEGMENT,
+    BUILD_FIELDS,
+    build_command,
+)
+
+# Builds killed and rerun in subprocesses: minutes in all (the fast loop skips them; CI runs them).
+pytestmark = pytest.mark.slow
 
 def _build(store: Path, inputs: dict, *extra: str) -> list[str]:
     return build_command(store, inputs["annotations"], inputs["frames"], *extra)

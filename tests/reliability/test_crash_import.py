@@ -25,6 +25,9 @@ from tests.reliability.workloads import (
     import_command,
 )
 
+# An import killed at each I/O point and rerun, in subprocesses: minutes in all (CI runs them).
+pytestmark = pytest.mark.slow
+
 N_SEGMENTS = 300
 
 # (fault, what the process is doing when it dies)

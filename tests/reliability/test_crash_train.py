@@ -12,11 +12,15 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+import pytest
 import torch
 
 from tests.reliability import faults
 from tests.reliability.invariants import assert_same_run
 from tests.reliability.workloads import train_command
+
+# Training killed at each I/O point and resumed, in subprocesses: a minute or more (CI runs them).
+pytestmark = pytest.mark.slow
 
 # Killed in turn in one run directory, each run resuming the last: (fault, what dies, the epoch of the
 # checkpoint that must be there, whole, afterwards).

@@ -45,12 +45,7 @@ from featstore.samples.features import random_segment_arrays, write_feature_npzs
 from featstore.samples.frames import paint_frame
 from featstore.sampling import SamplingConfig, plan_segment
 from featstore.store import FeatureStore
-from tests.featstore.test_extraction import (
-    FPS,
-    N_FRAMES,
-    make_epic_dataset,
-    small_config,
-)
+from tests.helpers.tiny_build import FPS, N_FRAMES, make_epic_dataset, small_config
 from tests.reliability.invariants import assert_store_consistent
 from tests.reliability.workloads import (
     IMPORT_BOXES_PER_SEGMENT,
@@ -58,6 +53,8 @@ from tests.reliability.workloads import (
     TRAIN_WHERE,
     VAL_WHERE,
 )
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # heads train and featstore build run in this process
 
 
 def featstore(*args: object):

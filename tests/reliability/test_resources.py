@@ -43,6 +43,10 @@ from tests.reliability.workloads import (
     train_command,
 )
 
+# Full disks and a map outgrown hundreds of times, mostly in subprocesses: minutes in all (CI runs them).
+# heads train runs in this process too: one thread.
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
+
 MAP_FIELDS = {"verb.map": FieldSpec("float16", (64, 32, 32))}  # 128 KiB a segment
 N_BIG = 160  # 20 MiB of tensors into a 64 KiB map: 320 times its size
 

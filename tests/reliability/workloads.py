@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from featstore.samples.features import feature_shapes
-from tests.featstore.test_extraction import DETECTOR
+from tests.helpers.tiny_build import tiny_build_flags
 from tests.reliability import faults
 
 # Imported features: small, with detection slots (6 global + 4 local boxes a segment).
@@ -28,11 +28,8 @@ def build_command(store: Path, annotations: Path, frames: Path, *extra: str) -> 
     """`featstore build` at the extraction tests' tiny settings (random r3d_18 and MobileNet detector,
     8-frame clips, 32-pixel short side), one segment per export; ``--workers 0`` unless given."""
     return faults.command(
-        "featstore", "build", store, "--annotations", annotations, "--frames", frames,
-        "--verb-backbone", "r3d_18", "--noun-backbone", "r3d_18", "--detector", DETECTOR,
-        "--det-score-thresh", "0", "--det-min-size", "64", "--det-max-size", "128",
-        "--clip-frames", "8", "--clip-stride", "2", "--size", "32", "--no-progress",
-        "--batch-size", "2", "--flush-every", "1", *(extra or ("--workers", "0")))
+        "featstore", "build", store, "--annotations", annotations, "--frames", frames, *tiny_build_flags(),
+        "--no-progress", "--batch-size", "2", "--flush-every", "1", *(extra or ("--workers", "0")))
 
 
 def train_command(store: Path, out: Path, *extra: str) -> list[str]:

@@ -1,0 +1,27 @@
+"""Small stores of generated features, imported through `featstore import`'s library call."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from featstore.importer import import_npz
+from featstore.samples.annotations import generate_segments, write_epic55_annotations
+from featstore.samples.features import PlantedSignal, write_feature_npzs
+
+
+def make_planted_store(root: Path, n: int = 480, *, seed: int = 0, **planted_kwargs) -> Path:
+    """A store of planted-signal features: participants P01, P02 (train) and P26, P27 (val).
+
+    Args:
+        root: an empty folder; the annotation file, the npz files and the store go in it.
+        n: number of segments.
+        seed: of the segments and their features.
+        planted_kwargs: `PlantedSignal` options.
+    Returns:
+        ``root / "store"`` (its annotation file is ``root / "annotations" / "EPIC_train_action_labels.csv"``).
+    """
+    planted = PlantedSignal(**planted_kwargs)
+    segments = generate_segments(n, num_verbs=planted.verb_embedding.shape[0], num_nouns=planted.num_nouns, seed=seed)
+    annotations = write_epic55_annotations(root / "annotations" / "EPIC_train_action_labels.csv", segments)
+    npz = write_feature_npzs(root / "npz", segments, seed=seed, make_arrays=planted)
+    import_npz(root / "store", annotations, npz, progress=False)
+    return root / "store"
