@@ -1,13 +1,15 @@
 """`featstore`: build, import, query, inspect and verify feature stores."""
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 import click
 
 from cli.common import command_line, domain_errors
+from cli.featstore_build import build
+from cli.featstore_demo import demo
+from cli.featstore_info import info
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -63,31 +65,6 @@ def query(store: Path, sql: str, fmt: str) -> None:
 
 @main.command()
 @click.argument("store", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (segments, fields, bytes, manifest).")
-@domain_errors
-def info(store: Path, as_json: bool) -> None:
-    """Counts, fields (dtype, shape), size on disk and provenance of a store."""
-    from featstore.store import FeatureStore
-
-    summary = FeatureStore.open(store).info()
-    if as_json:
-        click.echo(json.dumps(summary, indent=2, default=str))
-        return
-    click.echo(f"store     {summary['path']}")
-    click.echo(f"segments  {summary['segments']['ok']} ok, {summary['segments']['failed']} failed")
-    click.echo(f"size      {summary['bytes'] / 2**20:.1f} MiB on disk")
-    click.echo("fields")
-    for name, spec in summary["fields"].items():
-        click.echo(f"  {name:<20} {spec['dtype']:<8} {spec['shape']}")
-    provenance = summary["manifest"].get("provenance", {})
-    if provenance:
-        click.echo("provenance")
-        for key, value in sorted(provenance.items()):
-            click.echo(f"  {key}: {json.dumps(value, default=str) if isinstance(value, (dict, list)) else value}")
-
-
-@main.command()
-@click.argument("store", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @domain_errors
 def verify(store: Path, progress: bool) -> None:
@@ -108,19 +85,9 @@ def verify(store: Path, progress: bool) -> None:
     click.echo(f"{n} segments verified, all checksums match")
 
 
-def _register_optional_commands() -> None:
-    # Commands living in their own modules (extraction, demo) join the group here.
-    for module_name, attr in (("cli.featstore_build", "build"), ("cli.featstore_demo", "demo")):
-        try:
-            module = __import__(module_name, fromlist=[attr])
-        except ModuleNotFoundError as err:
-            if err.name != module_name:
-                raise
-            continue
-        main.add_command(getattr(module, attr))
-
-
-_register_optional_commands()
+# Commands of their own modules (imported above: a misspelt or broken module is an error).
+for command in (build, demo, info):
+    main.add_command(command)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """`featstore demo`: the whole job end to end on a generated sample (registered by `cli.featstore_cli`).
 
-Thin: make the `DemoConfig`, call `featstore.demo.run_demo`, print the store's `featstore info`,
+Thin: make the `DemoConfig`, call `cli.demo.run_demo`, print the store's `featstore info`,
 where everything went and, last, the results table.
 """
 from __future__ import annotations
@@ -39,7 +39,7 @@ def demo(ctx: click.Context, out: Path, quick: bool, device: str, seed: int, pro
         featstore demo demo-out
     """
     from cli.demo import DemoConfig, run_demo
-    from cli.featstore_cli import info
+    from cli.featstore_info import info
 
     started = time.perf_counter()
     click.echo(f"featstore demo: {'quick' if quick else 'full'} sample, output in {out}")
