@@ -48,7 +48,8 @@ def import_cmd(store: Path, annotations: Path, from_dir: Path, shard: str, progr
 @main.command()
 @click.argument("store", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.argument("sql")
-@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True,
+              help="How the rows are printed.")
 @domain_errors
 def query(store: Path, sql: str, fmt: str) -> None:
     """Run one read-only SQL SELECT over the views `segments`, `boxes` and `fields`.
@@ -65,7 +66,7 @@ def query(store: Path, sql: str, fmt: str) -> None:
 
 @main.command()
 @click.argument("store", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--progress/--no-progress", default=True, show_default=True)
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
 @domain_errors
 def verify(store: Path, progress: bool) -> None:
     """Recompute every stored segment's checksum; exit 1 and list the uids that differ."""

@@ -142,7 +142,8 @@ def predict(run: Path, store: Path | None, where: str | None, split: str | None,
 
 @main.command()
 @click.argument("predictions", type=click.Path(exists=True, path_type=Path))
-@click.option("--annotations", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--annotations", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Annotation file (CSV or pkl) with the labels of the predicted segments.")
 @click.option("--dataset", type=click.Choice(["epic55", "epic100"]), help="Default: from the annotation file.")
 @click.option("--meta-dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Class, many-shot, tail and unseen lists (default: the annotation file's folder).")
