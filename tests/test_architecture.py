@@ -327,3 +327,41 @@ def test_the_private_name_check_sees_each_kind_of_reach(tmp_path: Path, source: 
         assert len(private_reaches(name)) == expected, private_reaches(name)
     finally:
         tree.cache_clear()
+
+
+# ------------------------------------------------------------------------------------------------
+# constants defined once
+
+
+def spelled_constants(m: str) -> list[str]:
+    """Where module ``m`` spells out a constant that has a home elsewhere."""
+    from featstore.annotations import NUM_CLASSES
+    from featstore.frames import MODALITY_CHANNELS
+    from featstore.schema import BOX_SETS, CANONICAL_FIELDS
+
+    homes = {"field name": "featstore.schema", "box sets": "featstore.schema",
+             "class counts": "featstore.annotations", "modality channels": "featstore.frames"}
+    found = []
+    for node in ast.walk(tree(m)):
+        what = None
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in CANONICAL_FIELDS:
+            what = "field name"
+        elif isinstance(node, ast.JoinedStr) and node.values and isinstance(node.values[0], ast.Constant) \
+                and str(node.values[0].value).startswith("det."):
+            what = "field name"  # f"det.{box_set}.box": featstore.schema.det_field
+        elif isinstance(node, (ast.Tuple, ast.List)) and node.elts and all(isinstance(e, ast.Constant) for e in node.elts):
+            values = tuple(e.value for e in node.elts)
+            what = "box sets" if values == BOX_SETS else "class counts" if values in NUM_CLASSES.values() else None
+        elif isinstance(node, ast.Dict) and node.keys and all(isinstance(k, ast.Constant) for k in node.keys) \
+                and all(isinstance(v, ast.Constant) for v in node.values):
+            if {k.value: v.value for k, v in zip(node.keys, node.values)} == MODALITY_CHANNELS:
+                what = "modality channels"
+        if what and homes[what] != m:
+            found.append(f"{shown(m)}:{node.lineno}: {ast.unparse(node)} (a {what}: take it from {homes[what]})")
+    return found
+
+
+def test_shared_constants_are_spelled_only_where_they_are_defined() -> None:
+    # Tests keep their literals: they check the contract (a renamed field must fail them).
+    found = [line for m in modules() if package_of(m) in (*PACKAGES, "benchmarks") for line in spelled_constants(m)]
+    assert not found, "constants spelled out instead of imported:\n" + "\n".join(found)
