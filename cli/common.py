@@ -75,10 +75,10 @@ class IntList(click.ParamType):
     name = "INTS"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[int, ...]:
-        if isinstance(value, tuple):
-            return value
+        """``"11,14"`` (or an already parsed sequence) -> ``(11, 14)``."""
+        parts = value if isinstance(value, (tuple, list)) else str(value).split(",")
         try:
-            return tuple(int(part) for part in str(value).split(",") if part.strip())
+            return tuple(int(part) for part in parts if str(part).strip())
         except ValueError:
             self.fail(f"{value!r} is not a comma-separated list of integers", param, ctx)
 
@@ -93,8 +93,8 @@ def command_defaults(command: click.Command) -> dict[str, Any]:
     Args:
         command: a click command.
     Returns:
-        parameter name -> its parsed default (None for a required parameter without one), in
-        declaration order; the values click itself would pass (types converted).
+        parameter name -> its parsed default (None for a required parameter without one): the
+        values click itself would pass (types converted).
     """
     return dict(command.make_context(command.name or "command", [], resilient_parsing=True).params)
 
