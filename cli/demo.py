@@ -269,8 +269,8 @@ GRID_TEMPLATE = """\
 # An ablation grid over the demo store (the format: heads/ablation.py):
 #   heads ablate {store} --grid {grid} --out {out}/ablation
 [base]
-train_split = "epic55-lfb-train"
-val_split = "epic55-lfb-val"
+train_split = "{train_split}"
+val_split = "{val_split}"
 epochs = {epochs}
 lr_steps = [{lr_step}]
 batch_size = {batch_size}
@@ -300,8 +300,7 @@ def write_grid(path: Path, *, store: Path, out: Path, seed: int, epochs: int) ->
     baseline = next(h.settings for h in HEADS if h.settings["model"] == "global")
     lr_step = max(1, round(epochs * 0.8))
     atomic_write_text(path, GRID_TEMPLATE.format(store=store, grid=path, out=out, epochs=epochs, lr_step=lr_step,
-                                                 batch_size=TRAIN_SETTINGS["batch_size"], lr=saoa["lr"], seed=seed,
-                                                 global_lr=baseline["lr"]))
+                                                 lr=saoa["lr"], seed=seed, global_lr=baseline["lr"], **TRAIN_SETTINGS))
     return path
 
 
