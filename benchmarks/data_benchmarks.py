@@ -30,7 +30,7 @@ from benchmarks.common import (
 )
 from benchmarks.stores import BuiltStore, build_store
 from featstore.store import FeatureStore
-from heads.data import PreloadedFeatures, load_features, selection_labels
+from heads.data import DERIVED, PreloadedFeatures, load_features, selection_labels
 from heads.models import get_head
 
 NPY_WORKERS = 2  # the reference DataLoader's worker processes (the setting)
@@ -238,7 +238,7 @@ def _write_per_file(folder: Path, features: PreloadedFeatures, store: FeatureSto
         for row, uid in enumerate(uids):
             np.save(folder / key / f"{uid}.npy", values[row])
     scores = {}
-    for field, valid_key in (("det.global.score", "det_global_valid"), ("det.local.score", "det_local_valid")):
+    for field, valid_key in DERIVED.items():
         if valid_key in features.tensors:
             (folder / field).mkdir(parents=True, exist_ok=True)
             values = store.read_field(uids, field)

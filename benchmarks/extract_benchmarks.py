@@ -27,6 +27,7 @@ from benchmarks.common import (
     spread,
     synchronize,
 )
+from featstore.annotations import NUM_CLASSES
 from featstore.samples.annotations import (
     SegmentLabel,
     write_epic55_annotations,
@@ -103,11 +104,13 @@ def make_dataset(root: Path, setup: ExtractSetup, *, processes: int = 1) -> Data
         for job in jobs:
             _write_video(job)
     rows = []
+    num_verbs, num_nouns = NUM_CLASSES["epic55"]
     for i in range(setup.segments):
         participant, video = videos[i % setup.videos]
         k = i // setup.videos
         start = first + k * segment_frames
-        rows.append(SegmentLabel(f"e{i:05d}", participant, video, start, start + segment_frames - 1, i % 125, i % 352))
+        rows.append(SegmentLabel(f"e{i:05d}", participant, video, start, start + segment_frames - 1, i % num_verbs,
+                                 i % num_nouns))
     annotations = write_epic55_annotations(root / "EPIC_train_action_labels.csv", rows, fps=FPS)
     write_video_info(root / "EPIC_video_info.csv", [(video, width, height, n_frames) for _, video in videos], fps=FPS)
     boxes = None

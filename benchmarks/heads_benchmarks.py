@@ -196,6 +196,7 @@ def device_features(n: int, *, verb_dim: int, det_dim: int, map_size: tuple[int,
 def gpu_saoa(ctx: Context, wanted: set[str]) -> list[Result]:
     """15 epochs of saoa at EPIC-55 train size through the trainer's own epoch loop (RunState)."""
     from heads.models import FeatureDims
+    from heads.models.symbiotic import symbiotic_fields
     from heads.trainer import PreparedRun, RunState, TrainConfig
 
     quick = ctx.sizes.quick
@@ -209,8 +210,7 @@ def gpu_saoa(ctx: Context, wanted: set[str]) -> list[Result]:
                                         n_local=40, device=device, chunk=128 if quick else 512)
     config = TrainConfig(model="saoa", epochs=epochs, batch_size=32, lr=1e-4, device=str(device))
     dims = FeatureDims(verb_dim=verb_dim, noun_dim=verb_dim, det_dim=det_dim, n_global=60, n_local=40)
-    fields = ("verb.global", "noun.global", "det.global.feat", "det.global.score", "det.local.feat",
-              "det.local.score", "det.local.box", "verb.map")
+    fields = symbiotic_fields(local_alignment=True, verb_objects="local")  # saoa's
     run = PreparedRun(config=config, store=None, dims=dims, num_verbs=NUM_VERBS, num_nouns=NUM_NOUNS,
                       dataset="epic55", fields=fields, train=features, val=None, class_sets=None, prior=None,
                       train_pairs=set())

@@ -17,11 +17,21 @@ from featstore.annotations import read_segments
 from featstore.importer import box_rows_from_arrays
 from featstore.samples.annotations import generate_segments, write_epic55_annotations
 from featstore.samples.features import feature_shapes, random_boxes
-from featstore.schema import FieldSpec, default_dtype
+from featstore.annotations import NUM_CLASSES
+from featstore.schema import (
+    BOX_SETS,
+    DET_GLOBAL_FEAT,
+    DET_LOCAL_FEAT,
+    VERB_GLOBAL,
+    VERB_MAP,
+    FieldSpec,
+    default_dtype,
+    det_field,
+)
 from featstore.store import FeatureStore
 
 # EPIC-55 class counts; participants split 3 : 1 into train (P01-P03) and validation (P26).
-NUM_VERBS, NUM_NOUNS = 125, 352
+NUM_VERBS, NUM_NOUNS = NUM_CLASSES["epic55"]
 PARTICIPANTS = ("P01", "P02", "P03", "P26")
 TRAIN_WHERE = "participant_id <= 'P25'"
 VAL_WHERE = "participant_id > 'P25'"
@@ -39,10 +49,10 @@ class BuiltStore:
     seconds: float  # wall time of the writes (generation included)
 
     def describe(self) -> str:
-        verb_map = self.shapes.get("verb.map")
+        verb_map = self.shapes.get(VERB_MAP)
         shown = "x".join(str(d) for d in verb_map) if verb_map else "none"
-        return (f"{self.segments} segments, C={self.shapes['verb.global'][0]}, Cd={self.shapes['det.global.feat'][1]}, "
-                f"{self.shapes['det.global.feat'][0]}/{self.shapes['det.local.feat'][0]} slots, verb.map {shown} fp16")
+        return (f"{self.segments} segments, C={self.shapes[VERB_GLOBAL][0]}, Cd={self.shapes[DET_GLOBAL_FEAT][1]}, "
+                f"{self.shapes[DET_GLOBAL_FEAT][0]}/{self.shapes[DET_LOCAL_FEAT][0]} slots, verb.map {shown} fp16")
 
 
 class FeaturePool:
@@ -75,9 +85,10 @@ def segment_arrays(pool: FeaturePool, shapes: dict[str, tuple[int, ...]],
             arrays[name] = scores
         else:
             arrays[name] = pool.take(shape)
-    for box_set in ("global", "local"):
-        if f"det.{box_set}.box" in arrays:
-            arrays[f"det.{box_set}.box"][arrays[f"det.{box_set}.score"] == 0] = 0.0
+    for box_set in BOX_SETS:
+        box = det_field(box_set, "box")
+        if box in arrays:
+            arrays[box][arrays[det_field(box_set, "score")] == 0] = 0.0
     return arrays
 
 

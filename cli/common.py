@@ -1,10 +1,12 @@
-"""Pieces shared by the click front-ends: error translation and shared options."""
+"""Pieces shared by the click front-ends: error translation, shared parameter types, and a
+command's parameters rendered back to the command line that gives them."""
 from __future__ import annotations
 
 import functools
+import os
 import shlex
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Mapping
 
 import click
 
@@ -60,3 +62,157 @@ def _is_domain_error(err: BaseException) -> bool:
 def command_line() -> str:
     """The command line as typed, for provenance."""
     return " ".join(shlex.quote(a) for a in sys.argv)
+
+
+# ------------------------------------------------------------------------------------------------
+# A command's parameters as one dict: what a script (the demo) fills in, what the command's own
+# config builder reads, and, rendered back to argv, the command line it is equivalent to.
+
+
+class IntList(click.ParamType):
+    """A comma-separated list of integers, e.g. ``--lr-steps 11,14`` -> ``(11, 14)`` ("" -> ``()``)."""
+
+    name = "INTS"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[int, ...]:
+        """``"11,14"`` (or an already parsed sequence) -> ``(11, 14)``."""
+        parts = value if isinstance(value, (tuple, list)) else str(value).split(",")
+        try:
+            return tuple(int(part) for part in parts if str(part).strip())
+        except ValueError:
+            self.fail(f"{value!r} is not a comma-separated list of integers", param, ctx)
+
+    def render(self, value: tuple[int, ...]) -> str:
+        """The command-line text that `convert` reads back as ``value``."""
+        return ",".join(str(v) for v in value)
+
+
+def command_defaults(command: click.Command) -> dict[str, Any]:
+    """What each parameter of ``command`` holds when the command line does not give it.
+
+    Args:
+        command: a click command.
+    Returns:
+        parameter name -> its parsed default (None for a required parameter without one): the
+        values click itself would pass (types converted).
+    """
+    return dict(command.make_context(command.name or "command", [], resilient_parsing=True).params)
+
+
+def command_params(command: click.Command, **given: Any) -> dict[str, Any]:
+    """Every parameter ``command`` would receive: its defaults, with ``given`` in their place.
+
+    The dict a script builds once to drive a command's library call (through the command's own
+    config builder) and to print the equivalent command line (`format_command`).
+
+    Args:
+        command: a click command.
+        given: parameter names (as the command's function receives them) -> values.
+    Returns:
+        parameter name -> value, for every parameter the command declares.
+    Raises:
+        ValueError: a name in ``given`` that the command does not declare.
+    """
+    params = command_defaults(command)
+    unknown = sorted(set(given) - set(params))
+    if unknown:
+        raise ValueError(f"command {command.name!r} has no parameter(s) {', '.join(unknown)}; "
+                         f"it takes {', '.join(params)}")
+    params.update(given)
+    return params
+
+
+def _render_value(param: click.Parameter, value: Any) -> str:
+    render = getattr(param.type, "render", None)
+    if callable(render):
+        return render(value)
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)  # str(float) is the shortest text that reads back as the same float
+
+
+def _option_argv(option: click.Option, value: Any) -> list[str]:
+    flag = next((o for o in option.opts if o.startswith("--")), option.opts[0])
+    if option.count:
+        return [flag] * int(value)
+    if option.is_flag:
+        if option.secondary_opts and value == (not option.flag_value):
+            return [next((o for o in option.secondary_opts if o.startswith("--")), option.secondary_opts[0])]
+        if value == option.flag_value:
+            return [flag]
+        raise ValueError(f"option {flag} cannot give {option.name} = {value!r} (it only sets {option.flag_value!r})")
+    values = list(value) if option.multiple else [value]
+    argv = []
+    for item in values:
+        items = list(item) if option.nargs != 1 else [item]
+        argv += [flag, *(_render_value(option, v) for v in items)]
+    return argv
+
+
+def command_argv(command: click.Command, params: Mapping[str, Any], *, always: Iterable[str] = ()) -> list[str]:
+    """The arguments that make ``command`` parse exactly ``params`` (parameters at their default omitted).
+
+    Driven by the command's own declarations (option names, ``--x/--no-x`` and single flags,
+    ``multiple``, ``nargs``, counts), so it follows whatever options the command declares.
+
+    Args:
+        command: a click command.
+        params: parameter name -> value, e.g. from `command_params`.
+        always: parameters written out even at their default (for a reader: ``--model saoa``).
+    Returns:
+        argv without the program name: the positional arguments (as in the command's usage line),
+        then the options in declaration order; the arguments go last, after ``--``, when one of
+        them starts with ``-``.
+    Raises:
+        ValueError: a parameter the command does not declare, or a value no command line can give
+            (a flag's other value, None in place of a default).
+    """
+    defaults = command_defaults(command)
+    always = set(always)
+    unknown = sorted((set(params) | always) - set(defaults))
+    if unknown:
+        raise ValueError(f"command {command.name!r} has no parameter(s) {', '.join(unknown)}")
+    options: list[str] = []
+    arguments: list[str] = []
+    for param in command.params:
+        if param.name not in params or not param.expose_value:
+            continue
+        value = params[param.name]
+        if isinstance(param, click.Argument):
+            if value is None and not param.required:
+                continue
+            values = list(value) if param.nargs != 1 else [value]
+            if any(v is None for v in values):
+                raise ValueError(f"argument {param.name.upper()} of {command.name!r} has no value")
+            arguments += [_render_value(param, v) for v in values]
+        else:
+            default = defaults[param.name]
+            at_default = value == default and type(value) is type(default)
+            # A lone flag at its default has nothing to write; None is no option's text.
+            shown = param.name in always and value is not None and not (param.is_flag and not param.secondary_opts)
+            if at_default and not shown:
+                continue
+            if value is None:
+                raise ValueError(f"option {param.opts[0]} of {command.name!r} cannot be set back to None "
+                                 f"(its default is {default!r})")
+            options += _option_argv(param, value)
+    if any(a.startswith("-") for a in arguments):
+        return [*options, "--", *arguments]
+    return arguments + options
+
+
+def format_command(prog: str, command: click.Command, params: Mapping[str, Any], *,
+                   always: Iterable[str] = ()) -> str:
+    """The shell command line equivalent to ``params``, e.g. ``featstore build STORE --annotations ...``.
+
+    Args:
+        prog: what precedes the command's own arguments, e.g. ``"featstore build"``.
+        command: the click command.
+        params: parameter name -> value (see `command_argv`).
+        always: parameters written out even at their default.
+    Returns:
+        One line, quoted for a POSIX shell.
+    """
+    return shlex.join([*shlex.split(prog), *command_argv(command, params, always=always)])

@@ -11,20 +11,25 @@ The demo's orchestration sits in ``cli`` because it drives both libraries (``fea
 3. ``heads.trainer.train`` of ``saoa`` and ``global`` on the paper's participant split
    (``epic55-lfb-train`` = P01-P25, ``epic55-lfb-val`` = P26+), then a results table with chance,
    plots, and an ablation grid for ``heads ablate``.
+
+Steps 2 and 3 are given as the parameters of the `featstore build` and `heads train` commands;
+the commands' own config builders (``cli.featstore_build.make_build_config``,
+``cli.heads_cli.make_train_config``) make the library configs from them, and
+``cli.common.format_command`` the command lines the demo prints, so the two cannot disagree.
 """
 from __future__ import annotations
 
 import contextlib
 import json
-import shlex
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from cli.common import command_params, format_command
 from featstore.atomic import atomic_write_json, atomic_write_text
 from featstore.figures import pyplot, save_figure
 from featstore.samples.kitchens import (
@@ -40,24 +45,24 @@ from featstore.samples.kitchens import (
     sample_paths,
 )
 
-if TYPE_CHECKING:
-    from featstore.extraction import BuildConfig
-    from featstore.sampling import SamplingConfig
-    from heads.trainer import TrainConfig
-
 __all__ = [
     "DemoConfig",
     "DemoError",
     "DemoReport",
     "HeadRun",
-    "build_config",
+    "build_command",
+    "build_params",
     "chance_metrics",
     "format_results",
+    "prepare_out",
     "run_demo",
+    "train_command",
 ]
 
 # ------------------------------------------------------------------------------------------------
-# the build and the heads the demo runs
+# the build and the heads the demo runs, as parameters of the `featstore build` and `heads train`
+# commands: the commands' own config builders turn them into the library calls, and
+# `cli.common.format_command` into the command lines the demo prints (one source for both).
 
 VERB_BACKBONE = "r3d_18"
 NOUN_BACKBONE = "r3d_18"  # the same spec: one network, run once (its noun.global is verb.global)
@@ -65,49 +70,47 @@ DETECTOR = "fasterrcnn_resnet50_fpn"  # random weights; its box head pools the f
 DET_MIN_SIZE, DET_MAX_SIZE = 64, 128  # the detector's input: the 96x128 frames at short side 64
 BUILD_BATCH_SIZE = 8  # segments per backbone forward
 
+# Short clips and few detection frames: the sample's segments last 2 s at 8 fps. The clip (8 frames
+# at stride 2, short side 64) spans the 16 annotated frames. Detections at 1 fps: the global window
+# (2 s) takes 2 frames, a quarter and three quarters into the action; the local window (1 s) 1
+# frame, which falls on the global grid (the later one), so the detector runs twice per segment.
+# Top 3 per frame: the three objects of a shot. The detector's share of the build is the largest;
+# these windows keep the demo within minutes on a 2-core CPU.
+SAMPLING: dict[str, Any] = {"clip_frames": 8, "clip_stride": 2, "size": 64, "det_fps": 1.0,
+                            "det_global_seconds": 2.0, "det_local_seconds": 1.0, "det_topk": 3}
 
-def sampling_config() -> SamplingConfig:
-    """Short clips and few detection frames: the sample's segments last 2 s at 8 fps.
 
-    The clip (8 frames at stride 2, short side 64) spans the 16 annotated frames. Detections at
-    1 fps: the global window (2 s) takes 2 frames, a quarter and three quarters into the action;
-    the local window (1 s) 1 frame, which falls on the global grid (the later one), so the detector
-    runs twice per segment. Top 3 per frame: the three objects of a shot. The detector's share of
-    the build is the largest; these windows keep the demo within minutes on a 2-core CPU.
+def build_params(sample: Sample, store: str | Path, *, seed: int = 0, device: str = "cpu", progress: bool = True,
+                 workers: int = 1) -> dict[str, Any]:
+    """The `featstore build` parameters the demo builds its store with.
+
+    Args:
+        sample: the generated sample (frames, annotations, video info, boxes).
+        store: the store to build.
+        seed, device, progress, workers: as the `featstore build` options of those names.
+    Returns:
+        Every parameter of `cli.featstore_build.build` by name, for `make_build_config` and
+        `format_command`.
     """
-    from featstore.sampling import SamplingConfig
+    from cli.featstore_build import build
 
-    return SamplingConfig(clip_frames=8, clip_stride=2, size=64, det_fps=1.0, det_global_seconds=2.0,
-                          det_local_seconds=1.0, det_topk=3)
-
-
-def build_config(sample: Sample, store: str | Path, *, seed: int = 0, device: str = "cpu", progress: bool = True,
-                 workers: int = 1, command: str | None = None) -> BuildConfig:
-    """The `featstore.extraction.BuildConfig` the demo builds its store with (see `build_command`)."""
-    from featstore.extraction import BuildConfig
-
-    return BuildConfig(
-        store=Path(store), annotations=sample.annotations, frames_root=sample.frames, video_info=sample.video_info,
-        verb_backbone=VERB_BACKBONE, noun_backbone=NOUN_BACKBONE, detector=DETECTOR, boxes=sample.boxes,
-        det_min_size=DET_MIN_SIZE, det_max_size=DET_MAX_SIZE, sampling=sampling_config(), device=device,
-        batch_size=BUILD_BATCH_SIZE, workers=workers, seed=seed, progress=progress, command=command,
+    return command_params(
+        build, store=Path(store), annotations=sample.annotations, frames_root=sample.frames,
+        video_info=sample.video_info, verb_backbone=VERB_BACKBONE, noun_backbone=NOUN_BACKBONE, detector=DETECTOR,
+        boxes=sample.boxes, det_min_size=DET_MIN_SIZE, det_max_size=DET_MAX_SIZE, batch_size=BUILD_BATCH_SIZE,
+        workers=workers, seed=seed, device=device, progress=progress, **SAMPLING,
     )
 
 
-def build_command(sample: Sample, store: str | Path, *, seed: int = 0, device: str = "cpu", workers: int = 1) -> str:
-    """The `featstore build` command line equivalent to `build_config` (printed, and kept in the manifest)."""
-    sampling = sampling_config()
-    args = [
-        "featstore", "build", str(store), "--annotations", str(sample.annotations), "--frames", str(sample.frames),
-        "--verb-backbone", VERB_BACKBONE, "--noun-backbone", NOUN_BACKBONE, "--detector", DETECTOR,
-        "--boxes", str(sample.boxes), "--det-min-size", str(DET_MIN_SIZE), "--det-max-size", str(DET_MAX_SIZE),
-        "--clip-frames", str(sampling.clip_frames), "--clip-stride", str(sampling.clip_stride),
-        "--size", str(sampling.size), "--det-fps", f"{sampling.det_fps:g}",
-        "--det-global-seconds", f"{sampling.det_global_seconds:g}",
-        "--det-local-seconds", f"{sampling.det_local_seconds:g}", "--det-topk", str(sampling.det_topk),
-        "--batch-size", str(BUILD_BATCH_SIZE), "--workers", str(workers), "--seed", str(seed), "--device", device,
-    ]
-    return shlex.join(args)
+def build_command(params: dict[str, Any]) -> str:
+    """The `featstore build` command line of `build_params` (printed, and kept in the manifest)."""
+    from cli.featstore_build import build
+
+    return format_command("featstore build", build, params)
+
+
+# What every head run shares: the paper's participant split and small batches for the small sample.
+TRAIN_SETTINGS: dict[str, Any] = {"train_split": "epic55-lfb-train", "val_split": "epic55-lfb-val", "batch_size": 8}
 
 
 @dataclass(frozen=True)
@@ -115,32 +118,30 @@ class HeadRun:
     """One head the demo trains, with the settings that suit the sample's features."""
 
     name: str  # the run directory under runs/
-    model: str  # registered head
-    lr: float
-    epochs: int
-    lr_steps: tuple[int, ...] = ()  # epochs at whose start the lr drops x0.1
-    batch_size: int = 8
-    switches: dict[str, Any] = field(default_factory=dict)
+    settings: dict[str, Any]  # `heads train` parameters by name (model, lr, epochs, lr_steps, switches)
 
-    def train_config(self, *, seed: int, device: str) -> TrainConfig:
-        from heads.trainer import TrainConfig
+    def params(self, store: str | Path, out: str | Path, *, seed: int, device: str,
+               progress: bool = True) -> dict[str, Any]:
+        """Every parameter of `cli.heads_cli.train` for this run (see `make_train_config`).
 
-        return TrainConfig(model=self.model, switches=dict(self.switches), train_split="epic55-lfb-train",
-                           val_split="epic55-lfb-val", epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
-                           lr_steps=self.lr_steps, seed=seed, device=device)
+        Args:
+            store: the demo store.
+            out: the run directory.
+            seed, device, progress: as the `heads train` options of those names.
+        Returns:
+            parameter name -> value.
+        """
+        from cli.heads_cli import train
 
-    def command(self, store: str | Path, out: str | Path, *, seed: int, device: str) -> str:
-        """The `heads train` command line that trains the same run."""
-        args = ["heads", "train", str(store), "--model", self.model]
-        for switch, value in self.switches.items():
-            flag = switch.replace("_", "-")
-            args.append(f"--{flag}" if value else f"--no-{flag}")
-        args += ["--train", "epic55-lfb-train", "--val", "epic55-lfb-val", "--epochs", str(self.epochs),
-                 "--batch-size", str(self.batch_size), "--lr", f"{self.lr:g}"]
-        if self.lr_steps:
-            args += ["--lr-steps", ",".join(str(step) for step in self.lr_steps)]
-        args += ["--seed", str(seed), "--device", device, "--out", str(out)]
-        return shlex.join(args)
+        return command_params(train, store=Path(store), out=Path(out), seed=seed, device=device, progress=progress,
+                              **{**TRAIN_SETTINGS, **self.settings})
+
+
+def train_command(params: dict[str, Any]) -> str:
+    """The `heads train` command line of `HeadRun.params` (printed)."""
+    from cli.heads_cli import train
+
+    return format_command("heads train", train, params, always=("model",))
 
 
 # Random-weight features are far from centred (pooled ReLU outputs: a common part much larger than
@@ -149,8 +150,8 @@ class HeadRun:
 # sample is small, the lr high, the epochs many. SAOA uses the report's L2 scheme (--normalize),
 # so one lr suits both kinds of feature.
 HEADS: tuple[HeadRun, ...] = (
-    HeadRun("saoa", "saoa", lr=0.03, epochs=50, lr_steps=(40,), switches={"normalize": True}),
-    HeadRun("global", "global", lr=0.1, epochs=40, lr_steps=(30,)),
+    HeadRun("saoa", {"model": "saoa", "lr": 0.03, "epochs": 50, "lr_steps": (40,), "normalize": True}),
+    HeadRun("global", {"model": "global", "lr": 0.1, "epochs": 40, "lr_steps": (30,)}),
 )
 
 
@@ -268,8 +269,8 @@ GRID_TEMPLATE = """\
 # An ablation grid over the demo store (the format: heads/ablation.py):
 #   heads ablate {store} --grid {grid} --out {out}/ablation
 [base]
-train_split = "epic55-lfb-train"
-val_split = "epic55-lfb-val"
+train_split = "{train_split}"
+val_split = "{val_split}"
 epochs = {epochs}
 lr_steps = [{lr_step}]
 batch_size = {batch_size}
@@ -295,11 +296,11 @@ lr = {global_lr}
 
 def write_grid(path: Path, *, store: Path, out: Path, seed: int, epochs: int) -> Path:
     """The grid file for `heads ablate` (the demo's SAOA settings over ``epochs`` epochs)."""
-    saoa = next(h for h in HEADS if h.model == "saoa")
-    baseline = next(h for h in HEADS if h.model == "global")
+    saoa = next(h.settings for h in HEADS if h.settings["model"] == "saoa")
+    baseline = next(h.settings for h in HEADS if h.settings["model"] == "global")
     lr_step = max(1, round(epochs * 0.8))
     atomic_write_text(path, GRID_TEMPLATE.format(store=store, grid=path, out=out, epochs=epochs, lr_step=lr_step,
-                                         batch_size=saoa.batch_size, lr=saoa.lr, seed=seed, global_lr=baseline.lr))
+                                                 lr=saoa["lr"], seed=seed, global_lr=baseline["lr"], **TRAIN_SETTINGS))
     return path
 
 
@@ -331,9 +332,17 @@ def _write_marker(out: Path, state: dict[str, Any]) -> None:
     atomic_write_json(out / MARKER, state)
 
 
-def _prepare_out(config: DemoConfig, log: Callable[[str], None]) -> dict[str, Any]:
-    """Check that the output folder may be used; returns the state recorded by an earlier demo there.
+def prepare_out(config: DemoConfig, log: Callable[[str], None]) -> dict[str, Any]:
+    """Check that the output folder may be used, and clear a demo of other settings from it.
 
+    A folder that is new, empty, or holds a demo of the same settings is used as it is; one that
+    holds a demo of other settings loses what that demo made (`OWNED`), and keeps anything else.
+
+    Args:
+        config: the demo's settings (their `DemoConfig.key` is compared with the recorded one).
+        log: where the line saying that an older demo is replaced goes.
+    Returns:
+        The state recorded in the folder's marker: ``key`` and the ``done`` stages (empty when new).
     Raises:
         DemoError: ``out`` is a file, or a non-empty folder without a demo marker.
     """
@@ -377,6 +386,8 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> DemoR
     """
     import torch
 
+    from cli.featstore_build import make_build_config
+    from cli.heads_cli import make_train_config
     from featstore.extraction import RANDOM_WEIGHTS_NOTE, build_store
     from heads.trainer import train
 
@@ -385,7 +396,7 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> DemoR
     if config.device not in ("cpu", "cuda"):
         raise DemoError(f"device must be 'cpu' or 'cuda', got {config.device!r}")
     out = config.out
-    state = _prepare_out(config, log)
+    state = prepare_out(config, log)
     done = set(state.get("done", []))
     seconds: dict[str, float] = {}
     reused: list[str] = []
@@ -416,10 +427,11 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> DemoR
     # 2. the store
     started = time.perf_counter()
     store = out / "store"
-    command = build_command(sample, store, seed=config.seed, device=config.device, workers=config.workers)
+    params = build_params(sample, store, seed=config.seed, device=config.device, progress=config.progress,
+                          workers=config.workers)
+    command = build_command(params)
     log(f"[2/4] build: {command}")
-    report = build_store(build_config(sample, store, seed=config.seed, device=config.device,
-                                      progress=config.progress, workers=config.workers, command=command))
+    report = build_store(make_build_config(params, command=command))
     random = [w for w in report.warnings if RANDOM_WEIGHTS_NOTE in w]
     if random:
         # The build warns, rightly for real data; here it is the point: say what it means for the demo.
@@ -443,7 +455,8 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> DemoR
     for head in HEADS:
         run = out / "runs" / head.name
         runs[head.name] = run
-        head_command = head.command(store, run, seed=config.seed, device=config.device)
+        params = head.params(store, run, seed=config.seed, device=config.device, progress=config.progress)
+        head_command = train_command(params)
         commands.append(head_command)
         if (run / "metrics.json").is_file() and f"run:{head.name}" in done:
             reused.append(f"runs/{head.name}")
@@ -453,10 +466,10 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> DemoR
             head_started = time.perf_counter()
             resume = (run / "checkpoints" / "last.pt").is_file()
             with _head_threads(config.device):
-                train(store, run, head.train_config(seed=config.seed, device=config.device), resume=resume,
-                      progress=config.progress, log=lambda _line: None)
+                train(params["store"], params["out"], make_train_config(params), resume=resume,
+                      progress=params["progress"], log=lambda _line: None)
             mark(f"run:{head.name}")
-            log(f"      {head.epochs} epochs in {time.perf_counter() - head_started:.1f} s")
+            log(f"      {params['epochs']} epochs in {time.perf_counter() - head_started:.1f} s")
         metrics[head.name] = {k: v for k, v in json.loads((run / "metrics.json").read_text()).items() if k in METRICS}
     seconds["train"] = time.perf_counter() - started
 

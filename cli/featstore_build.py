@@ -99,7 +99,8 @@ def make_build_config(params: dict[str, Any], *, command: str | None = None):
                    "features at these boxes (no proposals).")
 @click.option("--boxes-coords", type=click.Choice(["pixel", "normalized"]), default="pixel", show_default=True,
               help="Units of the --boxes coordinates.")
-@click.option("--det-score-thresh", type=float, default=0.05, show_default=True)
+@click.option("--det-score-thresh", type=float, default=0.05, show_default=True,
+              help="Minimum score of a detection (detector path; --boxes are pooled as given).")
 @click.option("--det-min-size", type=int, help="Detector input short side (default: the model's).")
 @click.option("--det-max-size", type=int, help="Detector input long-side cap (default: the model's).")
 @click.option("--det-batch-size", type=int, default=16, show_default=True, help="Frames per detector forward.")
@@ -125,14 +126,15 @@ def make_build_config(params: dict[str, Any], *, command: str | None = None):
 @click.option("--split", help="A named split (e.g. epic55-lfb-val).")
 @click.option("--where", help="DuckDB WHERE over the annotation columns, e.g. \"participant_id = 'P01'\".")
 @click.option("--limit", type=int, help="Only the first N selected segments.")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="Where the backbones and the detector run (under torchrun: the rank's local GPU).")
 @click.option("--amp", type=click.Choice(["fp16", "bf16", "off"]), default="fp16", show_default=True,
               help="Autocast dtype on CUDA (CPU runs fp32).")
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Segments per backbone forward.")
 @click.option("--workers", type=int, default=4, show_default=True, help="Decode worker processes (0: none).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of randomly initialised models.")
 @click.option("--flush-every", type=int, default=256, show_default=True, help="Segments between Parquet exports.")
-@click.option("--progress/--no-progress", default=True, show_default=True)
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
 @domain_errors
 def build(**params: Any) -> None:
     """Extract features of annotated segments into STORE (created, or resumed).

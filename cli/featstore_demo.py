@@ -39,7 +39,7 @@ def demo(ctx: click.Context, out: Path, quick: bool, device: str, seed: int, pro
         featstore demo demo-out
     """
     from cli.demo import DemoConfig, run_demo
-    from cli.featstore_cli import info
+    from cli.featstore_info import info
 
     started = time.perf_counter()
     click.echo(f"featstore demo: {'quick' if quick else 'full'} sample, output in {out}")

@@ -3,11 +3,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Mapping
 
 import click
 
-from cli.common import domain_errors
+from cli.common import IntList, domain_errors
+from cli.heads_experiments import ablate, fuse, submit
+
+if TYPE_CHECKING:
+    from heads.trainer import TrainConfig
 
 SWITCH_OPTIONS = (
     click.option("--no-gating", "gating", flag_value=False, default=None, help="Ablation: no cross-stream gating."),
@@ -41,6 +45,27 @@ def main() -> None:
     """Train and compare SAOA / SAP / baseline heads on a feature store, in seconds."""
 
 
+RUN_PARAMS = ("store", "out", "resume", "progress")  # `heads train` parameters that are not TrainConfig fields
+
+
+def make_train_config(params: Mapping[str, Any]) -> TrainConfig:
+    """The `heads.trainer.TrainConfig` of parsed `heads train` parameters (also what the demo runs).
+
+    Args:
+        params: the `train` command's parameters by name, as click parses them (or as
+            `cli.common.command_params` fills them in).
+    Returns:
+        A `TrainConfig`: every parameter but STORE, ``--out``, ``--resume`` and ``--progress``
+        (which say where and how to run, not what), the head switches the user set gathered in
+        ``switches``.
+    """
+    from heads.trainer import TrainConfig
+
+    values = {name: value for name, value in params.items() if name not in RUN_PARAMS}
+    switches = switches_from(values)
+    return TrainConfig(switches=switches, **values)
+
+
 @main.command()
 @click.argument("store", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--model", default="saoa", show_default=True, help="Registered head: saoa, sap, global.")
@@ -49,13 +74,14 @@ def main() -> None:
 @click.option("--train-where", help="DuckDB WHERE over segments selecting training segments.")
 @click.option("--val", "val_split", help="Named validation split, e.g. epic55-lfb-val.")
 @click.option("--val-where", help="DuckDB WHERE over segments selecting validation segments.")
-@click.option("--epochs", default=15, show_default=True, type=click.IntRange(min=0))
-@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
-@click.option("--lr", default=1e-4, show_default=True, type=float)
-@click.option("--lr-steps", default="", help="Comma-separated epochs at which the lr drops x0.1 (e.g. 11).")
-@click.option("--momentum", default=0.9, show_default=True, type=float)
-@click.option("--weight-decay", default=1e-4, show_default=True, type=float)
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--epochs", default=15, show_default=True, type=click.IntRange(min=0), help="Passes over the training set.")
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1), help="Segments per step.")
+@click.option("--lr", default=1e-4, show_default=True, type=float, help="SGD learning rate (before --lr-steps).")
+@click.option("--lr-steps", default="", type=IntList(),
+              help="Comma-separated epochs at which the lr drops x0.1 (e.g. 11).")
+@click.option("--momentum", default=0.9, show_default=True, type=float, help="SGD momentum.")
+@click.option("--weight-decay", default=1e-4, show_default=True, type=float, help="SGD weight decay.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the head's weights and the batch order.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")
 @click.option("--action-prior", type=click.Choice(["lfb", "none"]), default="lfb", show_default=True,
               help="Action re-weighting by P(noun | verb) counted on the training selection.")
@@ -63,22 +89,20 @@ def main() -> None:
 @click.option("--meta-dir", type=click.Path(exists=True, file_okay=False), help="Class / many-shot / tail lists.")
 @click.option("--memory-budget-gb", type=float, help="Stream from LMDB when preloading would need more.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out.")
-@click.option("--progress/--no-progress", default=True, show_default=True)
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bars on stderr.")
 @switch_options
 @domain_errors
-def train(store: Path, out: Path, resume: bool, progress: bool, lr_steps: str, **kwargs: Any) -> None:
+def train(**params: Any) -> None:
     """Train one head on a store and write a run directory.
 
         heads train STORE --model saoa --train epic55-lfb-train --val epic55-lfb-val --out runs/saoa
     """
-    from heads.trainer import TrainConfig, train as train_run
+    from heads.trainer import train as train_run
 
-    switches = switches_from(kwargs)
-    steps = tuple(int(s) for s in lr_steps.split(",") if s.strip())
-    config = TrainConfig(switches=switches, lr_steps=steps, **kwargs)
-    metrics = train_run(store, out, config, resume=resume, progress=progress)
+    config = make_train_config(params)
+    metrics = train_run(params["store"], params["out"], config, resume=params["resume"], progress=params["progress"])
     click.echo(json.dumps(metrics, indent=2))
-    click.echo(f"run written to {out}", err=True)
+    click.echo(f"run written to {params['out']}", err=True)
 
 
 @main.command("eval")
@@ -118,7 +142,8 @@ def predict(run: Path, store: Path | None, where: str | None, split: str | None,
 
 @main.command()
 @click.argument("predictions", type=click.Path(exists=True, path_type=Path))
-@click.option("--annotations", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--annotations", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Annotation file (CSV or pkl) with the labels of the predicted segments.")
 @click.option("--dataset", type=click.Choice(["epic55", "epic100"]), help="Default: from the annotation file.")
 @click.option("--meta-dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Class, many-shot, tail and unseen lists (default: the annotation file's folder).")
@@ -140,19 +165,9 @@ def score(predictions: Path, annotations: Path, dataset: str | None, meta_dir: P
             click.echo(f"{key:<22} {value:7.2f}")
 
 
-def _register_optional_commands() -> None:
-    for module_name, names in (("cli.heads_experiments", ("ablate", "fuse", "submit")),):
-        try:
-            module = __import__(module_name, fromlist=list(names))
-        except ModuleNotFoundError as err:
-            if err.name != module_name:
-                raise
-            continue
-        for name in names:
-            main.add_command(getattr(module, name))
-
-
-_register_optional_commands()
+# Commands of their own modules (imported above: a misspelt or broken module is an error).
+for command in (ablate, fuse, submit):
+    main.add_command(command)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """`heads ablate`, `heads fuse`, `heads submit`: thin wrappers over heads.ablation / fusion / submission.
 
-Registered on the `heads` group by ``cli.heads_cli`` when this module exists.
+Registered on the `heads` group by ``cli.heads_cli``.
 """
 from __future__ import annotations
 

@@ -18,18 +18,19 @@ they use.
 from __future__ import annotations
 
 import ctypes
+import functools
 import sys
+from typing import Callable
 
-__all__ = ["keep_freed_memory"]
+__all__ = ["M_MMAP_MAX", "M_TRIM_THRESHOLD", "TRIM_THRESHOLD", "glibc_mallopt", "keep_freed_memory", "tune_malloc"]
 
-# glibc's mallopt parameters (malloc.h).
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_MAX = -4
-_TRIM_THRESHOLD = 2**30
-
-_applied: bool | None = None
+# glibc's mallopt parameters (malloc.h), and the trim threshold pinned: above any batch's blocks.
+M_TRIM_THRESHOLD = -1
+M_MMAP_MAX = -4
+TRIM_THRESHOLD = 2**30
 
 
+@functools.cache
 def keep_freed_memory() -> bool:
     """Turn off glibc's mmap for blocks and pin its trim threshold, once per process.
 
@@ -37,13 +38,29 @@ def keep_freed_memory() -> bool:
         True when glibc took the settings; False elsewhere (another OS or C library), where nothing
         is changed.
     """
-    global _applied
-    if _applied is None:
-        _applied = _mallopt(_M_MMAP_MAX, 0) and _mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD)
-    return _applied
+    return tune_malloc(glibc_mallopt)
 
 
-def _mallopt(param: int, value: int) -> bool:
+def tune_malloc(mallopt: Callable[[int, int], bool]) -> bool:
+    """Apply the two settings through ``mallopt``, stopping at the first it refuses.
+
+    Args:
+        mallopt: ``(param, value) -> accepted``, e.g. `glibc_mallopt`.
+    Returns:
+        True when both settings were accepted.
+    """
+    return mallopt(M_MMAP_MAX, 0) and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
+
+
+def glibc_mallopt(param: int, value: int) -> bool:
+    """glibc's ``mallopt(param, value)``; False without glibc (another OS or C library).
+
+    Args:
+        param: a mallopt parameter (`M_MMAP_MAX`, `M_TRIM_THRESHOLD`).
+        value: its new value.
+    Returns:
+        True when the C library accepted the setting.
+    """
     if not sys.platform.startswith("linux"):
         return False
     try:

@@ -36,6 +36,7 @@ import pyarrow as pa
 
 __all__ = [
     "AnnotationError",
+    "NUM_CLASSES",
     "SEGMENT_SCHEMA",
     "EpicMeta",
     "check_participant_ids",
@@ -593,16 +594,20 @@ class EpicMeta:
         return len(self.noun_classes)
 
 
+# (verb classes, noun classes) per dataset (DESIGN section 1): the classifier sizes, and what the
+# class lists must hold.
+NUM_CLASSES: dict[str, tuple[int, int]] = {"epic55": (125, 352), "epic100": (97, 300)}
+
 # Class lists: (file, id column, key column, expected count). The counts catch a wrong file, such as
 # EPIC_100_noun_classes_v2.csv (305 nouns) in place of the 300 the challenge and checkpoints use.
 _CLASS_FILES = {
     "epic55": {
-        "verb": ("EPIC_verb_classes.csv", "verb_id", "class_key", 125),
-        "noun": ("EPIC_noun_classes.csv", "noun_id", "class_key", 352),
+        "verb": ("EPIC_verb_classes.csv", "verb_id", "class_key", NUM_CLASSES["epic55"][0]),
+        "noun": ("EPIC_noun_classes.csv", "noun_id", "class_key", NUM_CLASSES["epic55"][1]),
     },
     "epic100": {
-        "verb": ("EPIC_100_verb_classes.csv", "id", "key", 97),
-        "noun": ("EPIC_100_noun_classes.csv", "id", "key", 300),
+        "verb": ("EPIC_100_verb_classes.csv", "id", "key", NUM_CLASSES["epic100"][0]),
+        "noun": ("EPIC_100_noun_classes.csv", "id", "key", NUM_CLASSES["epic100"][1]),
     },
 }
 _SUBSET_FILES = {

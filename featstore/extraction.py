@@ -70,7 +70,17 @@ from featstore.models import (
     parse_model_spec,
 )
 from featstore.sampling import SamplingConfig, SegmentPlan, plan_segment
-from featstore.schema import BOX_SETS, MANIFEST_NAME, FieldSpec
+from featstore.schema import (
+    BOX_SETS,
+    MANIFEST_NAME,
+    NOUN_GLOBAL,
+    NOUN_MAP,
+    STATUS_FAILED,
+    STATUS_OK,
+    VERB_GLOBAL,
+    VERB_MAP,
+    FieldSpec,
+)
 from featstore.splits import resolve_selection, select_segments
 from featstore.store import FeatureStore, StoreWriter
 
@@ -210,7 +220,7 @@ class BuildReport:
             lines.append(f"  failed {uid}: {reason}")
         if len(self.failed) > 20:
             lines.append(f"  ... and {len(self.failed) - 20} more (featstore query STORE \"select uid, error "
-                         "from segments where status = 'failed'\")")
+                         f"from segments where status = '{STATUS_FAILED}'\")")
         if self.failed:
             lines.append("rerun the same command to retry the failed segments (stored ones are skipped)")
         return "\n".join(lines)
@@ -554,12 +564,12 @@ def _run_backbones(models: _Models, clips: Tensor, config: BuildConfig) -> dict[
         else:
             noun_map, noun_global = models.noun(x)
     out = {
-        "verb.global": verb_global.float().cpu().numpy(),
-        "verb.map": verb_map.float().cpu().numpy(),
-        "noun.global": noun_global.float().cpu().numpy(),
+        VERB_GLOBAL: verb_global.float().cpu().numpy(),
+        VERB_MAP: verb_map.float().cpu().numpy(),
+        NOUN_GLOBAL: noun_global.float().cpu().numpy(),
     }
     if config.noun_map:
-        out["noun.map"] = noun_map.float().cpu().numpy()
+        out[NOUN_MAP] = noun_map.float().cpu().numpy()
     return out
 
 
@@ -918,7 +928,7 @@ def build_store(config: BuildConfig, *, on_segment: Callable[[str], None] | None
     # this process is killed, hold the shard's lock until it notices its parent is gone.
     with store.writer(config.shard, flush_every=config.flush_every):
         pass
-    done = set(store.uids(status="ok"))
+    done = set(store.uids(status=STATUS_OK))
     todo = [by_uid[uid] for uid in mine if uid not in done]
     report.skipped = len(mine) - len(todo)
     # Video then time order: consecutive segments share files (page cache, neighbouring frames).

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, fields as dataclass_fields
+from dataclasses import dataclass
+from dataclasses import fields as dataclass_fields
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
@@ -19,7 +20,15 @@ import pyarrow.compute as pc
 
 from featstore.models import BackboneRecord, backbone_map_shape
 from featstore.sampling import SamplingConfig
-from featstore.schema import FieldSpec, default_dtype
+from featstore.schema import (
+    NOUN_GLOBAL,
+    NOUN_MAP,
+    VERB_GLOBAL,
+    VERB_MAP,
+    FieldSpec,
+    default_dtype,
+    det_field,
+)
 
 __all__ = [
     "BoxFileFrame",
@@ -202,19 +211,19 @@ def store_fields(
     """
     height, width = input_size
     fields: dict[str, tuple[int, ...]] = {
-        "verb.global": (verb_record.feature_dim,),
-        "verb.map": backbone_map_shape(verb_record, clip_frames=sampling.clip_frames, height=height, width=width),
-        "noun.global": (noun_record.feature_dim,),
+        VERB_GLOBAL: (verb_record.feature_dim,),
+        VERB_MAP: backbone_map_shape(verb_record, clip_frames=sampling.clip_frames, height=height, width=width),
+        NOUN_GLOBAL: (noun_record.feature_dim,),
     }
     if noun_map:
-        fields["noun.map"] = backbone_map_shape(
+        fields[NOUN_MAP] = backbone_map_shape(
             noun_record, clip_frames=sampling.clip_frames, height=height, width=width
         )
     if detector_dim is not None:
         for box_set, slots in (("global", sampling.n_global_slots), ("local", sampling.n_local_slots)):
-            fields[f"det.{box_set}.feat"] = (slots, detector_dim)
-            fields[f"det.{box_set}.box"] = (slots, 4)
-            fields[f"det.{box_set}.score"] = (slots,)
+            fields[det_field(box_set, "feat")] = (slots, detector_dim)
+            fields[det_field(box_set, "box")] = (slots, 4)
+            fields[det_field(box_set, "score")] = (slots,)
     return {name: FieldSpec(dtype=default_dtype(name), shape=tuple(int(d) for d in shape))
             for name, shape in fields.items()}
 
@@ -301,7 +310,7 @@ def detection_slots(
         "label": label,
         "valid": valid,
     }
-    tensors = {f"det.{box_set}.feat": feat, f"det.{box_set}.box": box, f"det.{box_set}.score": score}
+    tensors = {det_field(box_set, "feat"): feat, det_field(box_set, "box"): box, det_field(box_set, "score"): score}
     return tensors, rows
 
 

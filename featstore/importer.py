@@ -16,7 +16,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from featstore.annotations import read_segments
-from featstore.schema import BOX_SETS, FieldSpec, StoreError, default_dtype
+from featstore.schema import BOX_SETS, STATUS_FAILED, STATUS_OK, FieldSpec, StoreError, default_dtype, det_field
 from featstore.store import FeatureStore
 
 
@@ -41,7 +41,7 @@ class ImportReport:
         for uid, reason in self.failed[:20]:
             lines.append(f"  failed {uid}: {reason}")
         if len(self.failed) > 20:
-            lines.append(f"  ... and {len(self.failed) - 20} more (see `featstore query` on status = 'failed')")
+            lines.append(f"  ... and {len(self.failed) - 20} more (see `featstore query` on status = '{STATUS_FAILED}')")
         for label, items in (
             ("npz files without an annotation row", self.npz_without_annotation),
             ("annotation rows without an npz file", self.annotation_without_npz),
@@ -67,15 +67,15 @@ def box_rows_from_arrays(arrays: Mapping[str, np.ndarray]) -> dict[str, list] | 
     """
     columns: dict[str, list] = {k: [] for k in ("set", "slot", "frame", "x1", "y1", "x2", "y2", "score", "label", "valid")}
     for box_set in BOX_SETS:
-        boxes = arrays.get(f"det.{box_set}.box")
+        boxes = arrays.get(det_field(box_set, "box"))
         if boxes is None:
             continue
         boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
         n = boxes.shape[0]
-        scores = arrays.get(f"det.{box_set}.score")
+        scores = arrays.get(det_field(box_set, "score"))
         scores = np.asarray(scores, dtype=np.float32).reshape(n) if scores is not None else np.ones(n, np.float32)
-        frames = arrays.get(f"det.{box_set}.frame")
-        labels = arrays.get(f"det.{box_set}.label")
+        frames = arrays.get(det_field(box_set, "frame"))
+        labels = arrays.get(det_field(box_set, "label"))
         valid = scores > 0
         columns["set"] += [box_set] * n
         columns["slot"] += list(range(n))
@@ -165,7 +165,7 @@ def import_npz(
     from tqdm import tqdm
 
     with store.writer(shard, flush_every=flush_every) as writer:
-        done = set(store.uids(status="ok"))
+        done = set(store.uids(status=STATUS_OK))
         report.skipped = sum(uid in done for uid in todo)
         todo = [uid for uid in todo if uid not in done]
         bar = tqdm(total=len(todo), desc="import", unit="seg", disable=not progress, file=sys.stderr)

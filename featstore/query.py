@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import duckdb
 import pyarrow as pa
 
-from featstore.schema import BOX_SCHEMA, SEGMENT_SCHEMA, StoreError
+from featstore.schema import BOX_SCHEMA, SEGMENT_SCHEMA, STATUS_OK, StoreError
 
 if TYPE_CHECKING:
     from featstore.store import FeatureStore
@@ -104,10 +104,10 @@ def connect_store(store: "FeatureStore") -> duckdb.DuckDBPyConnection:
 def _create_views(con: duckdb.DuckDBPyConnection, sources: dict[str, str]) -> None:
     # One row per uid: a stored (ok) attempt beats a failed one; among equals the newest wins.
     con.execute(
-        """create view segments as
+        f"""create view segments as
            select * exclude (_rank) from (
              select *, row_number() over (
-               partition by uid order by (status = 'ok') desc, written_at desc) as _rank
+               partition by uid order by (status = '{STATUS_OK}') desc, written_at desc) as _rank
              from segments_all) where _rank = 1"""
     )
     con.execute(

@@ -96,24 +96,49 @@ def default_dtype(field: str) -> str:
     return "float16"
 
 
-# The canonical fields of one segment (DESIGN section 3), with what each holds. A store holds any
-# subset; shapes are per store (the manifest's field schema).
+# The canonical fields of one segment (DESIGN section 3). A store holds any subset; shapes are per
+# store (the manifest's field schema). Code names a field by these constants, never by its text.
+VERB_GLOBAL = "verb.global"  # [C] VerbNet feature, pooled over time and space
+VERB_MAP = "verb.map"  # [C, T, H, W] VerbNet last-stage spatial map (local alignment)
+NOUN_GLOBAL = "noun.global"  # [C] NounNet pooled feature
+NOUN_MAP = "noun.map"  # [C, T, H, W] NounNet last-stage spatial map (optional)
+
 BOX_SETS = ("global", "local")  # det.global.* (noun branch, 6 s window) and det.local.* (verb branch, 4 s)
 BOX_PARTS = ("feat", "box", "score")  # per box set: RoI features, normalised x1y1x2y2, detection score
+# Per box set, optional arrays of an imported npz that fill the boxes table's frame and label columns.
+BOX_INDEX_PARTS = ("frame", "label")
+
+
+def det_field(box_set: str, part: str) -> str:
+    """The field name of one part of a box set, e.g. ``det_field("local", "box") == "det.local.box"``.
+
+    Args:
+        box_set: one of `BOX_SETS`.
+        part: one of `BOX_PARTS` (or `BOX_INDEX_PARTS`, for imported arrays).
+    Returns:
+        The field name.
+    Raises:
+        ValueError: an unknown box set or part.
+    """
+    if box_set not in BOX_SETS or part not in BOX_PARTS + BOX_INDEX_PARTS:
+        raise ValueError(f"no detection field for box set {box_set!r} / part {part!r}")
+    return f"det.{box_set}.{part}"
+
+
+DET_GLOBAL_FEAT = det_field("global", "feat")  # [60, Cd] RoI features of the noun window's boxes
+DET_GLOBAL_BOX = det_field("global", "box")  # [60, 4] normalised x1, y1, x2, y2 (float32)
+DET_GLOBAL_SCORE = det_field("global", "score")  # [60] detection scores, 0 for padded slots (float32)
+DET_LOCAL_FEAT = det_field("local", "feat")  # [40, Cd] the same for the verb window
+DET_LOCAL_BOX = det_field("local", "box")  # [40, 4]
+DET_LOCAL_SCORE = det_field("local", "score")  # [40]
+
 CANONICAL_FIELDS: dict[str, str] = {
-    "verb.global": "[C] VerbNet feature, pooled over time and space",
-    "verb.map": "[C, T, H, W] VerbNet last-stage spatial map (local alignment)",
-    "noun.global": "[C] NounNet pooled feature",
-    "noun.map": "[C, T, H, W] NounNet last-stage spatial map (optional)",
-    **{f"det.{box_set}.{part}": f"{meaning} of the {box_set} detection slots"
+    VERB_GLOBAL: "[C] VerbNet feature, pooled over time and space",
+    VERB_MAP: "[C, T, H, W] VerbNet last-stage spatial map (local alignment)",
+    NOUN_GLOBAL: "[C] NounNet pooled feature",
+    NOUN_MAP: "[C, T, H, W] NounNet last-stage spatial map (optional)",
+    **{det_field(box_set, part): f"{meaning} of the {box_set} detection slots"
        for box_set in BOX_SETS
        for part, meaning in (("feat", "[N, Cd] RoI features"), ("box", "[N, 4] normalised x1, y1, x2, y2 (float32)"),
                              ("score", "[N] detection scores, 0 for padded slots (float32)"))},
 }
-
-
-def det_field(box_set: str, part: str) -> str:
-    """The field name of one part of a box set, e.g. ``det_field("local", "box") == "det.local.box"``."""
-    if box_set not in BOX_SETS or part not in BOX_PARTS:
-        raise ValueError(f"no detection field for box set {box_set!r} / part {part!r}")
-    return f"det.{box_set}.{part}"

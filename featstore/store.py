@@ -273,6 +273,22 @@ class FeatureStore:
         except lmdb.Error as err:
             raise StoreError(f"{self.path}: LMDB shard {shard!r} cannot be read: {err}") from err
 
+    def tensor_keys(self) -> Iterator[tuple[str, str]]:
+        """Every tensor key LMDB holds, shard by shard, bookkeeping keys (journal) left out.
+
+        What LMDB holds, not what the index says is stored: a writer killed between its LMDB
+        commit and its index export leaves keys that no ``ok`` row names yet (its next run
+        exports them). For consistency checks that compare the two; readers use `read`.
+
+        Returns:
+            (shard, ``"{uid}/{field}"``) pairs, in key order within each shard.
+        """
+        for shard_dir in self._shard_dirs():
+            with self._begin(shard_dir.name) as txn:
+                for key in txn.cursor().iternext(values=False):
+                    if not key.startswith(b"__"):
+                        yield shard_dir.name, bytes(key).decode()
+
     def _segments_state(self) -> tuple:
         """Names, sizes and mtimes of the index parts: changes whenever a writer exports a part."""
         try:

@@ -21,20 +21,31 @@ import pyarrow as pa
 import torch
 
 from featstore.allocator import keep_freed_memory
+from featstore.schema import (
+    DET_GLOBAL_FEAT,
+    DET_GLOBAL_SCORE,
+    DET_LOCAL_BOX,
+    DET_LOCAL_FEAT,
+    DET_LOCAL_SCORE,
+    NOUN_GLOBAL,
+    STATUS_OK,
+    VERB_GLOBAL,
+    VERB_MAP,
+)
 from featstore.store import FeatureStore
 from heads.local_alignment import pool_local_verb_features
 
 # Store field -> batch key the heads read.
 FIELD_KEYS = {
-    "verb.global": "verb_global",
-    "noun.global": "noun_global",
-    "det.global.feat": "det_global_feat",
-    "det.local.feat": "det_local_feat",
+    VERB_GLOBAL: "verb_global",
+    NOUN_GLOBAL: "noun_global",
+    DET_GLOBAL_FEAT: "det_global_feat",
+    DET_LOCAL_FEAT: "det_local_feat",
 }
 # Batch keys derived at load time from other fields.
 DERIVED = {
-    "det.global.score": "det_global_valid",
-    "det.local.score": "det_local_valid",
+    DET_GLOBAL_SCORE: "det_global_valid",
+    DET_LOCAL_SCORE: "det_local_valid",
 }
 LOCAL_CHUNK = 256  # segments per RoIAlign chunk: bounds the float32 verb.map held at once
 
@@ -55,7 +66,7 @@ class SegmentLabels:
 
 def selection_labels(store: FeatureStore, where: str | None) -> SegmentLabels:
     """The stored (ok) segments matching ``where``, in uid order, with their labels."""
-    table = store.segments(where, status="ok")
+    table = store.segments(where, status=STATUS_OK)
     verb = table.column("verb_class").fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
     noun = table.column("noun_class").fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
     return SegmentLabels(tuple(table.column("uid").to_pylist()), torch.from_numpy(verb),
@@ -67,7 +78,7 @@ def batch_keys(fields: Iterable[str]) -> list[str]:
     fields = set(fields)
     keys = [FIELD_KEYS[f] for f in FIELD_KEYS if f in fields]
     keys += [DERIVED[f] for f in DERIVED if f in fields]
-    if "verb.map" in fields and "det.local.box" in fields:
+    if VERB_MAP in fields and DET_LOCAL_BOX in fields:
         keys.append("verb_local")
     return keys
 
@@ -82,8 +93,8 @@ def estimate_bytes(store: FeatureStore, fields: Iterable[str], n: int) -> int:
             total += 2 * math.prod(spec.shape)
         elif field in DERIVED:
             total += math.prod(spec.shape)
-    if "verb.map" in fields and "det.local.box" in fields:
-        total += 2 * store.fields["det.local.box"].shape[0] * store.fields["verb.map"].shape[0]
+    if VERB_MAP in fields and DET_LOCAL_BOX in fields:
+        total += 2 * store.fields[DET_LOCAL_BOX].shape[0] * store.fields[VERB_MAP].shape[0]
     return total * n
 
 
@@ -98,12 +109,12 @@ def _segment_tensors(store: FeatureStore, uids: Sequence[str], fields: set[str],
         if field in fields:
             # Padded slots carry score 0 (DESIGN section 3): that is the mask.
             out[key] = torch.from_numpy(store.read_field(uids, field) > 0)
-    if "verb.map" in fields and "det.local.box" in fields:
+    if VERB_MAP in fields and DET_LOCAL_BOX in fields:
         local = []
         for start in range(0, len(uids), LOCAL_CHUNK):
             chunk = uids[start:start + LOCAL_CHUNK]
-            verb_map = torch.from_numpy(store.read_field(chunk, "verb.map")).float()  # (n, C, T, H, W)
-            boxes = torch.from_numpy(store.read_field(chunk, "det.local.box")).float()  # (n, K, 4)
+            verb_map = torch.from_numpy(store.read_field(chunk, VERB_MAP)).float()  # (n, C, T, H, W)
+            boxes = torch.from_numpy(store.read_field(chunk, DET_LOCAL_BOX)).float()  # (n, K, 4)
             local.append(pool_local_verb_features(verb_map, boxes, output_size=output_size, pool=pool).half())
         out["verb_local"] = torch.cat(local) if local else torch.empty(0)
     return out

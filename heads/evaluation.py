@@ -12,11 +12,9 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from featstore.annotations import NUM_CLASSES
 from heads.actions import lfb_action_prior
 from heads.metrics import epic55_metrics, epic100_metrics
-
-# Class counts per dataset (DESIGN section 1); they fix the classifier sizes when no class list is at hand.
-NUM_CLASSES = {"epic55": (125, 352), "epic100": (97, 300)}
 MANY_SHOT_MIN = 100  # "more than 100 training samples" (DESIGN section 6)
 
 

@@ -40,9 +40,9 @@ from typing import Sequence
 
 import numpy as np
 
+from featstore.annotations import NUM_CLASSES
 from featstore.atomic import atomic_write
 from heads.actions import action_scores, lfb_action_prior, softmax
-from heads.evaluation import NUM_CLASSES
 from heads.predictions import Predictions, read_predictions
 
 __all__ = [

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from featstore.atomic import atomic_write, atomic_write_json, remove_temporaries
+from featstore.schema import DET_GLOBAL_FEAT, DET_LOCAL_FEAT, NOUN_GLOBAL, VERB_GLOBAL
 from featstore.splits import resolve_selection
 from featstore.store import FeatureStore
 from heads import data as head_data
@@ -93,9 +94,9 @@ def feature_dims(store: FeatureStore) -> FeatureDims:
         return int(fields[name].shape[axis]) if name in fields else default
 
     return FeatureDims(
-        verb_dim=dim("verb.global", 0), noun_dim=dim("noun.global", 0),
-        det_dim=dim("det.global.feat", -1, dim("det.local.feat", -1)),
-        n_global=dim("det.global.feat", 0, 60), n_local=dim("det.local.feat", 0, 40),
+        verb_dim=dim(VERB_GLOBAL, 0), noun_dim=dim(NOUN_GLOBAL, 0),
+        det_dim=dim(DET_GLOBAL_FEAT, -1, dim(DET_LOCAL_FEAT, -1)),
+        n_global=dim(DET_GLOBAL_FEAT, 0, 60), n_local=dim(DET_LOCAL_FEAT, 0, 40),
     )
 
 

@@ -42,7 +42,11 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional
 
-from featstore.models.checkpoints import CheckpointError, apply_state_dict, read_state_dict
+from featstore.models.checkpoints import (
+    CheckpointError,
+    apply_state_dict,
+    read_state_dict,
+)
 from featstore.models.detectors import (
     DEFAULT_DETECTIONS_PER_IMAGE,
     Detections,

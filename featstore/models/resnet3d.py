@@ -20,7 +20,12 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from featstore.models.backbones import BackboneRecord, VideoBackbone, conv_out, register_backbone
+from featstore.models.backbones import (
+    BackboneRecord,
+    VideoBackbone,
+    conv_out,
+    register_backbone,
+)
 
 # 3D-ResNets-PyTorch mean.py, dataset 'kinetics', value_scale 1 (its default): inputs in [0, 1].
 HARA_KINETICS_MEAN: tuple[float, float, float] = (0.4345, 0.4051, 0.3775)

@@ -31,7 +31,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from featstore.models.backbones import BackboneRecord, VideoBackbone, conv_out, register_backbone
+from featstore.models.backbones import (
+    BackboneRecord,
+    VideoBackbone,
+    conv_out,
+    register_backbone,
+)
 
 ALPHA = 4  # fast / slow frame-rate ratio
 BETA_INV = 8  # slow / fast channel ratio

@@ -23,7 +23,13 @@ import torch
 from torch import Tensor, nn
 from torchvision.models import resnet50
 
-from featstore.models.backbones import SEGMENTS, BackboneRecord, VideoBackbone, conv_out, register_backbone
+from featstore.models.backbones import (
+    SEGMENTS,
+    BackboneRecord,
+    VideoBackbone,
+    conv_out,
+    register_backbone,
+)
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)

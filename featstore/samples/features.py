@@ -12,23 +12,19 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from featstore.samples.annotations import SegmentLabel
+from featstore.schema import BOX_SETS, DET_LOCAL_BOX, NOUN_GLOBAL, VERB_GLOBAL, VERB_MAP, det_field
 
 
 def feature_shapes(*, verb_dim: int = 64, noun_dim: int = 64, det_dim: int = 32, n_global: int = 60,
                    n_local: int = 40, map_size: tuple[int, int, int] | None = (2, 7, 7)) -> dict[str, tuple[int, ...]]:
     """Canonical field shapes for generated stores (``map_size`` None leaves out ``verb.map``)."""
-    shapes = {
-        "verb.global": (verb_dim,),
-        "noun.global": (noun_dim,),
-        "det.global.feat": (n_global, det_dim),
-        "det.global.box": (n_global, 4),
-        "det.global.score": (n_global,),
-        "det.local.feat": (n_local, det_dim),
-        "det.local.box": (n_local, 4),
-        "det.local.score": (n_local,),
-    }
+    shapes = {VERB_GLOBAL: (verb_dim,), NOUN_GLOBAL: (noun_dim,)}
+    for box_set, slots in zip(BOX_SETS, (n_global, n_local)):
+        shapes[det_field(box_set, "feat")] = (slots, det_dim)
+        shapes[det_field(box_set, "box")] = (slots, 4)
+        shapes[det_field(box_set, "score")] = (slots,)
     if map_size is not None:
-        shapes["verb.map"] = (verb_dim, *map_size)
+        shapes[VERB_MAP] = (verb_dim, *map_size)
     return shapes
 
 
@@ -53,9 +49,10 @@ def random_segment_arrays(rng: np.random.Generator, shapes: Mapping[str, tuple[i
             arrays[name] = scores
         else:
             arrays[name] = rng.standard_normal(shape).astype(np.float32)
-    for box_set in ("global", "local"):
-        if f"det.{box_set}.box" in arrays and f"det.{box_set}.score" in arrays:
-            arrays[f"det.{box_set}.box"][arrays[f"det.{box_set}.score"] == 0] = 0.0
+    for box_set in BOX_SETS:
+        box, score = det_field(box_set, "box"), det_field(box_set, "score")
+        if box in arrays and score in arrays:
+            arrays[box][arrays[score] == 0] = 0.0
     return arrays
 
 
@@ -132,18 +129,18 @@ class PlantedSignal:
         c, (t, h, w) = self.verb_dim, self.map_size
         noise = self.noise
         arrays = {
-            "verb.global": (rng.standard_normal(c) * noise).astype(np.float32),
-            "noun.global": (rng.standard_normal(c) * noise).astype(np.float32),
+            VERB_GLOBAL: (rng.standard_normal(c) * noise).astype(np.float32),
+            NOUN_GLOBAL: (rng.standard_normal(c) * noise).astype(np.float32),
         }
         # Nouns: one marked target among distractor objects.
-        for box_set, n in (("global", self.n_global), ("local", self.n_local)):
+        for box_set, n in zip(BOX_SETS, (self.n_global, self.n_local)):
             others = rng.integers(0, self.num_nouns, size=n)
             feats = self.noun_embedding[others] + rng.standard_normal((n, self.det_dim)).astype(np.float32) * noise
             target = int(rng.integers(0, n))
             feats[target] = self.noun_embedding[seg.noun_class] + self.marker
-            arrays[f"det.{box_set}.feat"] = feats.astype(np.float32)
-            arrays[f"det.{box_set}.score"] = rng.uniform(0.5, 1.0, n).astype(np.float32)
-            arrays[f"det.{box_set}.box"] = random_boxes(rng, n)
+            arrays[det_field(box_set, "feat")] = feats.astype(np.float32)
+            arrays[det_field(box_set, "score")] = rng.uniform(0.5, 1.0, n).astype(np.float32)
+            arrays[det_field(box_set, "box")] = random_boxes(rng, n)
             arrays[f"_target.{box_set}"] = np.array(target)
         # Verbs: +embedding under the target local box (2x2 cells), -embedding in a disjoint 2x2 region.
         verb_map = (rng.standard_normal((c, t, h, w)) * noise).astype(np.float32)
@@ -154,9 +151,9 @@ class PlantedSignal:
         embedding = self.verb_embedding[seg.verb_class][:, None, None, None]
         verb_map[:, :, y:y + 2, x:x + 2] += embedding
         verb_map[:, :, y2:y2 + 2, x2:x2 + 2] -= embedding
-        arrays["verb.map"] = verb_map
-        arrays["verb.global"] += verb_map.mean(axis=(1, 2, 3))
+        arrays[VERB_MAP] = verb_map
+        arrays[VERB_GLOBAL] += verb_map.mean(axis=(1, 2, 3))
         target = int(arrays.pop("_target.local"))
         arrays.pop("_target.global")
-        arrays["det.local.box"][target] = [x / w, y / h, (x + 2) / w, (y + 2) / h]
+        arrays[DET_LOCAL_BOX][target] = [x / w, y / h, (x + 2) / w, (y + 2) / h]
         return arrays

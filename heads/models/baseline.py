@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from featstore.schema import NOUN_GLOBAL, VERB_GLOBAL
 from heads.models.registry import FeatureDims, register_head
 
 __all__ = ["GlobalHead", "global_head"]
@@ -43,7 +44,7 @@ class GlobalHead(nn.Module):
 @register_head(
     "global",
     description="baseline: linear verb/noun classifiers on the global backbone features, no objects",
-    fields=lambda **_: ("verb.global", "noun.global"),
+    fields=lambda **_: (VERB_GLOBAL, NOUN_GLOBAL),
 )
 def global_head(*, dims: FeatureDims, num_verbs: int, num_nouns: int) -> GlobalHead:
     """The `global` baseline (no switches).

@@ -21,13 +21,21 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from featstore.schema import (
+    BOX_SETS,
+    DET_GLOBAL_FEAT,
+    DET_GLOBAL_SCORE,
+    DET_LOCAL_BOX,
+    DET_LOCAL_FEAT,
+    DET_LOCAL_SCORE,
+    NOUN_GLOBAL,
+    VERB_GLOBAL,
+    VERB_MAP,
+)
 from heads.models.layers import ActionAttendedRelation, CrossStreamGate, MaskedMeanPool, ObjectAlignment
 from heads.models.registry import FeatureDims, register_head
 
 __all__ = ["SymbioticBranch", "SymbioticHead", "saoa", "sap", "symbiotic_fields"]
-
-_OBJECT_SETS = ("global", "local")
-
 
 class SymbioticBranch(nn.Module):
     """One branch (verb or noun): align -> gate -> relate -> classify.
@@ -58,8 +66,8 @@ class SymbioticBranch(nn.Module):
         concat_global: bool = False,
     ) -> None:
         super().__init__()
-        if objects not in _OBJECT_SETS:
-            raise ValueError(f"objects must be one of {_OBJECT_SETS}, got {objects!r}")
+        if objects not in BOX_SETS:
+            raise ValueError(f"objects must be one of {BOX_SETS}, got {objects!r}")
         self.alignment = alignment
         self.gate = gate
         self.relation = relation
@@ -164,8 +172,8 @@ def _symbiotic(
     normalize: bool,
     concat_global: bool,
 ) -> SymbioticHead:
-    if verb_objects not in _OBJECT_SETS:
-        raise ValueError(f"verb_objects must be one of {_OBJECT_SETS}, got {verb_objects!r}")
+    if verb_objects not in BOX_SETS:
+        raise ValueError(f"verb_objects must be one of {BOX_SETS}, got {verb_objects!r}")
     common = dict(det_dim=dims.det_dim, gating=gating, relation=relation, normalize=normalize,
                   concat_global=concat_global)
     verb_branch = _branch(
@@ -196,11 +204,11 @@ def symbiotic_fields(*, local_alignment: bool, verb_objects: str) -> tuple[str, 
     them). Detection scores are read for their validity (0 = padded slot). Local alignment needs
     the verb map and the local boxes to RoI-pool `verb_local` at load time.
     """
-    fields = ["verb.global", "noun.global", "det.global.feat", "det.global.score"]
+    fields = [VERB_GLOBAL, NOUN_GLOBAL, DET_GLOBAL_FEAT, DET_GLOBAL_SCORE]
     if verb_objects == "local":
-        fields += ["det.local.feat", "det.local.score"]
+        fields += [DET_LOCAL_FEAT, DET_LOCAL_SCORE]
     if local_alignment:
-        fields += ["det.local.box", "verb.map"]
+        fields += [DET_LOCAL_BOX, VERB_MAP]
     return tuple(fields)
 
 

@@ -5,17 +5,23 @@ shared with `tests/test_readme.py`, which runs the README's commands against the
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import re
+import shlex
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
 from cli import demo
+from cli.featstore_build import build, make_build_config
 from cli.featstore_cli import main
+from cli.heads_cli import make_train_config, train
 from featstore.samples import kitchens
 from featstore.store import FeatureStore
+from heads.trainer import TrainConfig
 from tests.conftest import QuickDemo
 
 
@@ -107,7 +113,7 @@ def test_a_demo_of_other_settings_is_replaced(tmp_path: Path) -> None:
     (tmp_path / "mine.txt").write_text("kept")
     (tmp_path / demo.MARKER).write_text(json.dumps({"key": {"version": demo.DEMO_VERSION, "quick": True, "seed": 7}}))
     messages: list[str] = []
-    state = demo._prepare_out(demo.DemoConfig(out=tmp_path, quick=True, seed=0), messages.append)
+    state = demo.prepare_out(demo.DemoConfig(out=tmp_path, quick=True, seed=0), messages.append)
     assert state["done"] == [] and "replacing it" in messages[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == [demo.MARKER, "mine.txt"]
 
@@ -121,7 +127,7 @@ def _digest(folder: Path) -> str:
 
 
 def test_the_sample_is_reproducible_and_balanced(tmp_path: Path) -> None:
-    spec = demo.SampleSpec(("P01",), ("P26",), videos_per_participant=1, segments_per_video=4)
+    spec = kitchens.SampleSpec(("P01",), ("P26",), videos_per_participant=1, segments_per_video=4)
     first = kitchens.generate_sample(tmp_path / "a", spec, seed=3)
     kitchens.generate_sample(tmp_path / "b", spec, seed=3)
     assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
@@ -139,3 +145,34 @@ def test_chance_is_a_uniform_guess_among_the_classes() -> None:
     assert chance["verb_top1"] == 25.0 and chance["verb_top5"] == 100.0
     assert chance["noun_top5"] == pytest.approx(500 / 6)
     assert chance["action_top5"] == pytest.approx(500 / 24)
+
+
+def _printed(output: str, prog: str) -> list[list[str]]:
+    """The argv of every ``prog ...`` command line the demo printed (after its ``[n/4] stage:`` prefix)."""
+    stages = [line.split(": ", 1)[1] for line in output.splitlines() if re.match(r"\[\d/4\] \w+: ", line)]
+    return [shlex.split(line)[len(prog.split()):] for line in stages if line.startswith(prog + " ")]
+
+
+def test_printed_commands_are_the_real_commands_of_the_params_the_demo_ran(quick_demo: QuickDemo) -> None:
+    out = quick_demo.out
+    sample = kitchens.sample_paths(out / "sample")
+    build_params = demo.build_params(sample, out / "store", progress=False)
+    # Parsing the printed line with the real command (an unknown flag would be refused) gives the
+    # very parameters, and so the very config, the demo built with.
+    [printed_build] = _printed(quick_demo.output, "featstore build")
+    parsed = build.make_context("build", list(printed_build)).params
+    assert parsed == build_params
+    assert make_build_config(parsed, command="c") == make_build_config(build_params, command="c")
+    manifest = json.loads((out / "store" / "manifest.json").read_text())
+    assert shlex.split(manifest["provenance"]["command"])[2:] == printed_build
+
+    printed_train = _printed(quick_demo.output, "heads train")
+    assert len(printed_train) == len(demo.HEADS)
+    for head, argv in zip(demo.HEADS, printed_train):
+        params = head.params(out / "store", out / "runs" / head.name, seed=0, device="cpu", progress=False)
+        parsed = train.make_context("train", list(argv)).params
+        assert parsed == params
+        assert make_train_config(parsed) == make_train_config(params)
+        # What the run recorded is that config (with the dataset it found in the store).
+        recorded = TrainConfig.from_json(json.loads((out / "runs" / head.name / "config.json").read_text()))
+        assert recorded == dataclasses.replace(make_train_config(params), dataset="epic55")

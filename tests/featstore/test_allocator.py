@@ -50,19 +50,28 @@ def test_a_freed_batch_stays_in_the_heap_only_when_tuned() -> None:
     assert tuned_free >= 20 * 2**20
 
 
-def test_it_sets_glibc_once_per_process_and_reports_refusal(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_it_sets_both_settings_and_stops_at_a_refusal() -> None:
     from featstore import allocator
 
     calls = []
-    monkeypatch.setattr(allocator, "_applied", None)
-    monkeypatch.setattr(allocator, "_mallopt", lambda param, value: calls.append((param, value)) or True)
-    assert allocator.keep_freed_memory() is True
-    assert allocator.keep_freed_memory() is True
-    assert calls == [(allocator._M_MMAP_MAX, 0), (allocator._M_TRIM_THRESHOLD, allocator._TRIM_THRESHOLD)]
+    assert allocator.tune_malloc(lambda param, value: calls.append((param, value)) or True) is True
+    assert calls == [(allocator.M_MMAP_MAX, 0), (allocator.M_TRIM_THRESHOLD, allocator.TRIM_THRESHOLD)]
 
     # A C library that refuses the first setting: reported, and the second is not tried.
     calls.clear()
-    monkeypatch.setattr(allocator, "_applied", None)
-    monkeypatch.setattr(allocator, "_mallopt", lambda param, value: calls.append((param, value)) is not None)
-    assert allocator.keep_freed_memory() is False
-    assert calls == [(allocator._M_MMAP_MAX, 0)]
+    assert allocator.tune_malloc(lambda param, value: calls.append((param, value)) is not None) is False
+    assert calls == [(allocator.M_MMAP_MAX, 0)]
+
+
+def test_it_sets_glibc_once_per_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    from featstore import allocator
+
+    calls = []
+    monkeypatch.setattr(allocator, "glibc_mallopt", lambda param, value: calls.append((param, value)) or True)
+    allocator.keep_freed_memory.cache_clear()
+    try:
+        assert allocator.keep_freed_memory() is True
+        assert allocator.keep_freed_memory() is True
+        assert len(calls) == 2  # the two settings, once
+    finally:
+        allocator.keep_freed_memory.cache_clear()  # the next caller applies the real settings

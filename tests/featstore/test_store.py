@@ -111,6 +111,17 @@ def test_failed_segment_is_indexed_with_reason_and_not_readable(tmp_path: Path) 
     assert store.segments().column("status").to_pylist() == ["ok", "ok"]
 
 
+def test_tensor_keys_list_every_stored_tensor_per_shard_and_no_bookkeeping(tmp_path: Path) -> None:
+    _fill(tmp_path / "s", 3)
+    store = FeatureStore.open(tmp_path / "s")
+    with store.writer(shard="1") as writer:
+        writer.put(_row("x"), _arrays(np.random.default_rng(5)))
+        writer.fail(_row("y"), "unreadable")
+    keys = list(store.tensor_keys())
+    assert sorted(keys) == sorted([("0", f"{uid}/{field}") for uid in "012" for field in FIELDS]
+                                  + [("1", f"x/{field}") for field in FIELDS])
+
+
 def test_verify_catches_one_flipped_byte(tmp_path: Path) -> None:
     written = _fill(tmp_path / "s", 10)
     store = FeatureStore.open(tmp_path / "s")

@@ -53,11 +53,8 @@ def lmdb_segment_keys(store: Path) -> Counter:
 
     opened = FeatureStore.open(store)
     counts: Counter = Counter()
-    for shard in opened._shard_dirs():
-        with opened._begin(shard.name) as txn:
-            for key in txn.cursor().iternext(values=False):
-                if not key.startswith(b"__"):
-                    counts[bytes(key).decode().rsplit("/", 1)[0]] += 1
+    for _shard, key in opened.tensor_keys():
+        counts[key.rsplit("/", 1)[0]] += 1
     return counts
 
 
