@@ -9,8 +9,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from heads.ablation import TABLE_METRICS, GridError, ablate, load_grid, parse_grid, run_grid, switch_label
+from heads.ablation import ablate, run_grid
+from heads.grid import GridError, load_grid, parse_grid
+from heads.metric_registry import table_metrics
 from heads.predictions import read_predictions
+from heads.results import switch_label
 from heads.trainer import TrainConfig, train
 
 TRAIN = "participant_id <= 'P25'"
@@ -96,7 +99,7 @@ def test_grid_records_failures_skips_finished_runs_and_flags_changed_ones(plante
     rows = {row["name"]: row for row in table.to_pylist()}
     assert [rows[n]["status"] for n in ("saoa/seed0", "saoa/seed1", "global")] == ["ok"] * 3
     assert rows["unknown-model"]["status"] == "failed" and rows["unknown-model"]["action_top1"] is None
-    assert set(TABLE_METRICS) <= set(table.column_names)
+    assert {m.key for m in table_metrics()} <= set(table.column_names)
     assert {"model", "switches", "lr", "seed", "epochs", "train_where", "error"} <= set(table.column_names)
     metrics = json.loads((out / "saoa" / "seed1" / "metrics.json").read_text())
     assert rows["saoa/seed1"]["verb_top1"] == metrics["verb_top1"] and rows["saoa/seed1"]["seed"] == 1
