@@ -130,7 +130,7 @@ class TrainingLabels:
     Attributes:
         verbs: (M,) int64 verb classes.
         nouns: (M,) int64 noun classes.
-        source: where they came from: an annotation file's path, or ``training selection``.
+        source: where they came from: an annotation file's absolute path, or ``training selection``.
         excluded: rows of the source left out because they are segments being scored.
     """
 
@@ -188,7 +188,7 @@ def labels_from_file(path: str | os.PathLike, *, scored: Collection[str] = ()) -
             f"{path}: every one of its {len(uids)} segments is being scored, so none is left to count the "
             "action prior on (scored segments never inform their own prior); give the training annotations "
             "of other segments, or no action prior")
-    return TrainingLabels(verbs.astype(np.int64), nouns.astype(np.int64), str(path), excluded)
+    return TrainingLabels(verbs.astype(np.int64), nouns.astype(np.int64), str(Path(path).resolve()), excluded)
 
 
 @dataclass(frozen=True)

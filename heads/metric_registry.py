@@ -15,6 +15,7 @@ from typing import Any, Mapping
 __all__ = [
     "MetricRecord",
     "register_metric",
+    "unregister_metric",
     "get_metric",
     "list_metrics",
     "table_metrics",
@@ -74,6 +75,13 @@ def register_metric(record: MetricRecord) -> MetricRecord:
     if record.table_column is not None and any(m.table_column == record.table_column for m in _METRICS.values()):
         raise ValueError(f"{record.key}: Table 1 column {record.table_column} is taken")
     _METRICS[record.key] = record
+    return record
+
+
+def unregister_metric(key: str) -> MetricRecord:
+    """Remove metric ``key`` (a plugin's or a test's); returns its record. ``KeyError`` if unknown."""
+    record = get_metric(key)
+    del _METRICS[key]
     return record
 
 

@@ -149,3 +149,21 @@ def test_a_head_registered_later_brings_its_switches_to_heads_train(planted_stor
     assert "--shrink-logits" not in _invoke("train", "--help").output
     refused = _invoke("train", planted_store, "--model", "global", "--shrink-logits", "--out", tmp_path / "b")
     assert refused.exit_code == 2 and "No such option '--shrink-logits'" in refused.output
+
+
+def test_score_with_a_prior_file_leaves_out_the_scored_segments_and_says_so(planted_store: Path,
+                                                                           tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    assert _invoke("train", planted_store, "--model", "global", "--train-where", TRAIN, "--val-where", VAL,
+                   "--epochs", "1", "--no-progress", "--out", run).exit_code == 0
+    annotations = planted_store.parent / "annotations" / "EPIC_train_action_labels.csv"
+    scored = _invoke("score", run, "--annotations", annotations, "--action-prior-from", annotations, "--json")
+    assert scored.exit_code == 0, scored.output
+    metrics = json.loads(scored.stdout)
+    record = {"from": str(annotations.resolve()), "excluded_scored_segments": 240, "counted": 240}
+    assert metrics.pop("action_prior") == record
+    # What is left of the file is the run's training selection: the run's own prior, its own metrics.
+    assert metrics == pytest.approx(json.loads((run / "metrics.json").read_text()))
+    assert "240 scored segment(s) left out" in scored.stderr
+    text = _invoke("score", run, "--annotations", annotations, "--action-prior-from", annotations)
+    assert "action_top1" in text.stdout and "240 scored segment(s) left out" in text.stderr
