@@ -164,6 +164,10 @@ class RunState:
         history: one record per finished epoch.
         seconds: time spent starting the current epoch and stepping it.
         error: why the run failed, or None.
+        rng_state: the run's CPU random stream while it is swapped out.
+        cuda_rng_state: its CUDA random stream (on a CUDA device).
+        stream: its CUDA stream in a group on CUDA, else None (the default stream).
+        batches: the iterator over the current epoch's batches.
     """
 
     name: str
