@@ -44,6 +44,7 @@ from featstore.samples.kitchens import (
     plot_sample,
     sample_paths,
 )
+from heads.metric_registry import list_metrics
 
 __all__ = [
     "DemoConfig",
@@ -162,7 +163,7 @@ HEADS: tuple[HeadRun, ...] = (
 DEMO_VERSION = 1  # bump when the sample, build or head settings change: older outputs are rebuilt
 MARKER = "demo.json"  # marks a folder as a demo output (a rerun may reuse or replace what it holds)
 OWNED = ("sample", "store", "runs", "plots", "grid.toml", MARKER)  # what a demo of other settings replaces
-METRICS = ("verb_top1", "verb_top5", "noun_top1", "noun_top5", "action_top1", "action_top5")
+METRICS = tuple(m.key for m in list_metrics(table=True))  # the registry's Table 1 metrics, verb first
 
 
 class DemoError(Exception):

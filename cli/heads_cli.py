@@ -13,29 +13,62 @@ from cli.heads_experiments import ablate, fuse, submit
 if TYPE_CHECKING:
     from heads.trainer import TrainConfig
 
-SWITCH_OPTIONS = (
-    click.option("--no-gating", "gating", flag_value=False, default=None, help="Ablation: no cross-stream gating."),
-    click.option("--no-relation", "relation", flag_value=False, default=None,
-                 help="Ablation: mean over valid slots instead of the action-attended relation module."),
-    click.option("--no-local-alignment", "local_alignment", flag_value=False, default=None,
-                 help="Ablation (saoa): SAP's verb branch instead of local alignment."),
-    click.option("--normalize/--no-normalize", "normalize", default=None,
-                 help="The I3D L2 scheme: normalise backbone and detection features before combining."),
-    click.option("--concat-global", "concat_global", flag_value=True, default=None,
-                 help="Ours: concatenate the branch's global feature before its classifier."),
-)
+
+def model_option() -> click.Option:
+    """``--model``: a choice among the registered heads, each described in the help."""
+    from heads.models import get_head, list_heads
+
+    described = "; ".join(f"{name}: {get_head(name).description}" for name in list_heads())
+    return click.Option(["--model"], type=click.Choice(list_heads()), default="saoa", show_default=True,
+                        help=f"Registered head. {described}.")
 
 
-def switch_options(func):
-    for option in reversed(SWITCH_OPTIONS):
-        func = option(func)
-    return func
+def switch_options() -> list[click.Option]:
+    """One option per switch of the registered heads (``heads.models.all_switches``), help from the registry.
+
+    A boolean switch is a ``--name/--no-name`` pair, any other a ``--name VALUE`` of its default's
+    type; unset options stay None and are not passed, so each head keeps its own defaults.
+    """
+    from heads.models import all_switches
+
+    options = []
+    for switch in all_switches().values():
+        flag = switch.name.replace("_", "-")
+        text = switch.help[:1].upper() + switch.help[1:]
+        help_text = f"Switch of {', '.join(switch.heads)} (default {switch.default!r}): {text}"
+        if isinstance(switch.default, bool):
+            options.append(click.Option([f"--{flag}/--no-{flag}", switch.name], default=None, help=help_text))
+        else:
+            kind = type(switch.default) if switch.default is not None else str
+            options.append(click.Option([f"--{flag}", switch.name], type=kind, default=None, help=help_text))
+    return options
+
+
+class RegistryCommand(click.Command):
+    """A command whose ``--model`` and head switch options are read from the head registry when it runs,
+    so a head registered after import (a plugin) is offered too."""
+
+    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
+        params = super().get_params(ctx)
+        help_option = self.get_help_option(ctx)
+        fixed = [p for p in params if p is not help_option]
+        taken = {opt for p in fixed for opt in p.opts + p.secondary_opts}
+        model, switches = model_option(), switch_options()
+        for option in switches:
+            clash = taken.intersection(option.opts + option.secondary_opts)
+            if clash:
+                raise click.ClickException(f"a head switch clashes with the option {', '.join(sorted(clash))} "
+                                           f"of `heads {self.name}`; rename the switch")
+        arguments = [p for p in fixed if isinstance(p, click.Argument)]
+        options = [p for p in fixed if not isinstance(p, click.Argument)]
+        return arguments + [model] + options + switches + ([help_option] if help_option is not None else [])
 
 
 def switches_from(kwargs: dict[str, Any]) -> dict[str, Any]:
     """Switches the user set explicitly (a head refuses switches it does not have)."""
-    names = ("gating", "relation", "local_alignment", "normalize", "concat_global")
-    given = {name: kwargs.pop(name, None) for name in names}
+    from heads.models import all_switches
+
+    given = {name: kwargs.pop(name, None) for name in all_switches()}
     return {name: value for name, value in given.items() if value is not None}
 
 
@@ -66,9 +99,8 @@ def make_train_config(params: Mapping[str, Any]) -> TrainConfig:
     return TrainConfig(switches=switches, **values)
 
 
-@main.command()
+@main.command(cls=RegistryCommand)
 @click.argument("store", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--model", default="saoa", show_default=True, help="Registered head: saoa, sap, global.")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Run directory.")
 @click.option("--train", "train_split", help="Named training split, e.g. epic55-lfb-train.")
 @click.option("--train-where", help="DuckDB WHERE over segments selecting training segments.")
@@ -90,10 +122,11 @@ def make_train_config(params: Mapping[str, Any]) -> TrainConfig:
 @click.option("--memory-budget-gb", type=float, help="Stream from LMDB when preloading would need more.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bars on stderr.")
-@switch_options
 @domain_errors
 def train(**params: Any) -> None:
     """Train one head on a store and write a run directory.
+
+    --model and the head switches (--gating/--no-gating, ...) come from the head registry.
 
         heads train STORE --model saoa --train epic55-lfb-train --val epic55-lfb-val --out runs/saoa
     """
@@ -148,12 +181,15 @@ def predict(run: Path, store: Path | None, where: str | None, split: str | None,
 @click.option("--meta-dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Class, many-shot, tail and unseen lists (default: the annotation file's folder).")
 @click.option("--action-prior-from", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Training annotations to count the LFB action prior on.")
+              help="Training annotations to count the LFB action prior on; the scored segments' rows are "
+                   "left out (a segment never informs its own prior).")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics.json object.")
 @domain_errors
 def score(predictions: Path, annotations: Path, dataset: str | None, meta_dir: Path | None,
           action_prior_from: Path | None, as_json: bool) -> None:
     """Score any predictions Parquet (uid, verb_logits, noun_logits) on the segments it contains."""
+    from heads.evaluation import prior_note
+    from heads.metric_registry import get_metric, metric_values
     from heads.scoring import score_file
 
     metrics = score_file(predictions, annotations, dataset=dataset, meta_dir=meta_dir,
@@ -161,8 +197,10 @@ def score(predictions: Path, annotations: Path, dataset: str | None, meta_dir: P
     if as_json:
         click.echo(json.dumps(metrics, indent=2))
     else:
-        for key, value in metrics.items():
-            click.echo(f"{key:<22} {value:7.2f}")
+        for key, value in metric_values(metrics).items():
+            click.echo(f"{key:<22} {get_metric(key).format(value):>7}")
+    if "action_prior" in metrics:
+        click.echo(prior_note(metrics["action_prior"]), err=True)
 
 
 # Commands of their own modules (imported above: a misspelt or broken module is an error).

@@ -19,7 +19,7 @@ def _echo_log(message: str) -> None:
 @click.command()
 @click.argument("store", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--grid", "grid_file", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Grid TOML: a [base] table and [[run]] entries (see heads.ablation).")
+              help="Grid TOML: a [base] table and [[run]] entries (see heads.grid).")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Folder for the run directories and results.parquet / .md / .png.")
 @click.option("--parallel", default=1, show_default=True, type=click.IntRange(min=1),
@@ -58,7 +58,7 @@ def ablate(store: Path, grid_file: Path, out: Path, parallel: int, device: str |
 @click.option("--meta-dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Class, many-shot, tail and unseen lists for --annotations (default: its folder).")
 @click.option("--action-prior-from", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Training annotations to count the LFB action prior on.")
+              help="Training annotations to count the LFB action prior on; the fused segments' rows are left out.")
 @domain_errors
 def fuse(inputs: tuple[Path, ...], out: Path, weights: str | None, how: str, annotations: Path | None,
          dataset: str | None, meta_dir: Path | None, action_prior_from: Path | None) -> None:
@@ -85,7 +85,8 @@ def fuse(inputs: tuple[Path, ...], out: Path, weights: str | None, how: str, ann
               help="Folder with the test timestamp files.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="The zip to write.")
 @click.option("--action-prior-from", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="epic55: training annotations; re-weight the 100 action scores by the LFB prior.")
+              help="epic55: training annotations; re-weight the 100 action scores by the LFB prior (rows of the "
+                   "submitted segments are left out).")
 @click.option("--scores", type=click.Choice(["probs", "logits"]),
               help="Verb / noun values to write; default probs for epic55, logits for epic100.")
 @click.option("--sls-pt", default=2, show_default=True, type=click.IntRange(0, 5), help="epic100: pretraining level.")
@@ -115,3 +116,7 @@ def submit(fmt: str, seen: Path | None, unseen: Path | None, test: Path | None, 
                                      scores=scores or "logits")
     counts = ", ".join(f"{name}: {n} segments" for name, n in summary.segments.items())
     click.echo(f"wrote {summary.out} ({counts})")
+    if summary.action_prior is not None:
+        from heads.evaluation import prior_note
+
+        click.echo(prior_note(summary.action_prior), err=True)

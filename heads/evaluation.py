@@ -1,6 +1,10 @@
 """Scoring predictions against labels: picks the dataset's metrics, class lists and action prior.
 
-Shared by `heads train` (each epoch), `heads eval`, `heads score` and `heads fuse`.
+``scoring_context`` is the one place that assembles what scoring needs besides the predictions and
+their labels (the dataset's class counts, the class lists, the LFB action prior and the training
+pairs); `heads train` (each epoch), `heads eval`, `heads score`, `heads fuse` and `heads submit`
+all go through it. ``labels_from_file`` reads training labels for a prior from an annotation file
+and leaves out the segments being scored: a segment never informs its own prior.
 """
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Collection, Iterable
 
 import numpy as np
 
@@ -16,6 +20,10 @@ from featstore.annotations import NUM_CLASSES
 from heads.actions import lfb_action_prior
 from heads.metrics import epic55_metrics, epic100_metrics
 MANY_SHOT_MIN = 100  # "more than 100 training samples" (DESIGN section 6)
+
+
+class ScoringError(ValueError):
+    """Scoring inputs that do not fit (an unknown dataset, a prior file without usable labels)."""
 
 
 @dataclass(frozen=True)
@@ -111,3 +119,158 @@ def score(
     # Metrics over an empty class set or subset (no many-shot class, no tail or unseen segment) are
     # undefined: left out of metrics.json rather than written as NaN.
     return {k: float(v) for k, v in metrics.items() if not math.isnan(v)}
+
+
+@dataclass(frozen=True)
+class TrainingLabels:
+    """The (verb, noun) labels a prior and derived class lists are counted on.
+
+    Attributes:
+        verbs: (M,) int64 verb classes.
+        nouns: (M,) int64 noun classes.
+        source: where they came from: an annotation file's absolute path, or ``training selection``.
+        excluded: rows of the source left out because they are segments being scored.
+    """
+
+    verbs: np.ndarray
+    nouns: np.ndarray
+    source: str = "training selection"
+    excluded: int = 0
+
+    def __len__(self) -> int:
+        return len(self.verbs)
+
+    @property
+    def pairs(self) -> frozenset[tuple[int, int]]:
+        return frozenset(zip(self.verbs.tolist(), self.nouns.tolist()))
+
+    def record(self) -> dict[str, Any]:
+        """The ``action_prior`` entry of a metrics.json object: where it was counted, on how many rows."""
+        return {"from": self.source, "excluded_scored_segments": int(self.excluded), "counted": len(self)}
+
+
+def prior_note(record: dict[str, Any]) -> str:
+    """One line for an ``action_prior`` entry: where the prior was counted, what was left out."""
+    return (f"action prior: counted on {record['counted']} segment(s) of {record['from']}; "
+            f"{record['excluded_scored_segments']} scored segment(s) left out (a segment never informs its own prior)")
+
+
+def labels_from_file(path: str | os.PathLike, *, scored: Collection[str] = ()) -> TrainingLabels:
+    """Training labels from an annotation file, without the rows of segments being scored.
+
+    Scored segments must never inform their own prior: scoring EPIC-55's validation participants
+    against a prior counted on the whole training file would count their own (verb, noun) pairs.
+
+    Args:
+        path: an annotation file (``featstore.annotations.read_segments`` formats).
+        scored: uids of the segments being scored; their rows are left out.
+    Returns:
+        The remaining labels, with how many rows were left out.
+    Raises:
+        ScoringError: a remaining row has no label (a test file), or no row remains.
+    """
+    from featstore.annotations import read_segments
+
+    table = read_segments(path)
+    uids = table.column("uid").to_pylist()
+    scored = set(scored)
+    keep = np.array([u not in scored for u in uids], dtype=bool)
+    excluded = int((~keep).sum())
+    verbs = np.asarray(table.column("verb_class").to_numpy(zero_copy_only=False), dtype=float)[keep]
+    nouns = np.asarray(table.column("noun_class").to_numpy(zero_copy_only=False), dtype=float)[keep]
+    if np.isnan(verbs).any() or np.isnan(nouns).any():
+        raise ScoringError(f"{path} has segments without verb/noun labels (a test file?); the action prior "
+                           "needs training labels")
+    if not keep.any():
+        raise ScoringError(
+            f"{path}: every one of its {len(uids)} segments is being scored, so none is left to count the "
+            "action prior on (scored segments never inform their own prior); give the training annotations "
+            "of other segments, or no action prior")
+    return TrainingLabels(verbs.astype(np.int64), nouns.astype(np.int64), str(Path(path).resolve()), excluded)
+
+
+@dataclass(frozen=True)
+class ScoringContext:
+    """Everything scoring needs besides the predictions and their labels.
+
+    Attributes:
+        dataset: ``epic55`` or ``epic100``.
+        num_verbs: V, the verb classes of the predictions.
+        num_nouns: Nn.
+        class_sets: ``EpicMeta`` (official lists) or ``ClassSets`` (counted).
+        prior: (V, Nn) action prior, or None.
+        train_pairs: (verb, noun) pairs of the training labels, or None when there are none.
+        training: the labels the prior (and any counted class lists) came from, or None.
+    """
+
+    dataset: str
+    num_verbs: int
+    num_nouns: int
+    class_sets: Any
+    prior: np.ndarray | None = None
+    train_pairs: frozenset[tuple[int, int]] | None = None
+    training: TrainingLabels | None = None
+
+    def score(self, verb_logits: np.ndarray, noun_logits: np.ndarray, verb_labels: np.ndarray,
+              noun_labels: np.ndarray, participants: Iterable[str] | None = None) -> dict[str, float]:
+        """``score`` with this context: (N, V), (N, Nn) logits and (N,) labels -> metric -> percent."""
+        return score(verb_logits, noun_logits, verb_labels, noun_labels, dataset=self.dataset,
+                     class_sets=self.class_sets, participants=participants, prior=self.prior,
+                     train_pairs=None if self.train_pairs is None else set(self.train_pairs))
+
+
+def scoring_context(
+    dataset: str,
+    *,
+    meta_dir: str | os.PathLike | None = None,
+    training: TrainingLabels | None = None,
+    action_prior: str = "lfb",
+    num_verbs: int | None = None,
+    num_nouns: int | None = None,
+    scored_verbs: np.ndarray | None = None,
+    scored_nouns: np.ndarray | None = None,
+) -> ScoringContext:
+    """Assemble the class lists, the action prior and the training pairs of a scoring.
+
+    Rules, the same for every command:
+
+    - class lists: the official ones in ``meta_dir`` when it has them; else many-shot classes counted
+      on ``training``; else (no training labels) counted on the scored labels;
+    - class counts: ``num_verbs`` / ``num_nouns`` when given (the predictions' widths), else the
+      official lists', else the dataset's (``NUM_CLASSES``);
+    - prior: ``action_prior`` (``lfb`` or ``none``) counted on ``training``; no training labels, no prior.
+
+    Args:
+        dataset: ``epic55`` or ``epic100``.
+        meta_dir: folder of the class / many-shot / tail / unseen lists, or None.
+        training: the training labels (``labels_from_file`` or a training selection), or None.
+        action_prior: ``lfb`` or ``none``.
+        num_verbs: V of the predictions, if known.
+        num_nouns: Nn of the predictions, if known.
+        scored_verbs: (N,) labels being scored, for counted class lists without training labels.
+        scored_nouns: (N,).
+    Returns:
+        The context.
+    """
+    if dataset not in NUM_CLASSES:
+        raise ScoringError(f"unknown dataset {dataset!r}; use epic55 or epic100")
+    meta = load_class_sets(meta_dir, dataset)
+    default_verbs, default_nouns = (meta.num_verbs, meta.num_nouns) if meta is not None else NUM_CLASSES[dataset]
+    num_verbs = default_verbs if num_verbs is None else int(num_verbs)
+    num_nouns = default_nouns if num_nouns is None else int(num_nouns)
+    if meta is not None:
+        class_sets = meta
+    elif training is not None:
+        class_sets = many_shot_from_training(training.verbs, training.nouns, dataset)
+    else:
+        class_sets = many_shot_from_training(np.asarray(scored_verbs if scored_verbs is not None else []),
+                                             np.asarray(scored_nouns if scored_nouns is not None else []), dataset)
+    if training is None:
+        if action_prior not in ("lfb", "none"):
+            raise ScoringError(f"unknown action prior {action_prior!r}; use 'lfb' or 'none'")
+        return ScoringContext(dataset, num_verbs, num_nouns, class_sets)
+    try:
+        prior = action_prior_for(action_prior, training.verbs, training.nouns, num_verbs, num_nouns)
+    except ValueError as err:
+        raise ScoringError(f"action prior from {training.source}: {err}") from err
+    return ScoringContext(dataset, num_verbs, num_nouns, class_sets, prior, training.pairs, training)

@@ -34,6 +34,7 @@ import numpy as np
 
 from featstore.atomic import atomic_write_json
 from heads import data as head_data
+from heads.evaluation import labels_from_file, prior_note
 from heads.predictions import Predictions, read_predictions, write_predictions
 
 __all__ = ["FusionError", "FusionResult", "FUSION_MODES", "parse_weights", "fuse_predictions", "fuse",
@@ -52,13 +53,14 @@ class FusionResult:
 
     Attributes:
         predictions: the fused predictions (shared segments, the first input's order).
-        metrics: the metrics.json object, or None where no labels were found.
+        metrics: the metrics.json object (with ``action_prior`` when counted from a file), or None
+            where no labels were found.
         out: the output folder.
         label_source: where the labels came from (``fusion.json``'s ``label_source``), or None.
     """
 
     predictions: Predictions
-    metrics: dict[str, float] | None
+    metrics: dict[str, Any] | None
     out: Path
     label_source: dict[str, Any] | None
 
@@ -158,36 +160,29 @@ def _label_source(path: Path) -> dict[str, Any] | None:
 
 
 def score_like_run(predictions: Predictions, run_dir: str | os.PathLike, *,
-                   action_prior_from: str | os.PathLike | None = None) -> dict[str, float] | None:
+                   action_prior_from: str | os.PathLike | None = None) -> dict[str, Any] | None:
     """Score predictions the way run ``run_dir`` scores its validation predictions.
 
     Same store labels, dataset, class lists (its meta_dir or the store's annotation folder, else
     counted on its training selection) and action prior (counted on its training selection, or on
-    ``action_prior_from``), so predictions equal to the run's own give the run's metrics.
+    ``action_prior_from`` without the scored segments), so predictions equal to the run's own give
+    the run's metrics.
 
     Args:
         predictions: the predictions to score (any segments of the run's store).
         run_dir: a run directory (config.json with the store).
-        action_prior_from: training annotations to count the LFB prior on instead.
+        action_prior_from: training annotations to count the LFB prior on instead; the predicted
+            segments' rows are left out (``heads.evaluation.labels_from_file``).
     Returns:
-        The metrics, or None when some predicted segment is not in the run's store or has no label there
-        (a test set).
+        The metrics (with an ``action_prior`` entry when ``action_prior_from`` is given), or None when
+        some predicted segment is not in the run's store or has no label there (a test set).
     """
-    from featstore.splits import resolve_selection
     from featstore.store import FeatureStore
-    from heads.evaluation import (
-        NUM_CLASSES,
-        action_prior_for,
-        load_class_sets,
-        many_shot_from_training,
-        score,
-    )
-    from heads.trainer import TrainConfig, default_meta_dir, store_dataset
+    from heads.trainer import TrainConfig, run_scoring
 
     recorded = json.loads((Path(run_dir) / "config.json").read_text())
     config = TrainConfig.from_json(recorded)
     store = FeatureStore.open(recorded["store"])
-    dataset = recorded.get("dataset") or config.dataset or store_dataset(store)
     labels = head_data.selection_labels(store, None)
     rows = {uid: i for i, uid in enumerate(labels.uids)}
     if any(u not in rows for u in predictions.uids):
@@ -197,26 +192,17 @@ def score_like_run(predictions: Predictions, run_dir: str | os.PathLike, *,
     if (verbs < 0).any() or (nouns < 0).any():
         return None
     participants = np.asarray(labels.table.column("participant_id").to_pylist(), dtype=object)[index].tolist()
-    num_verbs, num_nouns = predictions.verb_logits.shape[1], predictions.noun_logits.shape[1]
-    if action_prior_from is not None:
-        from featstore.annotations import read_segments
-
-        train_table = read_segments(action_prior_from)
-        train_verbs = train_table.column("verb_class").to_numpy(zero_copy_only=False).astype(np.int64)
-        train_nouns = train_table.column("noun_class").to_numpy(zero_copy_only=False).astype(np.int64)
-        prior_kind = "lfb"
-    else:
-        train = head_data.selection_labels(store, resolve_selection(config.train_split, config.train_where))
-        train_verbs, train_nouns = train.verb.numpy(), train.noun.numpy()
-        prior_kind = config.action_prior
-    if dataset not in NUM_CLASSES:
-        raise FusionError(f"{run_dir}: unknown dataset {dataset!r}")
-    meta = load_class_sets(config.meta_dir or default_meta_dir(store), dataset)
-    class_sets = meta if meta is not None else many_shot_from_training(train_verbs, train_nouns, dataset)
-    prior = action_prior_for(prior_kind, train_verbs, train_nouns, num_verbs, num_nouns)
-    train_pairs = {(int(v), int(n)) for v, n in zip(train_verbs, train_nouns)}
-    return score(predictions.verb_logits, predictions.noun_logits, verbs, nouns, dataset=dataset,
-                 class_sets=class_sets, participants=participants, prior=prior, train_pairs=train_pairs)
+    training = None if action_prior_from is None else labels_from_file(action_prior_from, scored=predictions.uids)
+    try:
+        context = run_scoring(store, config, dataset=recorded.get("dataset"), training=training,
+                              num_verbs=predictions.verb_logits.shape[1], num_nouns=predictions.noun_logits.shape[1])
+    except ValueError as err:
+        raise FusionError(f"{run_dir}: {err}") from err
+    metrics: dict[str, Any] = context.score(predictions.verb_logits, predictions.noun_logits, verbs, nouns,
+                                            participants=participants)
+    if training is not None:
+        metrics["action_prior"] = training.record()
+    return metrics
 
 
 def fuse(
@@ -257,7 +243,7 @@ def fuse(
     out.mkdir(parents=True, exist_ok=True)
     write_predictions(out / "predictions.parquet", fused)
 
-    metrics: dict[str, float] | None = None
+    metrics: dict[str, Any] | None = None
     source: dict[str, Any] | None = None
     if annotations is not None:
         from heads.scoring import score_file
@@ -277,6 +263,8 @@ def fuse(
             metrics = score_file(fused, source["path"], dataset=source.get("dataset"), meta_dir=source.get("meta_dir"),
                                  action_prior_from=action_prior_from or source.get("action_prior_from"))
     metrics_path = out / "metrics.json"
+    if metrics is not None and "action_prior" in metrics:
+        log(prior_note(metrics["action_prior"]))
     if metrics is not None:
         atomic_write_json(metrics_path, metrics)
     else:

@@ -1,13 +1,23 @@
-"""`heads score`: score any predictions file against an annotation file."""
+"""`heads score`: score any predictions file against an annotation file.
+
+With ``action_prior_from``, the LFB action prior is counted on that file's rows *except* the
+segments being scored: a segment never informs its own prior (scoring EPIC-55's validation
+participants with the whole training file would otherwise count their own pairs). The metrics
+object then carries an ``action_prior`` entry saying where the prior was counted and how many
+scored segments were left out.
+"""
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from heads.evaluation import action_prior_for, load_class_sets, many_shot_from_training, score
+from heads.evaluation import labels_from_file, scoring_context
 from heads.predictions import Predictions, PredictionsError, read_predictions
+
+__all__ = ["score_file"]
 
 
 def score_file(
@@ -17,7 +27,7 @@ def score_file(
     dataset: str | None = None,
     meta_dir: str | os.PathLike | None = None,
     action_prior_from: str | os.PathLike | None = None,
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """Metrics of the predictions on the segments they contain.
 
     Args:
@@ -25,9 +35,11 @@ def score_file(
         annotations: the labelled annotation file the uids come from.
         dataset: epic55 | epic100; detected from the annotation file when None.
         meta_dir: folder with the class, many-shot, tail and unseen lists (default: the annotation's folder).
-        action_prior_from: training annotations to count the LFB prior on (none when not given).
+        action_prior_from: training annotations to count the LFB prior on, leaving out the predicted
+            segments (none when not given).
     Returns:
-        The metrics.json keys.
+        The metrics.json object: metric -> percent, plus ``action_prior`` (``from``,
+        ``excluded_scored_segments``, ``counted``) when ``action_prior_from`` is given.
     """
     from featstore.annotations import read_segments
 
@@ -45,15 +57,13 @@ def score_file(
         raise PredictionsError(f"{annotations} has no labels for some predicted segments (a test set?)")
     verbs, nouns = verbs.astype(np.int64), nouns.astype(np.int64)
     participants = np.asarray(table.column("participant_id").to_pylist(), dtype=object)[index].tolist()
-    meta = load_class_sets(meta_dir or Path(annotations).parent, dataset)
-    num_verbs, num_nouns = preds.verb_logits.shape[1], preds.noun_logits.shape[1]
-    prior, train_pairs = None, None
-    if action_prior_from is not None:
-        train = read_segments(action_prior_from)
-        train_verbs = train.column("verb_class").to_numpy(zero_copy_only=False).astype(np.int64)
-        train_nouns = train.column("noun_class").to_numpy(zero_copy_only=False).astype(np.int64)
-        prior = action_prior_for("lfb", train_verbs, train_nouns, num_verbs, num_nouns)
-        train_pairs = {(int(v), int(n)) for v, n in zip(train_verbs, train_nouns)}
-    class_sets = meta if meta is not None else many_shot_from_training(verbs, nouns, dataset)
-    return score(preds.verb_logits, preds.noun_logits, verbs, nouns, dataset=dataset, class_sets=class_sets,
-                 participants=participants, prior=prior, train_pairs=train_pairs)
+    training = None if action_prior_from is None else labels_from_file(action_prior_from, scored=preds.uids)
+    context = scoring_context(dataset, meta_dir=meta_dir or Path(annotations).parent, training=training,
+                              action_prior="lfb" if training is not None else "none",
+                              num_verbs=preds.verb_logits.shape[1], num_nouns=preds.noun_logits.shape[1],
+                              scored_verbs=verbs, scored_nouns=nouns)
+    metrics: dict[str, Any] = context.score(preds.verb_logits, preds.noun_logits, verbs, nouns,
+                                            participants=participants)
+    if training is not None:
+        metrics["action_prior"] = training.record()
+    return metrics

@@ -43,6 +43,7 @@ import numpy as np
 from featstore.annotations import NUM_CLASSES
 from featstore.atomic import atomic_write
 from heads.actions import action_scores, lfb_action_prior, softmax
+from heads.evaluation import ScoringError, labels_from_file
 from heads.predictions import Predictions, read_predictions
 
 __all__ = [
@@ -80,10 +81,13 @@ class SubmissionSummary:
     Attributes:
         out: the zip file.
         segments: JSON member name -> number of segments in it.
+        action_prior: where the action prior was counted (``from``, ``excluded_scored_segments``,
+            ``counted``), or None without one.
     """
 
     out: Path
     segments: dict[str, int]
+    action_prior: dict | None = None
 
 
 def _timestamp_file(meta_dir: Path, stem: str) -> Path:
@@ -268,17 +272,16 @@ def _write_zip(out: Path, members: dict[str, str]) -> None:
     atomic_write(out, write)
 
 
-def _prior_from(annotations: str | os.PathLike | None, dataset: str) -> np.ndarray | None:
+def _prior_from(annotations: str | os.PathLike | None, dataset: str,
+                scored: Sequence[str]) -> tuple[np.ndarray | None, dict | None]:
+    """The LFB prior counted on ``annotations`` without the ``scored`` segments, and its record."""
     if annotations is None:
-        return None
-    from featstore.annotations import read_segments
-
-    table = read_segments(annotations)
-    verbs = table.column("verb_class").to_numpy(zero_copy_only=False)
-    nouns = table.column("noun_class").to_numpy(zero_copy_only=False)
-    if np.isnan(np.asarray(verbs, dtype=float)).any() or np.isnan(np.asarray(nouns, dtype=float)).any():
-        raise SubmissionError(f"{annotations} has unlabelled segments; the action prior needs training labels")
-    return lfb_action_prior(verbs.astype(np.int64), nouns.astype(np.int64), *NUM_CLASSES[dataset])
+        return None, None
+    try:
+        training = labels_from_file(annotations, scored=scored)
+    except ScoringError as err:
+        raise SubmissionError(str(err)) from err
+    return lfb_action_prior(training.verbs, training.nouns, *NUM_CLASSES[dataset]), training.record()
 
 
 def epic55_submission(
@@ -297,7 +300,8 @@ def epic55_submission(
         unseen: predictions of test S2.
         meta_dir: folder with ``EPIC_test_s{1,2}_timestamps.{csv,pkl}``.
         out: the zip to write.
-        action_prior_from: training annotations (e.g. EPIC_train_action_labels.csv) for the LFB prior.
+        action_prior_from: training annotations (e.g. EPIC_train_action_labels.csv) for the LFB prior;
+            rows of the submitted segments are left out (``heads.evaluation.labels_from_file``).
         scores: verb / noun entries as ``probs`` (softmax) or ``logits``.
     Returns:
         The zip and the number of segments in each JSON file.
@@ -311,11 +315,14 @@ def epic55_submission(
         aligned[name] = align_to_test_set(loaded, timestamp_uids(meta_dir, test_set), what)
     if scores not in ("probs", "logits"):
         raise SubmissionError(f"unknown scores {scores!r}; use probs or logits")
-    prior = _prior_from(action_prior_from, "epic55")
+    # Test segments carry no labels, so they cannot be counted; left out all the same, as everywhere.
+    prior, prior_record = _prior_from(action_prior_from, "epic55",
+                                      [u for predictions in aligned.values() for u in predictions.uids])
     members = {name: epic55_json(predictions, prior=prior, scores=scores) for name, predictions in aligned.items()}
     out = Path(out)
     _write_zip(out, members)
-    return SubmissionSummary(out, {name: len(predictions.uids) for name, predictions in aligned.items()})
+    return SubmissionSummary(out, {name: len(predictions.uids) for name, predictions in aligned.items()},
+                             prior_record)
 
 
 def epic100_submission(

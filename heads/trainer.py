@@ -5,6 +5,10 @@ epoch is a seeded permutation of the training rows cut into batches; after each 
 evaluated on the validation selection and an atomic checkpoint is written, so ``resume=True``
 continues an interrupted run to exactly the result of an uninterrupted one (on CPU).
 
+The loop is ``heads.engine.Engine``'s: ``HeadRun`` is the run's trainable (its batches and SGD step)
+and ``run_hooks`` its hooks (loss check, validation, checkpoint, history, log line, progress), the
+same for `heads train` and for the runs `heads ablate` trains in groups.
+
 Run directory (DESIGN section 6): ``config.json``, ``metrics.json``, ``predictions.parquet``,
 ``history.json``, ``checkpoints/last.pt``, ``curves.png``.
 """
@@ -12,35 +16,61 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
-import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, Mapping, NamedTuple, Sequence
 
 import numpy as np
 import torch
 
-from featstore.atomic import atomic_write, atomic_write_json, remove_temporaries
+from featstore.atomic import atomic_write_json, remove_temporaries
 from featstore.schema import DET_GLOBAL_FEAT, DET_LOCAL_FEAT, NOUN_GLOBAL, VERB_GLOBAL
 from featstore.splits import resolve_selection
 from featstore.store import FeatureStore
 from heads import data as head_data
-from heads.evaluation import (
-    NUM_CLASSES,
-    action_prior_for,
-    load_class_sets,
-    many_shot_from_training,
-    score,
+from heads.engine import (
+    Checkpointer,
+    Engine,
+    EpochCallback,
+    EpochLog,
+    HistoryFile,
+    Hook,
+    LearningRate,
+    LossCheck,
+    ProgressBar,
+    TrainingError,
+    Validation,
+    World,
 )
+from heads.evaluation import NUM_CLASSES, ScoringContext, TrainingLabels, scoring_context
+from heads.metric_registry import epoch_line
 from heads.models import FeatureDims, build_head, check_fields, get_head, head_loss
 from heads.predictions import Predictions, write_predictions
 
-
-class TrainingError(RuntimeError):
-    """A run cannot start or cannot go on (bad selection, diverged loss, existing run directory)."""
+__all__ = [
+    "TrainingError",
+    "TrainConfig",
+    "lr_at",
+    "feature_dims",
+    "store_dataset",
+    "default_meta_dir",
+    "PreparedRun",
+    "training_labels",
+    "run_scoring",
+    "prepare",
+    "predict",
+    "evaluate",
+    "HeadBatch",
+    "HeadRun",
+    "run_hooks",
+    "train",
+    "write_config",
+    "finish",
+    "load_run",
+    "predict_selection",
+    "evaluate_run",
+]
 
 
 @dataclass(frozen=True)
@@ -115,19 +145,7 @@ def default_meta_dir(store: FeatureStore) -> str | None:
     return str(Path(annotations).parent) if annotations else None
 
 
-def _save_checkpoint(path: Path, payload: Any) -> None:
-    def write(tmp: Path) -> None:
-        try:
-            torch.save(payload, tmp)
-        except RuntimeError as err:
-            # torch's zip writer reports a failed write (full disk, file size limit) as an
-            # "enforce fail ... unexpected pos" RuntimeError that names neither file nor cause.
-            raise TrainingError(f"cannot write the checkpoint {path} (is the disk full?): {err}") from err
-
-    atomic_write(path, write)
-
-
-def _remove_temporaries(out: Path) -> None:
+def remove_run_temporaries(out: Path) -> None:
     """Delete the hidden ``.NAME.HEX.tmp`` files of the run's own writes that a killed or failed run
     never finished (checkpoint, JSON, predictions): nothing reads them, and a checkpoint's can be large."""
     remove_temporaries(out, ("config.json", "history.json", "metrics.json", "predictions.parquet", "curves.png"))
@@ -136,20 +154,81 @@ def _remove_temporaries(out: Path) -> None:
 
 @dataclass
 class PreparedRun:
-    """Everything a run needs before its first step; several runs may share ``train``/``val`` data."""
+    """Everything a run needs before its first step; several runs may share ``train``/``val`` data.
+
+    Attributes:
+        config: the run's settings.
+        store: the opened store.
+        dims: feature sizes of the store.
+        fields: the store fields the head reads.
+        train: the training features (``PreloadedFeatures`` or ``StreamingFeatures``).
+        val: the validation features, or None.
+        scoring: dataset, class counts and lists, prior and training pairs (``scoring_context``).
+    """
 
     config: TrainConfig
     store: FeatureStore
     dims: FeatureDims
-    num_verbs: int
-    num_nouns: int
-    dataset: str
     fields: tuple[str, ...]
     train: Any  # PreloadedFeatures | StreamingFeatures
     val: Any | None
-    class_sets: Any
-    prior: np.ndarray | None
-    train_pairs: set[tuple[int, int]]
+    scoring: ScoringContext
+
+    @property
+    def dataset(self) -> str:
+        return self.scoring.dataset
+
+    @property
+    def num_verbs(self) -> int:
+        return self.scoring.num_verbs
+
+    @property
+    def num_nouns(self) -> int:
+        return self.scoring.num_nouns
+
+
+def training_labels(store: FeatureStore, config: TrainConfig) -> head_data.SegmentLabels:
+    """The labelled segments of the run's training selection.
+
+    Raises:
+        TrainingError: the selection is empty or holds unlabelled segments.
+    """
+    train_where = resolve_selection(config.train_split, config.train_where)
+    labels = head_data.selection_labels(store, train_where)
+    if not labels.uids:
+        raise TrainingError(f"the training selection ({train_where or 'all'}) holds no stored segments")
+    if not labels.labelled:
+        raise TrainingError("the training selection has segments without verb/noun labels (a test set?)")
+    return labels
+
+
+def run_scoring(store: FeatureStore, config: TrainConfig, *, train_labels: head_data.SegmentLabels | None = None,
+                dataset: str | None = None, training: TrainingLabels | None = None,
+                num_verbs: int | None = None, num_nouns: int | None = None) -> ScoringContext:
+    """How a run scores: its dataset and class lists, and the prior counted on its training selection.
+
+    Args:
+        store: the run's store.
+        config: the run's settings (``dataset``, ``meta_dir``, ``action_prior``, the training selection).
+        train_labels: its training selection's labels when already read (else read here if needed).
+        dataset: the dataset when already resolved (a run's config.json); else from config / store.
+        training: count the prior on these labels instead (``--action-prior-from``; kind ``lfb``).
+        num_verbs: V of the predictions when known.
+        num_nouns: Nn.
+    Returns:
+        The scoring context.
+    """
+    dataset = dataset or config.dataset or store_dataset(store)
+    if dataset not in NUM_CLASSES:
+        raise TrainingError(f"unknown dataset {dataset!r}; use epic55 or epic100")
+    kind = config.action_prior
+    if training is None:
+        train_labels = train_labels if train_labels is not None else training_labels(store, config)
+        training = TrainingLabels(train_labels.verb.numpy(), train_labels.noun.numpy())
+    else:
+        kind = "lfb"
+    return scoring_context(dataset, meta_dir=config.meta_dir or default_meta_dir(store), training=training,
+                           action_prior=kind, num_verbs=num_verbs, num_nouns=num_nouns)
 
 
 def prepare(store_path: str | os.PathLike, config: TrainConfig, *, log: Callable[[str], None] = head_data.default_log,
@@ -166,14 +245,8 @@ def prepare(store_path: str | os.PathLike, config: TrainConfig, *, log: Callable
     dataset = config.dataset or store_dataset(store)
     if dataset not in NUM_CLASSES:
         raise TrainingError(f"unknown dataset {dataset!r}; use epic55 or epic100")
-    num_verbs, num_nouns = NUM_CLASSES[dataset]
-    train_where = resolve_selection(config.train_split, config.train_where)
+    train_labels = training_labels(store, config)
     val_where = resolve_selection(config.val_split, config.val_where)
-    train_labels = head_data.selection_labels(store, train_where)
-    if not train_labels.uids:
-        raise TrainingError(f"the training selection ({train_where or 'all'}) holds no stored segments")
-    if not train_labels.labelled:
-        raise TrainingError("the training selection has segments without verb/noun labels (a test set?)")
     val_labels = head_data.selection_labels(store, val_where) if (val_where is not None) else None
     if val_labels is not None and not val_labels.uids:
         raise TrainingError(f"the validation selection ({val_where}) holds no stored segments")
@@ -194,14 +267,8 @@ def prepare(store_path: str | os.PathLike, config: TrainConfig, *, log: Callable
 
     train = features(train_labels)
     val = features(val_labels) if val_labels is not None else None
-    verbs, nouns = train_labels.verb.numpy(), train_labels.noun.numpy()
-    meta = load_class_sets(config.meta_dir or default_meta_dir(store), dataset)
-    if meta is not None:
-        num_verbs, num_nouns = meta.num_verbs, meta.num_nouns
-    class_sets = meta if meta is not None else many_shot_from_training(verbs, nouns, dataset)
-    prior = action_prior_for(config.action_prior, verbs, nouns, num_verbs, num_nouns)
-    return PreparedRun(config, store, feature_dims(store), num_verbs, num_nouns, dataset, tuple(fields), train, val,
-                       class_sets, prior, {(int(v), int(n)) for v, n in zip(verbs, nouns)})
+    scoring = run_scoring(store, config, train_labels=train_labels, dataset=dataset)
+    return PreparedRun(config, store, feature_dims(store), tuple(fields), train, val, scoring)
 
 
 @torch.no_grad()
@@ -225,171 +292,139 @@ def evaluate(run: PreparedRun, model: torch.nn.Module) -> tuple[Predictions, dic
     preds = Predictions(labels.uids, verb_logits, noun_logits)
     if not labels.labelled:
         return preds, {}
-    metrics = score(verb_logits, noun_logits, labels.verb.numpy(), labels.noun.numpy(), dataset=run.dataset,
-                    class_sets=run.class_sets, participants=labels.table.column("participant_id").to_pylist(),
-                    prior=run.prior, train_pairs=run.train_pairs)
+    metrics = run.scoring.score(verb_logits, noun_logits, labels.verb.numpy(), labels.noun.numpy(),
+                                participants=labels.table.column("participant_id").to_pylist())
     return preds, metrics
 
 
-class RunState:
-    """Model, optimiser and history of one run, with checkpointing."""
+class HeadBatch(NamedTuple):
+    """One training step's data: this process's rows of a batch of ``rows`` rows."""
 
-    def __init__(self, run: PreparedRun, out_dir: Path):
+    inputs: dict[str, torch.Tensor] | None
+    verbs: torch.Tensor  # (B,) int64
+    nouns: torch.Tensor  # (B,) int64
+    rows: int  # the whole batch's rows over every rank (the loss is this process's share of its mean)
+
+
+class EpochBatches:
+    """An epoch's batches: chunks of row numbers gathered from the features one step at a time."""
+
+    def __init__(self, features: Any, chunks: Sequence[torch.Tensor], rows: Sequence[int]):
+        self.features, self.chunks, self.rows = features, chunks, rows
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def __iter__(self) -> Iterator[HeadBatch]:
+        for (inputs, verbs, nouns), rows in zip(self.features.batches_of(self.chunks), self.rows):
+            yield HeadBatch(inputs, verbs, nouns, rows)
+
+
+class HeadRun:
+    """One head run as the engine steps it (``heads.engine.Trainable``): model, SGD, seeded batch order.
+
+    Building it seeds torch's generator with the run's seed and draws the initial weights, so add it to
+    the engine before building another run.
+    """
+
+    def __init__(self, run: PreparedRun):
         config = run.config
         self.run = run
-        self.out_dir = out_dir
+        self.device = torch.device(config.device)
         torch.manual_seed(config.seed)
         self.model = build_head(config.model, dims=run.dims, num_verbs=run.num_verbs, num_nouns=run.num_nouns,
                                 **config.switches).to(config.device)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=config.lr, momentum=config.momentum,
                                          weight_decay=config.weight_decay)
-        self.epoch = 0  # epochs completed
-        self.history: list[dict[str, Any]] = []
 
-    @property
-    def checkpoint_path(self) -> Path:
-        return self.out_dir / "checkpoints" / "last.pt"
+    def epoch_batches(self, epoch: int, world: World | None) -> EpochBatches:
+        """Set epoch ``epoch``'s lr and return its batches: a permutation seeded by (seed, epoch).
 
-    def save(self) -> None:
-        self.checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
-        _save_checkpoint(self.checkpoint_path, {
-            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "epoch": self.epoch,
-            "history": self.history, "config": self.run.config.to_json(),
-        })
-        atomic_write_json(self.out_dir / "history.json", self.history)
-
-    def load(self) -> None:
-        state = torch.load(self.checkpoint_path, map_location=self.run.config.device, weights_only=False)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.epoch = int(state["epoch"])
-        self.history = list(state["history"])
-
-    def begin_epoch(self) -> list[torch.Tensor]:
-        """Set this epoch's lr and return its batches of training rows (a seeded permutation)."""
+        Under data parallelism every rank cuts the same batches and takes its share of each one.
+        """
         config = self.run.config
         for group in self.optimizer.param_groups:
-            group["lr"] = lr_at(config, self.epoch)
-        generator = torch.Generator().manual_seed(config.seed * 100_003 + self.epoch)
+            group["lr"] = lr_at(config, epoch)
+        generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
         order = torch.randperm(len(self.run.train), generator=generator)
         self.model.train()
-        return head_data.chunk_order(order, config.batch_size)
+        chunks = head_data.chunk_order(order, config.batch_size)
+        rows = [len(c) for c in chunks]
+        if world is not None:
+            chunks = [world.shard(c) for c in chunks]
+        return EpochBatches(self.run.train, chunks, rows)
 
-    def step(self, batch: dict[str, torch.Tensor] | None, verbs: torch.Tensor, nouns: torch.Tensor, *,
-             batch_rows: int, world: "Distributed | None" = None) -> torch.Tensor:
-        """One SGD step on ``batch``: this process's share of a batch of ``batch_rows`` rows.
+    def train_step(self, batch: HeadBatch, world: World | None) -> torch.Tensor:
+        """One SGD step on this process's share of a batch.
 
         Under data parallelism each rank's loss is its share of the batch's mean loss, and the
         gradients are summed across ranks, which gives exactly the one-process gradient.
 
         Returns:
-            The batch's mean loss as a 0-d tensor on the device. It is not read here: reading it
-            would make the host wait for the device every step; ``epoch_loss`` checks them all.
+            The batch's mean loss as a 0-d tensor on the device, unread (``LossCheck`` reads an
+            epoch's losses at once).
         """
         self.optimizer.zero_grad(set_to_none=False)
-        loss_value = torch.zeros((), device=self.run.config.device)
-        if batch is not None and len(verbs):
-            loss = head_loss(self.model(batch), verbs, nouns)["total"] * (len(verbs) / batch_rows)
+        loss_value = torch.zeros((), device=self.device)
+        if batch.inputs is not None and len(batch.verbs):
+            loss = head_loss(self.model(batch.inputs), batch.verbs, batch.nouns)["total"] * (
+                len(batch.verbs) / batch.rows)
             loss.backward()
             loss_value = loss.detach()
         for param in self.model.parameters():
             if param.grad is None:  # unused this step: a zero gradient, so every rank steps the same way
                 param.grad = torch.zeros_like(param)
         if world is not None:
-            loss_value = world.sum_gradients(self.model, loss_value)
+            loss_value = world.sum_gradients(self.model.parameters(), loss_value)
         self.optimizer.step()
         return loss_value
 
-    def epoch_loss(self, losses: list[torch.Tensor]) -> float:
-        """The mean of an epoch's step losses.
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "config": self.run.config.to_json()}
 
-        Raises:
-            TrainingError: a step's loss was NaN or inf, naming the epoch and the step.
-        """
-        values = torch.stack(losses).float().cpu().tolist() if losses else []
-        for step, value in enumerate(values, start=1):
-            if not math.isfinite(value):
-                raise TrainingError(
-                    f"loss is {value} at epoch {self.epoch + 1}, step {step}: lower --lr, or check the "
-                    f"store for extreme values (featstore verify)")
-        return sum(values) / max(len(values), 1)
-
-    def end_epoch(self, loss: float, seconds: float, *, log: Callable[[str], None] | None = None,
-                  main_process: bool = True) -> dict[str, Any]:
-        """After an epoch's steps: validate, append to the history, checkpoint (main process only).
-
-        Returns:
-            The epoch's history entry.
-        """
-        config = self.run.config
-        entry: dict[str, Any] = {"epoch": self.epoch + 1, "loss": loss, "lr": lr_at(config, self.epoch),
-                                 "seconds": seconds}
-        if self.run.val is not None and main_process:
-            _, metrics = evaluate(self.run, self.model)
-            entry.update({f"val_{k}": v for k, v in metrics.items()})
-        self.epoch += 1
-        self.history.append(entry)
-        if main_process:
-            self.save()
-            if log is not None:
-                log(_epoch_line(entry))
-        return entry
-
-    def train_epoch(self, progress: bool = False, world: "Distributed | None" = None) -> float:
-        """One epoch; returns the mean training loss."""
-        chunks = self.begin_epoch()
-        if world is not None:
-            sizes = [len(c) for c in chunks]
-            chunks = [c[world.rank::world.size] for c in chunks]
-        else:
-            sizes = [len(c) for c in chunks]
-        bar = _bar(len(chunks), f"epoch {self.epoch + 1}/{self.run.config.epochs}", progress)
-        losses = []
-        for (batch, verbs, nouns), rows in zip(self.run.train.batches_of(chunks), sizes):
-            losses.append(self.step(batch, verbs, nouns, batch_rows=rows, world=world))
-            bar.update(1)
-        bar.close()
-        return self.epoch_loss(losses)
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
 
 
-class Distributed:
-    """Data parallelism under torchrun: gloo on CPU, nccl on GPU; gradients summed by all-reduce."""
-
-    def __init__(self, device: str):
-        import torch.distributed as dist
-
-        self.dist = dist
-        if not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-        self.rank, self.size = dist.get_rank(), dist.get_world_size()
-
-    @classmethod
-    def from_environment(cls, device: str) -> "Distributed | None":
-        """A context when launched by torchrun with more than one process, else None."""
-        return cls(device) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
-
-    def sum_gradients(self, model: torch.nn.Module, loss_value: torch.Tensor) -> torch.Tensor:
-        grads = [p.grad for p in model.parameters()]
-        flat = torch.cat([g.reshape(-1) for g in grads] + [loss_value.reshape(1).to(grads[0].dtype)])
-        self.dist.all_reduce(flat)
-        offset = 0
-        for grad in grads:
-            grad.copy_(flat[offset:offset + grad.numel()].view_as(grad))
-            offset += grad.numel()
-        return flat[-1]
-
-    def barrier(self) -> None:
-        self.dist.barrier()
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
+DIVERGED_HINT = ": lower --lr, or check the store for extreme values (featstore verify)"
 
 
-def _bar(total: int, desc: str, enabled: bool):
-    from tqdm import tqdm
+def run_hooks(run: PreparedRun, head: HeadRun, out: Path, *, resume: bool, log: Callable[[str], None],
+              label: str = "", progress: bool = False, main_process: bool = True,
+              after_epoch: Callable[[int], None] | None = None) -> list[Hook]:
+    """The hooks of a head run, in order: progress, loss check, lr, validation, checkpoint, history, log.
 
-    return tqdm(total=total, desc=desc, unit="step", disable=not enabled, file=sys.stderr, leave=False)
+    Files are written and validation runs on the main process only; every process resumes.
+
+    Args:
+        run: the prepared run.
+        head: its trainable.
+        out: the run directory.
+        resume: continue from ``out/checkpoints/last.pt`` when it exists.
+        log: one-line messages (the epoch line, "resuming ...").
+        label: put before each message (a grid's run name).
+        progress: a progress bar per epoch.
+        main_process: this process validates and writes.
+        after_epoch: called with the number of finished epochs, last (tests kill here).
+    Returns:
+        The hooks.
+    """
+    hooks: list[Hook] = []
+    if progress and main_process:
+        hooks.append(ProgressBar(label=label))
+    hooks += [LossCheck(hint=DIVERGED_HINT), LearningRate(head.optimizer)]
+    if run.val is not None and main_process:
+        hooks.append(Validation(lambda: evaluate(run, head.model)[1]))
+    hooks.append(Checkpointer(out / "checkpoints" / "last.pt", resume=resume, save=main_process,
+                              on_resume=lambda state: log(f"{label}resuming {'' if label else f'{out} '}after "
+                                                          f"epoch {state.epoch}")))
+    if main_process:
+        hooks += [HistoryFile(out / "history.json"), EpochLog(log, epoch_line, prefix=label)]
+    if after_epoch is not None:
+        hooks.append(EpochCallback(after_epoch))
+    return hooks
 
 
 def train(
@@ -419,39 +454,25 @@ def train(
     if (out / "checkpoints" / "last.pt").exists() and not resume:
         raise TrainingError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     # Under torchrun every rank trains on its share of each batch; rank 0 alone writes the run.
-    world = Distributed.from_environment(config.device)
+    world = World.from_environment(config.device)
     main_process = world is None or world.is_main
     if world is not None and config.device.startswith("cuda"):
         config = dataclasses.replace(config, device=f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
-    run = prepare(store_path, config, log=log if main_process else (lambda _: None))
+    quiet = log if main_process else (lambda _: None)
+    run = prepare(store_path, config, log=quiet)
     out.mkdir(parents=True, exist_ok=True)  # only once the store opened: a refused run leaves no trace
     if main_process:
-        _remove_temporaries(out)
-    state = RunState(run, out)
-    if resume and state.checkpoint_path.exists():
-        state.load()
-        log(f"resuming {out} after epoch {state.epoch}")
-    if main_process:
+        remove_run_temporaries(out)
         write_config(out, run)
-    while state.epoch < config.epochs:
-        started = time.perf_counter()
-        loss = state.train_epoch(progress and main_process, world=world)
-        state.end_epoch(loss, time.perf_counter() - started, log=log, main_process=main_process)
-        if world is not None:
-            world.barrier()
-        if after_epoch is not None:
-            after_epoch(state.epoch)
+    head = HeadRun(run)
+    engine = Engine(world=world, log=log)
+    state = engine.add(head, name=str(out), epochs=config.epochs,
+                       hooks=run_hooks(run, head, out, resume=resume, log=log, progress=progress,
+                                       main_process=main_process, after_epoch=after_epoch))
+    engine.train()
     if not main_process:
         return {}
-    return finish(out, run, state)
-
-
-def _epoch_line(entry: dict[str, Any]) -> str:
-    parts = [f"epoch {entry['epoch']}", f"loss {entry['loss']:.4f}"]
-    for key in ("val_verb_top1", "val_noun_top1", "val_action_top1"):
-        if key in entry:
-            parts.append(f"{key[4:]} {entry[key]:.2f}")
-    return "  ".join(parts)
+    return finish(out, run, head.model, state.history)
 
 
 def write_config(out: Path, run: PreparedRun) -> None:
@@ -467,23 +488,32 @@ def write_config(out: Path, run: PreparedRun) -> None:
         "num_nouns": run.num_nouns,
         "fields": list(run.fields),
         "dims": dataclasses.asdict(run.dims),
-        "class_lists": getattr(run.class_sets, "source", "official"),
+        "class_lists": getattr(run.scoring.class_sets, "source", "official"),
     })
 
 
-def finish(out: Path, run: PreparedRun, state: RunState) -> dict[str, float]:
-    """Write predictions, metrics and curves of a finished run."""
+def finish(out: Path, run: PreparedRun, model: torch.nn.Module, history: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """Write predictions, metrics and curves of a finished run.
+
+    Args:
+        out: the run directory.
+        run: the prepared run.
+        model: the trained head.
+        history: one record per epoch (``RunState.history``).
+    Returns:
+        The metrics (also in metrics.json).
+    """
     metrics: dict[str, float] = {}
     try:
         if run.val is not None:
-            preds, metrics = evaluate(run, state.model)
+            preds, metrics = evaluate(run, model)
             write_predictions(out / "predictions.parquet", preds)
         atomic_write_json(out / "metrics.json", metrics)
         from heads.plots import plot_training_curves
 
-        plot_training_curves(state.history, out / "curves.png", title=f"{run.config.model} on {run.store.path.name}")
+        plot_training_curves(history, out / "curves.png", title=f"{run.config.model} on {run.store.path.name}")
     except BaseException:
-        _remove_temporaries(out)  # predictions and curves write their own temporaries
+        remove_run_temporaries(out)  # predictions and curves write their own temporaries
         raise
     return metrics
 

@@ -7,6 +7,7 @@ and a store that lacks one is refused up front with a message that names the mis
 from __future__ import annotations
 
 import inspect
+import re
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
@@ -15,10 +16,13 @@ from torch import nn
 __all__ = [
     "FeatureDims",
     "HeadRecord",
+    "SwitchInfo",
     "MissingFieldsError",
     "register_head",
+    "unregister_head",
     "list_heads",
     "get_head",
+    "all_switches",
     "build_head",
     "check_fields",
 ]
@@ -65,6 +69,11 @@ class HeadRecord:
             if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in _BUILD_ARGS
         }
 
+    def switch_help(self) -> dict[str, str]:
+        """One line per switch, from the builder's ``Args:`` docstring (the CLI's ``--help`` text)."""
+        documented = _documented_args(self.builder)
+        return {name: documented.get(name, "") for name in self.switches()}
+
     def check_switches(self, switches: dict[str, Any]) -> None:
         """Raise `TypeError` naming every switch this head does not have."""
         unknown = sorted(set(switches) - set(self.switches()))
@@ -91,6 +100,47 @@ class MissingFieldsError(ValueError):
         )
 
 
+@dataclass(frozen=True)
+class SwitchInfo:
+    """A switch as the CLIs offer it: its name over every head that has it.
+
+    Attributes:
+        name: the builder argument, e.g. ``gating`` (flag ``--gating/--no-gating``).
+        default: its default in the first head (sorted by name) that has it; its type sets the flag's.
+        help: that head's docstring line for it.
+        heads: the heads that have it.
+    """
+
+    name: str
+    default: Any
+    help: str
+    heads: tuple[str, ...]
+
+
+def _documented_args(builder: Callable[..., Any]) -> dict[str, str]:
+    """``name -> text`` of the ``Args:`` section of a Google-style docstring, continuation lines joined."""
+    doc = inspect.getdoc(builder) or ""
+    out: dict[str, str] = {}
+    inside, indent, current = False, None, None
+    for line in doc.splitlines():
+        if not inside:
+            inside = line.strip() == "Args:"
+            continue
+        if line.strip() and not line.startswith((" ", "\t")):
+            break  # the next section (Returns:, Raises:)
+        if not line.strip():
+            continue
+        width = len(line) - len(line.lstrip())
+        indent = width if indent is None else indent
+        match = re.match(r"\s*(\w+)(?: \([^)]*\))?:\s*(.*)", line)
+        if width == indent and match:
+            current = match.group(1)
+            out[current] = match.group(2).strip()
+        elif current is not None:
+            out[current] = f"{out[current]} {line.strip()}".strip()
+    return out
+
+
 _HEADS: dict[str, HeadRecord] = {}
 
 
@@ -108,10 +158,23 @@ def register_head(
     def decorate(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if name in _HEADS:
             raise ValueError(f"a head named {name!r} is already registered")
-        _HEADS[name] = HeadRecord(name=name, builder=builder, description=description, fields=fields)
+        record = HeadRecord(name=name, builder=builder, description=description, fields=fields)
+        undocumented = [switch for switch, text in record.switch_help().items() if not text]
+        if undocumented:
+            # The docstring line is the switch's --help text in `heads train`.
+            raise ValueError(f"head {name!r}: switch(es) {', '.join(undocumented)} have no entry in the "
+                             f"builder's Args: docstring")
+        _HEADS[name] = record
         return builder
 
     return decorate
+
+
+def unregister_head(name: str) -> HeadRecord:
+    """Remove head ``name`` (a plugin's or a test's); returns its record. ``KeyError`` if unknown."""
+    record = get_head(name)
+    del _HEADS[name]
+    return record
 
 
 def list_heads() -> list[str]:
@@ -125,6 +188,21 @@ def get_head(name: str) -> HeadRecord:
         return _HEADS[name]
     except KeyError:
         raise KeyError(f"unknown head {name!r}; registered heads: {', '.join(list_heads())}") from None
+
+
+def all_switches() -> dict[str, SwitchInfo]:
+    """Every switch any registered head has, by name (sorted), for the CLIs and grid files."""
+    found: dict[str, SwitchInfo] = {}
+    for head in list_heads():
+        record = _HEADS[head]
+        helps = record.switch_help()
+        for switch, default in record.switches().items():
+            if switch in found:
+                known = found[switch]
+                found[switch] = SwitchInfo(switch, known.default, known.help, known.heads + (head,))
+            else:
+                found[switch] = SwitchInfo(switch, default, helps[switch], (head,))
+    return dict(sorted(found.items()))
 
 
 def build_head(

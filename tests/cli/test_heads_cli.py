@@ -63,7 +63,8 @@ def test_switch_flags_reach_the_head_and_unknown_ones_are_refused(planted_store:
 
 def test_bad_selection_and_unknown_model_are_clear_errors(planted_store: Path, tmp_path: Path) -> None:
     result = _invoke("train", planted_store, "--model", "nope", "--out", tmp_path / "r", "--no-progress")
-    assert result.exit_code == 1 and "unknown head 'nope'" in result.output
+    # --model is a choice among the registered heads: click refuses the value and lists them.
+    assert result.exit_code == 2 and "'nope' is not one of" in result.output and "'saoa'" in result.output
     result = _invoke("train", planted_store, "--model", "global", "--train-where", "participant_id = 'P99'",
                      "--out", tmp_path / "r", "--no-progress")
     assert result.exit_code == 1 and "holds no stored segments" in result.output
@@ -107,3 +108,64 @@ def test_acceptance_saoa_beats_global_on_nouns_and_sap_on_verbs(tmp_path: Path) 
     assert results["saoa"]["noun_top1"] > results["global"]["noun_top1"] + 30, results
     assert results["saoa"]["verb_top1"] > results["sap"]["verb_top1"] + 30, results
     assert results["global"]["noun_top1"] < chance + 12 and results["sap"]["verb_top1"] < chance + 12, results
+
+
+def test_a_head_registered_later_brings_its_switches_to_heads_train(planted_store: Path, tmp_path: Path) -> None:
+    """`heads train` reads --model and the switch flags from the head registry when it runs."""
+    from heads.models import GlobalHead, all_switches, register_head, unregister_head
+
+    received: dict = {}
+
+    def scaled_global(*, dims, num_verbs: int, num_nouns: int, shrink_logits: bool = False,
+                      logit_scale: float = 1.0) -> GlobalHead:
+        """A test head: the global baseline with two switches of its own.
+
+        Args:
+            dims: feature sizes.
+            num_verbs: V.
+            num_nouns: N.
+            shrink_logits: test switch, a boolean flag.
+            logit_scale: test switch, a float option.
+        """
+        received.update(shrink_logits=shrink_logits, logit_scale=logit_scale)
+        return GlobalHead(verb_dim=dims.verb_dim, noun_dim=dims.noun_dim, num_verbs=num_verbs, num_nouns=num_nouns)
+
+    assert "shrink_logits" not in all_switches()
+    register_head("test-scaled-global", description="a test head", fields=lambda **_: ("verb.global", "noun.global"))(
+        scaled_global)
+    try:
+        help_text = _invoke("train", "--help").output
+        assert "--shrink-logits / --no-shrink-logits" in help_text and "--logit-scale FLOAT" in help_text
+        assert "test switch, a boolean flag" in help_text.replace("\n", " ").replace("  ", " ").lower()
+        assert "test-scaled-global" in help_text
+        result = _invoke("train", planted_store, "--model", "test-scaled-global", "--shrink-logits",
+                         "--logit-scale", "0.5", "--train-where", TRAIN, "--epochs", "1", "--no-progress",
+                         "--out", tmp_path / "run")
+        assert result.exit_code == 0, result.output
+        assert received == {"shrink_logits": True, "logit_scale": 0.5}
+        config = json.loads((tmp_path / "run" / "config.json").read_text())
+        assert config["model"] == "test-scaled-global"
+        assert config["switches"] == {"shrink_logits": True, "logit_scale": 0.5}
+    finally:
+        unregister_head("test-scaled-global")
+    assert "--shrink-logits" not in _invoke("train", "--help").output
+    refused = _invoke("train", planted_store, "--model", "global", "--shrink-logits", "--out", tmp_path / "b")
+    assert refused.exit_code == 2 and "No such option '--shrink-logits'" in refused.output
+
+
+def test_score_with_a_prior_file_leaves_out_the_scored_segments_and_says_so(planted_store: Path,
+                                                                           tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    assert _invoke("train", planted_store, "--model", "global", "--train-where", TRAIN, "--val-where", VAL,
+                   "--epochs", "1", "--no-progress", "--out", run).exit_code == 0
+    annotations = planted_store.parent / "annotations" / "EPIC_train_action_labels.csv"
+    scored = _invoke("score", run, "--annotations", annotations, "--action-prior-from", annotations, "--json")
+    assert scored.exit_code == 0, scored.output
+    metrics = json.loads(scored.stdout)
+    record = {"from": str(annotations.resolve()), "excluded_scored_segments": 240, "counted": 240}
+    assert metrics.pop("action_prior") == record
+    # What is left of the file is the run's training selection: the run's own prior, its own metrics.
+    assert metrics == pytest.approx(json.loads((run / "metrics.json").read_text()))
+    assert "240 scored segment(s) left out" in scored.stderr
+    text = _invoke("score", run, "--annotations", annotations, "--action-prior-from", annotations)
+    assert "action_top1" in text.stdout and "240 scored segment(s) left out" in text.stderr

@@ -125,3 +125,18 @@ def test_inputs_that_cannot_be_fused_are_refused() -> None:
     with pytest.raises(FusionError, match="unknown fusion"):
         fuse_predictions([predictions(["1"])], how="max")
     assert parse_weights("1,3", 2).tolist() == [0.25, 0.75]
+
+
+def test_a_prior_file_never_counts_the_fused_segments(two_runs: tuple[Path, Path], planted_store: Path,
+                                                      tmp_path: Path) -> None:
+    run, _ = two_runs
+    annotations = planted_store.parent / "annotations" / "EPIC_train_action_labels.csv"
+    messages: list[str] = []
+    result = fuse([run, run], tmp_path / "fused", how="logits", action_prior_from=annotations, log=messages.append)
+    record = result.metrics.pop("action_prior")
+    # The 240 fused (validation) segments are left out; the 240 rows left are the run's training selection,
+    # so the prior is the run's own and so are the metrics.
+    assert record == {"from": str(annotations.resolve()), "excluded_scored_segments": 240, "counted": 240}
+    assert result.metrics == _metrics(run)
+    assert json.loads((tmp_path / "fused" / "metrics.json").read_text())["action_prior"] == record
+    assert any("240 scored segment(s) left out" in m for m in messages)

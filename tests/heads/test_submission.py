@@ -44,6 +44,9 @@ def test_epic55_zip_holds_every_test_segment_with_the_official_layout(epic55_dir
                                 action_prior_from=epic55_dir / "EPIC_train_action_labels.csv")
     elapsed = time.perf_counter() - started
     assert summary.segments == {"seen.json": 8047, "unseen.json": 2929}
+    # Test segments are not in the training file: nothing to leave out, every training row counted.
+    assert summary.action_prior == {"from": str((epic55_dir / "EPIC_train_action_labels.csv").resolve()),
+                                    "excluded_scored_segments": 0, "counted": 28472}
     assert elapsed < 30, f"{elapsed:.1f}s"  # about 5 s on one core; generous for a busy CI machine
     files = _read(tmp_path / "sub.zip")
     assert set(files) == {"seen.json", "unseen.json"}
