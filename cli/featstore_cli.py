@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from cli.common import command_line, domain_errors
+from cli.featstore_finetune import finetune
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -121,6 +122,7 @@ def _register_optional_commands() -> None:
 
 
 _register_optional_commands()
+main.add_command(finetune)
 
 
 if __name__ == "__main__":
