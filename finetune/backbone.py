@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -268,7 +269,12 @@ class FinetuneRun:
         self._record_failures(batch, "train", len(self.train_data))
         stats.clips += len(batch)
         stats.failed += len(batch.failed)
+        stats.batches += 1
         if not len(batch):
+            if self.world is None:
+                return None
+            # Every process must join each gradient all-reduce, also with nothing readable to train on.
+            self.world.idle_step(self.train_module, self.optimizer, self._empty_clip())
             return None
         stats.steps += 1
         clips = self._on_device(batch.clips)  # (B, C, T, H, W) float in [0, 1]
@@ -283,11 +289,14 @@ class FinetuneRun:
         loss = loss.detach()
         stats.pending.append((stats.steps, loss))
         if len(stats.pending) >= self.config.check_every:
-            stats.check(self._epoch_stats.epoch)
+            stats.check(self._epoch_stats.epoch, self.world)
         return loss
 
     def end_epoch(self) -> dict[str, Any]:
         """After the epoch's steps: check losses and failures, validate, checkpoint, write the run files.
+
+        Under data parallelism every process calls it (validation is shared out too); the first
+        process alone writes the run folder.
 
         Returns:
             The epoch's history entry.
@@ -296,19 +305,21 @@ class FinetuneRun:
         """
         stats = self._epoch_stats
         epoch = stats.epoch
-        stats.check(epoch)
-        self.failures.check(epoch, "train", len(self.train_data))
+        stats.check(epoch, self.world)
         seconds = time.perf_counter() - stats.started
+        validation = self.validate(epoch) if len(self.val_data) else {}
         if self.world is not None:
             stats = self.world.sum_stats(stats, self.device)
+            self.failures.entries = self.world.gather_failures(self.failures.entries, epoch)
+        self.failures.check(epoch, "train", len(self.train_data))
+        self.failures.check(epoch, "val", len(self.val_data))
         entry: dict[str, Any] = {
             "epoch": epoch + 1, "lr": self.config.lr_at(epoch),
             "loss": stats.loss_sum / stats.steps if stats.steps else math.nan,
-            "steps": stats.steps, "train_clips": stats.clips, "train_failed": stats.failed,
+            "steps": stats.batches, "train_clips": stats.clips, "train_failed": stats.failed,
             "seconds": seconds, "clips_per_s": stats.clips / seconds if seconds > 0 else 0.0,
+            **validation,
         }
-        if self.main_process and len(self.val_data):
-            entry.update(self.validate(epoch))
         self.epoch = epoch + 1
         self.history.append(entry)
         if self.main_process:
@@ -321,17 +332,22 @@ class FinetuneRun:
     def validate(self, epoch: int) -> dict[str, Any]:
         """Top-1 / top-5 of the target on the validation selection (the centre clip, centre crop).
 
+        Under data parallelism each process scores its share and the logits are gathered.
+
         Returns:
             ``{"{target}_top1", "{target}_top5"}`` in percent, ``val_clips`` scored and ``val_failed``.
         """
-        sampler = EpochBatchSampler(len(self.val_data), self.config.batch_size, shuffle=False)
+        config = self.config
+        sampler = EpochBatchSampler(len(self.val_data), config.batch_size, shuffle=False, rank=config.rank,
+                                    world_size=config.world_size)
         sampler.set_epoch(epoch)
         logits, labels = [], []
         failed = 0
         from tqdm import tqdm
 
-        bar = tqdm(total=len(self.val_data), desc=f"validate {epoch + 1}", unit="clip", leave=False,
-                   disable=not self.config.progress, file=sys.stderr, dynamic_ncols=True)
+        bar = tqdm(total=len(self.val_data) // config.world_size, desc=f"validate {epoch + 1}", unit="clip",
+                   leave=False, disable=not (config.progress and self.main_process), file=sys.stderr,
+                   dynamic_ncols=True)
         self.model.eval()
         try:
             with torch.inference_mode():
@@ -347,12 +363,13 @@ class FinetuneRun:
         finally:
             self.model.train()
             bar.close()
-        target = self.config.target
-        if not logits:
-            return {f"{target}_top1": math.nan, f"{target}_top5": math.nan, "val_clips": 0, "val_failed": failed}
-        top1, top5 = topk_accuracy(torch.cat(logits).numpy(), torch.cat(labels).numpy(), (1, 5))
-        return {f"{target}_top1": top1, f"{target}_top5": top5, "val_clips": int(sum(len(x) for x in labels)),
-                "val_failed": failed}
+        scores = torch.cat(logits).numpy() if logits else np.zeros((0, self.selection.num_classes), np.float32)
+        truth = torch.cat(labels).numpy() if labels else np.zeros((0,), np.int64)
+        if self.world is not None:
+            scores, truth, failed = self.world.gather_scores(scores, truth, failed)
+        target = config.target
+        top1, top5 = topk_accuracy(scores, truth, (1, 5)) if len(truth) else (math.nan, math.nan)
+        return {f"{target}_top1": top1, f"{target}_top5": top5, "val_clips": int(len(truth)), "val_failed": failed}
 
     def state_dict(self) -> dict[str, Any]:
         """Everything a resume needs (tensors and plain containers: loadable with weights_only)."""
@@ -404,7 +421,7 @@ class FinetuneRun:
         metrics: dict[str, Any] = {key: last[key] for key in (f"{target}_top1", f"{target}_top5") if key in last}
         payload = {**metrics, "target": target, "complete": complete, "epochs_done": self.epoch,
                    "n_train": len(self.train_data), "n_val": len(self.val_data),
-                   "chance_top1": 100.0 / self.selection.num_classes, "history": self.history}
+                   "majority_top1": self._majority_top1(), "history": self.history}
         atomic_write_json(self.out / "metrics.json", payload)
         return metrics
 
@@ -421,6 +438,15 @@ class FinetuneRun:
         return metrics
 
     # -- internals ----------------------------------------------------------------------------
+
+    def _majority_top1(self) -> float | None:
+        """Top-1 of always answering the training selection's most frequent class (the floor to beat)."""
+        if not self.selection.val:
+            return None
+        column = f"{self.config.target}_class"
+        counts = np.bincount([int(row[column]) for row in self.selection.train])
+        majority = int(counts.argmax())
+        return 100.0 * float(np.mean([int(row[column]) == majority for row in self.selection.val]))
 
     def _config_record(self) -> dict[str, Any]:
         config = self.config
@@ -463,6 +489,11 @@ class FinetuneRun:
         x = clips.to(self.device, non_blocking=True).permute(0, 4, 1, 2, 3).float().div_(255.0)
         return x if self.config.uses_channels_last else x.contiguous()
 
+    def _empty_clip(self) -> torch.Tensor:
+        """One black clip of the run's input shape, (1, C, T, crop, crop)."""
+        config = self.config
+        return torch.zeros(1, config.in_channels, config.clip_frames, config.crop, config.crop, device=self.device)
+
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.device.type == "cuda" and self.config.amp != "off":
             return torch.autocast(device_type="cuda", dtype=AMP_DTYPES[self.config.amp])
@@ -477,7 +508,10 @@ class FinetuneRun:
             self.failures.add(uid=str(rows[index]["uid"]), epoch=epoch, phase=phase, reason=reason)
             if self.main_process:
                 self.log(f"epoch {epoch + 1}: skipped {phase} segment {rows[index]['uid']}: {reason}")
-        self.failures.check(epoch, phase, total)
+        if self.world is None:
+            # Stop as soon as the epoch is certain to fail. Under data parallelism each process only
+            # sees its share: the check waits for the counts gathered at the end of the epoch.
+            self.failures.check(epoch, phase, total)
 
 
 @dataclass
@@ -486,21 +520,27 @@ class _EpochStats:
 
     epoch: int = 0
     started: float = 0.0
-    steps: int = 0
+    steps: int = 0  # steps with a loss (this process)
+    batches: int = 0  # optimiser steps (the same in every process)
     clips: int = 0
     failed: int = 0
     loss_sum: float = 0.0
     pending: list[tuple[int, torch.Tensor]] = dataclasses.field(default_factory=list)
 
-    def check(self, epoch: int) -> None:
-        """Read the pending losses (one host-device sync) and stop at the first NaN / inf."""
-        if not self.pending:
-            return
-        values = torch.stack([loss for _, loss in self.pending]).float().cpu().tolist()
-        for (step, _), value in zip(self.pending, values):
-            if not math.isfinite(value):
-                raise FinetuneError(f"loss is {value} at epoch {epoch + 1}, step {step}: lower --lr, check the init "
-                                    "checkpoint, or use --amp bf16 instead of fp16")
+    def check(self, epoch: int, world: "_DataParallel | None" = None) -> None:
+        """Read the pending losses (one host-device sync) and stop at the first NaN / inf.
+
+        Under data parallelism the processes agree first, so that all of them stop together.
+        """
+        values = torch.stack([loss for _, loss in self.pending]).float().cpu().tolist() if self.pending else []
+        bad = [(step, value) for (step, _), value in zip(self.pending, values) if not math.isfinite(value)]
+        advice = "lower --lr, check the init checkpoint, or use --amp bf16 instead of fp16"
+        if world is not None and world.any(bool(bad)) and not bad:
+            raise FinetuneError(f"the loss of another process became NaN or inf at epoch {epoch + 1} by step "
+                                f"{self.steps}: {advice}")
+        if bad:
+            step, value = bad[0]
+            raise FinetuneError(f"loss is {value} at epoch {epoch + 1}, step {step}: {advice}")
         self.loss_sum += sum(values)
         self.pending = []
 
@@ -508,27 +548,74 @@ class _EpochStats:
 class _DataParallel:
     """Data parallelism under torchrun: DistributedDataParallel, gloo on the CPU, nccl on GPUs."""
 
-    def __init__(self, device: str) -> None:
+    def __init__(self, config: FinetuneConfig) -> None:
         import torch.distributed as dist
 
         self.dist = dist
+        self.device = config.device
+        self.local_rank = config.local_rank
+        if config.device == "cuda":
+            torch.cuda.set_device(config.local_rank)
         if not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if device == "cuda" else "gloo")
+            dist.init_process_group(backend="nccl" if config.device == "cuda" else "gloo")
+        if dist.get_world_size() != config.world_size:
+            raise FinetuneError(f"the process group has {dist.get_world_size()} processes, the config says "
+                                f"{config.world_size}")
 
     @classmethod
     def from_config(cls, config: FinetuneConfig) -> "_DataParallel | None":
-        return cls(config.device) if config.world_size > 1 else None
+        return cls(config) if config.world_size > 1 else None
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
-        return torch.nn.parallel.DistributedDataParallel(model)
+        device_ids = [self.local_rank] if self.device == "cuda" else None
+        return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+    def idle_step(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer, clip: torch.Tensor) -> None:
+        """Join a step's all-reduce with zero gradients (this process's share of the batch was unreadable).
+
+        BatchNorm layers are put in eval mode for it, so that the black clip leaves their running
+        statistics alone.
+        """
+        norms = [m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training]
+        for norm in norms:
+            norm.eval()
+        try:
+            optimizer.zero_grad(set_to_none=True)
+            (module(clip).float().sum() * 0.0).backward()
+            optimizer.step()
+        finally:
+            for norm in norms:
+                norm.train()
 
     def sum_stats(self, stats: _EpochStats, device: torch.device) -> _EpochStats:
         totals = torch.tensor([stats.loss_sum, stats.steps, stats.clips, stats.failed], dtype=torch.float64,
                               device=device)
         self.dist.all_reduce(totals)
-        world = self.dist.get_world_size()
-        return dataclasses.replace(stats, loss_sum=float(totals[0]) / world, steps=int(totals[1]) // world,
-                                   clips=int(totals[2]), failed=int(totals[3]))
+        # The epoch's loss: the mean of every process's step losses.
+        return dataclasses.replace(stats, loss_sum=float(totals[0]), steps=int(totals[1]), clips=int(totals[2]),
+                                   failed=int(totals[3]))
+
+    def gather_failures(self, entries: list[dict[str, Any]], epoch: int) -> list[dict[str, Any]]:
+        """Every process's failures of 0-based ``epoch`` (earlier epochs were gathered before)."""
+        this_epoch = [entry for entry in entries if entry["epoch"] == epoch + 1]
+        gathered: list[Any] = [None] * self.dist.get_world_size()
+        self.dist.all_gather_object(gathered, this_epoch)
+        merged = sorted((entry for part in gathered for entry in part), key=lambda e: (e["phase"] != "train", e["uid"]))
+        return [entry for entry in entries if entry["epoch"] != epoch + 1] + merged
+
+    def gather_scores(self, scores: np.ndarray, truth: np.ndarray, failed: int) -> tuple[np.ndarray, np.ndarray, int]:
+        """Every process's validation logits (N, K), labels (N,) and failure count."""
+        gathered: list[Any] = [None] * self.dist.get_world_size()
+        self.dist.all_gather_object(gathered, (scores, truth, failed))
+        return (np.concatenate([part[0] for part in gathered]), np.concatenate([part[1] for part in gathered]),
+                sum(part[2] for part in gathered))
+
+    def any(self, flag: bool) -> bool:
+        """Whether ``flag`` is true in any process."""
+        value = torch.tensor([int(flag)], device=torch.device(f"cuda:{self.local_rank}") if self.device == "cuda"
+                             else torch.device("cpu"))
+        self.dist.all_reduce(value, op=self.dist.ReduceOp.MAX)
+        return bool(value.item())
 
     def barrier(self) -> None:
         self.dist.barrier()

@@ -14,7 +14,7 @@ import torch
 
 from featstore.models import build_backbone
 from featstore.samples.damage import corrupt_jpeg
-from finetune.backbone import finetune
+from finetune.backbone import finetune, select_training_data
 from finetune.config import FinetuneError
 
 from tests.finetune.conftest import make_small_epic, small_config
@@ -55,6 +55,8 @@ def test_a_run_writes_its_folder(uninterrupted: Path) -> None:
     assert metrics["complete"] and [e["epoch"] for e in metrics["history"]] == [1, 2]
     assert [e["lr"] for e in metrics["history"]] == pytest.approx([0.01, 0.001])  # --lr-steps 2
     assert metrics["verb_top1"] == metrics["history"][-1]["verb_top1"] and 0 <= metrics["verb_top5"] <= 100
+    # Training verbs 0, 1, 2, 0, 1, 2 (most frequent: 0, the first of the ties); validation 0, 1, 2.
+    assert metrics["majority_top1"] == pytest.approx(100 / 3)
     assert all(e["train_clips"] == 6 and e["val_clips"] == 3 and e["steps"] == 2 for e in metrics["history"])
     record = torch.load(uninterrupted / "checkpoint.pt", weights_only=True)["finetune"]
     assert record["epoch"] == 2 and record["config"] == config
@@ -123,3 +125,66 @@ def test_a_nan_loss_stops_the_run_naming_epoch_and_step(small_epic, tmp_path: Pa
     with pytest.raises(FinetuneError, match="loss is nan at epoch 1, step 1"):
         finetune(small_config(small_epic, tmp_path / "run", backbone=f"mc3_18:{tmp_path / 'broken.pt'}", epochs=1),
                  log=lambda _: None)
+
+
+def test_selections_follow_build_and_heads_train(small_epic, tmp_path: Path) -> None:
+    def uids(rows):
+        return [row["uid"] for row in rows]
+
+    chosen = select_training_data(small_config(small_epic, tmp_path / "a"))
+    assert uids(chosen.train) == [f"s{i}" for i in range(6)] and uids(chosen.val) == ["s6", "s7", "s8"]
+    assert chosen.dataset == "epic55" and chosen.num_classes == 4
+    # No training selection: everything selected that is not validation; --where narrows both.
+    chosen = select_training_data(small_config(small_epic, tmp_path / "b", train_where=None,
+                                               where="participant_id <> 'P02'"))
+    assert uids(chosen.train) == ["s0", "s1", "s2"] and uids(chosen.val) == ["s6", "s7", "s8"]
+    chosen = select_training_data(small_config(small_epic, tmp_path / "c", limit=2, num_classes=None))
+    assert uids(chosen.train) == ["s0", "s1"] and uids(chosen.val) == ["s6", "s7"] and chosen.num_classes == 125
+    with pytest.raises(FinetuneError, match="s3: noun_class 3 is outside the classifier's 3 classes"):
+        select_training_data(small_config(small_epic, tmp_path / "d", target="noun", num_classes=3))
+    with pytest.raises(FinetuneError, match="bad selection"):
+        select_training_data(small_config(small_epic, tmp_path / "e", where="no_such_column = 1"))
+
+
+def test_a_flow_run_trains_on_the_u_v_stacks_the_flow_build_reads(tmp_path: Path) -> None:
+    data = make_small_epic(tmp_path / "data", flow=True)
+    out = tmp_path / "flow"
+    finetune(small_config(data, out, recipe="i3d-flow", backbone="mc3_18", epochs=1), log=lambda _: None)
+    config = json.loads((out / "config.json").read_text())
+    assert config["settings"]["modality"] == "flow" and config["recipe"]["modality"] == "flow"
+    backbone, _ = build_backbone(f"mc3_18:{out / 'checkpoint.pt'}", in_channels=2)  # as featstore build --modality flow
+    assert backbone.stem[0].in_channels == 2
+
+
+@pytest.mark.slow
+def test_two_torchrun_processes_share_the_batches_and_gather_what_they_saw(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from tests.finetune.conftest import TRAIN_WHERE, VAL_WHERE
+
+    data = make_small_epic(tmp_path / "data")
+    bad = data.segments[2]
+    for frame in range(bad.start_frame, bad.stop_frame + 1):
+        corrupt_jpeg(data.frame_file(bad, frame), "zero")
+    out = tmp_path / "run"
+    args = ["finetune", str(out), "--annotations", str(data.annotations), "--frames", str(data.frames),
+            "--backbone", "mc3_18", "--target", "verb", "--recipe", "r50-3d", "--clip-frames", "8", "--crop", "32",
+            "--scale-range", "32,40", "--test-size", "32", "--epochs", "1", "--batch-size", "4", "--lr", "0.01",
+            "--train-where", TRAIN_WHERE, "--val-where", VAL_WHERE, "--num-classes", "4", "--workers", "0",
+            "--max-failed-fraction", "0.5", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+              "-m", "cli.featstore_cli", *args]
+    result = subprocess.run(launch, capture_output=True, text=True, env=env, timeout=600)
+    if result.returncode != 0 and "rendezvous" in result.stderr.lower():
+        pytest.skip(f"torchrun could not start here: {result.stderr[-500:]}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    [entry] = json.loads((out / "metrics.json").read_text())["history"]
+    # 6 training segments in batches of 4 shared by 2 processes: 2 steps each, one segment unreadable.
+    assert (entry["train_clips"], entry["train_failed"], entry["steps"]) == (5, 1, 2)
+    assert (entry["val_clips"], entry["val_failed"]) == (3, 0)  # each process scored its share
+    failures = json.loads((out / "failures.json").read_text())
+    assert [(f["uid"], f["phase"]) for f in failures] == [(bad.uid, "train")] and "empty" in failures[0]["reason"]
+    build_backbone(f"mc3_18:{out / 'checkpoint.pt'}")
