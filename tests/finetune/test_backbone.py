@@ -43,6 +43,7 @@ def uninterrupted(small_epic, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_a_run_writes_its_folder(uninterrupted: Path) -> None:
     names = {p.name for p in uninterrupted.iterdir()}
     assert {"checkpoint.pt", "config.json", "metrics.json", "failures.json", "curves.png", "log.txt",
