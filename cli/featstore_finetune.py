@@ -61,6 +61,8 @@ def make_finetune_config(params: dict[str, Any], *, command: str | None = None):
 @click.option("--backbone", required=True, metavar="NAME[:INIT.pt]",
               help="Registered backbone, optionally with a local checkpoint to start from (Kinetics, "
                    "IG-65M...; its classifier is dropped). Nothing is downloaded.")
+@click.option("--init", type=_EXISTING_FILE,
+              help="Local checkpoint to start from, as NAME:INIT.pt in --backbone (give one of the two).")
 @click.option("--target", required=True, type=click.Choice(["verb", "noun"]),
               help="Train a VerbNet (verb labels) or a NounNet (noun labels).")
 @click.option("--recipe", type=click.Choice(list_recipes()),

@@ -74,5 +74,10 @@ def test_bad_options_are_clear_errors(tmp_path: Path) -> None:
                                                                f"r3d_18:{tmp_path / 'kinetics.pth'}"))
     assert missing_init.exit_code == 1 and "never downloads weights" in missing_init.output
     assert not (tmp_path / "d").exists()  # a refused run leaves no folder
+    (tmp_path / "kinetics.pth").write_bytes(b"")
+    twice = runner.invoke(featstore_main, finetune_args(data, tmp_path / "d", "--backbone",
+                                                        f"r3d_18:{tmp_path / 'kinetics.pth'}", "--init",
+                                                        str(tmp_path / "kinetics.pth")))
+    assert twice.exit_code == 1 and "give the init checkpoint once" in twice.output
     empty = runner.invoke(featstore_main, finetune_args(data, tmp_path / "e", "--train-where", "participant_id = 'P99'"))
     assert empty.exit_code == 1 and "holds no segments" in empty.output
