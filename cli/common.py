@@ -36,7 +36,7 @@ def domain_errors(func: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-_OUR_PACKAGES = ("featstore", "heads", "cli")
+_OUR_PACKAGES = ("featstore", "heads", "finetune", "cli")
 
 
 def _raised_by_us(err: BaseException) -> bool:

@@ -69,6 +69,7 @@ from featstore.models import (
     get_backbone_record,
     parse_model_spec,
 )
+from featstore.models.checkpoints import read_finetune_record
 from featstore.sampling import SamplingConfig, SegmentPlan, plan_segment
 from featstore.schema import (
     BOX_SETS,
@@ -299,6 +300,10 @@ def _model_provenance(
         warning = f"{RANDOM_WEIGHTS_NOTE}: {kind} {name!r} has no checkpoint; its features are meaningless for training"
     else:
         entry["weights"] = "checkpoint"
+        # A stage-1 checkpoint (featstore finetune) says which run made it: the store links to it.
+        finetune = read_finetune_record(checkpoint)
+        if finetune is not None:
+            entry["finetune"] = finetune
     return entry, warning
 
 

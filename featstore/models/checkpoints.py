@@ -21,6 +21,7 @@ import pickle
 import re
 import types
 import typing
+import zipfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -471,3 +472,35 @@ def convert_checkpoint(source: str | Path, target: str | Path) -> ConvertReport:
     atomic_write(target, lambda tmp: torch.save(state_dict, tmp))
     return ConvertReport(source=source, target=target, tensors=len(state_dict), dropped=dropped,
                          inert=inert, sha256=file_sha256(target))
+
+
+# ------------------------------------------------------------------------------------------------
+# stage-1 (fine-tune) checkpoints
+
+# A stage-1 run (``featstore finetune``) writes its backbone under "state_dict" (what `read_state_dict`
+# loads), its classifier under its own key, and a record of the run under this one; `featstore build`
+# copies the record into the store's provenance beside the checkpoint's sha256.
+FINETUNE_RECORD_KEY = "finetune"
+
+
+def read_finetune_record(path: str | Path) -> dict | None:
+    """The stage-1 run record a checkpoint carries (``FINETUNE_RECORD_KEY``), or None when it has none.
+
+    Memory-mapped, so the tensors of a large checkpoint are not read to get at its small record.
+
+    Args:
+        path: local checkpoint file.
+    Returns:
+        The record (JSON types), or None for any other checkpoint (a raw or wrapped state dict).
+    Raises:
+        CheckpointError: a missing or unreadable file.
+    """
+    path = _require_local_file(Path(path))
+    if not zipfile.is_zipfile(path):
+        return None  # stage-1 runs write torch's zip format; a model-zoo .pkl or a legacy file is not one
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as error:
+        raise CheckpointError(f"cannot read checkpoint {str(path)!r}: {type(error).__name__}: {error}") from error
+    record = payload.get(FINETUNE_RECORD_KEY) if isinstance(payload, Mapping) else None
+    return dict(record) if isinstance(record, Mapping) else None
