@@ -83,8 +83,12 @@ def parse_model_spec(spec: str) -> tuple[str, Path | None]:
     return name, (Path(path.strip()).expanduser() if sep else None)
 
 
+# A remote address, also after pathlib folded its "//" into "/" (Path("https://x") is "https:/x").
+_URL = re.compile(r"^(?:https?|ftp|s3|gs|hdfs|hf|file):/", re.IGNORECASE)
+
+
 def _require_local_file(path: Path) -> Path:
-    if "://" in str(path):
+    if _URL.match(str(path)):
         raise CheckpointError(
             f"checkpoint {str(path)!r} looks like a URL; featstore never downloads weights. "
             "Download the file yourself and pass its local path (NAME:/local/path.pt)."

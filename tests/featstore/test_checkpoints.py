@@ -86,8 +86,6 @@ def test_a_missing_file_says_featstore_never_downloads(tmp_path: Path, read) -> 
     assert "NAME:/local/path.pt" in message and "bare NAME" in message
 
 
-@pytest.mark.xfail(strict=True, reason="defect: Path() folds '://' to ':/', so the URL message is unreachable; "
-                                       "a URL gets the file-not-found message instead")
 @pytest.mark.parametrize("given", [str, Path])
 def test_a_url_is_named_as_a_url(given) -> None:
     url = given("https://download.pytorch.org/models/r3d_18-b3b3357e.pth")
