@@ -104,6 +104,9 @@ CANONICAL_FIELDS: dict[str, str] = {
     "verb.global": "[C] VerbNet feature, pooled over time and space",
     "verb.map": "[C, T, H, W] VerbNet last-stage spatial map (local alignment)",
     "noun.global": "[C] NounNet pooled feature",
+    "verb.map_tmean": "[C, H, W] verb.map averaged over time (`featstore build --map time-mean`)",
+    "verb.local": "[N, C] verb.map averaged over time, RoIAlign 7x7 (aligned) at the N det.local boxes, "
+                  "pooled (avg, or max: the manifest's derived['verb.local'] says which)",
     "noun.map": "[C, T, H, W] NounNet last-stage spatial map (optional)",
     **{f"det.{box_set}.{part}": f"{meaning} of the {box_set} detection slots"
        for box_set in BOX_SETS

@@ -194,13 +194,15 @@ def symbiotic_fields(*, local_alignment: bool, verb_objects: str) -> tuple[str, 
 
     Both globals are always needed (each branch's alignment or the other's gate and query use
     them). Detection scores are read for their validity (0 = padded slot). Local alignment needs
-    the verb map and the local boxes to RoI-pool `verb_local` at load time.
+    `verb.local` (batch key `verb_local`): the store's own when it holds it, else `verb.map` (or
+    `verb.map_tmean`) RoI-pooled at the `det.local.box` boxes at load time
+    (`registry.LOAD_TIME_SOURCES`).
     """
     fields = ["verb.global", "noun.global", "det.global.feat", "det.global.score"]
     if verb_objects == "local":
         fields += ["det.local.feat", "det.local.score"]
     if local_alignment:
-        fields += ["det.local.box", "verb.map"]
+        fields += ["verb.local"]
     return tuple(fields)
 
 
