@@ -55,11 +55,14 @@ def test_build_writes_the_documented_fields_and_box_rows(tmp_path: Path) -> None
 
     info = json.loads(_invoke("info", store, "--json").output)
     shapes = {name: spec["shape"] for name, spec in info["fields"].items()}
-    assert shapes == {
-        "verb.global": [512], "verb.map": [512, 1, 7, 13], "noun.global": [512],
+    assert shapes == {  # the default --map none: verb.local and no map
+        "verb.global": [512], "verb.local": [40, 512], "noun.global": [512],
         "det.global.feat": [60, 1024], "det.global.box": [60, 4], "det.global.score": [60],
         "det.local.feat": [40, 1024], "det.local.box": [40, 4], "det.local.score": [40],
     }
+    assert info["manifest"]["derived"]["verb.local"]["pool"] == "avg"
+    assert info["manifest"]["provenance"]["map"] == "none"
+    assert info["manifest"]["provenance"]["verb_map_shape"] == [512, 1, 7, 13]
     assert info["fields"]["det.global.box"]["dtype"] == "float32"
     assert info["segments"] == {"ok": 4, "failed": 0}
     provenance = info["manifest"]["provenance"]

@@ -367,7 +367,8 @@ def test_flow_store_feeds_two_channels(dataset, tmp_path: Path) -> None:
     store = FeatureStore.open(tmp_path / "flow")
     provenance = store.manifest["provenance"]
     assert provenance["modality"] == "flow" and provenance["verb_backbone"]["in_channels"] == 2
-    assert store.fields["verb.map"].shape == (512, 1, 2, 4)
+    assert store.fields["verb.local"].shape == (40, 512)  # the default --map none: no map
+    assert store.manifest["provenance"]["verb_map_shape"] == [512, 1, 2, 4]
     assert len(store.boxes(store.uids())) == 200  # detections come from the RGB frames beside the flow
 
 
