@@ -27,10 +27,12 @@ nothing and a rerun continues. Readers treat a field that is not complete as abs
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
@@ -365,6 +367,14 @@ class FeatureStore:
             self._shard_cache = (state, index)
         return self._shard_cache[1]
 
+    def load_index(self) -> int:
+        """Load the uid -> shard index now (reads load it on first use); returns the number of uids.
+
+        Worth calling before forking reader processes: they inherit it instead of each querying
+        the index again.
+        """
+        return len(self._shard_index())
+
     def _shard_of(self, uids: Sequence[str]) -> dict[str, str]:
         index = self._shard_index()
         shards = {}
@@ -450,6 +460,39 @@ class FeatureStore:
                         progress(1)
         return out
 
+    def share_of_files(self, n_segments: int, fields: Iterable[str]) -> float:
+        """The bytes of ``fields`` of ``n_segments`` segments as a share of the shards' LMDB files (0-1+)."""
+        files = sum(os.path.getsize(d / "data.mdb") for d in self._shard_dirs())
+        wanted = n_segments * sum(self.fields[f].nbytes for f in self._check_fields(fields))
+        return wanted / files if files else 0.0
+
+    @contextlib.contextmanager
+    def read_ahead(self, enabled: bool = True) -> Iterator[None]:
+        """Kernel readahead on the shards' memory maps for a read of most of the store in key order.
+
+        Readers map the shards for random access (readahead off: a shuffled batch must not drag
+        neighbours it does not need into memory), so a cold pass over the whole store faulted its
+        pages in one 4 KiB read at a time: 20-25 MiB/s where the disk reads 250+ sequentially.
+        Inside this context the maps take the kernel's normal read-around, as a preload, a copy
+        or a derive wants; the random-access advice is restored after. Linux only (elsewhere, and
+        when ``enabled`` is false, nothing changes).
+        """
+        regions = []
+        if enabled:
+            for shard_dir in self._shard_dirs():
+                try:
+                    _reader_env(shard_dir)  # mapped now, so that the mapping can be found
+                except (StoreError, lmdb.Error):
+                    continue  # the read itself reports an unreadable shard
+                region = _mapped_region(shard_dir / "data.mdb")
+                if region is not None and _madvise(*region, _MADV_NORMAL):
+                    regions.append(region)
+        try:
+            yield
+        finally:
+            for region in regions:
+                _madvise(*region, _MADV_RANDOM)
+
     def shards(self) -> list[str]:
         """Names of the store's LMDB shards."""
         return [shard_dir.name for shard_dir in self._shard_dirs()]
@@ -512,6 +555,11 @@ class FeatureStore:
             table = table.filter(pc.is_in(table.column("uid"), pa.array(sorted(wanted), pa.string())))
         bad: list[tuple[str, str]] = []
         rows = table.select(["uid", "shard", "checksum"]).to_pylist()
+        with self.read_ahead(self.share_of_files(len(rows), self.fields) >= 0.5):
+            self._verify_rows(rows, bad, progress)
+        return bad
+
+    def _verify_rows(self, rows: list[dict], bad: list[tuple[str, str]], progress) -> None:
         by_shard: dict[str, list[dict]] = {}
         for row in rows:
             by_shard.setdefault(row["shard"], []).append(row)
@@ -535,7 +583,6 @@ class FeatureStore:
                         bad.append((uid, "checksum mismatch"))
                     if progress is not None:
                         progress(1)
-        return bad
 
     def _checksum_matches(self, txn, uid: str, tensors: dict[str, np.ndarray], incomplete: list[str],
                           checksum: str) -> bool:
@@ -617,6 +664,41 @@ _ENVS: dict[str, lmdb.Environment] = {}
 _WRITER_ENVS: set[str] = set()
 _INHERITED_WRITERS: list[lmdb.Environment] = []
 _WRITER_LOCKS: set = set()  # lock-file handles of this process's writers
+
+
+_MADV_NORMAL, _MADV_RANDOM = 0, 1  # asm-generic/mman-common.h
+_LIBC: list = []  # [ctypes libc or None], resolved once per process
+
+
+def _madvise(address: int, length: int, advice: int) -> bool:
+    """``madvise`` on a mapped region; False where it is not available or fails."""
+    if not _LIBC:
+        libc = None
+        if sys.platform.startswith("linux"):
+            try:
+                import ctypes
+
+                libc = ctypes.CDLL(None, use_errno=True)
+                libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+            except (OSError, AttributeError):
+                libc = None
+        _LIBC.append(libc)
+    return _LIBC[0] is not None and _LIBC[0].madvise(address, length, advice) == 0
+
+
+def _mapped_region(data_file: Path) -> tuple[int, int] | None:
+    """(start address, length) of this process's mapping of ``data_file`` (LMDB maps it once), or None."""
+    real = os.path.realpath(data_file)
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                parts = line.split(maxsplit=5)
+                if len(parts) == 6 and parts[5].rstrip("\n") == real and int(parts[2], 16) == 0:
+                    start, stop = (int(x, 16) for x in parts[0].split("-"))
+                    return start, stop - start
+    except (OSError, ValueError):
+        return None
+    return None
 
 
 def _env_key(shard_dir: Path) -> str:

@@ -189,7 +189,8 @@ def derive_field(
                disable=not progress, file=sys.stderr)
     try:
         for shard in sorted(by_shard):
-            # The writer first re-exports what a killed run committed but had not indexed.
+            # The writer first re-exports what a killed run committed but had not indexed. Reads go
+            # through its environment too, which maps the shard with the kernel's readahead.
             with store.writer(shard, flush_every=flush_every) as writer:
                 rows = {row["uid"]: row for row in store.segments(f"shard = '{shard}'", status=STATUS_OK).to_pylist()}
                 todo = _lacking(store, list(rows.values()), name)
@@ -337,7 +338,8 @@ def copy_store(
     from tqdm import tqdm
 
     copied: list[str] = []
-    with target.writer("0", flush_every=flush_every) as writer:
+    bulk = source.share_of_files(len(rows), all_fields) >= 0.5  # most of the source: read it with readahead
+    with source.read_ahead(bulk), target.writer("0", flush_every=flush_every) as writer:
         done = set(target.uids())
         todo = [row for row in rows if row["uid"] not in done]
         report.already = len(rows) - len(todo)

@@ -10,15 +10,17 @@ otherwise than the run asks (``pool``) is not used silently: the map is pooled i
 store has one, and the run is refused when it has not (``plan_local``).
 
 When the selection does not fit the memory budget, ``StreamingFeatures`` reads each batch from
-LMDB in DataLoader worker processes instead (same batches, same order): persistent workers, each
-batch read in one LMDB transaction per shard with every field of a segment together, several
-batches ahead of the trainer in the epoch's shuffled order.
+LMDB instead (same batches, same order), by reader threads running several batches ahead of the
+trainer in the epoch's shuffled order, each batch in one LMDB transaction per shard.
 """
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import sys
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Sequence
 
@@ -53,6 +55,7 @@ DERIVED = {
     "det.local.score": "det_local_valid",
 }
 LOCAL_CHUNK = 256  # segments per RoIAlign chunk: bounds the float32 verb.map held at once
+READ_AHEAD_SHARE = 0.5  # a preload reading at least this share of the store's files turns readahead on
 
 
 @dataclass(frozen=True)
@@ -169,6 +172,11 @@ def estimate_bytes(store: FeatureStore, fields: Iterable[str], n: int) -> int:
     return total * n
 
 
+def _stored_fields(needs: set[str], local: LocalPlan | None) -> list[str]:
+    """The store fields a selection's batches are read from."""
+    return [f for f in (*FIELD_KEYS, *DERIVED) if f in needs] + list(local.fields if local is not None else ())
+
+
 def _segment_tensors(store: FeatureStore, uids: Sequence[str], fields: set[str], *, pool: str,
                      output_size: int, local: LocalPlan | None, together: bool = False) -> dict[str, torch.Tensor]:
     """Read and derive the batch tensors of ``uids`` (CPU; features float16, masks bool).
@@ -183,7 +191,7 @@ def _segment_tensors(store: FeatureStore, uids: Sequence[str], fields: set[str],
     base = [f for f in (*FIELD_KEYS, *DERIVED) if f in fields]
     pooled = local is not None and not local.stored
     if together:
-        arrays = store.read_fields(uids, base + (list(local.fields) if local is not None else []))
+        arrays = store.read_fields(uids, _stored_fields(fields, local))
     else:
         arrays = {f: store.read_field(uids, f) for f in base + ([LOCAL_FIELD] if local is not None and local.stored
                                                                else [])}
@@ -231,7 +239,13 @@ class PreloadedFeatures:
             keep_freed_memory()  # every batch is a fresh CPU allocation: see featstore/allocator.py
         needs = _needs(fields)
         self.local = plan_local(store, pool=pool, output_size=output_size) if LOCAL_FIELD in needs else None
-        cpu = _segment_tensors(store, list(labels.uids), needs, pool=pool, output_size=output_size, local=self.local)
+        read = _stored_fields(needs, self.local)
+        # Reading most of the store's bytes: with readahead, a cold page cache reads at disk speed
+        # (reading a small part, e.g. verb.local of a store that keeps the full map, it would read
+        # the map too).
+        with store.read_ahead(store.share_of_files(len(labels.uids), read) >= READ_AHEAD_SHARE):
+            cpu = _segment_tensors(store, list(labels.uids), needs, pool=pool, output_size=output_size,
+                                   local=self.local)
         self.tensors = {k: v.to(self.device) for k, v in cpu.items()}
         self.verb = labels.verb.to(self.device)
         self.noun = labels.noun.to(self.device)
@@ -262,8 +276,8 @@ def _gather(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return rows.float() if rows.dtype == torch.float16 else rows
 
 
-class _BatchReader(torch.utils.data.Dataset):
-    """Reads one whole batch (a list of row numbers) from LMDB; runs in DataLoader workers."""
+class _BatchReader:
+    """Reads one whole batch (a list of row numbers) from LMDB; called from the reader threads."""
 
     def __init__(self, store: FeatureStore, uids: Sequence[str], fields: set[str], pool: str, output_size: int,
                  local: LocalPlan | None):
@@ -280,16 +294,27 @@ class _BatchReader(torch.utils.data.Dataset):
 
 
 class StreamingFeatures:
-    """Same interface as ``PreloadedFeatures`` for selections larger than memory: reads per batch."""
+    """Same interface as ``PreloadedFeatures`` for selections larger than memory: reads per batch.
+
+    ``workers`` reader threads in this process read the batches of a pass ahead of the trainer,
+    ``READ_AHEAD`` batches each, in the pass's own (shuffled) order. Threads, not processes: the
+    reads are LMDB lookups and copies out of the memory map, which release the GIL, so several
+    run at once and a cold page cache is read with several requests in flight instead of one
+    page fault after another; and a batch needs no trip through shared memory to reach the
+    trainer. Each batch is read in one transaction per shard, every field of a segment together
+    (``FeatureStore.read_fields``). With ``workers=0`` the batches are read one at a time, in line.
+    """
 
     mode = "stream"
+    READ_AHEAD = 2  # batches in flight per reader thread
 
     def __init__(self, store: FeatureStore, labels: SegmentLabels, fields: Iterable[str], *,
-                 device: torch.device | str = "cpu", pool: str = "avg", output_size: int = 7, workers: int = 2):
+                 device: torch.device | str = "cpu", pool: str = "avg", output_size: int = 7, workers: int = 4):
         self.labels = labels
         self.device = torch.device(device)
         needs = _needs(fields)
         self.local = plan_local(store, pool=pool, output_size=output_size) if LOCAL_FIELD in needs else None
+        store.load_index()  # once, here, rather than raced for by the first reads of every thread
         self.reader = _BatchReader(store, labels.uids, needs, pool, output_size, self.local)
         self.workers = workers
 
@@ -299,14 +324,30 @@ class StreamingFeatures:
     def batches(self, order: torch.Tensor, batch_size: int) -> Iterator[tuple[dict, torch.Tensor, torch.Tensor]]:
         return self.batches_of(chunk_order(order, batch_size))
 
+    def _read_ahead(self, chunks: list[list[int]]) -> Iterator[dict[str, torch.Tensor]]:
+        if self.workers == 0:
+            yield from (self.reader[rows] for rows in chunks)
+            return
+        with ThreadPoolExecutor(self.workers, thread_name_prefix="featstore-read") as readers:
+            pending: deque = deque()
+            upcoming = iter(chunks)
+            try:
+                for rows in itertools.islice(upcoming, self.workers * self.READ_AHEAD):
+                    pending.append(readers.submit(self.reader.__getitem__, rows))
+                while pending:
+                    tensors = pending.popleft().result()
+                    following = next(upcoming, None)
+                    if following is not None:
+                        pending.append(readers.submit(self.reader.__getitem__, following))
+                    yield tensors
+            finally:
+                for future in pending:  # the consumer stopped early: do not read the rest
+                    future.cancel()
+
     def batches_of(self, chunks: Sequence[torch.Tensor]) -> Iterator[tuple[dict, torch.Tensor, torch.Tensor]]:
-        """One batch per chunk of row numbers, read ahead by the worker processes."""
+        """One batch per chunk of row numbers, read ahead by the reader threads."""
         chunks = [c.tolist() for c in chunks]
-        loader = torch.utils.data.DataLoader(
-            self.reader, batch_size=None, sampler=chunks, num_workers=self.workers,
-            persistent_workers=False, prefetch_factor=4 if self.workers else None,
-        )
-        for rows, tensors in zip(chunks, loader):
+        for rows, tensors in zip(chunks, self._read_ahead(chunks)):
             index = torch.tensor(rows, dtype=torch.long)
             batch = {k: (v.to(self.device).float() if v.dtype == torch.float16 else v.to(self.device))
                      for k, v in tensors.items()}
@@ -315,7 +356,7 @@ class StreamingFeatures:
 
 def load_features(store: FeatureStore, labels: SegmentLabels, fields: Iterable[str], *,
                   device: torch.device | str = "cpu", memory_budget: int | None = None, pool: str = "avg",
-                  output_size: int = 7, workers: int = 2, log=None):
+                  output_size: int = 7, workers: int = 4, log=None):
     """Preload when the selection fits ``memory_budget`` bytes (None: always), else stream.
 
     Returns:
