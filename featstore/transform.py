@@ -39,6 +39,7 @@ from featstore.store import FeatureStore, segment_checksum
 __all__ = ["DERIVABLE_FIELDS", "DeriveError", "DeriveReport", "CopyReport", "derive_field", "copy_store"]
 
 DERIVABLE_FIELDS = (LOCAL_FIELD,)
+INDEX_BLOCK = 1024  # segments whose index rows (boxes) are fetched at once
 BOX_COLUMNS = ("set", "slot", "frame", "x1", "y1", "x2", "y2", "score", "label", "valid")
 
 
@@ -196,11 +197,15 @@ def derive_field(
                 todo = _lacking(store, list(rows.values()), name)
                 report.already += len(rows) - len(todo)
                 bar.update(len(rows) - len(todo))
-                for start in range(0, len(todo), batch_size):
-                    chunk = todo[start:start + batch_size]
-                    _derive_chunk(store, writer, chunk, fields, source, name, pool, output_size, torch_device,
-                                  report, on_segment)
-                    bar.update(len(chunk))
+                for block_start in range(0, len(todo), INDEX_BLOCK):
+                    block = todo[block_start:block_start + INDEX_BLOCK]
+                    # One index query per block: a DuckDB connection per pooling batch cost more than the pooling.
+                    box_rows = _box_columns(store.boxes([row["uid"] for row in block]))
+                    for start in range(0, len(block), batch_size):
+                        chunk = block[start:start + batch_size]
+                        _derive_chunk(store, writer, chunk, fields, source, name, pool, output_size, torch_device,
+                                      box_rows, report, on_segment)
+                        bar.update(len(chunk))
     finally:
         bar.close()
     report.complete = _finish(store, name) if not report.failed else False
@@ -210,7 +215,8 @@ def derive_field(
 
 def _derive_chunk(store: FeatureStore, writer, chunk: Sequence[Mapping[str, Any]], fields: Sequence[str],
                   source: Sequence[str], name: str, pool: str, output_size: int, device: torch.device,
-                  report: DeriveReport, on_segment: Callable[[str], None] | None) -> None:
+                  box_rows: Mapping[str, dict[str, list]], report: DeriveReport,
+                  on_segment: Callable[[str], None] | None) -> None:
     uids = [row["uid"] for row in chunk]
     tensors = store.read_fields(uids, fields)
     intact = [i for i, row in enumerate(chunk) if _intact({f: tensors[f][i] for f in fields}, row)]
@@ -219,11 +225,11 @@ def _derive_chunk(store: FeatureStore, writer, chunk: Sequence[Mapping[str, Any]
         report.failed.append((uids[i], "checksum mismatch: its stored bytes changed (featstore verify)"))
     if not intact:
         return
-    verb_map = torch.from_numpy(tensors[source[0]][intact]).to(device)
-    boxes = torch.from_numpy(tensors[source[1]][intact]).to(device)
+    rows = slice(None) if len(intact) == len(chunk) else intact  # no copy of the maps when all are sound
+    verb_map = torch.from_numpy(tensors[source[0]][rows]).to(device)
+    boxes = torch.from_numpy(tensors[source[1]][rows]).to(device)
     pooled = pool_local_verb_features(verb_map, boxes, output_size=output_size, pool=pool)
     pooled = pooled.to(torch.float16).cpu().numpy()  # (n, K, C), as stored
-    box_rows = _box_columns(store.boxes([uids[i] for i in intact]))
     for j, i in enumerate(intact):
         value = pooled[j]
         checksum = segment_checksum({**{f: tensors[f][i] for f in fields}, name: value})
@@ -279,7 +285,7 @@ def copy_store(
     *,
     fields: Iterable[str] | None = None,
     where: str | None = None,
-    batch_size: int = 64,
+    batch_size: int = 16,
     flush_every: int = 256,
     progress: bool = True,
     command: str | None = None,
@@ -344,22 +350,23 @@ def copy_store(
         todo = [row for row in rows if row["uid"] not in done]
         report.already = len(rows) - len(todo)
         bar = tqdm(total=len(todo), desc="copy", unit="seg", disable=not progress, file=sys.stderr)
-        for start in range(0, len(todo), batch_size):
-            chunk = todo[start:start + batch_size]
-            uids = [row["uid"] for row in chunk]
-            tensors = source.read_fields(uids, all_fields)
-            box_rows = _box_columns(source.boxes(uids))
-            for i, row in enumerate(chunk):
-                segment = {f: tensors[f][i] for f in all_fields}
-                if not _intact(segment, row):
-                    report.damaged.append((row["uid"], "checksum mismatch in the source (featstore verify it)"))
-                    continue
-                writer.put(row, {f: segment[f] for f in kept}, boxes=box_rows.get(row["uid"]))
-                copied.append(row["uid"])
-                report.copied += 1
-                if on_segment is not None:
-                    on_segment(row["uid"])
-            bar.update(len(chunk))
+        for block_start in range(0, len(todo), INDEX_BLOCK):
+            block = todo[block_start:block_start + INDEX_BLOCK]
+            box_rows = _box_columns(source.boxes([row["uid"] for row in block]))  # one index query per block
+            for start in range(0, len(block), batch_size):
+                chunk = block[start:start + batch_size]
+                tensors = source.read_fields([row["uid"] for row in chunk], all_fields)
+                for i, row in enumerate(chunk):
+                    segment = {f: tensors[f][i] for f in all_fields}
+                    if not _intact(segment, row):
+                        report.damaged.append((row["uid"], "checksum mismatch in the source (featstore verify it)"))
+                        continue
+                    writer.put(row, {f: segment[f] for f in kept}, boxes=box_rows.get(row["uid"]))
+                    copied.append(row["uid"])
+                    report.copied += 1
+                    if on_segment is not None:
+                        on_segment(row["uid"])
+                bar.update(len(chunk))
         bar.close()
     bad = target.verify(copied)
     if bad:

@@ -94,3 +94,20 @@ def test_estimate_counts_verb_local_once_whatever_its_source(stores) -> None:
     assert sizes["map"] == sizes["both"] == sizes["local"]
     local = FeatureStore.open(stores["local"]).fields["verb.local"]
     assert sizes["local"] > 10 * 2 * int(np.prod(local.shape))
+
+
+def test_a_pass_stopped_early_leaves_no_reader_behind(stores) -> None:
+    import threading
+
+    streaming = _features(stores["local"], StreamingFeatures, workers=3)
+    order = torch.arange(len(streaming))
+    for taken, _ in enumerate(streaming.batches(order, 8)):
+        if taken == 2:
+            break  # e.g. an exception in the training step
+    after = [t for t in threading.enumerate() if t.name.startswith("featstore-read")]
+    for thread in after:
+        thread.join(timeout=10)
+    assert not any(t.is_alive() for t in after)
+    # and the next pass starts from the top
+    first, _, _ = next(iter(streaming.batches(order, 8)))
+    assert torch.equal(first["verb_global"], _features(stores["local"]).batch(order[:8])[0]["verb_global"])
