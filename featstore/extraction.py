@@ -656,9 +656,9 @@ def _segment_outputs(
 def apply_map_choice(tensors: dict[str, np.ndarray], *, map_mode: str, local_pool: str | None) -> None:
     """Turn a segment's ``verb.map`` into the fields ``--map`` keeps, in place.
 
-    The map is rounded to float16 first, as a store holding it would hold it, so that the
-    ``verb.local`` and ``verb.map_tmean`` made here are the ones ``featstore derive`` would make
-    from a ``--map full`` store of the same segments.
+    Pooled and time-averaged from the float32 map the backbone gave (the writer rounds the results
+    to float16): what ``featstore derive`` makes from a ``--map full`` store of the same segments,
+    which holds the map in float16, differs by that rounding only.
 
     Args:
         tensors: the segment's outputs; ``verb.map`` (C, T, H, W) and, for ``verb.local``,
@@ -666,13 +666,13 @@ def apply_map_choice(tensors: dict[str, np.ndarray], *, map_mode: str, local_poo
         map_mode: ``full``, ``time-mean`` or ``none``.
         local_pool: ``avg`` / ``max`` to store ``verb.local``, None for a build without it.
     """
-    verb_map = tensors["verb.map"].astype(np.float16)
+    verb_map = np.ascontiguousarray(tensors["verb.map"], dtype=np.float32)  # (C, T, H, W)
     if local_pool is not None:
         tensors["verb.local"] = pool_local_verb_features(
             torch.from_numpy(verb_map)[None], torch.from_numpy(tensors["det.local.box"])[None], pool=local_pool,
         )[0].numpy()
     if map_mode == "time-mean":
-        tensors["verb.map_tmean"] = verb_map.astype(np.float32).mean(axis=1)
+        tensors["verb.map_tmean"] = verb_map.mean(axis=1)
     if map_mode != "full":
         del tensors["verb.map"]
 

@@ -33,6 +33,7 @@ import hashlib
 import json
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
@@ -661,6 +662,7 @@ class FeatureStore:
 # opening one environment twice in a process, so every FeatureStore object shares these; a writer's
 # environment serves reads of its shard too.
 _ENVS: dict[str, lmdb.Environment] = {}
+_ENV_LOCK = [threading.Lock()]  # a fresh one in a forked child (_forget_envs_after_fork)
 _WRITER_ENVS: set[str] = set()
 _INHERITED_WRITERS: list[lmdb.Environment] = []
 _WRITER_LOCKS: set = set()  # lock-file handles of this process's writers
@@ -707,6 +709,16 @@ def _env_key(shard_dir: Path) -> str:
 
 def _reader_env(shard_dir: Path) -> lmdb.Environment:
     key = _env_key(shard_dir)
+    env = _ENVS.get(key)
+    if env is not None:
+        return env
+    # Reader threads (streaming) may all find the environment closed at once: one opens it (LMDB
+    # refuses a second open in a process), the others take that one.
+    with _ENV_LOCK[0]:
+        return _open_reader_env(shard_dir, key)
+
+
+def _open_reader_env(shard_dir: Path, key: str) -> lmdb.Environment:
     env = _ENVS.get(key)
     if env is None:
         # Readers register in LMDB's lock table (lock=True) whenever they may: an unregistered
@@ -796,6 +808,7 @@ def _forget_envs_after_fork() -> None:
         except OSError:
             pass
     _WRITER_LOCKS.clear()
+    _ENV_LOCK[0] = threading.Lock()  # another thread of the parent may have held it at the fork
     for key in list(_ENVS):
         env = _ENVS.pop(key)
         if key in _WRITER_ENVS:

@@ -27,7 +27,6 @@ import torch
 from featstore.local_pool import (
     LOCAL_FIELD,
     LOCAL_OUTPUT_SIZE,
-    LocalRecipeError,
     check_local_recipe,
     local_recipe,
     local_source,

@@ -62,12 +62,14 @@ def test_full_and_time_mean_keep_their_map_beside_verb_local(dataset, tmp_path: 
     np.testing.assert_allclose(got_tmean.read_field(uids, "verb.map_tmean").astype(np.float32),
                                verb_map.mean(axis=2), rtol=2e-3, atol=2e-3)
 
-    # What the build stored as verb.local is what `featstore derive` makes from its stored map.
-    built = got_full.read_field(uids, "verb.local")
+    # What the build stored as verb.local is what `featstore derive` makes from its stored map (the
+    # build pools the float32 map, derive its float16 copy: within float16 rounding).
+    built = got_full.read_field(uids, "verb.local").astype(np.float32)
     copy = tmp_path / "copy"
     assert _invoke("copy", full, copy, "--drop", "verb.local", "--no-progress").exit_code == 0
     derive_field(copy, pool="max", progress=False)
-    assert np.array_equal(FeatureStore.open(copy).read_field(uids, "verb.local"), built)
+    derived = FeatureStore.open(copy).read_field(uids, "verb.local").astype(np.float32)
+    np.testing.assert_allclose(derived, built, rtol=2e-3, atol=2e-3 * float(np.abs(built).max()))
 
     # A rerun with another --map or pooling would mix two kinds of segments: refused, naming it.
     again = _build(full, annotations, frames, "--map", "full", "--local-pool", "avg", "--workers", "0")

@@ -242,8 +242,8 @@ def test_built_store_has_every_field_with_its_shape(built) -> None:
     provenance = store.manifest["provenance"]
     assert provenance["input_size"] == [32, 57]  # 90x160 frames, short side 32
     expected = store_fields(verb_record=get_backbone_record("r3d_18"), noun_record=get_backbone_record("r3d_18"),
-                            sampling=SMALL, input_size=(32, 57), detector_dim=1024)
-    assert store.fields == expected
+                            sampling=SMALL, input_size=(32, 57), detector_dim=1024, verb_map="none", verb_local=True)
+    assert store.fields == expected  # the default --map none: verb.local, no map
     uids = store.uids()
     assert uids == [f"s{i}" for i in range(6)]
     for name, spec in store.fields.items():

@@ -260,3 +260,28 @@ def test_read_fields_and_read_ahead_read_the_same_bytes(tmp_path: Path) -> None:
         assert all(np.array_equal(store.read_field(uids, f), together[f]) for f in FIELDS)
     assert store.verify() == []
     assert store.lacking(sorted(written), "verb.global") == []
+
+
+def test_reader_threads_open_a_closed_shard_once(tmp_path: Path) -> None:
+    import threading
+
+    written = _fill(tmp_path / "s", 8)
+    store = FeatureStore.open(tmp_path / "s")
+    errors: list[Exception] = []
+    for _ in range(20):
+        store.close()  # e.g. between epochs: every reader thread then finds the shard closed at once
+        barrier = threading.Barrier(16)
+
+        def read() -> None:
+            barrier.wait()
+            try:
+                store.read_fields(sorted(written), ["verb.global"])
+            except Exception as err:  # noqa: BLE001 - collected for the assertion
+                errors.append(err)
+
+        threads = [threading.Thread(target=read) for _ in range(16)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert errors == []
