@@ -42,6 +42,8 @@ class Benchmark:
     units: tuple[str, ...]
     goals: tuple[str, ...]
     gpu: bool = False
+    explicit: bool = False  # runs only when named in --only (too long for the default set)
+    alias: str | None = None  # a name that selects every row of the group in --only
 
 
 def _data(name: str) -> Callable[[Context, set[str]], list[Result]]:
@@ -76,6 +78,15 @@ def _heads(name: str) -> Callable[[Context, set[str]], list[Result]]:
     return run
 
 
+def _scale(name: str) -> Callable[[Context, set[str]], list[Result]]:
+    def run(ctx: Context, wanted: set[str]) -> list[Result]:
+        from benchmarks import scale_benchmarks
+
+        return getattr(scale_benchmarks, name)(ctx, wanted)
+
+    return run
+
+
 BENCHMARKS: tuple[Benchmark, ...] = (
     Benchmark(("train_data_path_vs_npy", "train_data_path_vs_memory"), _data("train_data_path"),
               ("batches/s", "batches/s"), (">= 10", ">= 0.8")),
@@ -83,20 +94,31 @@ BENCHMARKS: tuple[Benchmark, ...] = (
     Benchmark(("store_bytes_vs_payload",), _data("store_bytes"), ("bytes",), ("<= 1.15",)),
     Benchmark(("extract_pipeline_vs_forward",), _extract("extract_pipeline"), ("segments/s",), (">= 0.85",)),
     Benchmark(("parallel_heads_vs_sequential",), _heads("parallel_heads"), ("s",), ("report (GPU: <= 0.35)",)),
+    Benchmark(("store_bytes_saoa_ready_vs_full_map",), _scale("store_bytes_saoa_ready"), ("bytes",), ("<= 0.2",)),
+    Benchmark(("heads_cost_growth_epoch", "heads_cost_growth_preload"), _scale("heads_cost_growth"),
+              ("exponent", "exponent"), ("<= 1.1", "<= 1.1"), alias="heads_cost_growth"),
+    Benchmark(("train_streaming_vs_preload", "train_streaming_vs_preload_cold"), _scale("train_streaming"),
+              ("batches/s", "batches/s"), (">= 0.5", "report")),
+    Benchmark(("query_boxes_vs_pandas",), _scale("query_boxes"), ("s",), ("<= 0.5",)),
+    Benchmark(("epic55_full_size",), _scale("epic55_full_size"), ("bytes",), ("report",), explicit=True),
     Benchmark(("gpu_saoa_15_epochs_epic55",), _heads("gpu_saoa"), ("s",), ("<= 1",), gpu=True),
     Benchmark(("gpu_extract_r3d50_frcnn",), _extract("gpu_extract"), ("segments/s",), ("report",), gpu=True),
     Benchmark(("gpu_parallel_heads_vs_sequential",), _heads("gpu_parallel_heads"), ("s",), ("<= 0.35",), gpu=True),
 )
 ALL_NAMES = tuple(n for b in BENCHMARKS for n in b.names)
 GPU_NAMES = tuple(n for b in BENCHMARKS if b.gpu for n in b.names)
+EXPLICIT_NAMES = tuple(n for b in BENCHMARKS if b.explicit for n in b.names)  # only when named
+ALIASES = {b.alias: b.names for b in BENCHMARKS if b.alias}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes, under a minute (CI smoke test)")
     parser.add_argument("--only", action="append", default=[], metavar="NAME",
-                        help="run only these benchmarks (repeat or comma-separate; 'gpu' = every gpu_* one). "
-                             "Names: " + ", ".join(ALL_NAMES))
+                        help="run only these benchmarks (repeat or comma-separate; 'gpu' = every gpu_* one; "
+                             + ", ".join(f"'{a}' = {' + '.join(n)}" for a, n in ALIASES.items())
+                             + "). Names: " + ", ".join(ALL_NAMES)
+                             + f"; {', '.join(EXPLICIT_NAMES)} run only when named")
     parser.add_argument("--json", type=Path, metavar="FILE", help="write the results as a JSON list")
     parser.add_argument("--gpu", action="store_true", help="also run the gpu_* benchmarks (needs CUDA)")
     parser.add_argument("--gpu-smoke", action="store_true",
@@ -113,12 +135,15 @@ def selected_names(args: argparse.Namespace) -> list[str]:
         for name in filter(None, (part.strip() for part in item.split(","))):
             if name == "gpu":
                 wanted.extend(GPU_NAMES)
+            elif name in ALIASES:
+                wanted.extend(ALIASES[name])
             elif name in ALL_NAMES:
                 wanted.append(name)
             else:
-                raise SystemExit(f"unknown benchmark {name!r}; known: {', '.join(ALL_NAMES)} (or 'gpu')")
+                raise SystemExit(f"unknown benchmark {name!r}; known: {', '.join(ALL_NAMES)} "
+                                 f"(or 'gpu', {', '.join(repr(a) for a in ALIASES)})")
     if not wanted:
-        wanted = [n for n in ALL_NAMES if n not in GPU_NAMES or args.gpu or args.gpu_smoke]
+        wanted = [n for n in ALL_NAMES if (n not in GPU_NAMES or args.gpu or args.gpu_smoke) and n not in EXPLICIT_NAMES]
     return [n for n in ALL_NAMES if n in set(wanted)]
 
 

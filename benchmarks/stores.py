@@ -15,6 +15,7 @@ import numpy as np
 
 from featstore.annotations import read_segments
 from featstore.importer import box_rows_from_arrays
+from featstore.local_pool import local_recipe
 from featstore.samples.annotations import generate_segments, write_epic55_annotations
 from featstore.samples.features import feature_shapes, random_boxes
 from featstore.annotations import NUM_CLASSES
@@ -23,6 +24,7 @@ from featstore.schema import (
     DET_GLOBAL_FEAT,
     DET_LOCAL_FEAT,
     VERB_GLOBAL,
+    VERB_LOCAL,
     VERB_MAP,
     FieldSpec,
     default_dtype,
@@ -51,8 +53,10 @@ class BuiltStore:
     def describe(self) -> str:
         verb_map = self.shapes.get(VERB_MAP)
         shown = "x".join(str(d) for d in verb_map) if verb_map else "none"
+        local = ", verb.local " + "x".join(str(d) for d in self.shapes[VERB_LOCAL]) if VERB_LOCAL in self.shapes else ""
         return (f"{self.segments} segments, C={self.shapes[VERB_GLOBAL][0]}, Cd={self.shapes[DET_GLOBAL_FEAT][1]}, "
-                f"{self.shapes[DET_GLOBAL_FEAT][0]}/{self.shapes[DET_LOCAL_FEAT][0]} slots, verb.map {shown} fp16")
+                f"{self.shapes[DET_GLOBAL_FEAT][0]}/{self.shapes[DET_LOCAL_FEAT][0]} slots, verb.map {shown} fp16"
+                f"{local}")
 
 
 class FeaturePool:
@@ -101,7 +105,9 @@ def build_store(
     map_size: tuple[int, int, int] | None,
     n_global: int = 60,
     n_local: int = 40,
+    verb_local: bool = False,
     seed: int = 0,
+    flush_every: int = 1024,
     log: Callable[[str], None] | None = None,
 ) -> BuiltStore:
     """Write a store of ``n_segments`` generated segments under ``root`` (``root/store``).
@@ -112,6 +118,8 @@ def build_store(
         verb_dim: C of verb.global, noun.global and verb.map.
         det_dim: Cd of the detection features.
         map_size: (T, H, W) of verb.map, or None for a store without it.
+        verb_local: also store ``verb.local`` (n_local, C), recorded as avg-pooled from a map of
+            ``map_size`` (the values are random like every other feature here).
     Returns:
         The store's description.
     """
@@ -121,14 +129,19 @@ def build_store(
     annotations = write_epic55_annotations(root / "annotations" / "EPIC_train_action_labels.csv", segments)
     shapes = feature_shapes(verb_dim=verb_dim, noun_dim=verb_dim, det_dim=det_dim, n_global=n_global,
                             n_local=n_local, map_size=map_size)
+    derived = None
+    if verb_local:
+        shapes[VERB_LOCAL] = (n_local, verb_dim)
+        derived = {VERB_LOCAL: local_recipe(pool="avg", source=VERB_MAP,
+                                              source_shape=(verb_dim, *map_size) if map_size else None)}
     fields = {name: FieldSpec(dtype=default_dtype(name), shape=tuple(shape)) for name, shape in shapes.items()}
     largest = max(int(np.prod(s)) for s in shapes.values())
     pool = FeaturePool(np.random.default_rng(seed), max(4 * largest, 1 << 20))
     rows = read_segments(annotations).to_pylist()
-    store = FeatureStore.create(root / "store", fields=fields,
+    store = FeatureStore.create(root / "store", fields=fields, derived=derived,
                                 provenance={"source": "benchmark", "annotations": str(annotations)})
     started = time.perf_counter()
-    with store.writer("0", flush_every=1024) as writer:
+    with store.writer("0", flush_every=flush_every) as writer:
         for i, row in enumerate(rows):
             arrays = segment_arrays(pool, shapes)
             writer.put(row, arrays, boxes=box_rows_from_arrays(arrays))

@@ -57,6 +57,8 @@ def make_build_config(params: dict[str, Any], *, command: str | None = None):
         det_batch_size=params["det_batch_size"],
         noun_map=params["noun_map"],
         sampling_overrides={name: params[name] for name in SAMPLING_OPTIONS if params.get(name) is not None},
+        verb_map=params["verb_map"],
+        local_pool=params["local_pool"],
         fps=params["fps"],
         video_info=params["video_info"],
         split=params["split"],
@@ -89,6 +91,12 @@ def make_build_config(params: dict[str, Any], *, command: str | None = None):
 @click.option("--noun-backbone", required=True, metavar="SPEC",
               help="NAME or NAME:/path; runs on the verb backbone's clip (one clip, two models).")
 @click.option("--noun-map/--no-noun-map", default=False, show_default=True, help="Also store noun.map.")
+@click.option("--map", "verb_map", type=click.Choice(["none", "time-mean", "full"]), default=None,
+              help="What of the verb map to keep beside verb.local (the map pooled at the det.local boxes, "
+                   "all SAOA reads): none (default: the smallest store SAOA trains from), time-mean "
+                   "(verb.map_tmean [C, H, W]) or full (verb.map [C, T, H, W]). See `featstore info` for sizes.")
+@click.option("--local-pool", type=click.Choice(["avg", "max"]), default="avg", show_default=True,
+              help="verb.local's pooling of its 7x7 RoIAlign bins (ours: avg; SlowFast/LFB: max); in the manifest.")
 @click.option("--detector", metavar="SPEC",
               help="Detector NAME or NAME:/local/checkpoint (box features); detectron2 as "
                    "detectron2:CONFIG[:WEIGHTS] (CONFIG a local .yaml or a model-zoo name such as "
@@ -139,12 +147,14 @@ def make_build_config(params: dict[str, Any], *, command: str | None = None):
 def build(**params: Any) -> None:
     """Extract features of annotated segments into STORE (created, or resumed).
 
-    Per segment: verb.global, verb.map, noun.global and det.{global,local}.{feat,box,score}
-    (DESIGN section 3). Clip length, stride, input size, sampling mode and normalisation come from
-    the verb backbone's record unless a flag sets them (the manifest's sampling_sources says
-    which); the noun backbone runs on the same clip. A rerun skips stored segments and retries
-    failed ones; a bad input fails its segment only, and the command exits 1 when any failed.
-    Under torchrun each rank builds its share into its own shard. Example:
+    Per segment: verb.global, noun.global, det.{global,local}.{feat,box,score} and verb.local (the
+    verb map averaged over time and RoI-pooled at the det.local boxes), plus verb.map with --map
+    full or its time mean verb.map_tmean with --map time-mean (DESIGN section 3). Clip length,
+    stride, input size, sampling mode and normalisation come from the verb backbone's record
+    unless a flag sets them (the manifest's sampling_sources says which); the noun backbone runs on
+    the same clip. A rerun skips stored segments and retries failed ones; a bad input fails its
+    segment only, and the command exits 1 when any failed. Under torchrun each rank builds its
+    share into its own shard. Example:
 
     \b
         featstore build STORE --annotations EPIC_train_action_labels.csv --frames EPIC/ \\

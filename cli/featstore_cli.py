@@ -10,6 +10,7 @@ from cli.common import command_line, domain_errors
 from cli.featstore_build import build
 from cli.featstore_demo import demo
 from cli.featstore_info import info
+from cli.featstore_transform import copy_cmd, derive
 from cli.featstore_finetune import finetune
 
 
@@ -112,7 +113,7 @@ def convert_checkpoint_cmd(source: Path, target: Path) -> None:
 
 
 # Commands of their own modules (imported above: a misspelt or broken module is an error).
-for command in (build, demo, finetune, info):
+for command in (build, copy_cmd, demo, derive, finetune, info):
     main.add_command(command)
 
 

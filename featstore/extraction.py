@@ -63,6 +63,7 @@ from featstore.models import (
     DetectorRecord,
     ObjectDetector,
     VideoBackbone,
+    backbone_map_shape,
     build_backbone,
     build_detector,
     file_sha256,
@@ -70,16 +71,20 @@ from featstore.models import (
     parse_model_spec,
 )
 from featstore.models.checkpoints import read_finetune_record
+from featstore.local_pool import LOCAL_POOLS, local_recipe, pool_local_verb_features
 from featstore.sampling import SamplingConfig, SegmentPlan, plan_segment
 from featstore.schema import (
     BOX_SETS,
+    DET_LOCAL_BOX,
     MANIFEST_NAME,
     NOUN_GLOBAL,
     NOUN_MAP,
     STATUS_FAILED,
     STATUS_OK,
     VERB_GLOBAL,
+    VERB_LOCAL,
     VERB_MAP,
+    VERB_MAP_TMEAN,
     FieldSpec,
 )
 from featstore.splits import resolve_selection, select_segments
@@ -125,6 +130,11 @@ class BuildConfig:
     det_max_size: int | None = None  # detector's cap on the long side
     det_batch_size: int = 16  # frames per detector forward
     noun_map: bool = False  # also store noun.map (optional in DESIGN section 3)
+    # verb.map kept as 'full' [C, T, H, W], 'time-mean' (verb.map_tmean [C, H, W]) or 'none'; verb.local
+    # [N, C] is stored whenever there are det.local boxes. None: 'none' with a detector (the smallest
+    # store SAOA trains from), 'full' without one (verb.local cannot be made).
+    verb_map: str | None = None
+    local_pool: str = "avg"  # verb.local's pooling of the RoIAlign bins: 'avg' (ours) or 'max' (SlowFast/LFB)
     # None: clip frames / stride / size / sampling mode / stacked flow frames from the verb backbone's
     # record, detection windows from SamplingConfig's defaults, each unless in sampling_overrides
     # (featstore.extraction_plan.resolve_sampling). A SamplingConfig is used as given.
@@ -179,6 +189,26 @@ class BuildConfig:
             raise BuildError(f"fps must be > 0, got {self.fps}")
         if self.world_size < 1 or not 0 <= self.rank < self.world_size:
             raise BuildError(f"rank {self.rank} is not in [0, world_size={self.world_size})")
+        if self.verb_map not in (None, "full", "time-mean", "none"):
+            raise BuildError(f"verb_map (--map) must be 'full', 'time-mean' or 'none', got {self.verb_map!r}")
+        if self.local_pool not in LOCAL_POOLS:
+            raise BuildError(f"local_pool must be one of {', '.join(LOCAL_POOLS)}, got {self.local_pool!r}")
+        if self.verb_map == "none" and self.detector is None:
+            raise BuildError(
+                "--map none keeps only verb.local, which is the verb map pooled at the det.local boxes: a build "
+                "without --detector has none. Give a detector, or --map full / time-mean")
+
+    @property
+    def map_mode(self) -> str:
+        """The ``--map`` choice in force: ``verb_map``, or its default for this build."""
+        if self.verb_map is not None:
+            return self.verb_map
+        return "none" if self.detector is not None else "full"
+
+    @property
+    def stores_local(self) -> bool:
+        """Whether the build stores ``verb.local`` (it needs the detections' local boxes)."""
+        return self.detector is not None
 
     @property
     def shard(self) -> str:
@@ -668,6 +698,30 @@ def _segment_outputs(
     return tensors, merge_box_rows(parts)
 
 
+def apply_map_choice(tensors: dict[str, np.ndarray], *, map_mode: str, local_pool: str | None) -> None:
+    """Turn a segment's ``verb.map`` into the fields ``--map`` keeps, in place.
+
+    Pooled and time-averaged from the float32 map the backbone gave (the writer rounds the results
+    to float16): what ``featstore derive`` makes from a ``--map full`` store of the same segments,
+    which holds the map in float16, differs by that rounding only.
+
+    Args:
+        tensors: the segment's outputs; ``verb.map`` (C, T, H, W) and, for ``verb.local``,
+            ``det.local.box`` (N, 4).
+        map_mode: ``full``, ``time-mean`` or ``none``.
+        local_pool: ``avg`` / ``max`` to store ``verb.local``, None for a build without it.
+    """
+    verb_map = np.ascontiguousarray(tensors[VERB_MAP], dtype=np.float32)  # (C, T, H, W)
+    if local_pool is not None:
+        tensors[VERB_LOCAL] = pool_local_verb_features(
+            torch.from_numpy(verb_map)[None], torch.from_numpy(tensors[DET_LOCAL_BOX])[None], pool=local_pool,
+        )[0].numpy()
+    if map_mode == "time-mean":
+        tensors[VERB_MAP_TMEAN] = verb_map.mean(axis=1)
+    if map_mode != "full":
+        del tensors[VERB_MAP]
+
+
 # ------------------------------------------------------------------------------------------------
 # the store: schema, provenance, resume checks
 
@@ -717,6 +771,8 @@ def _signature(config: BuildConfig, models: _Models, boxes_record: Mapping[str, 
         "verb_backbone": model(models.provenance["verb_backbone"]),
         "noun_backbone": model(models.provenance["noun_backbone"]),
         "noun_map": config.noun_map,
+        "verb_map": config.map_mode,
+        "local_pool": config.local_pool if config.stores_local else None,
         "detector": model(models.provenance["detector"]),
         "boxes": None if boxes_record is None else {"sha256": boxes_record["sha256"], "coords": boxes_record["coords"]},
         "sampling": config.sampling.to_dict(),
@@ -738,6 +794,9 @@ def _provenance(config: BuildConfig, models: _Models, signature: Mapping[str, An
         **models.provenance,
         "noun_clip": "ours: the noun backbone runs on the verb backbone's clip (one clip, two models)",
         "boxes_file": boxes_record,
+        "map": config.map_mode,  # --map: which of verb.map / verb.map_tmean the store keeps
+        "verb_map_shape": list(backbone_map_shape(models.verb_record, clip_frames=sampling.clip_frames,
+                                                  height=input_size[0], width=input_size[1])),
         "sampling": sampling.to_dict(),
         # Where each sampling value came from: "backbone:NAME" (the verb backbone's record), "flag", "default".
         "sampling_sources": dict(models.sampling.sources),
@@ -818,7 +877,14 @@ def _open_store(config: BuildConfig, models: _Models, selection: Sequence[Mappin
     def fields_for(input_size: tuple[int, int]):
         return store_fields(verb_record=models.verb_record, noun_record=models.noun_record,
                             sampling=config.sampling, input_size=input_size, detector_dim=detector_dim,
-                            noun_map=config.noun_map)
+                            noun_map=config.noun_map, verb_map=config.map_mode, verb_local=config.stores_local)
+
+    def derived_for(input_size: tuple[int, int]):
+        if not config.stores_local:
+            return None
+        shape = backbone_map_shape(models.verb_record, clip_frames=config.sampling.clip_frames,
+                                   height=input_size[0], width=input_size[1])
+        return {VERB_LOCAL: local_recipe(pool=config.local_pool, source=VERB_MAP, source_shape=shape)}
 
     if config.rank != 0:
         _wait_for_manifest(config.store, config.manifest_timeout_s)
@@ -831,7 +897,8 @@ def _open_store(config: BuildConfig, models: _Models, selection: Sequence[Mappin
     else:
         input_size, input_video = _probe_input_size(selection, source, config.sampling.size)
         provenance = _provenance(config, models, signature, input_size, input_video, boxes_record, video_info)
-        store = FeatureStore.create(config.store, fields=fields_for(input_size), provenance=provenance)
+        store = FeatureStore.create(config.store, fields=fields_for(input_size), provenance=provenance,
+                                    derived=derived_for(input_size))
     return store
 
 
@@ -991,6 +1058,9 @@ def _process_batch(
         if error is None:
             tensors, box_rows = _segment_outputs(item, row, outputs, at[item.index], detections, models, config)
             error = _unstorable(tensors, writer.store.fields)
+            if error is None:
+                apply_map_choice(tensors, map_mode=config.map_mode,
+                                 local_pool=config.local_pool if config.stores_local else None)
         if error is None:
             writer.put(row, tensors, boxes=box_rows)
             report.built += 1
@@ -1010,7 +1080,9 @@ def _unstorable(tensors: Mapping[str, np.ndarray], fields: Mapping[str, FieldSpe
     for name, values in tensors.items():
         if not np.isfinite(values).all():
             return f"{name} holds NaN or inf (model output)"
-        if fields[name].dtype == "float16" and values.size and float(np.abs(values).max()) > np.finfo(np.float16).max:
+        # verb.map is checked before --map turns it into the stored fields: float16 either way.
+        dtype = fields[name].dtype if name in fields else "float16"
+        if dtype == "float16" and values.size and float(np.abs(values).max()) > np.finfo(np.float16).max:
             return (f"{name} overflows float16 (max |value| {float(np.abs(values).max()):.3g}); "
                     "check the checkpoint and the input normalisation")
     return None

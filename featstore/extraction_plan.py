@@ -24,7 +24,9 @@ from featstore.schema import (
     NOUN_GLOBAL,
     NOUN_MAP,
     VERB_GLOBAL,
+    VERB_LOCAL,
     VERB_MAP,
+    VERB_MAP_TMEAN,
     FieldSpec,
     default_dtype,
     det_field,
@@ -196,6 +198,8 @@ def store_fields(
     input_size: tuple[int, int],
     detector_dim: int | None,
     noun_map: bool = False,
+    verb_map: str = "full",
+    verb_local: bool = False,
 ) -> dict[str, FieldSpec]:
     """The field schema of a built store (DESIGN section 3), computed before any model runs.
 
@@ -205,16 +209,30 @@ def store_fields(
         input_size: (H, W) every clip is resized to.
         detector_dim: Cd of the detector's box features, or None for a store without detections.
         noun_map: also store ``noun.map``.
+        verb_map: ``full`` stores ``verb.map``, ``time-mean`` its time mean ``verb.map_tmean``,
+            ``none`` neither (``featstore build --map``).
+        verb_local: store ``verb.local`` (needs the detections' ``det.local`` boxes).
     Returns:
-        field name -> spec. ``verb.map`` is (Cv, T', H', W'); ``det.{global,local}.feat`` is
-        (slots, Cd), ``.box`` (slots, 4), ``.score`` (slots,).
+        field name -> spec. ``verb.map`` is (Cv, T', H', W'), ``verb.map_tmean`` (Cv, H', W'),
+        ``verb.local`` (local slots, Cv); ``det.{global,local}.feat`` is (slots, Cd), ``.box``
+        (slots, 4), ``.score`` (slots,).
     """
     height, width = input_size
+    map_shape = backbone_map_shape(verb_record, clip_frames=sampling.clip_frames, height=height, width=width)
     fields: dict[str, tuple[int, ...]] = {
         VERB_GLOBAL: (verb_record.feature_dim,),
-        VERB_MAP: backbone_map_shape(verb_record, clip_frames=sampling.clip_frames, height=height, width=width),
         NOUN_GLOBAL: (noun_record.feature_dim,),
     }
+    if verb_map == "full":
+        fields[VERB_MAP] = map_shape
+    elif verb_map == "time-mean":
+        fields[VERB_MAP_TMEAN] = (map_shape[0], *map_shape[2:])
+    elif verb_map != "none":
+        raise ValueError(f"verb_map must be 'full', 'time-mean' or 'none', got {verb_map!r}")
+    if verb_local:
+        if detector_dim is None:
+            raise ValueError("verb.local is pooled at the det.local boxes: a store without detections has none")
+        fields[VERB_LOCAL] = (sampling.n_local_slots, map_shape[0])
     if noun_map:
         fields[NOUN_MAP] = backbone_map_shape(
             noun_record, clip_frames=sampling.clip_frames, height=height, width=width

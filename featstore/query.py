@@ -70,11 +70,17 @@ def connect_store(store: "FeatureStore") -> duckdb.DuckDBPyConnection:
     con.execute("set enable_external_access = false")
     con.execute("set lock_configuration = true")
     sources = {}
+    segment_parts = sorted(p.name for p in (root / "segments").glob("*.parquet")) if (root / "segments").is_dir() else []
+    # A boxes part is published before the segments part of the same name (a segment row is the
+    # proof of completion); a boxes part without its segments part is a crashed export whose rows
+    # the writer's recovery exports again: it is left out here, by name.
+    box_parts = [root / "boxes" / name for name in segment_parts if (root / "boxes" / name).is_file()]
+    if segment_parts:
+        sources["segments"] = f"read_parquet({_quote(str(root / 'segments' / '*.parquet'))}, union_by_name = true)"
+    if box_parts:
+        sources["boxes"] = "read_parquet([" + ", ".join(_quote(str(p)) for p in box_parts) + "], union_by_name = true)"
     for name, schema in (("segments", SEGMENT_SCHEMA), ("boxes", BOX_SCHEMA)):
-        folder = root / name
-        if folder.is_dir() and any(folder.glob("*.parquet")):
-            sources[name] = f"read_parquet({_quote(str(folder / '*.parquet'))}, union_by_name = true)"
-        else:
+        if name not in sources:
             con.register(f"_empty_{name}", schema.empty_table())
             sources[name] = f"_empty_{name}"
     try:
@@ -110,11 +116,21 @@ def _create_views(con: duckdb.DuckDBPyConnection, sources: dict[str, str]) -> No
                partition by uid order by (status = '{STATUS_OK}') desc, written_at desc) as _rank
              from segments_all) where _rank = 1"""
     )
-    con.execute(
-        f"""create view boxes as
-            select b.* exclude (written_at) from {sources['boxes']} b
-            join segments s on b.uid = s.uid and b.written_at = s.written_at"""
-    )
+    # The boxes of each uid's kept attempt. Only ok attempts have boxes, and the kept one of a uid
+    # that has any is its newest ok one. When no uid has two ok attempts (no re-import, no derive
+    # yet) every box row of a complete part is a kept one, and the view is the parts themselves:
+    # no join of millions of rows on their uid.
+    single = con.execute(
+        "select count(*) = count(distinct uid) from segments_all where status = 'ok'").fetchone()[0]
+    if single:
+        con.execute(f"create view boxes as select * exclude (written_at) from {sources['boxes']}")
+    else:
+        con.execute(
+            f"""create view boxes as
+                select b.* exclude (written_at) from {sources['boxes']} b
+                join (select uid, max(written_at) as written_at from segments_all where status = 'ok'
+                      group by uid) k on b.uid = k.uid and b.written_at = k.written_at"""
+        )
 
 
 def check_statement(con: duckdb.DuckDBPyConnection, sql: str) -> None:

@@ -100,6 +100,8 @@ def default_dtype(field: str) -> str:
 # store (the manifest's field schema). Code names a field by these constants, never by its text.
 VERB_GLOBAL = "verb.global"  # [C] VerbNet feature, pooled over time and space
 VERB_MAP = "verb.map"  # [C, T, H, W] VerbNet last-stage spatial map (local alignment)
+VERB_MAP_TMEAN = "verb.map_tmean"  # [C, H, W] the verb map averaged over time (build --map time-mean)
+VERB_LOCAL = "verb.local"  # [N, C] the verb map pooled at the det.local boxes (featstore.local_pool)
 NOUN_GLOBAL = "noun.global"  # [C] NounNet pooled feature
 NOUN_MAP = "noun.map"  # [C, T, H, W] NounNet last-stage spatial map (optional)
 
@@ -136,6 +138,9 @@ CANONICAL_FIELDS: dict[str, str] = {
     VERB_GLOBAL: "[C] VerbNet feature, pooled over time and space",
     VERB_MAP: "[C, T, H, W] VerbNet last-stage spatial map (local alignment)",
     NOUN_GLOBAL: "[C] NounNet pooled feature",
+    VERB_MAP_TMEAN: "[C, H, W] verb.map averaged over time (`featstore build --map time-mean`)",
+    VERB_LOCAL: "[N, C] verb.map averaged over time, RoIAlign 7x7 (aligned) at the N det.local boxes, "
+                "pooled (avg, or max: the manifest's derived['verb.local'] says which)",
     NOUN_MAP: "[C, T, H, W] NounNet last-stage spatial map (optional)",
     **{det_field(box_set, part): f"{meaning} of the {box_set} detection slots"
        for box_set in BOX_SETS

@@ -2,17 +2,25 @@
 
 The fields a head needs are read from the store once into tensors on the training device, kept in
 float16 and cast to float32 per batch; a batch is a gather by index, with no per-sample Python on
-the hot path. Derived inputs are computed once here too: slot masks from detection scores and the
-local-alignment features (RoIAlign of the time-averaged ``verb.map`` at the ``det.local`` boxes).
+the hot path. Derived inputs are computed once here too: slot masks from detection scores and, for
+heads that need the local-alignment features ``verb_local``, the store's ``verb.local`` when it has
+it, else ``verb.map`` (or ``verb.map_tmean``) RoI-pooled at the ``det.local`` boxes by the same
+function that made ``verb.local`` (``featstore.local_pool``). A stored ``verb.local`` pooled
+otherwise than the run asks (``pool``) is not used silently: the map is pooled instead when the
+store has one, and the run is refused when it has not (``plan_local``).
 
 When the selection does not fit the memory budget, ``StreamingFeatures`` reads each batch from
-LMDB in DataLoader worker processes instead (same batches, same order, slower).
+LMDB instead (same batches, same order), by reader threads running several batches ahead of the
+trainer in the epoch's shuffled order, each batch in one LMDB transaction per shard.
 """
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import sys
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Sequence
 
@@ -24,16 +32,23 @@ from featstore.allocator import keep_freed_memory
 from featstore.schema import (
     DET_GLOBAL_FEAT,
     DET_GLOBAL_SCORE,
-    DET_LOCAL_BOX,
     DET_LOCAL_FEAT,
     DET_LOCAL_SCORE,
     NOUN_GLOBAL,
     STATUS_OK,
     VERB_GLOBAL,
-    VERB_MAP,
+)
+from featstore.local_pool import (
+    LOCAL_BOXES,
+    LOCAL_FIELD,
+    LOCAL_OUTPUT_SIZE,
+    MAP_FIELD,
+    LocalRecipeError,
+    check_local_recipe,
+    local_source,
+    pool_local_verb_features,
 )
 from featstore.store import FeatureStore
-from heads.local_alignment import pool_local_verb_features
 
 # Store field -> batch key the heads read.
 FIELD_KEYS = {
@@ -42,12 +57,14 @@ FIELD_KEYS = {
     DET_GLOBAL_FEAT: "det_global_feat",
     DET_LOCAL_FEAT: "det_local_feat",
 }
+LOCAL_KEY = "verb_local"  # (B, N, Cv): from the store's verb.local, or pooled from its map at load time
 # Batch keys derived at load time from other fields.
 DERIVED = {
     DET_GLOBAL_SCORE: "det_global_valid",
     DET_LOCAL_SCORE: "det_local_valid",
 }
 LOCAL_CHUNK = 256  # segments per RoIAlign chunk: bounds the float32 verb.map held at once
+READ_AHEAD_SHARE = 0.5  # a preload reading at least this share of the store's files turns readahead on
 
 
 @dataclass(frozen=True)
@@ -73,50 +90,143 @@ def selection_labels(store: FeatureStore, where: str | None) -> SegmentLabels:
                          torch.from_numpy(noun), table)
 
 
+def _needs(fields: Iterable[str]) -> set[str]:
+    """The head's declared fields; the older spelling of local alignment (the map and the boxes
+    themselves, as run directories before ``verb.local`` recorded it) reads as ``verb.local``."""
+    needs = set(fields)
+    if {MAP_FIELD, LOCAL_BOXES} <= needs:
+        needs.add(LOCAL_FIELD)
+    return needs
+
+
 def batch_keys(fields: Iterable[str]) -> list[str]:
     """The batch keys a head gets for the store fields it declared."""
-    fields = set(fields)
+    fields = _needs(fields)
     keys = [FIELD_KEYS[f] for f in FIELD_KEYS if f in fields]
     keys += [DERIVED[f] for f in DERIVED if f in fields]
-    if VERB_MAP in fields and DET_LOCAL_BOX in fields:
-        keys.append("verb_local")
+    if LOCAL_FIELD in fields:
+        keys.append(LOCAL_KEY)
     return keys
+
+
+@dataclass(frozen=True)
+class LocalPlan:
+    """Where a selection's ``verb_local`` comes from.
+
+    Attributes:
+        fields: the store fields read for it: ``("verb.local",)``, or a map and the local boxes.
+        note: one line for the run's log (what is read, and why when it is not the stored field).
+    """
+
+    fields: tuple[str, ...]
+    note: str
+
+    @property
+    def stored(self) -> bool:
+        return self.fields == (LOCAL_FIELD,)
+
+
+def plan_local(store: FeatureStore, *, pool: str = "avg", output_size: int = LOCAL_OUTPUT_SIZE) -> LocalPlan:
+    """Read the stored ``verb.local`` when it is complete and pooled as asked, else pool a map at load.
+
+    Raises:
+        LocalRecipeError: the store's ``verb.local`` was pooled otherwise and it holds no map to
+            pool again; or it holds neither ``verb.local`` nor a map with the local boxes.
+    """
+    have = store.complete_fields
+    source = local_source(have)
+    mismatch = None
+    if LOCAL_FIELD in have:
+        try:
+            check_local_recipe(store.derived.get(LOCAL_FIELD), pool=pool, output_size=output_size,
+                               where=str(store.path))
+            recipe = store.derived.get(LOCAL_FIELD)
+            how = f"pooled {recipe['pool']}" if recipe else "imported, pooling not recorded"
+            return LocalPlan((LOCAL_FIELD,), f"verb_local: the store's verb.local ({how})")
+        except LocalRecipeError as err:
+            if source is None:
+                raise
+            mismatch = err
+    if source is not None:
+        why = (f" (its verb.local is pooled {store.derived[LOCAL_FIELD]['pool']}, this run asks {pool})"
+               if mismatch is not None else "")
+        return LocalPlan(tuple(source), f"verb_local: {source[0]} RoI-pooled ({pool}) at {source[1]} at load{why}")
+    being = " (verb.local is still being derived: finish `featstore derive`)" if LOCAL_FIELD in store.fields else ""
+    raise LocalRecipeError(
+        f"{store.path} holds neither verb.local nor verb.map / verb.map_tmean with det.local.box{being}; "
+        f"local alignment needs one of them")
+
+
+def _local_bytes(store: FeatureStore) -> int:
+    """float16 bytes of one segment's ``verb_local`` (N x C), from whichever field describes it."""
+    if LOCAL_FIELD in store.fields:
+        return 2 * math.prod(store.fields[LOCAL_FIELD].shape)
+    source = local_source(store.fields)
+    if source is None:
+        return 0
+    return 2 * store.fields[source[1]].shape[0] * store.fields[source[0]].shape[0]
 
 
 def estimate_bytes(store: FeatureStore, fields: Iterable[str], n: int) -> int:
     """Bytes the preloaded tensors of ``n`` segments take (float16 features, bool masks)."""
     total = 0
-    fields = set(fields)
+    fields = _needs(fields)
     for field in fields:
-        spec = store.fields[field]
         if field in FIELD_KEYS:
-            total += 2 * math.prod(spec.shape)
+            total += 2 * math.prod(store.fields[field].shape)
         elif field in DERIVED:
-            total += math.prod(spec.shape)
-    if VERB_MAP in fields and DET_LOCAL_BOX in fields:
-        total += 2 * store.fields[DET_LOCAL_BOX].shape[0] * store.fields[VERB_MAP].shape[0]
+            total += math.prod(store.fields[field].shape)
+    if LOCAL_FIELD in fields:
+        total += _local_bytes(store)
     return total * n
 
 
+def _stored_fields(needs: set[str], local: LocalPlan | None) -> list[str]:
+    """The store fields a selection's batches are read from."""
+    return [f for f in (*FIELD_KEYS, *DERIVED) if f in needs] + list(local.fields if local is not None else ())
+
+
 def _segment_tensors(store: FeatureStore, uids: Sequence[str], fields: set[str], *, pool: str,
-                     output_size: int) -> dict[str, torch.Tensor]:
-    """Read and derive the batch tensors of ``uids`` (CPU; features float16, masks bool)."""
+                     output_size: int, local: LocalPlan | None, together: bool = False) -> dict[str, torch.Tensor]:
+    """Read and derive the batch tensors of ``uids`` (CPU; features float16, masks bool).
+
+    Args:
+        fields: the head's needs (``_needs``).
+        local: where ``verb_local`` comes from (``plan_local``); None when the head needs none.
+        together: read every field of a segment in one go (``read_fields``: the streaming path, a
+            small shuffled batch); otherwise field after field (``read_field``: the preload, one
+            long pass per field, with a map to pool read in chunks).
+    """
+    base = [f for f in (*FIELD_KEYS, *DERIVED) if f in fields]
+    pooled = local is not None and not local.stored
+    if together:
+        arrays = store.read_fields(uids, _stored_fields(fields, local))
+    else:
+        arrays = {f: store.read_field(uids, f) for f in base + ([LOCAL_FIELD] if local is not None and local.stored
+                                                               else [])}
     out: dict[str, torch.Tensor] = {}
     for field, key in FIELD_KEYS.items():
         if field in fields:
-            out[key] = torch.from_numpy(store.read_field(uids, field).astype(np.float16, copy=False))
+            out[key] = torch.from_numpy(arrays[field].astype(np.float16, copy=False))
     for field, key in DERIVED.items():
         if field in fields:
             # Padded slots carry score 0 (DESIGN section 3): that is the mask.
-            out[key] = torch.from_numpy(store.read_field(uids, field) > 0)
-    if VERB_MAP in fields and DET_LOCAL_BOX in fields:
-        local = []
+            out[key] = torch.from_numpy(arrays[field] > 0)
+    if local is not None and not pooled:
+        out[LOCAL_KEY] = torch.from_numpy(arrays[LOCAL_FIELD])
+    elif pooled:
+        map_field, box_field = local.fields
+        pieces = []
         for start in range(0, len(uids), LOCAL_CHUNK):
-            chunk = uids[start:start + LOCAL_CHUNK]
-            verb_map = torch.from_numpy(store.read_field(chunk, VERB_MAP)).float()  # (n, C, T, H, W)
-            boxes = torch.from_numpy(store.read_field(chunk, DET_LOCAL_BOX)).float()  # (n, K, 4)
-            local.append(pool_local_verb_features(verb_map, boxes, output_size=output_size, pool=pool).half())
-        out["verb_local"] = torch.cat(local) if local else torch.empty(0)
+            if together:
+                verb_map = torch.from_numpy(arrays[map_field][start:start + LOCAL_CHUNK])
+                boxes = torch.from_numpy(arrays[box_field][start:start + LOCAL_CHUNK])
+            else:
+                chunk = uids[start:start + LOCAL_CHUNK]
+                verb_map = torch.from_numpy(store.read_field(chunk, map_field))  # (n, C, T, H, W) or (n, C, H, W)
+                boxes = torch.from_numpy(store.read_field(chunk, box_field))  # (n, K, 4)
+            pieces.append(pool_local_verb_features(verb_map, boxes, output_size=output_size, pool=pool).half())
+        out[LOCAL_KEY] = torch.cat(pieces) if pieces else torch.empty(0)
     return out
 
 
@@ -136,7 +246,15 @@ class PreloadedFeatures:
         self.device = torch.device(device)
         if self.device.type == "cpu":
             keep_freed_memory()  # every batch is a fresh CPU allocation: see featstore/allocator.py
-        cpu = _segment_tensors(store, list(labels.uids), set(fields), pool=pool, output_size=output_size)
+        needs = _needs(fields)
+        self.local = plan_local(store, pool=pool, output_size=output_size) if LOCAL_FIELD in needs else None
+        read = _stored_fields(needs, self.local)
+        # Reading most of the store's bytes: with readahead, a cold page cache reads at disk speed
+        # (reading a small part, e.g. verb.local of a store that keeps the full map, it would read
+        # the map too).
+        with store.read_ahead(store.share_of_files(len(labels.uids), read) >= READ_AHEAD_SHARE):
+            cpu = _segment_tensors(store, list(labels.uids), needs, pool=pool, output_size=output_size,
+                                   local=self.local)
         self.tensors = {k: v.to(self.device) for k, v in cpu.items()}
         self.verb = labels.verb.to(self.device)
         self.noun = labels.noun.to(self.device)
@@ -167,30 +285,46 @@ def _gather(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return rows.float() if rows.dtype == torch.float16 else rows
 
 
-class _BatchReader(torch.utils.data.Dataset):
-    """Reads one whole batch (a list of row numbers) from LMDB; runs in DataLoader workers."""
+class _BatchReader:
+    """Reads one whole batch (a list of row numbers) from LMDB; called from the reader threads."""
 
-    def __init__(self, store: FeatureStore, uids: Sequence[str], fields: set[str], pool: str, output_size: int):
+    def __init__(self, store: FeatureStore, uids: Sequence[str], fields: set[str], pool: str, output_size: int,
+                 local: LocalPlan | None):
         self.store, self.uids, self.fields, self.pool, self.output_size = store, list(uids), fields, pool, output_size
+        self.local = local
 
     def __len__(self) -> int:
         return len(self.uids)
 
     def __getitem__(self, rows: list[int]) -> dict[str, torch.Tensor]:
         uids = [self.uids[i] for i in rows]
-        return _segment_tensors(self.store, uids, self.fields, pool=self.pool, output_size=self.output_size)
+        return _segment_tensors(self.store, uids, self.fields, pool=self.pool, output_size=self.output_size,
+                                local=self.local, together=True)
 
 
 class StreamingFeatures:
-    """Same interface as ``PreloadedFeatures`` for selections larger than memory: reads per batch."""
+    """Same interface as ``PreloadedFeatures`` for selections larger than memory: reads per batch.
+
+    ``workers`` reader threads in this process read the batches of a pass ahead of the trainer,
+    ``READ_AHEAD`` batches each, in the pass's own (shuffled) order. Threads, not processes: the
+    reads are LMDB lookups and copies out of the memory map, which release the GIL, so several
+    run at once and a cold page cache is read with several requests in flight instead of one
+    page fault after another; and a batch needs no trip through shared memory to reach the
+    trainer. Each batch is read in one transaction per shard, every field of a segment together
+    (``FeatureStore.read_fields``). With ``workers=0`` the batches are read one at a time, in line.
+    """
 
     mode = "stream"
+    READ_AHEAD = 2  # batches in flight per reader thread
 
     def __init__(self, store: FeatureStore, labels: SegmentLabels, fields: Iterable[str], *,
-                 device: torch.device | str = "cpu", pool: str = "avg", output_size: int = 7, workers: int = 2):
+                 device: torch.device | str = "cpu", pool: str = "avg", output_size: int = 7, workers: int = 4):
         self.labels = labels
         self.device = torch.device(device)
-        self.reader = _BatchReader(store, labels.uids, set(fields), pool, output_size)
+        needs = _needs(fields)
+        self.local = plan_local(store, pool=pool, output_size=output_size) if LOCAL_FIELD in needs else None
+        store.load_index()  # once, here, rather than raced for by the first reads of every thread
+        self.reader = _BatchReader(store, labels.uids, needs, pool, output_size, self.local)
         self.workers = workers
 
     def __len__(self) -> int:
@@ -199,14 +333,30 @@ class StreamingFeatures:
     def batches(self, order: torch.Tensor, batch_size: int) -> Iterator[tuple[dict, torch.Tensor, torch.Tensor]]:
         return self.batches_of(chunk_order(order, batch_size))
 
+    def _read_ahead(self, chunks: list[list[int]]) -> Iterator[dict[str, torch.Tensor]]:
+        if self.workers == 0:
+            yield from (self.reader[rows] for rows in chunks)
+            return
+        with ThreadPoolExecutor(self.workers, thread_name_prefix="featstore-read") as readers:
+            pending: deque = deque()
+            upcoming = iter(chunks)
+            try:
+                for rows in itertools.islice(upcoming, self.workers * self.READ_AHEAD):
+                    pending.append(readers.submit(self.reader.__getitem__, rows))
+                while pending:
+                    tensors = pending.popleft().result()
+                    following = next(upcoming, None)
+                    if following is not None:
+                        pending.append(readers.submit(self.reader.__getitem__, following))
+                    yield tensors
+            finally:
+                for future in pending:  # the consumer stopped early: do not read the rest
+                    future.cancel()
+
     def batches_of(self, chunks: Sequence[torch.Tensor]) -> Iterator[tuple[dict, torch.Tensor, torch.Tensor]]:
-        """One batch per chunk of row numbers, read ahead by the worker processes."""
+        """One batch per chunk of row numbers, read ahead by the reader threads."""
         chunks = [c.tolist() for c in chunks]
-        loader = torch.utils.data.DataLoader(
-            self.reader, batch_size=None, sampler=chunks, num_workers=self.workers,
-            persistent_workers=False, prefetch_factor=4 if self.workers else None,
-        )
-        for rows, tensors in zip(chunks, loader):
+        for rows, tensors in zip(chunks, self._read_ahead(chunks)):
             index = torch.tensor(rows, dtype=torch.long)
             batch = {k: (v.to(self.device).float() if v.dtype == torch.float16 else v.to(self.device))
                      for k, v in tensors.items()}
@@ -215,7 +365,7 @@ class StreamingFeatures:
 
 def load_features(store: FeatureStore, labels: SegmentLabels, fields: Iterable[str], *,
                   device: torch.device | str = "cpu", memory_budget: int | None = None, pool: str = "avg",
-                  output_size: int = 7, workers: int = 2, log=None):
+                  output_size: int = 7, workers: int = 4, log=None):
     """Preload when the selection fits ``memory_budget`` bytes (None: always), else stream.
 
     Returns:
@@ -231,6 +381,8 @@ def load_features(store: FeatureStore, labels: SegmentLabels, fields: Iterable[s
     if log is not None:
         log(f"data: {features.mode} mode for {len(labels.uids)} segments "
             f"({need / 2**20:.1f} MiB of features{'' if memory_budget is None else f', budget {memory_budget / 2**20:.0f} MiB'})")
+        if features.local is not None:
+            log(f"data: {features.local.note}")
     return features
 
 

@@ -3,6 +3,11 @@
 Modelled on timm's `_registry.py`: a dict and a decorator that refuses duplicate names. Each record
 also says which STORE fields the head needs for given switches, so the data layer loads only those
 and a store that lacks one is refused up front with a message that names the missing fields.
+
+A need may be met in more than one way (`LOAD_TIME_SOURCES`): `verb.local`, the local-alignment
+features, is read as stored when the store has it, and otherwise RoI-pooled at load time from
+`verb.map` (or `verb.map_tmean`) at the `det.local.box` boxes. A store is refused only when it has
+none of the ways, and the message lists them.
 """
 from __future__ import annotations
 
@@ -13,7 +18,10 @@ from typing import Any, Callable, Iterable
 
 from torch import nn
 
+from featstore.local_pool import LOCAL_FIELD, LOCAL_SOURCES
+
 __all__ = [
+    "LOAD_TIME_SOURCES",
     "FeatureDims",
     "HeadRecord",
     "SwitchInfo",
@@ -25,7 +33,11 @@ __all__ = [
     "all_switches",
     "build_head",
     "check_fields",
+    "field_available",
 ]
+
+# A need -> the field sets the data layer can compute it from at load time, preferred first.
+LOAD_TIME_SOURCES: dict[str, tuple[tuple[str, ...], ...]] = {LOCAL_FIELD: LOCAL_SOURCES}
 
 # Arguments every builder takes that are not ablation switches.
 _BUILD_ARGS = ("dims", "num_verbs", "num_nouns")
@@ -52,7 +64,8 @@ class HeadRecord:
             arguments other than those three are the head's ablation switches.
         description: one line for `heads train --help` and `list_heads` listings.
         fields: `fields(**switches) -> tuple[str, ...]`, the STORE field names the head reads with
-            those switches (switches not given take the builder's defaults).
+            those switches (switches not given take the builder's defaults). A name in
+            `LOAD_TIME_SOURCES` is also met by any of its source field sets.
     """
 
     name: str
@@ -95,8 +108,15 @@ class MissingFieldsError(ValueError):
     def __init__(self, head: str, missing: Iterable[str]) -> None:
         self.head = head
         self.missing = tuple(missing)
+        described = []
+        for field in self.missing:
+            sources = LOAD_TIME_SOURCES.get(field)
+            if sources:
+                ways = ", or ".join(" + ".join(source) for source in sources)
+                field = f"{field} (or {ways}, to RoI-pool it at load time)"
+            described.append(field)
         super().__init__(
-            f"head {head!r} needs store field(s) that are missing: {', '.join(self.missing)}"
+            f"head {head!r} needs store field(s) that are missing: {', '.join(described)}"
         )
 
 
@@ -239,6 +259,12 @@ def check_fields(name: str | HeadRecord, available: Iterable[str], **switches: A
     """
     record = name if isinstance(name, HeadRecord) else get_head(name)
     have = set(available)
-    missing = [f for f in record.required_fields(**switches) if f not in have]
+    missing = [f for f in record.required_fields(**switches) if not field_available(f, have)]
     if missing:
         raise MissingFieldsError(record.name, missing)
+
+
+def field_available(need: str, available: Iterable[str]) -> bool:
+    """Whether a store holding `available` meets `need`: the field itself, or a set it is computed from."""
+    have = set(available)
+    return need in have or any(set(source) <= have for source in LOAD_TIME_SOURCES.get(need, ()))

@@ -25,12 +25,11 @@ from featstore.schema import (
     BOX_SETS,
     DET_GLOBAL_FEAT,
     DET_GLOBAL_SCORE,
-    DET_LOCAL_BOX,
     DET_LOCAL_FEAT,
     DET_LOCAL_SCORE,
     NOUN_GLOBAL,
     VERB_GLOBAL,
-    VERB_MAP,
+    VERB_LOCAL,
 )
 from heads.models.layers import ActionAttendedRelation, CrossStreamGate, MaskedMeanPool, ObjectAlignment
 from heads.models.registry import FeatureDims, register_head
@@ -202,13 +201,15 @@ def symbiotic_fields(*, local_alignment: bool, verb_objects: str) -> tuple[str, 
 
     Both globals are always needed (each branch's alignment or the other's gate and query use
     them). Detection scores are read for their validity (0 = padded slot). Local alignment needs
-    the verb map and the local boxes to RoI-pool `verb_local` at load time.
+    `verb.local` (batch key `verb_local`): the store's own when it holds it, else `verb.map` (or
+    `verb.map_tmean`) RoI-pooled at the `det.local.box` boxes at load time
+    (`registry.LOAD_TIME_SOURCES`).
     """
     fields = [VERB_GLOBAL, NOUN_GLOBAL, DET_GLOBAL_FEAT, DET_GLOBAL_SCORE]
     if verb_objects == "local":
         fields += [DET_LOCAL_FEAT, DET_LOCAL_SCORE]
     if local_alignment:
-        fields += [DET_LOCAL_BOX, VERB_MAP]
+        fields += [VERB_LOCAL]
     return tuple(fields)
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.run import ALL_NAMES, GPU_NAMES, parse_args, selected_names
+from benchmarks.run import ALIASES, ALL_NAMES, EXPLICIT_NAMES, GPU_NAMES, parse_args, selected_names
 
 # The benchmark suite's quick mode, in a subprocess: over a minute (CI runs it).
 pytestmark = pytest.mark.slow
@@ -51,7 +51,7 @@ def _check_row(row: dict) -> None:
 
 def test_quick_run_writes_every_benchmark(tmp_path: Path) -> None:
     proc, rows = _run(tmp_path, "--quick", timeout=900)
-    expected = [n for n in ALL_NAMES if n not in GPU_NAMES]
+    expected = [n for n in ALL_NAMES if n not in GPU_NAMES and n not in EXPLICIT_NAMES]
     assert [row["name"] for row in rows] == expected
     for row in rows:
         _check_row(row)
@@ -74,5 +74,8 @@ def test_only_selects_and_refuses_unknown_names() -> None:
         "store_preload_vs_npy", "store_bytes_vs_payload"]
     assert selected_names(parse_args(["--only", "gpu"])) == list(GPU_NAMES)
     assert not set(GPU_NAMES) & set(selected_names(parse_args([])))
+    assert not set(EXPLICIT_NAMES) & set(selected_names(parse_args(["--quick"])))  # epic55_full_size: by name only
+    assert selected_names(parse_args(["--only", "epic55_full_size"])) == ["epic55_full_size"]
+    assert selected_names(parse_args(["--only", "heads_cost_growth"])) == list(ALIASES["heads_cost_growth"])
     with pytest.raises(SystemExit, match="unknown benchmark"):
         selected_names(parse_args(["--only", "no_such_benchmark"]))

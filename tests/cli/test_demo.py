@@ -40,7 +40,7 @@ def test_quick_demo_writes_sample_store_runs_and_plots(quick_demo: QuickDemo) ->
     store = FeatureStore.open(out / "store")
     info = store.info()
     assert info["segments"] == {"ok": kitchens.QUICK_SAMPLE.n_segments, "failed": 0}
-    assert {"verb.global", "verb.map", "noun.global", "det.global.feat", "det.local.box"} <= set(info["fields"])
+    assert {"verb.global", "verb.local", "noun.global", "det.global.feat", "det.local.box"} <= set(info["fields"])
     assert store.verify() == []
     provenance = info["manifest"]["provenance"]
     assert provenance["detector"]["name"] == demo.DETECTOR

@@ -8,9 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner, Result
 
-from cli.featstore_cli import main
 from featstore.frames import EpicJpegFrames
 from featstore.samples.damage import corrupt_jpeg
 from featstore.sampling import plan_segment
@@ -19,25 +17,16 @@ from tests.helpers.tiny_build import (
     FPS,
     N_FRAMES,
     SMALL,
+    invoke_featstore,
     make_epic_dataset,
-    tiny_build_flags,
+    tiny_build,
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _invoke(*args: object) -> Result:
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-
-
-def _build(store: Path, annotations: Path, frames: Path, *extra: object, size: int = 32,
-           detector: str = DETECTOR) -> Result:
-    return _invoke("build", store, "--annotations", annotations, "--frames", frames,
-                   *tiny_build_flags(size=size, detector=detector), "--no-progress", *extra)
-
-
 def _query(store: Path, sql: str) -> list[dict]:
-    result = _invoke("query", store, sql, "--format", "json")
+    result = invoke_featstore("query", store, sql, "--format", "json")
     assert result.exit_code == 0, result.output
     return json.loads(result.output)
 
@@ -45,23 +34,30 @@ def _query(store: Path, sql: str) -> list[dict]:
 def test_build_writes_the_documented_fields_and_box_rows(tmp_path: Path) -> None:
     frames, annotations = make_epic_dataset(tmp_path / "epic", n_segments=4)
     store = tmp_path / "store"
-    result = _build(store, annotations, frames, "--workers", "2", "--batch-size", "2", size=112)
+    result = tiny_build(store, annotations, frames, "--workers", "2", "--batch-size", "2", size=112)
     assert result.exit_code == 0, result.output
     assert "built 4, already stored 0, failed 0 of 4 segments" in result.output
     assert "RANDOM WEIGHTS" in result.output  # CliRunner mixes stderr into output
 
     info = _assert_detection_store_contract(store, n_segments=4, feature_dim=1024)
     shapes = {name: spec["shape"] for name, spec in info["fields"].items()}
-    assert {name: shape for name, shape in shapes.items() if not name.startswith("det.")} == {
-        "verb.global": [512], "verb.map": [512, 1, 7, 13], "noun.global": [512],
+    assert shapes == {  # the default --map none: verb.local and no map
+        "verb.global": [512], "verb.local": [40, 512], "noun.global": [512],
+        "det.global.feat": [60, 1024], "det.global.box": [60, 4], "det.global.score": [60],
+        "det.local.feat": [40, 1024], "det.local.box": [40, 4], "det.local.score": [40],
     }
+    assert info["manifest"]["derived"]["verb.local"]["pool"] == "avg"
+    assert info["manifest"]["provenance"]["map"] == "none"
+    assert info["manifest"]["provenance"]["verb_map_shape"] == [512, 1, 7, 13]
+    assert info["fields"]["det.global.box"]["dtype"] == "float32"
+    assert info["segments"] == {"ok": 4, "failed": 0}
     provenance = info["manifest"]["provenance"]
     assert provenance["input_size"] == [112, 199] and provenance["clip_frames"] == 8
     assert provenance["size"] == 112 and provenance["clip_stride"] == 2 and provenance["modality"] == "rgb"
     assert provenance["detector"]["name"] == DETECTOR and provenance["detector"]["checkpoint_sha256"] is None
     assert isinstance(provenance["command"], str)  # under CliRunner it is the test runner's command line
 
-    again = _build(store, annotations, frames, "--workers", "0", size=112)
+    again = tiny_build(store, annotations, frames, "--workers", "0", size=112)
     assert again.exit_code == 0 and "built 0, already stored 4, failed 0" in again.output
 
 
@@ -69,7 +65,7 @@ def _assert_detection_store_contract(store: Path, *, n_segments: int, feature_di
     """What every detector's store holds (DESIGN section 3): the det.* fields at 60 / 40 slots, a
     boxes row per slot, boxes normalised to [0, 1], real detections with a positive score and a
     frame, padded slots masked. Returns `featstore info --json`."""
-    info = json.loads(_invoke("info", store, "--json").output)
+    info = json.loads(invoke_featstore("info", store, "--json").output)
     shapes = {name: spec["shape"] for name, spec in info["fields"].items() if name.startswith("det.")}
     assert shapes == {
         "det.global.feat": [60, feature_dim], "det.global.box": [60, 4], "det.global.score": [60],
@@ -107,7 +103,7 @@ def test_build_with_a_detectron2_model_zoo_config(tmp_path: Path) -> None:
 
     frames, annotations = make_epic_dataset(tmp_path / "epic", n_segments=2)
     store = tmp_path / "store"
-    result = _build(store, annotations, frames, "--workers", "0", detector=spec)
+    result = tiny_build(store, annotations, frames, "--workers", "0", detector=spec)
     assert result.exit_code == 0, result.output
     assert "built 2, already stored 0, failed 0 of 2 segments" in result.output
     info = _assert_detection_store_contract(store, n_segments=2, feature_dim=1024)
@@ -129,7 +125,7 @@ def test_corrupt_jpeg_fails_its_segment_only(tmp_path: Path) -> None:
     corrupt_jpeg(bad, "truncate")
 
     store = tmp_path / "store"
-    result = _build(store, annotations, frames, "--workers", "1")
+    result = tiny_build(store, annotations, frames, "--workers", "1")
     assert result.exit_code == 1
     assert "built 3, already stored 0, failed 1 of 4 segments" in result.output
     assert "failed s2: " in result.output and bad.name in result.output
@@ -138,7 +134,7 @@ def test_corrupt_jpeg_fails_its_segment_only(tmp_path: Path) -> None:
     assert _query(store, "select count(*) as n from boxes where uid = 's2'") == [{"n": 0}]
 
     shutil.copy(kept, bad)  # the file is fixed: a rerun retries the failed segment only
-    result = _build(store, annotations, frames, "--workers", "0")
+    result = tiny_build(store, annotations, frames, "--workers", "0")
     assert result.exit_code == 0, result.output
     assert "built 1, already stored 3, failed 0" in result.output
     assert _query(store, "select status, count(*) as n from segments group by 1") == [{"status": "ok", "n": 4}]
@@ -146,15 +142,15 @@ def test_corrupt_jpeg_fails_its_segment_only(tmp_path: Path) -> None:
 
 def test_build_usage_errors(tmp_path: Path) -> None:
     frames, annotations = make_epic_dataset(tmp_path / "epic", n_segments=1)
-    both = _invoke("build", tmp_path / "s", "--annotations", annotations, "--frames", frames, "--videos", frames,
+    both = invoke_featstore("build", tmp_path / "s", "--annotations", annotations, "--frames", frames, "--videos", frames,
                    "--verb-backbone", "r3d_18", "--noun-backbone", "r3d_18", "--detector", DETECTOR)
     assert both.exit_code == 2 and "exactly one of --frames" in both.output
     boxes = tmp_path / "b.csv"
     boxes.write_text("video_id,frame,x1,y1,x2,y2,score\n")
-    no_detector = _invoke("build", tmp_path / "s", "--annotations", annotations, "--frames", frames,
+    no_detector = invoke_featstore("build", tmp_path / "s", "--annotations", annotations, "--frames", frames,
                           "--verb-backbone", "r3d_18", "--noun-backbone", "r3d_18", "--boxes", boxes)
     assert no_detector.exit_code == 2 and "--detector" in no_detector.output
-    unknown = _invoke("build", tmp_path / "s", "--annotations", annotations, "--frames", frames,
+    unknown = invoke_featstore("build", tmp_path / "s", "--annotations", annotations, "--frames", frames,
                       "--verb-backbone", "no_such_net", "--noun-backbone", "r3d_18", "--detector", DETECTOR)
     assert unknown.exit_code == 1 and "no_such_net" in unknown.output and "Traceback" not in unknown.output
 
@@ -165,21 +161,21 @@ def test_build_takes_clip_and_normalisation_from_the_verb_backbone_record(tmp_pa
     manifest says where each value came from."""
     frames, annotations = make_epic_dataset(tmp_path / "epic", n_segments=2, flow=True)
     store = tmp_path / "store"
-    result = _invoke(
+    result = invoke_featstore(
         "build", store, "--annotations", annotations, "--frames", frames, "--modality", "flow",
         "--verb-backbone", "tsm_r50", "--noun-backbone", "tsn_r50", "--detector", DETECTOR,
         "--det-score-thresh", "0", "--det-min-size", "64", "--det-max-size", "128", "--det-topk", "2",
         "--size", "32", "--workers", "0", "--no-progress",
     )
     assert result.exit_code == 0, result.output
-    provenance = json.loads(_invoke("info", store, "--json").output)["manifest"]["provenance"]
+    provenance = json.loads(invoke_featstore("info", store, "--json").output)["manifest"]["provenance"]
     assert provenance["sampling"]["clip_frames"] == 8 and provenance["sampling"]["clip_sampling"] == "segments"
     assert provenance["snippet_frames"] == 5 and provenance["in_channels"] == 10
     assert provenance["sampling_sources"]["clip_frames"] == "backbone:tsm_r50"
     assert provenance["sampling_sources"]["size"] == provenance["sampling_sources"]["det_topk"] == "flag"
     assert provenance["sampling_sources"]["det_fps"] == "default"
     assert provenance["sampling_notes"] == [], "TSN's record asks for the same clip"
-    info = json.loads(_invoke("info", store, "--json").output)
+    info = json.loads(invoke_featstore("info", store, "--json").output)
     assert info["fields"]["verb.map"]["shape"] == [2048, 8, 1, 2]
     assert info["fields"]["det.local.feat"]["shape"] == [16, 1024]  # 8 local frames x top 2
 
@@ -187,7 +183,7 @@ def test_build_takes_clip_and_normalisation_from_the_verb_backbone_record(tmp_pa
 def test_build_says_when_the_noun_record_asks_for_another_clip(tmp_path: Path) -> None:
     frames, annotations = make_epic_dataset(tmp_path / "epic", n_segments=1)
     store = tmp_path / "store"
-    result = _invoke(
+    result = invoke_featstore(
         "build", store, "--annotations", annotations, "--frames", frames,
         "--verb-backbone", "r3d_18", "--noun-backbone", "tsn_r50", "--detector", DETECTOR,
         "--det-score-thresh", "0", "--det-min-size", "64", "--det-max-size", "128",
@@ -195,7 +191,7 @@ def test_build_says_when_the_noun_record_asks_for_another_clip(tmp_path: Path) -
     )
     assert result.exit_code == 0, result.output
     assert "WARNING: the noun backbone tsn_r50 runs on the verb backbone r3d_18's clip" in result.output
-    provenance = json.loads(_invoke("info", store, "--json").output)["manifest"]["provenance"]
+    provenance = json.loads(invoke_featstore("info", store, "--json").output)["manifest"]["provenance"]
     assert provenance["sampling"]["clip_frames"] == 16 and provenance["sampling_sources"]["clip_stride"] == "backbone:r3d_18"
     (note,) = provenance["sampling_notes"]
     assert "clip_sampling segments" in note and "clip_frames 8" in note

@@ -168,8 +168,8 @@ def test_built_store_has_every_field_with_its_shape(built) -> None:
     provenance = store.manifest["provenance"]
     assert provenance["input_size"] == [32, 57]  # 90x160 frames, short side 32
     expected = store_fields(verb_record=get_backbone_record("r3d_18"), noun_record=get_backbone_record("r3d_18"),
-                            sampling=SMALL, input_size=(32, 57), detector_dim=1024)
-    assert store.fields == expected
+                            sampling=SMALL, input_size=(32, 57), detector_dim=1024, verb_map="none", verb_local=True)
+    assert store.fields == expected  # the default --map none: verb.local, no map
     uids = store.uids()
     assert uids == [f"s{i}" for i in range(6)]
     for name, spec in store.fields.items():
@@ -295,7 +295,8 @@ def test_flow_store_feeds_two_channels(dataset, tmp_path: Path) -> None:
     store = FeatureStore.open(tmp_path / "flow")
     provenance = store.manifest["provenance"]
     assert provenance["modality"] == "flow" and provenance["verb_backbone"]["in_channels"] == 2
-    assert store.fields["verb.map"].shape == (512, 1, 2, 4)
+    assert store.fields["verb.local"].shape == (40, 512)  # the default --map none: no map
+    assert store.manifest["provenance"]["verb_map_shape"] == [512, 1, 2, 4]
     assert len(store.boxes(store.uids())) == 200  # detections come from the RGB frames beside the flow
 
 

@@ -91,3 +91,23 @@ def test_segments_view_works_on_an_empty_store(tmp_path: Path) -> None:
     empty = FeatureStore.create(tmp_path / "empty", fields={"verb.global": FieldSpec("float16", (4,))})
     assert run_query(empty, "select count(*) as n from segments").to_pylist() == [{"n": 0}]
     assert run_query(empty, "select count(*) as n from boxes").to_pylist() == [{"n": 0}]
+
+
+def test_boxes_are_those_of_each_kept_attempt_and_never_of_a_crashed_export(store: FeatureStore) -> None:
+    import shutil
+
+    box_query = "select uid, x1 from boxes order by uid"
+    before = run_query(store, box_query).to_pylist()
+    assert len(before) == 5
+    # A boxes part whose segments part never came (a writer killed between the two): left out.
+    part = next((store.path / "boxes").glob("*.parquet"))
+    shutil.copy(part, store.path / "boxes" / "part-0-999999999999.parquet")
+    assert run_query(FeatureStore.open(store.path), box_query).to_pylist() == before
+    # A second ok attempt of u1 with other boxes: only the newest attempt's boxes are seen.
+    with store.writer() as writer:
+        writer.put({"uid": "u1", "participant_id": "P01", "video_id": "P01_01", "start_frame": 1, "stop_frame": 10,
+                    "verb_class": 1, "noun_class": 3}, {"verb.global": np.full(4, 1)},
+                   boxes={"set": ["global"], "slot": [0], "x1": [0.5], "y1": [0.2], "x2": [0.6], "y2": [0.4],
+                          "score": [0.9], "valid": [True]})
+    after = run_query(FeatureStore.open(store.path), box_query).to_pylist()
+    assert after == [row if row["uid"] != "u1" else {"uid": "u1", "x1": pytest.approx(0.5)} for row in before]

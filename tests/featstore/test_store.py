@@ -258,3 +258,42 @@ def test_an_open_reader_sees_segments_and_failures_written_after_it_looked_one_u
     assert np.array_equal(reader.read("new", ["det.global.box"])["det.global.box"], new["det.global.box"])
     with pytest.raises(KeyError, match="status: failed"):
         reader.read("broken")
+
+
+def test_read_fields_and_read_ahead_read_the_same_bytes(tmp_path: Path) -> None:
+    written = _fill(tmp_path / "s", 12)
+    store = FeatureStore.open(tmp_path / "s")
+    uids = ["7", "2", "11", "0"]  # any order, as a shuffled batch asks
+    together = store.read_fields(uids, list(FIELDS))
+    for field in FIELDS:
+        assert np.array_equal(together[field], store.read_field(uids, field))
+    assert store.share_of_files(12, FIELDS) > 0
+    with store.read_ahead():  # readahead on the maps for a bulk pass, then random access again
+        assert all(np.array_equal(store.read_field(uids, f), together[f]) for f in FIELDS)
+    assert store.verify() == []
+    assert store.lacking(sorted(written), "verb.global") == []
+
+
+def test_reader_threads_open_a_closed_shard_once(tmp_path: Path) -> None:
+    import threading
+
+    written = _fill(tmp_path / "s", 8)
+    store = FeatureStore.open(tmp_path / "s")
+    errors: list[Exception] = []
+    for _ in range(20):
+        store.close()  # e.g. between epochs: every reader thread then finds the shard closed at once
+        barrier = threading.Barrier(16)
+
+        def read() -> None:
+            barrier.wait()
+            try:
+                store.read_fields(sorted(written), ["verb.global"])
+            except Exception as err:  # noqa: BLE001 - collected for the assertion
+                errors.append(err)
+
+        threads = [threading.Thread(target=read) for _ in range(16)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert errors == []

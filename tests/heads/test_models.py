@@ -119,10 +119,10 @@ def test_required_fields() -> None:
     saoa = get_head("saoa")
     assert set(saoa.required_fields()) == {
         "verb.global", "noun.global", "det.global.feat", "det.global.score",
-        "det.local.feat", "det.local.score", "det.local.box", "verb.map",
+        "det.local.feat", "det.local.score", "verb.local",
     }
     no_local = set(saoa.required_fields(local_alignment=False))
-    assert "verb.map" not in no_local and "det.local.box" not in no_local
+    assert "verb.local" not in no_local and "det.local.box" not in no_local
     assert "det.local.feat" in no_local
     assert set(get_head("global").required_fields()) == {"verb.global", "noun.global"}
     sap_global = set(get_head("sap").required_fields(verb_objects="global"))
@@ -136,9 +136,17 @@ def test_check_fields_names_every_missing_field_and_the_head() -> None:
         check_fields("saoa", available)
     message = str(info.value)
     assert "saoa" in message
-    for field in ("det.local.feat", "det.local.score", "det.local.box", "verb.map"):
+    for field in ("det.local.feat", "det.local.score", "verb.local"):
         assert field in message
-    assert info.value.missing == ("det.local.feat", "det.local.score", "det.local.box", "verb.map")
+    assert info.value.missing == ("det.local.feat", "det.local.score", "verb.local")
+    # verb.local can also be pooled at load time: the message says from what.
+    assert "verb.map + det.local.box" in message and "verb.map_tmean + det.local.box" in message
+    local = ["det.local.feat", "det.local.score"]
+    check_fields("saoa", available + local + ["verb.local"])  # stored
+    check_fields("saoa", available + local + ["verb.map", "det.local.box"])  # pooled at load time
+    check_fields("saoa", available + local + ["verb.map_tmean", "det.local.box"])
+    with pytest.raises(MissingFieldsError, match="verb.local"):
+        check_fields("saoa", available + local + ["verb.map"])  # a map without its boxes
     check_fields("global", available)  # no error
     check_fields("sap", available, verb_objects="global")
     check_fields(get_head("sap"), available, verb_objects="global")

@@ -77,3 +77,19 @@ def tiny_build_flags(*, size: int = SMALL.size, detector: str = DETECTOR) -> lis
     return ["--verb-backbone", "r3d_18", "--noun-backbone", "r3d_18", "--detector", detector,
             "--det-score-thresh", "0", "--det-min-size", "64", "--det-max-size", "128",
             "--clip-frames", str(SMALL.clip_frames), "--clip-stride", str(SMALL.clip_stride), "--size", str(size)]
+
+
+def invoke_featstore(*args: object):
+    """``featstore ARGS...`` through click's test runner (exceptions propagate); returns its Result."""
+    from click.testing import CliRunner
+
+    from cli.featstore_cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def tiny_build(store: Path, annotations: Path, frames: Path, *extra: object, size: int = 32,
+               detector: str = DETECTOR):
+    """``featstore build`` of the tiny dataset at `tiny_build_flags`, without progress bars."""
+    return invoke_featstore("build", store, "--annotations", annotations, "--frames", frames,
+                            *tiny_build_flags(size=size, detector=detector), "--no-progress", *extra)

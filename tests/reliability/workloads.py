@@ -11,7 +11,7 @@ from tests.reliability import faults
 IMPORT_SHAPES = feature_shapes(verb_dim=8, noun_dim=8, det_dim=4, n_global=6, n_local=4, map_size=None)
 IMPORT_BOXES_PER_SEGMENT = 6 + 4
 
-# Built features: verb.global, verb.map, noun.global, det.{global,local}.{feat,box,score}.
+# Built features (the default --map none): verb.global, verb.local, noun.global, det.{global,local}.{feat,box,score}.
 BUILD_FIELDS = 9
 BUILD_BOXES_PER_SEGMENT = 60 + 40
 

@@ -1,4 +1,4 @@
-"""`pool_local_verb_features` against hand-computed cases.
+"""`featstore.local_pool.pool_local_verb_features` against hand-computed cases.
 
 With `aligned=True` and a map whose side is a multiple of 7, RoIAlign's adaptive sampling puts its
 samples exactly on pixel centres of the covered cells, so box averages are exact cell averages.
@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from heads.local_alignment import pool_local_verb_features
+from featstore.local_pool import pool_local_verb_features
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -79,7 +79,18 @@ def test_padded_boxes_are_finite_and_bad_input_is_refused() -> None:
     with pytest.raises(ValueError, match="boxes"):
         pool_local_verb_features(verb_map, torch.zeros(3, 4, 4))
     with pytest.raises(ValueError, match="verb_map"):
-        pool_local_verb_features(verb_map[:, :, 0], torch.zeros(2, 4, 4))
+        pool_local_verb_features(verb_map[:, :, 0, 0], torch.zeros(2, 4, 4))
+
+
+@pytest.mark.parametrize("pool", ["avg", "max"])
+def test_a_time_mean_map_pools_as_the_full_map(pool: str) -> None:
+    # verb.map_tmean stores the time mean the pooling takes first: (N, C, H, W) in, the same out.
+    generator = torch.Generator().manual_seed(5)
+    verb_map = torch.randn(3, 6, 4, 8, 10, generator=generator)
+    corners = torch.rand(3, 5, 2, 2, generator=generator)
+    boxes = torch.cat([corners.amin(dim=2), corners.amax(dim=2)], dim=-1)
+    torch.testing.assert_close(pool_local_verb_features(verb_map.mean(dim=2), boxes, pool=pool),
+                               pool_local_verb_features(verb_map, boxes, pool=pool), atol=1e-6, rtol=1e-6)
 
 
 def test_average_equals_roi_align_then_mean_of_its_bins() -> None:
