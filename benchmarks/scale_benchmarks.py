@@ -100,7 +100,8 @@ def store_bytes_saoa_ready(ctx: Context, wanted: set[str]) -> list[Result]:
 
 def heads_cost_growth(ctx: Context, wanted: set[str]) -> list[Result]:
     """Preload seconds and one saoa epoch's seconds at 5k, 10k, 20k, 40k segments of one store."""
-    from heads.trainer import RunState, TrainConfig, prepare
+    from heads.engine import Engine, LearningRate, LossCheck
+    from heads.trainer import HeadRun, TrainConfig, prepare
 
     quick = ctx.sizes.quick
     sizes = [250, 500, 1000, 2000] if quick else [5000, 10000, 20000, 40000]
@@ -128,12 +129,14 @@ def heads_cost_growth(ctx: Context, wanted: set[str]) -> list[Result]:
             run = prepare(built.path, config, log=_quiet)
             preload.append(time.perf_counter() - started)
             assert run.train.mode == "preload" and len(run.train) == n
-            state = RunState(run, root / f"run{n}")
+            head = HeadRun(run)
+            engine = Engine()  # the step loop of `heads train`, without validation and files
+            engine.add(head, name=f"growth{n}", epochs=1, hooks=[LossCheck(), LearningRate(head.optimizer)])
             started = time.perf_counter()
-            state.train_epoch()
+            engine.train()
             epoch.append(time.perf_counter() - started)
             ctx.log(f"  {n} segments: preload {preload[-1]:.1f} s, epoch {epoch[-1]:.1f} s (load {load_average()})")
-            del run, state
+            del run, head, engine
     finally:
         ctx.workspace.remove("growth")
     common = (f"saoa, C={dim}, Cd={det_dim}, 60/40 slots, verb.local stored (no map), batch 32, CPU; one "
@@ -143,7 +146,7 @@ def heads_cost_growth(ctx: Context, wanted: set[str]) -> list[Result]:
     if "heads_cost_growth_epoch" in wanted:
         exponent = _fit_exponent(sizes, epoch)
         rows.append(compare("heads_cost_growth_epoch", exponent, 1.0, unit="exponent", goal="<= 1.1", notes=(
-            f"one epoch through RunState.train_epoch: {', '.join(f'{s:.1f}' for s in epoch)} s "
+            f"one epoch through the engine (heads train's step loop): {', '.join(f'{s:.1f}' for s in epoch)} s "
             f"({', '.join(f'{n / 32 / s:.1f}' for n, s in zip(sizes, epoch))} steps/s); {common}")))
     if "heads_cost_growth_preload" in wanted:
         exponent = _fit_exponent(sizes, preload)
