@@ -176,7 +176,10 @@ def command_argv(command: click.Command, params: Mapping[str, Any], *, always: I
         raise ValueError(f"command {command.name!r} has no parameter(s) {', '.join(unknown)}")
     options: list[str] = []
     arguments: list[str] = []
-    for param in command.params:
+    # get_params, not .params: a command may add parameters when it runs (`heads train` reads its
+    # --model choices and head switches from the registry then).
+    declared = command.get_params(click.Context(command, info_name=command.name))
+    for param in declared:
         if param.name not in params or not param.expose_value:
             continue
         value = params[param.name]

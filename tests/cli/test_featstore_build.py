@@ -176,7 +176,8 @@ def test_build_takes_clip_and_normalisation_from_the_verb_backbone_record(tmp_pa
     assert provenance["sampling_sources"]["det_fps"] == "default"
     assert provenance["sampling_notes"] == [], "TSN's record asks for the same clip"
     info = json.loads(invoke_featstore("info", store, "--json").output)
-    assert info["fields"]["verb.map"]["shape"] == [2048, 8, 1, 2]
+    assert provenance["verb_map_shape"] == [2048, 8, 1, 2]  # the map itself is not kept (--map none)
+    assert info["fields"]["verb.local"]["shape"] == [16, 2048]
     assert info["fields"]["det.local.feat"]["shape"] == [16, 1024]  # 8 local frames x top 2
 
 
