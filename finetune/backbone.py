@@ -218,11 +218,13 @@ class FinetuneRun:
         self.train_data = ClipDataset(self.selection.train, source=self.source, target=config.target,
                                       clip_frames=config.clip_frames, clip_stride=config.clip_stride,
                                       crop=config.crop, train=True, scale_range=config.scale_range,
-                                      test_size=config.test_size, fallback_fps=config.fps, seed=config.seed)
+                                      test_size=config.test_size, fallback_fps=config.fps, seed=config.seed,
+                                      clip_sampling=config.clip_sampling, snippet_frames=config.snippet_frames)
         self.val_data = ClipDataset(self.selection.val, source=self.source, target=config.target,
                                     clip_frames=config.clip_frames, clip_stride=config.clip_stride,
                                     crop=config.crop, train=False, test_size=config.test_size,
-                                    fallback_fps=config.fps, seed=config.seed)
+                                    fallback_fps=config.fps, seed=config.seed,
+                                    clip_sampling=config.clip_sampling, snippet_frames=config.snippet_frames)
         self.train_sampler = EpochBatchSampler(len(self.train_data), config.batch_size, shuffle=True,
                                                seed=config.seed, rank=config.rank, world_size=config.world_size)
 

@@ -6,7 +6,13 @@ frames ``clip_stride`` apart, clamped into the video) and read by the build's fr
 clip on a frame drawn uniformly inside the segment (report 3.1), resizes its short side to a
 length drawn in ``scale_range`` and takes one random ``crop`` x ``crop`` window, the same for every
 frame of the clip; validation takes the build's centre clip, resizes the short side to
-``test_size`` and takes the centre crop. Augmentation runs on uint8 frames before any float
+``test_size`` and takes the centre crop.
+
+TSN / TSM backbones (``clip_sampling="segments"``) take one snippet from each of ``clip_frames``
+equal parts of the segment instead: training draws each snippet's start uniformly inside its part
+(TSN's training rule, `training_snippet_frames`), validation takes the build's middle snippets
+(its test rule); a flow snippet's ``snippet_frames`` frames are stacked as channels
+(`featstore.frames.stack_snippets`) after the crop, exactly as the build stacks them. Augmentation runs on uint8 frames before any float
 conversion (4x less memory traffic); the float conversion and the backbone record's normalisation
 happen on the device (`VideoBackbone.forward`).
 
@@ -24,7 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from featstore.frames import FrameError, FrameSource, resize_short_side
+from featstore.frames import FrameError, FrameSource, resize_short_side, stack_snippets
 from featstore.sampling import SamplingConfig, plan_segment
 from finetune.config import FinetuneError
 
@@ -40,6 +46,7 @@ __all__ = [
     "random_crop",
     "sample_rng",
     "training_centre",
+    "training_snippet_frames",
 ]
 
 # Streams of one sample's generator: the same (seed, epoch, index) gives the same draws, and the
@@ -70,6 +77,39 @@ def training_centre(start_frame: int, stop_frame: int, rng: np.random.Generator)
         A frame in ``[start_frame, stop_frame]``.
     """
     return int(rng.integers(start_frame, stop_frame + 1))
+
+
+def training_snippet_frames(start_frame: int, stop_frame: int, *, segments: int, snippet_frames: int,
+                            stride: int, n_frames: int | None, rng: np.random.Generator) -> list[int]:
+    """TSN's training sampling: one snippet at a random place in each of ``segments`` equal parts.
+
+    The rule of the EPIC TSN loader (``TsnDataset._sample_indices``): with n frames and a snippet
+    spanning L = (snippet_frames - 1) * stride + 1 of them, ``avg = (n - L + 1) // segments``; the
+    k-th snippet starts at ``k * avg + randint(avg)``. A segment too short for that draws sorted
+    starts among its ``n - L + 1`` positions when it has more than ``segments`` of them, else starts
+    every snippet at its first frame.
+
+    Args:
+        start_frame, stop_frame: the segment (1-based, inclusive).
+        segments: snippets per clip (the clip's samples).
+        snippet_frames: frames per snippet; stride: frames between them.
+        n_frames: the video's frame count (frames past it repeat the last one), or None.
+        rng: the sample's generator.
+    Returns:
+        ``segments * snippet_frames`` frame indices, sample-major (the order `plan_segment` uses).
+    """
+    span = (snippet_frames - 1) * stride + 1
+    positions = stop_frame - start_frame + 1 - span + 1
+    average = positions // segments
+    if average > 0:
+        offsets = np.arange(segments) * average + rng.integers(0, average, size=segments)
+    elif positions > segments:
+        offsets = np.sort(rng.choice(positions, size=segments, replace=False))
+    else:
+        offsets = np.zeros(segments, dtype=np.int64)
+    last = n_frames if n_frames is not None else np.inf
+    return [int(min(max(start_frame + int(offset) + j * stride, 1), last))
+            for offset in offsets for j in range(snippet_frames)]
 
 
 def _crop_at(frames: np.ndarray, top: int, left: int, crop: int) -> np.ndarray:
@@ -195,6 +235,8 @@ class ClipDataset(torch.utils.data.Dataset):
         test_size: int = 256,
         fallback_fps: float | None = None,
         seed: int = 0,
+        clip_sampling: str = "centred",
+        snippet_frames: int = 1,
     ) -> None:
         """
         Args:
@@ -208,11 +250,14 @@ class ClipDataset(torch.utils.data.Dataset):
             test_size: validation short side.
             fallback_fps: frame rate when the source knows none (as `featstore build --fps`).
             seed: the run's seed.
+            clip_sampling: the backbone's (its record's): ``"centred"`` or ``"segments"`` (TSN / TSM).
+            snippet_frames: frames per clip sample stacked as channels (TSN / TSM flow: 5).
         """
         self.rows = [dict(row) for row in rows]
         self.source = source
         self.label_column = f"{target}_class"
-        self.sampling = SamplingConfig(clip_frames=clip_frames, clip_stride=clip_stride, size=test_size)
+        self.sampling = SamplingConfig(clip_frames=clip_frames, clip_stride=clip_stride, size=test_size,
+                                       clip_sampling=clip_sampling, snippet_frames=snippet_frames)
         self.crop = crop
         self.train = train
         self.scale_range = scale_range
@@ -243,19 +288,26 @@ class ClipDataset(torch.utils.data.Dataset):
                 f"no frame rate for video {video}: it is not in the video info file and frame folders "
                 "carry none; give --fps or --video-info"))
         rng = sample_rng(self.seed, epoch, index)
-        if self.train:
+        n_frames = self.source.n_frames(participant, video)
+        segments = self.sampling.clip_sampling == "segments"
+        if self.train and not segments:
             centre = training_centre(start, stop, rng)
             start = stop = centre  # a one-frame segment: the build's clip centred on the drawn frame
         try:
-            plan = plan_segment(start, stop, fps=float(fps), n_frames=self.source.n_frames(participant, video),
-                                config=self.sampling)
+            plan = plan_segment(start, stop, fps=float(fps), n_frames=n_frames, config=self.sampling)
         except ValueError as err:  # e.g. a segment that starts past the video's last frame
             return Clip(index=index, epoch=epoch, label=label, error=f"cannot sample video {video}: {err}")
-        frames = self.source.read(participant, video, list(plan.clip_frames))  # (T, H, W, C) uint8
+        clip_frames = list(plan.clip_frames)
+        if self.train and segments:
+            clip_frames = training_snippet_frames(start, stop, segments=self.sampling.clip_frames,
+                                                  snippet_frames=self.sampling.snippet_frames,
+                                                  stride=self.sampling.clip_stride, n_frames=n_frames, rng=rng)
+        frames = self.source.read(participant, video, clip_frames)  # (T * L, H, W, C) uint8
         if self.train:
             frames = random_crop(frames, scale_range=self.scale_range, crop=self.crop, rng=rng)
         else:
             frames = centre_crop(frames, size=self.test_size, crop=self.crop)
+        frames = stack_snippets(frames, self.sampling.snippet_frames)  # (T, crop, crop, L * C)
         return Clip(index=index, epoch=epoch, label=label, frames=torch.from_numpy(frames), centre=plan.clip_center)
 
 

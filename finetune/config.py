@@ -40,8 +40,8 @@ class FinetuneConfig:
     frames_root: Path | None = None  # EPIC JPEG layout root (exactly one of frames_root / videos_dir)
     videos_dir: Path | None = None  # folder of video files decoded with PyAV (RGB only)
     modality: str = "rgb"  # 'rgb' (3 channels) or 'flow' (u, v: 2 channels)
-    clip_frames: int = 64  # frames per clip
-    clip_stride: int = 2  # frames between clip frames, in the video's own frames
+    clip_frames: int = 64  # frames per clip (TSN / TSM: segments, one snippet each)
+    clip_stride: int = 2  # frames between clip frames, in the video's own frames (TSN: within a snippet)
     crop: int = 224  # square training crop; also the validation centre crop
     scale_range: tuple[int, int] = (224, 288)  # training short side, drawn uniformly (inclusive)
     test_size: int = 256  # validation short side before the centre crop
@@ -130,8 +130,18 @@ class FinetuneConfig:
 
     @property
     def in_channels(self) -> int:
-        """Input channels of the backbone: 3 for RGB, 2 (u, v) for flow."""
-        return MODALITY_CHANNELS[self.modality]
+        """Input channels of the backbone: 3 for RGB, 2 (u, v) per stacked flow frame (10 for TSN flow)."""
+        return get_backbone_record(self.backbone).in_channels(self.modality)
+
+    @property
+    def clip_sampling(self) -> str:
+        """How the backbone takes its clip (its record's): ``"centred"`` (3D CNNs) or ``"segments"`` (TSN / TSM)."""
+        return get_backbone_record(self.backbone).clip_sampling
+
+    @property
+    def snippet_frames(self) -> int:
+        """Frames stacked as channels per clip sample (its record's: 5 for TSN / TSM flow, else 1)."""
+        return get_backbone_record(self.backbone).snippet_frames(self.modality)
 
     @property
     def uses_channels_last(self) -> bool:

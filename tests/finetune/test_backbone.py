@@ -157,6 +157,17 @@ def test_a_flow_run_trains_on_the_u_v_stacks_the_flow_build_reads(tmp_path: Path
     assert backbone.stem[0].in_channels == 2
 
 
+def test_a_tsn_flow_run_takes_segments_of_stacked_snippets(tmp_path: Path) -> None:
+    data = make_small_epic(tmp_path / "data", flow=True)
+    out = tmp_path / "tsn-flow"
+    config = small_config(data, out, recipe="i3d-flow", backbone="tsn_r50", clip_frames=2, clip_stride=1,
+                          epochs=1, batch_size=2)
+    assert (config.clip_sampling, config.snippet_frames, config.in_channels) == ("segments", 5, 10)
+    finetune(config, log=lambda _: None)
+    backbone, _ = build_backbone(f"tsn_r50:{out / 'checkpoint.pt'}", in_channels=10)  # as the flow build loads it
+    assert backbone.base_model.conv1.in_channels == 10
+
+
 @pytest.mark.slow
 def test_two_torchrun_processes_share_the_batches_and_gather_what_they_saw(tmp_path: Path) -> None:
     import os

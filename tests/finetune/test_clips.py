@@ -20,6 +20,7 @@ from finetune.clips import (
     random_crop,
     sample_rng,
     training_centre,
+    training_snippet_frames,
 )
 
 from tests.finetune.conftest import make_small_epic
@@ -92,6 +93,57 @@ def test_a_validation_clip_is_the_centre_clip() -> None:
             assert clip.centre == plan.clip_center and source.reads[-1] == list(plan.clip_frames)
             assert clip.frames.shape == (8, 32, 32, 3)
     assert torch.equal(data[(0, 2)].frames, data[(7, 2)].frames)
+
+
+def test_tsn_training_takes_one_random_snippet_inside_each_part() -> None:
+    # 80 frames, 8 parts of 10: snippet k starts in [100 + 10k, 109 + 10k], one draw per part.
+    starts = set()
+    for i in range(200):
+        frames = training_snippet_frames(100, 179, segments=8, snippet_frames=1, stride=1, n_frames=None,
+                                         rng=sample_rng(0, 0, i))
+        assert len(frames) == 8
+        for k, frame in enumerate(frames):
+            assert 100 + 10 * k <= frame <= 109 + 10 * k
+        starts.add(frames[0])
+    assert starts == set(range(100, 110))  # every position of the first part is drawn
+    # Flow: 5 frames 2 apart per snippet (span 9): 72 positions, 9 per part; a snippet stays whole.
+    frames = training_snippet_frames(100, 179, segments=8, snippet_frames=5, stride=2, n_frames=None,
+                                     rng=sample_rng(1, 0, 0))
+    assert len(frames) == 40
+    for k in range(8):
+        snippet = frames[5 * k:5 * k + 5]
+        assert snippet == list(range(snippet[0], snippet[0] + 10, 2))
+        assert 100 + 9 * k <= snippet[0] <= 108 + 9 * k
+
+
+def test_tsn_training_of_short_segments_and_the_video_end() -> None:
+    # 12 positions, 8 parts: average 1 -> every part's one position; 6 positions: sorted distinct draws.
+    assert training_snippet_frames(1, 12, segments=8, snippet_frames=1, stride=1, n_frames=None,
+                                   rng=sample_rng(0, 0, 0)) == [1, 2, 3, 4, 5, 6, 7, 8]
+    frames = training_snippet_frames(1, 6, segments=4, snippet_frames=1, stride=1, n_frames=None,
+                                     rng=sample_rng(0, 0, 0))
+    assert frames == sorted(set(frames)) and set(frames) <= set(range(1, 7))
+    # Fewer positions than parts: every snippet starts at the segment's first frame (clamped at the end).
+    assert training_snippet_frames(10, 12, segments=3, snippet_frames=3, stride=2, n_frames=13,
+                                   rng=sample_rng(0, 0, 0)) == [10, 12, 13] * 3
+
+
+def test_tsn_flow_clips_stack_each_snippet_as_channels() -> None:
+    source = PaintedSource()
+    train = dataset(source, train=True, clip_sampling="segments", snippet_frames=5, clip_frames=4)
+    clip = train[(0, 1)]
+    assert clip.frames.shape == (4, 32, 32, 15)  # 4 samples, 5 stacked 3-channel frames each
+    read = source.reads[-1]
+    # channel l * C + c is channel c of the l-th frame of the sample (as featstore.frames.stack_snippets)
+    for sample in range(4):
+        for frame in range(5):
+            assert int(clip.frames[sample, 0, 0, 3 * frame]) == read[5 * sample + frame] % 251
+    val = dataset(source, train=False, clip_sampling="segments", snippet_frames=5, clip_frames=4)
+    row = ROWS[1]
+    plan = plan_segment(row["start_frame"], row["stop_frame"], fps=60.0, n_frames=1000,
+                        config=SamplingConfig(clip_frames=4, clip_stride=2, clip_sampling="segments",
+                                              snippet_frames=5))
+    assert val[(3, 1)].frames.shape == (4, 32, 32, 15) and source.reads[-1] == list(plan.clip_frames)
 
 
 def test_augmentation_depends_on_seed_epoch_and_index_only() -> None:
