@@ -5,13 +5,14 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 from featstore.frames import MODALITY_CHANNELS
 from featstore.models import UnknownModelError, get_backbone_record, parse_model_spec
 from finetune.recipes import Recipe, get_recipe, list_recipes, recipe_for_backbone
 
-__all__ = ["FinetuneConfig", "FinetuneError", "RECIPE_FIELDS", "TARGETS", "make_config", "resume_differences"]
+__all__ = ["FinetuneConfig", "FinetuneError", "RECIPE_FIELDS", "TARGETS", "check_run_settings", "make_config",
+           "resume_differences", "settings_differences"]
 
 TARGETS = ("verb", "noun")
 # The settings a recipe gives and a flag overrides.
@@ -103,30 +104,11 @@ class FinetuneConfig:
             fail(f"test_size {self.test_size} is below the crop {self.crop}: the centre crop would not fit")
         if self.epochs < 0:
             fail(f"epochs must be >= 0, got {self.epochs}")
-        if not self.lr > 0:
-            fail(f"lr must be > 0, got {self.lr}")
-        if any(step < 1 for step in self.lr_steps):
-            fail(f"lr_steps are 1-based epochs, got {list(self.lr_steps)}")
-        if self.workers < 0:
-            fail(f"workers must be >= 0, got {self.workers}")
-        if self.device not in ("cpu", "cuda"):
-            fail(f"device must be 'cpu' or 'cuda', got {self.device!r}")
-        if self.amp not in ("fp16", "bf16", "off"):
-            fail(f"amp must be 'bf16', 'fp16' or 'off', got {self.amp!r}")
-        if self.seed < 0:
-            fail(f"seed must be >= 0, got {self.seed}")
-        if not 0.0 <= self.max_failed_fraction <= 1.0:
-            fail(f"max_failed_fraction must be in [0, 1], got {self.max_failed_fraction}")
-        if self.limit is not None and self.limit < 1:
-            fail(f"limit must be >= 1, got {self.limit}")
+        check_run_settings(self, fail, step_unit="epochs")
         if self.fps is not None and not self.fps > 0:
             fail(f"fps must be > 0, got {self.fps}")
         if self.num_classes is not None and self.num_classes < 1:
             fail(f"num_classes must be >= 1, got {self.num_classes}")
-        if self.world_size < 1 or not 0 <= self.rank < self.world_size:
-            fail(f"rank {self.rank} is not in [0, world_size={self.world_size})")
-        if self.batch_size < self.world_size:
-            fail(f"batch_size {self.batch_size} is smaller than the {self.world_size} processes sharing each batch")
 
     @property
     def in_channels(self) -> int:
@@ -158,6 +140,43 @@ class FinetuneConfig:
         return json.loads(json.dumps(dataclasses.asdict(self), default=str))
 
 
+def check_run_settings(config: Any, fail: Callable[[str], None], *, step_unit: str) -> None:
+    """The checks every stage-1 run's settings share (backbone and detector configs call it).
+
+    Args:
+        config: a config with ``lr, lr_steps, workers, device, amp, seed, max_failed_fraction, limit,
+            rank, world_size, batch_size``.
+        fail: raises the config's own error with a message.
+        step_unit: what ``lr_steps`` count (``"epochs"``, ``"iterations"``), for the message.
+    """
+    if not config.lr > 0:
+        fail(f"lr must be > 0, got {config.lr}")
+    if any(step < 1 for step in config.lr_steps):
+        fail(f"lr_steps are 1-based {step_unit}, got {list(config.lr_steps)}")
+    if config.workers < 0:
+        fail(f"workers must be >= 0, got {config.workers}")
+    if config.device not in ("cpu", "cuda"):
+        fail(f"device must be 'cpu' or 'cuda', got {config.device!r}")
+    if config.amp not in ("fp16", "bf16", "off"):
+        fail(f"amp must be 'bf16', 'fp16' or 'off', got {config.amp!r}")
+    if config.seed < 0:
+        fail(f"seed must be >= 0, got {config.seed}")
+    if not 0.0 <= config.max_failed_fraction <= 1.0:
+        fail(f"max_failed_fraction must be in [0, 1], got {config.max_failed_fraction}")
+    if config.limit is not None and config.limit < 1:
+        fail(f"limit must be >= 1, got {config.limit}")
+    if config.world_size < 1 or not 0 <= config.rank < config.world_size:
+        fail(f"rank {config.rank} is not in [0, world_size={config.world_size})")
+    if config.batch_size < config.world_size:
+        fail(f"batch_size {config.batch_size} is smaller than the {config.world_size} processes sharing each batch")
+
+
+def settings_differences(now: Mapping[str, Any], recorded: Mapping[str, Any], resumable: Sequence[str]) -> list[str]:
+    """``"name: run has X, now Y"`` for each setting outside ``resumable`` that differs from the record."""
+    return [f"{name}: run has {json.dumps(recorded.get(name))}, now {json.dumps(now[name])}"
+            for name in now if name not in resumable and recorded.get(name) != now[name]]
+
+
 def resume_differences(config: FinetuneConfig, recorded: Mapping[str, Any]) -> list[str]:
     """Settings of ``config`` that differ from a run's recorded config.json (what a resume may not change).
 
@@ -167,9 +186,7 @@ def resume_differences(config: FinetuneConfig, recorded: Mapping[str, Any]) -> l
     Returns:
         ``"name: run has X, now Y"`` for each differing setting; empty when the run may be resumed.
     """
-    now = config.to_json()
-    return [f"{name}: run has {json.dumps(recorded.get(name))}, now {json.dumps(now[name])}"
-            for name in now if name not in _RESUMABLE_CHANGES and recorded.get(name) != now[name]]
+    return settings_differences(config.to_json(), recorded, _RESUMABLE_CHANGES)
 
 
 def make_config(*, out: Path, annotations: Path, backbone: str, target: str, recipe: str | None = None,

@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from featstore.objects import HELD_OUT_PARTICIPANTS, IMAGE_LAYOUTS
+from finetune.config import check_run_settings, settings_differences
+from finetune.recipes import RecipeBook, UnknownRecipeError
 
 __all__ = [
     "DETECTOR_RECIPE_FIELDS",
@@ -84,14 +86,8 @@ class DetectorRecipe:
         return values
 
 
-_RECIPES: dict[str, DetectorRecipe] = {}
-
-
-def _register(recipe: DetectorRecipe) -> DetectorRecipe:
-    if recipe.name in _RECIPES:
-        raise ValueError(f"detector recipe {recipe.name!r} is already registered")
-    _RECIPES[recipe.name] = recipe
-    return recipe
+_RECIPES = RecipeBook("detector recipe")
+_register = _RECIPES.register
 
 
 _register(DetectorRecipe(
@@ -104,7 +100,7 @@ _register(DetectorRecipe(
 
 def list_detector_recipes() -> list[str]:
     """Names of the detector recipes, sorted."""
-    return sorted(_RECIPES)
+    return _RECIPES.names()
 
 
 def get_detector_recipe(name: str) -> DetectorRecipe:
@@ -114,15 +110,14 @@ def get_detector_recipe(name: str) -> DetectorRecipe:
         DetectorFinetuneError: no such recipe (the message lists them).
     """
     try:
-        return _RECIPES[name]
-    except KeyError:
-        raise DetectorFinetuneError(
-            f"unknown detector recipe {name!r}; recipes: {', '.join(list_detector_recipes())}") from None
+        return _RECIPES.get(name)
+    except UnknownRecipeError as err:
+        raise DetectorFinetuneError(err.args[0]) from None
 
 
 def detector_recipes_help() -> str:
     """One line per recipe, for ``featstore finetune-detector --help``."""
-    return "; ".join(f"{name}: {get_detector_recipe(name).description}" for name in list_detector_recipes())
+    return _RECIPES.help()
 
 
 # What may differ between a run and its resumption: how it runs, not what it computes.
@@ -181,10 +176,6 @@ class DetectorFinetuneConfig:
                 fail(f"{name} must be >= {0 if name == 'iterations' else 1}, got {getattr(self, name)}")
         if self.max_size < self.min_size:
             fail(f"max_size {self.max_size} is below min_size {self.min_size}")
-        if not self.lr > 0:
-            fail(f"lr must be > 0, got {self.lr}")
-        if any(step < 1 for step in self.lr_steps):
-            fail(f"lr_steps are 1-based iterations, got {list(self.lr_steps)}")
         if self.warmup_iterations < 0 or not 0.0 < self.warmup_factor <= 1.0:
             fail(f"warm-up needs warmup_iterations >= 0 and 0 < warmup_factor <= 1, got {self.warmup_iterations}, "
                  f"{self.warmup_factor}")
@@ -192,24 +183,9 @@ class DetectorFinetuneConfig:
             fail(f"coords must be 'pixel' or 'normalized', got {self.coords!r}")
         if self.num_classes is not None and self.num_classes < 1:
             fail(f"num_classes must be >= 1, got {self.num_classes}")
-        if self.limit is not None and self.limit < 1:
-            fail(f"limit must be >= 1, got {self.limit}")
         if not 0.0 <= self.score_threshold < 1.0:
             fail(f"score_threshold must be in [0, 1), got {self.score_threshold}")
-        if self.workers < 0:
-            fail(f"workers must be >= 0, got {self.workers}")
-        if self.device not in ("cpu", "cuda"):
-            fail(f"device must be 'cpu' or 'cuda', got {self.device!r}")
-        if self.amp not in ("fp16", "bf16", "off"):
-            fail(f"amp must be 'bf16', 'fp16' or 'off', got {self.amp!r}")
-        if self.seed < 0:
-            fail(f"seed must be >= 0, got {self.seed}")
-        if not 0.0 <= self.max_failed_fraction <= 1.0:
-            fail(f"max_failed_fraction must be in [0, 1], got {self.max_failed_fraction}")
-        if self.world_size < 1 or not 0 <= self.rank < self.world_size:
-            fail(f"rank {self.rank} is not in [0, world_size={self.world_size})")
-        if self.batch_size < self.world_size:
-            fail(f"batch_size {self.batch_size} is smaller than the {self.world_size} processes sharing each batch")
+        check_run_settings(self, fail, step_unit="iterations")
 
     @property
     def backend(self) -> str:
@@ -237,9 +213,7 @@ class DetectorFinetuneConfig:
 
 def detector_resume_differences(config: DetectorFinetuneConfig, recorded: dict[str, Any]) -> list[str]:
     """Settings of ``config`` that differ from a run's recorded ``settings`` (what a resume may not change)."""
-    now = config.to_json()
-    return [f"{name}: run has {json.dumps(recorded.get(name))}, now {json.dumps(now[name])}"
-            for name in now if name not in _RESUMABLE_CHANGES and recorded.get(name) != now[name]]
+    return settings_differences(config.to_json(), recorded, _RESUMABLE_CHANGES)
 
 
 def _split_detector_spec(spec: str) -> tuple[str, Path | None]:

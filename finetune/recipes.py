@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-__all__ = ["Recipe", "UnknownRecipeError", "get_recipe", "list_recipes", "recipe_for_backbone", "recipes_help"]
+__all__ = ["Recipe", "RecipeBook", "UnknownRecipeError", "get_recipe", "list_recipes", "recipe_for_backbone", "recipes_help"]
 
 
 @dataclass(frozen=True)
@@ -72,20 +72,57 @@ class Recipe:
         return values
 
 
-# A plain dict, not featstore.models' Registry: importing that package imports torch, and the CLI
-# lists the recipes in its help text, which must come up without it.
-_RECIPES: dict[str, Recipe] = {}
-
-
 class UnknownRecipeError(LookupError):
     """``--recipe`` names no recipe."""
 
 
-def _register(recipe: Recipe) -> Recipe:
-    if recipe.name in _RECIPES:
-        raise ValueError(f"recipe {recipe.name!r} is already registered")
-    _RECIPES[recipe.name] = recipe
-    return recipe
+class RecipeBook:
+    """The recipes of one kind of stage-1 run (backbones here, detectors in `finetune.detector_config`).
+
+    A plain dict, not featstore.models' Registry: importing that package imports torch, and the CLI
+    lists the recipes in its help text, which must come up without it.
+
+    Args:
+        kind: what the recipes train, for messages (``"recipe"``, ``"detector recipe"``).
+    """
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._recipes: dict[str, Any] = {}
+
+    def register(self, recipe: Any) -> Any:
+        """Add a recipe (any record with ``name`` and ``description``); names are unique."""
+        if recipe.name in self._recipes:
+            raise ValueError(f"{self.kind} {recipe.name!r} is already registered")
+        self._recipes[recipe.name] = recipe
+        return recipe
+
+    def names(self) -> list[str]:
+        """Names of the recipes, sorted."""
+        return sorted(self._recipes)
+
+    def get(self, name: str) -> Any:
+        """The recipe called ``name``.
+
+        Raises:
+            UnknownRecipeError: no such recipe (the message lists them).
+        """
+        try:
+            return self._recipes[name]
+        except KeyError:
+            raise UnknownRecipeError(f"unknown {self.kind} {name!r}; recipes: {', '.join(self.names())}") from None
+
+    def values(self) -> list[Any]:
+        """The recipes, in registration order."""
+        return list(self._recipes.values())
+
+    def help(self) -> str:
+        """One line per recipe, for a command's ``--help``."""
+        return "; ".join(f"{name}: {self._recipes[name].description}" for name in self.names())
+
+
+_RECIPES = RecipeBook("recipe")
+_register = _RECIPES.register
 
 
 _KINETICS_3D = dict(clip_frames=64, clip_stride=2, crop=224, scale_range=(224, 288), test_size=256, epochs=35,
@@ -108,7 +145,7 @@ _register(Recipe(name="r2plus1d-34", backbone="r2plus1d_34", init="IG-65M (ig65m
 
 def list_recipes() -> list[str]:
     """Names of the recipes, sorted."""
-    return sorted(_RECIPES)
+    return _RECIPES.names()
 
 
 def get_recipe(name: str) -> Recipe:
@@ -117,10 +154,7 @@ def get_recipe(name: str) -> Recipe:
     Raises:
         UnknownRecipeError: no such recipe (the message lists them).
     """
-    try:
-        return _RECIPES[name]
-    except KeyError:
-        raise UnknownRecipeError(f"unknown recipe {name!r}; recipes: {', '.join(list_recipes())}") from None
+    return _RECIPES.get(name)
 
 
 def recipe_for_backbone(backbone: str, modality: str) -> Recipe | None:
@@ -133,4 +167,4 @@ def recipe_for_backbone(backbone: str, modality: str) -> Recipe | None:
 
 def recipes_help() -> str:
     """One line per recipe, for ``featstore finetune --help``."""
-    return "; ".join(f"{name}: {get_recipe(name).description}" for name in list_recipes())
+    return _RECIPES.help()
