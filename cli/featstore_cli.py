@@ -12,6 +12,7 @@ from cli.featstore_demo import demo
 from cli.featstore_info import info
 from cli.featstore_transform import copy_cmd, derive
 from cli.featstore_finetune import finetune
+from cli.featstore_finetune_detector import finetune_detector
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -113,7 +114,7 @@ def convert_checkpoint_cmd(source: Path, target: Path) -> None:
 
 
 # Commands of their own modules (imported above: a misspelt or broken module is an error).
-for command in (build, copy_cmd, demo, derive, finetune, info):
+for command in (build, copy_cmd, demo, derive, finetune, finetune_detector, info):
     main.add_command(command)
 
 

@@ -334,6 +334,8 @@ def _model_provenance(
         finetune = read_finetune_record(checkpoint)
         if finetune is not None:
             entry["finetune"] = finetune
+            if "classes" in finetune:  # a stage-1 detector: what its label ids mean
+                entry["classes"] = finetune["classes"]
     return entry, warning
 
 

@@ -154,6 +154,8 @@ class DetectorFinetuneConfig:
     min_size: int = 800  # the detector's resize: short side
     max_size: int = 1333  # and the cap of the long side
     score_threshold: float = 0.05  # detections kept for evaluation
+    roi_batch_size: int = 512  # sampled proposals per training image for the box head (detectron2 / torchvision: 512)
+    rpn_proposals: int = 2000  # RPN proposals kept per training image after NMS (both libraries' FPN default: 2000)
     workers: int = 4  # decode worker processes; 0 decodes in the main process
     device: str = "cpu"  # 'cpu' or 'cuda' (a torchrun rank uses cuda:LOCAL_RANK)
     amp: str = "bf16"  # autocast dtype on CUDA: 'bf16', 'fp16' (with a gradient scaler) or 'off'; CPU runs fp32
@@ -171,7 +173,8 @@ class DetectorFinetuneConfig:
         def fail(message: str) -> None:
             raise DetectorFinetuneError(message)
 
-        for name in ("iterations", "eval_every", "batch_size", "min_size", "max_size", "check_every"):
+        for name in ("iterations", "eval_every", "batch_size", "min_size", "max_size", "check_every", "roi_batch_size",
+                     "rpn_proposals"):
             if getattr(self, name) < (0 if name == "iterations" else 1):
                 fail(f"{name} must be >= {0 if name == 'iterations' else 1}, got {getattr(self, name)}")
         if self.max_size < self.min_size:

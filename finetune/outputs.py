@@ -127,21 +127,33 @@ class RunLog:
         atomic_write_text(self.path, "\n".join(self.lines) + "\n")
 
 
-def plot_curves(history: Sequence[Mapping[str, Any]], path: str | os.PathLike, *, target: str, title: str) -> Path:
-    """Training loss and validation top-1 / top-5 of the target per epoch, side by side, as a PNG."""
+def plot_curves(history: Sequence[Mapping[str, Any]], path: str | os.PathLike, *, target: str, title: str,
+                metrics: Sequence[tuple[str, str]] | None = None, x: str = "epoch",
+                ylabel: str | None = None) -> Path:
+    """Training loss and validation metrics per round, side by side, as a PNG.
+
+    Args:
+        history: one entry per epoch (or validation round).
+        path: the PNG.
+        target: what the run trains (``verb``, ``noun``), for the default metrics and label.
+        title: the figure's title.
+        metrics: (history key, legend label) of the validation lines; default the target's top-1 / top-5.
+        x: the history key on the x axis (``epoch``; ``iteration`` for a detector).
+        ylabel: the validation axis label; default "<target> accuracy (%)".
+    """
     plt = pyplot()
-    epochs = [entry["epoch"] for entry in history]
+    metrics = metrics if metrics is not None else [(f"{target}_top{k}", f"top-{k}") for k in (1, 5)]
+    steps = [entry[x] for entry in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.6))
-    ax_loss.plot(epochs, [entry["loss"] for entry in history], marker="o")
-    ax_loss.set(xlabel="epoch", ylabel="training loss", title="loss")
-    for k in (1, 5):
-        values = [entry.get(f"{target}_top{k}") for entry in history]
+    ax_loss.plot(steps, [entry["loss"] for entry in history], marker="o")
+    ax_loss.set(xlabel=x, ylabel="training loss", title="loss")
+    for key, label in metrics:
+        values = [entry.get(key) for entry in history]
         if any(v is not None and not math.isnan(v) for v in values):
-            ax_acc.plot(epochs, [math.nan if v is None else v for v in values], marker="o", label=f"top-{k}")
-    ax_acc.set(xlabel="epoch", ylabel=f"{target} accuracy (%)", title="validation")
+            ax_acc.plot(steps, [math.nan if v is None else v for v in values], marker="o", label=label)
+    ax_acc.set(xlabel=x, ylabel=ylabel or f"{target} accuracy (%)", title="validation")
     if ax_acc.lines:
         ax_acc.legend()
     fig.suptitle(title)
     fig.tight_layout()
     return save_figure(fig, path)
-

@@ -420,16 +420,22 @@ class LossCheck(Hook):
 
     Args:
         hint: appended to the error message (what the user can do about it).
+        where: ``where(epoch, step)`` (both 1-based) names the step in the message; default
+            ``"epoch E, step S"`` (an iteration-based trainer names its iteration).
+        error: the exception type raised (a trainer's own error type).
     """
 
-    def __init__(self, *, hint: str = ""):
+    def __init__(self, *, hint: str = "", where: Callable[[int, int], str] | None = None,
+                 error: type[Exception] = TrainingError):
         self.hint = hint
+        self.where = where or (lambda epoch, step: f"epoch {epoch}, step {step}")
+        self.error = error
 
     def after_epoch(self, run: RunState) -> None:
         values = torch.stack(run.losses).float().cpu().tolist() if run.losses else []
         for step, value in enumerate(values, start=1):
             if not math.isfinite(value):
-                raise TrainingError(f"loss is {value} at epoch {run.epoch + 1}, step {step}{self.hint}")
+                raise self.error(f"loss is {value} at {self.where(run.epoch + 1, step)}{self.hint}")
         run.record["loss"] = sum(values) / max(len(values), 1)
 
 

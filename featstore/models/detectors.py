@@ -229,6 +229,36 @@ class TorchvisionFasterRCNN(ObjectDetector):
         self.rpn = model.rpn
         self.roi_heads = model.roi_heads
 
+    def losses(self, images: list[Tensor], targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        """Training losses of torchvision's Faster R-CNN (``GeneralizedRCNN.forward`` in train mode).
+
+        Args:
+            images: per image a (3, H, W) float RGB tensor in [0, 1]; sizes may differ.
+            targets: per image ``"boxes"`` (k, 4) float x1, y1, x2, y2 in pixels of the image and
+                ``"labels"`` (k,) int64 in 1..K (0 is background); k = 0 is an image of background.
+        Returns:
+            ``loss_objectness``, ``loss_rpn_box_reg`` (RPN) and ``loss_classifier``, ``loss_box_reg``
+            (box head), each a 0-d tensor.
+        """
+        check_images(images)
+        image_list, targets = self.transform(images, targets)
+        features = self.backbone(image_list.tensors)
+        proposals, rpn_losses = self.rpn(image_list, features, targets)
+        _, head_losses = self.roi_heads(features, proposals, image_list.image_sizes, targets)
+        return {**rpn_losses, **head_losses}
+
+    def set_training_sampling(self, *, rpn_proposals: int, roi_batch_size: int) -> None:
+        """How many proposals training keeps: the RPN's per image after NMS (its pre-NMS count
+        follows, as torchvision's defaults keep them equal), and the box head's sample per image.
+
+        The box head's cost grows with ``roi_batch_size`` (its first layer is 12,544 x 1,024): a CPU
+        run lowers both; the report's setting is the libraries' default (2,000 and 512).
+        """
+        # torchvision keeps these counts in dicts keyed by mode; there is no setter.
+        self.rpn._pre_nms_top_n["training"] = rpn_proposals
+        self.rpn._post_nms_top_n["training"] = rpn_proposals
+        self.roi_heads.fg_bg_sampler.batch_size_per_image = roi_batch_size
+
     @property
     def input_short_side(self) -> int:
         """See `ObjectDetector.input_short_side` (the transform's smallest ``min_size``)."""

@@ -1,0 +1,184 @@
+"""Detector stage 1 (torchvision): data, sampler, a tiny run's folder, resume, failures, bad inputs."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from featstore.models import CheckpointError, build_detector, read_state_dict
+from featstore.objects import ImageLayout, ObjectImage
+from finetune.detector import IterationBatchSampler, ObjectImageDataset, finetune_detector
+from finetune.detector_config import DetectorFinetuneError, make_detector_config
+
+from tests.helpers.threads import torch_threads
+
+DETECTOR = "fasterrcnn_mobilenet_v3_large_320_fpn"
+PATTERN = "{video_id}/{frame:04d}.jpg"
+
+
+def write_images(root: Path) -> Path:
+    """Eight 64 x 80 images per video (P01_01, P02_01 train; P26_01 val), one red square of class 1 and
+    one blue of class 2 each, moving with the frame; a boxes CSV of them."""
+    rows = ["video_id,frame,x1,y1,x2,y2,score,label"]
+    rng = np.random.default_rng(0)
+    for video in ("P01_01", "P02_01", "P26_01"):
+        (root / video).mkdir(parents=True, exist_ok=True)
+        for frame in range(1, 9):
+            image = (rng.integers(0, 40, size=(64, 80, 3))).astype(np.uint8)
+            red = (4 + 3 * frame, 6, 24 + 3 * frame, 26)
+            blue = (40, 30 + frame, 70, 60 + frame)
+            for (x1, y1, x2, y2), colour in ((red, (220, 20, 20)), (blue, (20, 20, 220))):
+                image[y1:y2, x1:x2] = colour
+            Image.fromarray(image).save(root / video / f"{frame:04d}.jpg", quality=95)
+            rows += [f"{video},{frame},{red[0]},{red[1]},{red[2]},{red[3]},1,1",
+                     f"{video},{frame},{blue[0]},{blue[1]},{blue[2]},{blue[3]},1,2"]
+    (root / "boxes.csv").write_text("\n".join(rows) + "\n")
+    return root / "boxes.csv"
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("images")
+    write_images(root)
+    return root
+
+
+def tiny(images: Path, out: Path, **settings):
+    values = dict(out=out, objects=images / "boxes.csv", images=images, detector=DETECTOR, image_pattern=PATTERN,
+                  iterations=4, eval_every=2, batch_size=2, lr=0.01, warmup_iterations=1, lr_steps=(3,),
+                  min_size=64, max_size=80, roi_batch_size=16, rpn_proposals=50, workers=0, progress=False,
+                  num_classes=3)
+    values.update(settings)
+    return make_detector_config(**values)
+
+
+def test_sampler_takes_seeded_passes_and_ranks_share_each_batch() -> None:
+    sampler = IterationBatchSampler(5, 2, seed=3)
+    first_pass = sampler.global_batch(0) + sampler.global_batch(1) + sampler.global_batch(2)[:1]
+    assert sorted(first_pass) == [0, 1, 2, 3, 4]  # 5 images: iterations 0-2 start with one whole pass
+    assert IterationBatchSampler(5, 2, seed=3).global_batch(7) == sampler.global_batch(7)
+    assert IterationBatchSampler(5, 2, seed=4).global_batch(0) != sampler.global_batch(0) or \
+        IterationBatchSampler(5, 2, seed=4).global_batch(1) != sampler.global_batch(1)
+    halves = [IterationBatchSampler(5, 2, seed=3, rank=r, world_size=2) for r in (0, 1)]
+    for half in halves:
+        half.set_range(4, 6)
+    assert len(halves[0]) == 2
+    shares = [list(half) for half in halves]
+    for it in range(2):
+        assert sorted(k for share in shares for k in share[it]) == sorted((4 + it, i) for i in sampler.global_batch(4 + it))
+
+
+def test_training_images_flip_with_their_boxes_seeded_by_iteration(images: Path) -> None:
+    record = ObjectImage("P01", "P01_01", 3, np.array([[13, 6, 33, 26]], np.float32), np.array([0]))
+    layout = ImageLayout(images, PATTERN)
+    plain = ObjectImageDataset([record], layout=layout, train=False)[(0, 0)][1]
+    assert plain.image.shape == (3, 64, 80) and plain.labels.tolist() == [1]  # 0 is background
+    train = ObjectImageDataset([record], layout=layout, train=True, seed=0)
+    flips = 0
+    for iteration in range(12):
+        sample = train[(iteration, 0)][1]
+        assert torch.equal(sample.image, train[(iteration, 0)][1].image)  # a function of the key
+        if torch.equal(sample.image, plain.image):
+            assert sample.boxes.tolist() == [[13, 6, 33, 26]]
+        else:
+            flips += 1
+            assert torch.equal(sample.image, plain.image.flip(-1))
+            assert sample.boxes.tolist() == [[80 - 33, 6, 80 - 13, 26]]
+    assert 0 < flips < 12
+
+
+def test_an_unreadable_image_is_a_failure_marker(tmp_path: Path) -> None:
+    (tmp_path / "P01_01").mkdir()
+    (tmp_path / "P01_01" / "0001.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    record = ObjectImage("P01", "P01_01", 1, np.zeros((0, 4), np.float32), np.zeros(0, np.int64))
+    sample = ObjectImageDataset([record], layout=ImageLayout(tmp_path, PATTERN), train=True)[(0, 0)][1]
+    assert sample.image is None and "0001.jpg" in sample.error
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(images: Path, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "whole"
+    with torch_threads(1):  # as the tests that compare with it (module fixtures set up before `one_thread`)
+        finetune_detector(tiny(images, out), log=lambda _: None)
+    return out
+
+
+@pytest.mark.slow
+def test_a_run_writes_its_folder_and_build_loads_the_checkpoint(uninterrupted: Path) -> None:
+    for name in ("checkpoint.pt", "training_state.pt", "config.json", "metrics.json", "per_class_ap.csv",
+                 "predictions.png", "curves.png", "failures.json", "log.txt"):
+        assert (uninterrupted / name).is_file(), name
+    metrics = json.loads((uninterrupted / "metrics.json").read_text())
+    assert metrics["complete"] and metrics["iterations_done"] == 4
+    assert [entry["iteration"] for entry in metrics["history"]] == [2, 4]
+    assert all(0.0 <= entry["map_50"] <= 100.0 for entry in metrics["history"])
+    config = json.loads((uninterrupted / "config.json").read_text())
+    assert "warm" in config["warmup"] and config["data"]["n_val_images"] == 8
+    payload = torch.load(uninterrupted / "checkpoint.pt", weights_only=True)
+    assert payload["classes"]["num_classes"] == 3 and payload["finetune"]["kind"] == "detector"
+    detector, _ = build_detector(f"{DETECTOR}:{uninterrupted / 'checkpoint.pt'}", min_size=64, max_size=80)
+    assert detector.roi_heads.box_predictor.cls_score.out_features == 4  # 3 classes + background, from the file
+    assert detector.load_report.loaded == len(read_state_dict(uninterrupted / "checkpoint.pt"))
+
+
+@pytest.mark.slow
+def test_a_resumed_run_equals_the_uninterrupted_one(images: Path, uninterrupted: Path, tmp_path: Path) -> None:
+    class Stop(Exception):
+        pass
+
+    def stop(rounds: int) -> None:
+        if rounds == 1:
+            raise Stop
+
+    out = tmp_path / "resumed"
+    with pytest.raises(Stop):
+        finetune_detector(tiny(images, out), log=lambda _: None, after_round=stop)
+    with pytest.raises(DetectorFinetuneError, match="--resume"):
+        finetune_detector(tiny(images, out), log=lambda _: None)
+    with pytest.raises(DetectorFinetuneError, match="lr: run has 0.01"):
+        finetune_detector(tiny(images, out, resume=True, lr=0.02), log=lambda _: None)
+    finetune_detector(tiny(images, out, resume=True), log=lambda _: None)
+    ours, theirs = (read_state_dict(path / "checkpoint.pt") for path in (out, uninterrupted))
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[key], theirs[key]) for key in ours)
+    assert "resuming" in (out / "log.txt").read_text()
+
+
+@pytest.mark.slow
+def test_unreadable_training_images_are_listed_or_stop_the_run(images: Path, tmp_path: Path) -> None:
+    import shutil
+
+    copy = tmp_path / "images"
+    shutil.copytree(images, copy)
+    (copy / "P01_01" / "0002.jpg").write_bytes(b"broken")
+    out = tmp_path / "tolerant"
+    finetune_detector(tiny(copy, out, max_failed_fraction=0.5, iterations=8, eval_every=8), log=lambda _: None)
+    failures = json.loads((out / "failures.json").read_text())
+    assert failures and {entry["uid"] for entry in failures} == {"P01_01/2"}
+    with pytest.raises(DetectorFinetuneError, match="could not be read"):
+        finetune_detector(tiny(copy, tmp_path / "strict", max_failed_fraction=0.0, iterations=8, eval_every=8),
+                          log=lambda _: None)
+
+
+@pytest.mark.slow
+def test_an_init_checkpoint_drops_another_predictor_and_names_what_does_not_fit(images: Path, tmp_path: Path) -> None:
+    coco, _ = build_detector(DETECTOR)  # 91 COCO classes
+    coco.save_checkpoint(tmp_path / "coco.pt")
+    out = tmp_path / "from-coco"
+    finetune_detector(tiny(images, out, iterations=0, detector=f"{DETECTOR}:{tmp_path / 'coco.pt'}"),
+                      log=lambda _: None)
+    assert "box predictor (91 classes) was dropped" in (out / "log.txt").read_text()
+    other, _ = build_detector("fasterrcnn_resnet50_fpn")
+    other.save_checkpoint(tmp_path / "r50.pt")
+    with pytest.raises(CheckpointError, match="unexpected|missing|shape"):
+        finetune_detector(tiny(images, tmp_path / "bad", detector=f"{DETECTOR}:{tmp_path / 'r50.pt'}"),
+                          log=lambda _: None)
+
+
+def test_labels_outside_the_classes_are_refused(images: Path, tmp_path: Path) -> None:
+    with pytest.raises(DetectorFinetuneError, match="class 2, outside the 2 classes"):
+        finetune_detector(tiny(images, tmp_path / "run", num_classes=2), log=lambda _: None)
