@@ -297,6 +297,7 @@ class _Run:
         self.out = config.out
         self.main = comm.is_main_process()
         self._check_folder()
+        comm.synchronize()  # every rank has looked at the folder before the main process writes to it
         self.log = RunLog(self.out / "log.txt", echo=log) if self.main else (lambda line: None)
         self.failures: list[dict[str, Any]] = []
         self.history: list[dict[str, Any]] = []

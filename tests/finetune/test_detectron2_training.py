@@ -227,3 +227,33 @@ def test_done_when_the_smallest_setting_learns_the_demo_objects(tmp_path: Path, 
                 hit |= bool((iou(detected, active[["x1", "y1", "x2", "y2"]].to_numpy(np.float64)[0]) >= 0.5).any())
         hits += hit
     assert hits / len(validation) >= DONE_WHEN_MIN_HIT_FRACTION, (hits, len(validation))
+
+
+@pytest.mark.slow  # two processes, each building and training the small model (about a minute)
+def test_two_torchrun_ranks_train_one_run(tmp_path: Path, tiny, small_yaml) -> None:
+    import socket
+    import subprocess
+    import sys
+
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.bind(("127.0.0.1", 0))
+    except OSError as err:
+        pytest.skip(f"cannot open a local socket for torchrun's rendezvous: {err}")
+    out = tmp_path / "run"
+    script = Path(__file__).with_name("torchrun_detectron2.py")
+    repo = Path(__file__).resolve().parents[2]
+    env = {**__import__("os").environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(script), str(out), str(tiny[0]), str(tiny[1]), str(small_yaml)],
+                         cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    output = run.stdout + run.stderr
+    if run.returncode != 0 and any(s in output for s in ("RendezvousConnectionError", "RendezvousTimeoutError",
+                                                          "DistNetworkError")):
+        pytest.skip(f"torchrun could not start here: {output[-500:]}")
+    assert run.returncode == 0, output[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [entry["iteration"] for entry in metrics["history"]] == [1, 2] and metrics["complete"]
+    assert json.loads((out / "config.json").read_text())["settings"]["world_size"] == 2
+    stored = torch.load(out / CHECKPOINT_NAME, map_location="cpu", weights_only=True)
+    assert not any(key.startswith("module.") for key in stored["model"])
