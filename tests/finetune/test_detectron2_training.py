@@ -186,7 +186,8 @@ def iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return inter / np.maximum(area, 1e-9)
 
 
-@pytest.mark.slow  # a few hundred detectron2 iterations on the CPU, then a store build (tens of minutes)
+@pytest.mark.slow  # 100 detectron2 iterations on the CPU, then a store build (10-20 minutes on 2 shared cores)
+@pytest.mark.timeout(2400)
 def test_done_when_the_smallest_setting_learns_the_demo_objects(tmp_path: Path, small_yaml: Path) -> None:
     import pandas as pd
 
