@@ -45,6 +45,7 @@ from torch.nn import functional
 from featstore.models.checkpoints import (
     CheckpointError,
     apply_state_dict,
+    read_finetune_record,
     read_state_dict,
 )
 from featstore.models.detectors import (
@@ -110,7 +111,13 @@ class Detectron2Detector(ObjectDetector):
         max_size: cap on the longest edge after resizing.
         input_format: ``"BGR"`` or ``"RGB"`` (the config's ``INPUT.FORMAT``).
         config_yaml: the model's full config, written beside the weights by `save_checkpoint`.
+
+    Attributes:
+        class_names: class id -> name, from a checkpoint that carries them (a detectron2 stage-1
+            run's ``checkpoint.pth``); None otherwise.
     """
+
+    class_names: tuple[str, ...] | None = None
 
     def __init__(
         self,
@@ -425,6 +432,7 @@ def build_detectron2_detector(
         cfg.INPUT.MAX_SIZE_TEST = max_size
 
     state_dict, heuristics = read_detectron2_checkpoint(weights) if weights is not None else (None, False)
+    class_names = _stored_class_names(weights, state_dict)
     if state_dict is not None and _CLS_SCORE_KEY in state_dict:
         stored_classes = int(state_dict[_CLS_SCORE_KEY].shape[0])  # K + 1 (background last)
         if num_classes is not None and num_classes != stored_classes:
@@ -452,7 +460,27 @@ def build_detectron2_detector(
             model, state_dict, source=repr(str(weights)), ignore_prefixes=_OBSOLETE_PREFIXES, model_name=NAME
         )
         detector.checkpoint = weights
+        detector.class_names = class_names
     return detector
+
+
+def _stored_class_names(weights: Path | None, state_dict: Mapping[str, Tensor] | None) -> tuple[str, ...] | None:
+    """The class names a stage-1 run's checkpoint carries (its ``finetune`` record), checked against its classifier.
+
+    Raises:
+        CheckpointError: names whose count (+ background) is not the classifier's class count.
+    """
+    if weights is None or weights.suffix.lower() == ".pkl":
+        return None
+    record = read_finetune_record(weights)
+    if record is None or record.get("class_names") is None:
+        return None
+    names = tuple(str(name) for name in record["class_names"])
+    stored = int(state_dict[_CLS_SCORE_KEY].shape[0]) if _CLS_SCORE_KEY in state_dict else None
+    if stored is not None and stored != len(names) + 1:
+        raise CheckpointError(f"checkpoint {str(weights)!r} names {len(names)} classes, but its classifier has "
+                              f"{stored} (incl. background)")
+    return names
 
 
 _RECORD = DetectorRecord(

@@ -256,3 +256,31 @@ def test_spec_forms_and_their_errors(tmp_path: Path) -> None:
     torch.manual_seed(0)
     epic = small(f"detectron2:{local}")
     assert epic.model.roi_heads.box_predictor.cls_score.out_features == 353
+
+
+def test_class_names_come_from_a_stage_1_checkpoint(detector: Detectron2Detector, tmp_path: Path) -> None:
+    from featstore.models.checkpoints import FINETUNE_RECORD_KEY
+
+    state = detector.model.state_dict()  # the zoo config: 80 classes + background
+    names = [f"noun{i}" for i in range(80)]
+    (tmp_path / "config.yaml").write_text(detector.config_yaml)
+    torch.save({"model": state, FINETUNE_RECORD_KEY: {"class_names": names}}, tmp_path / "checkpoint.pth")
+    loaded = small(f"detectron2:{tmp_path / 'checkpoint.pth'}")
+    assert loaded.class_names == tuple(names)
+    assert detector.class_names is None and small(f"detectron2:{tmp_path / 'config.yaml'}").class_names is None
+
+    torch.save({"model": state, FINETUNE_RECORD_KEY: {"class_names": names[:5]}}, tmp_path / "checkpoint.pth")
+    with pytest.raises(CheckpointError, match="names 5 classes, but its classifier has 81"):
+        small(f"detectron2:{tmp_path / 'checkpoint.pth'}")
+    torch.save({"model": state, FINETUNE_RECORD_KEY: {"iteration": 3}}, tmp_path / "checkpoint.pth")
+    assert small(f"detectron2:{tmp_path / 'checkpoint.pth'}").class_names is None
+
+
+def test_resizing_and_empty_inputs(detector: Detectron2Detector) -> None:
+    assert detector.input_short_side == MIN_SIZE
+    assert detector.detect([], topk=3) == [] and detector.features_at([], []) == []
+    large = torch.rand(3, 192, 256)  # short side 192: resized to MIN_SIZE
+    (found,) = detector.detect([large], topk=2)
+    assert len(found) == 2 and float(found.boxes.max()) <= 1.0
+    (none,) = detector.features_at([large], [torch.zeros(0, 4)])
+    assert none.shape == (0, 1024)
