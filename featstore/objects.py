@@ -44,7 +44,6 @@ from featstore.annotations import (
     parse_int_column,
     read_annotation_rows,
 )
-from featstore.extraction_plan import PrecomputedBoxes
 from featstore.splits import select_segments
 
 __all__ = [
@@ -305,6 +304,10 @@ def read_box_file_objects(
     path = Path(path)
     if coords == "normalized" and frame_size is None:
         raise ValueError(f"{path}: normalized box coordinates need frame_size=(H, W) or a per-video mapping")
+    # Imported here: the build's plan module brings torch, and the stage-1 configs (which name this
+    # module's layouts and split) are read by `--help`, which must come up without it.
+    from featstore.extraction_plan import PrecomputedBoxes
+
     boxes = PrecomputedBoxes.read(path, coords=coords)
     if boxes.rows and not boxes.has_labels():
         raise AnnotationError(path, None, "label", "required column missing: ground truth needs a class per box")

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from featstore.objects import HELD_OUT_PARTICIPANTS, IMAGE_LAYOUTS
-from finetune.config import check_run_settings, settings_differences
+from finetune.settings import check_run_settings, settings_differences
 from finetune.recipes import RecipeBook, UnknownRecipeError
 
 __all__ = [

@@ -19,7 +19,7 @@ GROUPS = {"featstore": featstore_main, "heads": heads_main}
 # DESIGN section 1: the commands of each program, and those issues added (convert-checkpoint:
 # published checkpoints; finetune / finetune-detector: stage 1; derive / copy: EPIC-scale stores).
 COMMANDS = {
-    "featstore": {"build", "import", "query", "info", "verify", "demo", "convert-checkpoint", "finetune", "derive", "copy"},
+    "featstore": {"build", "import", "query", "info", "verify", "demo", "convert-checkpoint", "finetune", "finetune-detector", "derive", "copy"},
     "heads": {"train", "eval", "predict", "score", "ablate", "fuse", "submit"},
 }
 
