@@ -18,6 +18,8 @@ import torch
 
 from finetune.detector_config import DetectorFinetuneError, make_detector_config
 
+from tests.helpers.detection import moved_object_hits
+
 pytest.importorskip("detectron2")
 
 from finetune.detectron2_training import CHECKPOINT_NAME, STATE_NAME, finetune_detectron2  # noqa: E402
@@ -177,25 +179,13 @@ DONE_WHEN_MIN_MAP_50 = 20.0  # percent on the held-out participant
 DONE_WHEN_MIN_HIT_FRACTION = 0.55  # validation segments with a detection at IoU >= 0.5 on the moved object
 
 
-def iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU of each box of ``a`` (n, 4) with the box ``b`` (4,)."""
-    width = np.clip(np.minimum(a[:, 2], b[2]) - np.maximum(a[:, 0], b[0]), 0, None)
-    height = np.clip(np.minimum(a[:, 3], b[3]) - np.maximum(a[:, 1], b[1]), 0, None)
-    inter = width * height
-    area = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / np.maximum(area, 1e-9)
-
-
 @pytest.mark.slow  # 100 detectron2 iterations on the CPU, then a store build (10-20 minutes on 2 shared cores)
 @pytest.mark.timeout(2400)
 def test_done_when_the_smallest_setting_learns_the_demo_objects(tmp_path: Path, small_yaml: Path) -> None:
-    import pandas as pd
-
     from cli.demo import build_params
     from cli.featstore_build import make_build_config
     from featstore.extraction import build_store
-    from featstore.samples.kitchens import FRAME_HEIGHT, FRAME_WIDTH, QUICK_SAMPLE, generate_sample
-    from featstore.store import FeatureStore
+    from featstore.samples.kitchens import QUICK_SAMPLE, generate_sample
 
     sample = generate_sample(tmp_path / "sample", QUICK_SAMPLE, seed=0)
     out = tmp_path / "run"
@@ -210,24 +200,8 @@ def test_done_when_the_smallest_setting_learns_the_demo_objects(tmp_path: Path, 
     params = build_params(sample, tmp_path / "store", progress=False, workers=0)
     params.update(detector=f"detectron2:{out / CHECKPOINT_NAME}", boxes=None, det_min_size=96, det_max_size=128)
     build_store(make_build_config(params))
-    store = FeatureStore.open(tmp_path / "store")
-    truth = pd.read_csv(sample.boxes)
-    scale = np.array([FRAME_WIDTH, FRAME_HEIGHT, FRAME_WIDTH, FRAME_HEIGHT], np.float64)
-    boxes = store.boxes().to_pandas()
-    boxes = boxes[boxes["valid"] & boxes["frame"].notna()]
-    validation = [segment for segment in sample.segments if segment.participant_id >= "P26"]
-    hits = 0
-    for segment in validation:
-        found = boxes[boxes["uid"] == segment.uid]
-        hit = False
-        for frame, rows in found.groupby("frame"):
-            active = truth[(truth.video_id == segment.video_id) & (truth.frame == int(frame))
-                           & (truth.label == segment.noun_class)]
-            if len(active):
-                detected = rows[["x1", "y1", "x2", "y2"]].to_numpy(np.float64) * scale
-                hit |= bool((iou(detected, active[["x1", "y1", "x2", "y2"]].to_numpy(np.float64)[0]) >= 0.5).any())
-        hits += hit
-    assert hits / len(validation) >= DONE_WHEN_MIN_HIT_FRACTION, (hits, len(validation))
+    hits, n_validation = moved_object_hits(tmp_path / "store", sample)
+    assert hits / n_validation >= DONE_WHEN_MIN_HIT_FRACTION, (hits, n_validation)
 
 
 @pytest.mark.slow  # two processes, each building and training the small model (about a minute)
