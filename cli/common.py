@@ -219,3 +219,32 @@ def format_command(prog: str, command: click.Command, params: Mapping[str, Any],
         One line, quoted for a POSIX shell.
     """
     return shlex.join([*shlex.split(prog), *command_argv(command, params, always=always)])
+
+
+def stage1_run_options(*, items: str, seeds: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The options every stage-1 command shares: decode workers, device, AMP, seed, failures, resume, progress.
+
+    Args:
+        items: what a run reads (``segments``, ``images``), for the failure option's help.
+        seeds: what ``--seed`` seeds, for its help.
+    """
+    options = [
+        click.option("--workers", type=click.IntRange(min=0), default=4, show_default=True,
+                     help="Decode worker processes (0: decode in the main process)."),
+        click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+                     help="Device to train on (under torchrun each rank takes its local GPU)."),
+        click.option("--amp", type=click.Choice(["bf16", "fp16", "off"]), default="bf16", show_default=True,
+                     help="Autocast dtype on CUDA (fp16 with a gradient scaler); the CPU trains in fp32."),
+        click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help=f"Seeds {seeds}."),
+        click.option("--max-failed-fraction", type=click.FloatRange(0, 1), default=0.01, show_default=True,
+                     help=f"Stop when more than this share of a round's {items} cannot be read."),
+        click.option("--resume", is_flag=True, help="Continue the run in OUT from its last checkpoint."),
+        click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr."),
+    ]
+
+    def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
+        for option in reversed(options):
+            func = option(func)
+        return func
+
+    return decorate

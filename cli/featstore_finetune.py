@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from cli.common import command_line, domain_errors
+from cli.common import command_line, domain_errors, stage1_run_options
 from finetune.recipes import list_recipes, recipes_help
 
 _EXISTING_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
@@ -91,21 +91,10 @@ def make_finetune_config(params: dict[str, Any], *, command: str | None = None):
 @click.option("--fps", type=float, help="Frame rate when neither the video info file nor the container has one.")
 @click.option("--video-info", type=_EXISTING_FILE,
               help="EPIC_video_info.csv / EPIC_100_video_info.csv (default: found beside --annotations).")
-@click.option("--workers", type=click.IntRange(min=0), default=4, show_default=True,
-              help="Decode worker processes (0: decode in the main process).")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
-              help="Device to train on (under torchrun each rank takes its local GPU).")
-@click.option("--amp", type=click.Choice(["bf16", "fp16", "off"]), default="bf16", show_default=True,
-              help="Autocast dtype on CUDA (fp16 with a gradient scaler); the CPU trains in fp32.")
 @click.option("--channels-last/--no-channels-last", default=None,
               help="channels_last_3d memory format (default: on with CUDA, off on the CPU).")
 @click.option("--compile", is_flag=True, help="torch.compile the model.")
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Seeds the model, the clip order and every augmentation draw.")
-@click.option("--max-failed-fraction", type=click.FloatRange(0, 1), default=0.01, show_default=True,
-              help="Stop when more than this share of an epoch's segments cannot be read.")
-@click.option("--resume", is_flag=True, help="Continue the run in OUT from its last epoch's checkpoint.")
-@click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
+@stage1_run_options(items="segments", seeds="the model, the clip order and every augmentation draw")
 @domain_errors
 def finetune(**params: Any) -> None:
     """Stage 1: fine-tune a backbone on the target data; OUT/checkpoint.pt is what `featstore build` loads.

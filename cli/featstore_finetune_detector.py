@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from cli.common import command_line, domain_errors
+from cli.common import command_line, domain_errors, stage1_run_options
 from finetune.detector_config import detector_recipes_help, list_detector_recipes
 
 _EXISTING_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
@@ -85,18 +85,7 @@ def make_detector_finetune_config(params: dict[str, Any], *, command: str | None
               help="Proposals sampled per training image for the box head.")
 @click.option("--rpn-proposals", type=click.IntRange(min=1), default=2000, show_default=True,
               help="RPN proposals kept per training image.")
-@click.option("--workers", type=click.IntRange(min=0), default=4, show_default=True,
-              help="Decode worker processes (0: decode in the main process).")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
-              help="Device to train on (under torchrun each rank takes its local GPU).")
-@click.option("--amp", type=click.Choice(["bf16", "fp16", "off"]), default="bf16", show_default=True,
-              help="Autocast dtype on CUDA (fp16 with a gradient scaler); the CPU trains in fp32.")
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Seeds the model, the image order and every flip.")
-@click.option("--max-failed-fraction", type=click.FloatRange(0, 1), default=0.01, show_default=True,
-              help="Stop when more than this share of a round's images cannot be read.")
-@click.option("--resume", is_flag=True, help="Continue the run in OUT from its last checkpoint.")
-@click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
+@stage1_run_options(items="images", seeds="the model, the image order and every flip")
 @domain_errors
 def finetune_detector(**params: Any) -> None:
     """Stage 1: fine-tune the object detector; OUT/checkpoint.pt is what `featstore build --detector` loads.
