@@ -377,6 +377,8 @@ class FailureLog:
 
     max_fraction: float = 0.01
     entries: list[dict[str, Any]] = field(default_factory=list)
+    items: str = "segments"  # what is read, for messages ('images' for a detector)
+    period: str = "epoch"  # what the counts are per ('round' of iterations for a detector)
 
     def add(self, *, uid: str, epoch: int, phase: str, reason: str) -> None:
         """Record one unreadable segment (``epoch`` 0-based; stored 1-based as the logs count)."""
@@ -401,5 +403,5 @@ class FailureLog:
             shown = "; ".join(f"{entry['uid']}: {entry['reason']}" for entry in these[:5])
             more = f"; ... and {len(these) - 5} more" if len(these) > 5 else ""
             raise TooManyFailures(
-                f"{failed} of {total} {phase} segments of epoch {epoch + 1} could not be read, more than the "
+                f"{failed} of {total} {phase} {self.items} of {self.period} {epoch + 1} could not be read, more than the "
                 f"{self.max_fraction:.1%} allowed (--max-failed-fraction): {shown}{more}")

@@ -244,12 +244,14 @@ def _build_model(config: DetectorFinetuneConfig, num_classes: int) -> tuple[torc
     state = read_state_dict(config.init)
     classifier = state.get(f"{_BOX_PREDICTOR}cls_score.weight")
     drop = classifier is not None and int(classifier.shape[0]) != num_classes + 1
-    report = apply_state_dict(detector, state, source=repr(str(config.init)), model_name=config.detector,
-                              ignore_prefixes=(_BOX_PREDICTOR,) if drop else ())
     if drop:
-        # A COCO / Visual Genome predictor has other classes: the new one starts fresh (and must
-        # then be left as built, which apply_state_dict does for keys it was told to ignore).
-        return detector, (f"init: {report.loaded} tensors loaded from {config.init}; its box predictor "
+        # A COCO / Visual Genome predictor has other classes: the new one keeps its fresh weights,
+        # everything else must fit exactly.
+        fresh = {key: value for key, value in detector.state_dict().items() if key.startswith(_BOX_PREDICTOR)}
+        state = {**{key: value for key, value in state.items() if not key.startswith(_BOX_PREDICTOR)}, **fresh}
+    report = apply_state_dict(detector, state, source=repr(str(config.init)), model_name=config.detector)
+    if drop:
+        return detector, (f"init: {report.loaded - len(fresh)} tensors loaded from {config.init}; its box predictor "
                           f"({int(classifier.shape[0])} classes) was dropped for {num_classes + 1}")
     return detector, f"init: {report.loaded} tensors loaded from {config.init}"
 
@@ -538,7 +540,7 @@ def finetune_detector(config: DetectorFinetuneConfig, *, log: Callable[[str], No
         remove_run_temporaries(out)
     run_log: Callable[[str], None] = RunLog(out / "log.txt", echo=log) if main else (lambda _: None)
     world = World(config.device) if config.world_size > 1 else None
-    failures = FailureLog(max_fraction=config.max_failed_fraction)
+    failures = FailureLog(max_fraction=config.max_failed_fraction, items="images", period="round")
     train_data = ObjectImageDataset(train.images, layout=layout, train=True, seed=config.seed)
     trainable = DetectorTrainable(config, model, train_data, failures=failures, log=run_log)
     classes = {"num_classes": len(names), "names": list(names), "background": 0, "label_offset": 1}

@@ -11,6 +11,7 @@ from PIL import Image
 
 from featstore.models import CheckpointError, build_detector, read_state_dict
 from featstore.objects import ImageLayout, ObjectImage
+from finetune.clips import TooManyFailures
 from finetune.detector import IterationBatchSampler, ObjectImageDataset, finetune_detector
 from finetune.detector_config import DetectorFinetuneError, make_detector_config
 
@@ -160,7 +161,7 @@ def test_unreadable_training_images_are_listed_or_stop_the_run(images: Path, tmp
     finetune_detector(tiny(copy, out, max_failed_fraction=0.5, iterations=8, eval_every=8), log=lambda _: None)
     failures = json.loads((out / "failures.json").read_text())
     assert failures and {entry["uid"] for entry in failures} == {"P01_01/2"}
-    with pytest.raises(DetectorFinetuneError, match="could not be read"):
+    with pytest.raises(TooManyFailures, match="train images of round 1 could not be read"):
         finetune_detector(tiny(copy, tmp_path / "strict", max_failed_fraction=0.0, iterations=8, eval_every=8),
                           log=lambda _: None)
 
