@@ -103,6 +103,29 @@ def build_params(sample: Sample, store: str | Path, *, seed: int = 0, device: st
     )
 
 
+# Stage 1 of the detector (`featstore demo --train-detector`): the settings of the test that holds
+# its "Done when" (tests/finetune/test_detector.py): MobileNetV3 at its own 320 short side from random
+# weights on every 4th frame of the sample, 64 sampled proposals an image so that it fits a CPU.
+TRAINED_DETECTOR = "fasterrcnn_mobilenet_v3_large_320_fpn"
+TRAINED_DETECTOR_SIZE = (320, 427)
+DETECTOR_STAGE1: dict[str, Any] = dict(
+    image_pattern="rgb-frames", where="frame % 4 = 0", batch_size=4, lr=0.02, warmup_iterations=20,
+    min_size=TRAINED_DETECTOR_SIZE[0], max_size=TRAINED_DETECTOR_SIZE[1], roi_batch_size=64, rpn_proposals=300)
+DETECTOR_ITERATIONS = {False: 150, True: 30}  # full sample, --quick
+
+
+def detector_params(sample: Sample, out: str | Path, *, quick: bool, seed: int = 0, device: str = "cpu",
+                    progress: bool = True, workers: int = 1) -> dict[str, Any]:
+    """The `featstore finetune-detector` parameters of the demo's detector stage 1 (its boxes.csv as ground truth)."""
+    from cli.featstore_finetune_detector import finetune_detector
+
+    iterations = DETECTOR_ITERATIONS[quick]
+    return command_params(
+        finetune_detector, out=Path(out), objects=sample.boxes, images=sample.frames, detector=TRAINED_DETECTOR,
+        iterations=iterations, eval_every=iterations, lr_steps=str(int(0.8 * iterations)), seed=seed,
+        device=device, progress=progress, workers=workers, **DETECTOR_STAGE1)
+
+
 def build_command(params: dict[str, Any]) -> str:
     """The `featstore build` command line of `build_params` (printed, and kept in the manifest)."""
     from cli.featstore_build import build
@@ -162,7 +185,7 @@ HEADS: tuple[HeadRun, ...] = (
 
 DEMO_VERSION = 1  # bump when the sample, build or head settings change: older outputs are rebuilt
 MARKER = "demo.json"  # marks a folder as a demo output (a rerun may reuse or replace what it holds)
-OWNED = ("sample", "store", "runs", "plots", "grid.toml", MARKER)  # what a demo of other settings replaces
+OWNED = ("sample", "detector", "store", "runs", "plots", "grid.toml", MARKER)  # what a demo of other settings replaces
 METRICS = tuple(m.key for m in list_metrics(table=True))  # the registry's Table 1 metrics, verb first
 
 
@@ -180,6 +203,7 @@ class DemoConfig:
     device: str = "cpu"  # 'cpu' or 'cuda', for the build and the heads
     progress: bool = True  # progress bars on stderr
     workers: int = 1  # decode processes of the build (the sample's frames are small)
+    train_detector: bool = False  # stage 1 of the detector first; the store is built with it, without --boxes
 
     @property
     def spec(self) -> SampleSpec:
@@ -187,7 +211,7 @@ class DemoConfig:
 
     def key(self) -> dict[str, Any]:
         """What an output folder must have been made with to be reused."""
-        return {"version": DEMO_VERSION, "quick": self.quick, "seed": self.seed}
+        return {"version": DEMO_VERSION, "quick": self.quick, "seed": self.seed, "train_detector": self.train_detector}
 
 
 @dataclass
@@ -425,11 +449,38 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> DemoR
     plots = [plot_sample(sample, out / "plots" / "sample.png")]
     seconds["sample"] = time.perf_counter() - started
 
-    # 2. the store
+    # 2. the store (after the detector's stage 1 with --train-detector)
     started = time.perf_counter()
     store = out / "store"
     params = build_params(sample, store, seed=config.seed, device=config.device, progress=config.progress,
                           workers=config.workers)
+    commands = []
+    if config.train_detector:
+        from cli.featstore_finetune_detector import finetune_detector as detector_command
+        from cli.featstore_finetune_detector import make_detector_finetune_config
+        from finetune.detector import finetune_detector
+
+        run = out / "detector"
+        det_params = detector_params(sample, run, quick=config.quick, seed=config.seed, device=config.device,
+                                     progress=config.progress, workers=config.workers)
+        det_command = format_command("featstore finetune-detector", detector_command, det_params)
+        commands.append(det_command)
+        if "detector" in done and (run / "metrics.json").is_file():
+            reused.append("detector")
+            log(f"[2/4] detector: reusing {run}")
+        else:
+            log(f"[2/4] detector: {det_command}")
+            det_started = time.perf_counter()
+            resume = (run / "training_state.pt").is_file()
+            metrics = finetune_detector(make_detector_finetune_config({**det_params, "resume": resume},
+                                                                      command=det_command), log=lambda _line: None)
+            mark("detector")
+            log(f"      {det_params['iterations']} iterations in {time.perf_counter() - det_started:.1f} s: "
+                f"mAP@0.5 {metrics.get('map_50', 0):.1f} on the held-out participants")
+        params.update(detector=f"{TRAINED_DETECTOR}:{run / 'checkpoint.pt'}", boxes=None,
+                      det_min_size=TRAINED_DETECTOR_SIZE[0], det_max_size=TRAINED_DETECTOR_SIZE[1])
+        seconds["detector"] = time.perf_counter() - started
+        started = time.perf_counter()
     command = build_command(params)
     log(f"[2/4] build: {command}")
     report = build_store(make_build_config(params, command=command))
@@ -452,7 +503,7 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> DemoR
     started = time.perf_counter()
     runs: dict[str, Path] = {}
     metrics: dict[str, dict[str, float]] = {}
-    commands = [command]
+    commands.append(command)
     for head in HEADS:
         run = out / "runs" / head.name
         runs[head.name] = run

@@ -445,7 +445,7 @@ class _RunFolder(Hook):
             FINETUNE_RECORD_KEY: json.loads(json.dumps({
                 "format": 1, "kind": "detector", "run": str(self.out.resolve()),
                 "iteration": last.get("iteration", 0), "metrics": metrics, "classes": self.classes,
-                "config": self.record}, default=str)),
+                "config": {key: value for key, value in self.record.items() if key != "classes"}}, default=str)),
         }
         write_file_atomically(self.out / CHECKPOINT_NAME, lambda tmp: torch.save(payload, tmp))
         atomic_write_json(self.out / "metrics.json", {

@@ -176,3 +176,28 @@ def test_printed_commands_are_the_real_commands_of_the_params_the_demo_ran(quick
         # What the run recorded is that config (with the dataset it found in the store).
         recorded = TrainConfig.from_json(json.loads((out / "runs" / head.name / "config.json").read_text()))
         assert recorded == dataclasses.replace(make_train_config(params), dataset="epic55")
+
+
+@pytest.mark.slow  # the detector's stage 1 (30 iterations at 320 on the CPU), a build and two heads: minutes
+@pytest.mark.timeout(2400)
+def test_train_detector_runs_stage_1_and_builds_without_the_boxes(tmp_path: Path) -> None:
+    from cli.featstore_finetune_detector import finetune_detector, make_detector_finetune_config
+
+    out = tmp_path / "demo"
+    result = CliRunner().invoke(main, ["demo", str(out), "--quick", "--train-detector", "--no-progress"],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    run = out / "detector"
+    assert json.loads((run / "metrics.json").read_text())["complete"]
+    [printed] = _printed(result.output, "featstore finetune-detector")
+    sample = kitchens.sample_paths(out / "sample")
+    params = demo.detector_params(sample, run, quick=True, progress=False)
+    parsed = finetune_detector.make_context("finetune-detector", list(printed)).params
+    assert parsed == params
+    assert make_detector_finetune_config(dict(parsed)) == make_detector_finetune_config(dict(params))
+    [printed_build] = _printed(result.output, "featstore build")
+    assert "--boxes" not in printed_build
+    assert f"{demo.TRAINED_DETECTOR}:{run / 'checkpoint.pt'}" in printed_build
+    detector = json.loads((out / "store" / "manifest.json").read_text())["provenance"]["detector"]
+    assert detector["finetune"]["kind"] == "detector" and detector["classes"]["num_classes"] >= 24
+    assert FeatureStore.open(out / "store").boxes().num_rows > 0
