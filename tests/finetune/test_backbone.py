@@ -18,6 +18,7 @@ from finetune.backbone import finetune, select_training_data
 from finetune.config import FinetuneError
 
 from tests.finetune.conftest import make_small_epic, small_config
+from tests.helpers.threads import torch_threads
 
 TIMING_KEYS = ("seconds", "clips_per_s")
 
@@ -39,7 +40,8 @@ def checkpoint_tensors(run: Path) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def uninterrupted(small_epic, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("runs") / "uninterrupted"
-    finetune(small_config(small_epic, out), log=lambda _: None)
+    with torch_threads(1):  # as the tests that compare with it (module fixtures set up before `one_thread`)
+        finetune(small_config(small_epic, out), log=lambda _: None)
     return out
 
 
