@@ -9,5 +9,5 @@ functions); `featstore` never imports this package. The checkpoint a run writes 
 - `finetune.clips`: training / validation clips (seeded augmentation on uint8, failure markers);
 - `finetune.model`: a registered backbone with a linear classifier on its pooled feature;
 - `finetune.outputs`: the run folder (checkpoint, config, metrics, curves, log, failures);
-- `finetune.backbone`: the run (`FinetuneRun`) and `finetune(config)`.
+- `finetune.backbone`: the run on the shared engine (`BackboneTrainable`, its hooks) and `finetune(config)`.
 """

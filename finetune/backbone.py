@@ -1,17 +1,18 @@
 """Stage 1 as a Python call: fine-tune one backbone (VerbNet or NounNet) and write its run folder.
 
-`FinetuneRun` holds everything of a run and exposes it in the pieces a training engine drives:
+The run goes through the shared training engine (`heads.engine`), as `heads train` and the
+detector's stage 1 (`finetune.detector`) do; this module supplies its parts:
 
-- ``train_batches(epoch)``: the epoch's batches (a DataLoader over `finetune.clips.ClipDataset`,
-  decoding in worker processes, pinned memory on CUDA), with that epoch's learning rate set;
-- ``step(batch)``: one optimiser step (AMP on CUDA, a gradient scaler for fp16), the batch's
-  unreadable segments recorded in the run's failures, the losses checked for NaN every
-  ``check_every`` steps;
-- ``end_epoch()``: the epoch's checks, validation, history, checkpoint and run-folder files;
-- ``state_dict()`` / ``load_state_dict()``: everything a resume needs.
-
-`finetune(config)` runs it with a plain epoch loop. That loop is interim wiring: the shared training
-engine (``heads/engine.py``) is meant to replace it, calling the same four pieces.
+- `BackboneTrainable`, the engine's `Trainable`: each epoch's batches (a DataLoader over
+  `finetune.clips.ClipDataset`, decoding in worker processes, pinned memory on CUDA) with that
+  epoch's learning rate set; one SGD step (AMP on CUDA, a gradient scaler for fp16, gradients summed
+  over a torchrun `World`), the batch's unreadable segments recorded in the run's failures;
+  validation; its ``state_dict`` for the resume checkpoint;
+- hooks for what is the backbone run's own: the epoch's clip counts and failures (gathered over a
+  world), and the run folder (the checkpoint `featstore build` loads, metrics.json, failures.json,
+  curves.png); the loss check (every ``check_every`` steps), learning rate, validation, resume
+  checkpoint, log line and progress bar are the engine's hooks;
+- `finetune(config)` builds them and trains.
 
 Reproducibility: the model is built under the run's seed, every sample's clip, scale and crop come
 from (seed, epoch, index) (`finetune.clips.sample_rng`) and the order of an epoch from (seed, epoch),
@@ -25,10 +26,9 @@ import dataclasses
 import json
 import math
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -43,21 +43,34 @@ from featstore.models import file_sha256
 from featstore.splits import resolve_selection, select_segments
 from finetune.clips import ClipBatch, ClipDataset, EpochBatchSampler, FailureLog, collate_clips
 from finetune.config import FinetuneConfig, FinetuneError, resume_differences
-from finetune.model import InitReport, build_video_classifier
+from finetune.model import InitReport, VideoClassifier, build_video_classifier
 from finetune.outputs import (
     CHECKPOINT_NAME,
+    STATE_NAME,
     RunLog,
     load_training_state,
     plot_curves,
     remove_run_temporaries,
-    save_training_state,
     write_finetuned_checkpoint,
 )
 from finetune.recipes import get_recipe
+from heads.engine import (
+    Checkpointer,
+    Engine,
+    EpochLog,
+    Hook,
+    LearningRate,
+    LossCheck,
+    ProgressBar,
+    RunState,
+    StepCallback,
+    Validation,
+    World,
+)
 from heads.evaluation import NUM_CLASSES
 from heads.metrics import topk_accuracy
 
-__all__ = ["FinetuneRun", "Selection", "finetune", "select_training_data"]
+__all__ = ["BackboneTrainable", "Selection", "finetune", "select_training_data"]
 
 AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 RECORD_FORMAT = 1  # of the run record inside checkpoint.pt
@@ -161,200 +174,140 @@ def _frame_source(config: FinetuneConfig, videos: Sequence[str]) -> tuple[FrameS
 
 
 # ------------------------------------------------------------------------------------------------
-# the run
+# the trainable
 
 
-class FinetuneRun:
-    """One stage-1 run: data, model, optimiser, history and failures, driven step by step.
+@dataclass
+class _EpochCounts:
+    """What one epoch's steps saw, in this process."""
+
+    steps: int = 0  # optimiser steps (the same in every process)
+    clips: int = 0  # readable training clips
+    failed: int = 0  # unreadable training segments
+
+
+class BackboneTrainable:
+    """What the engine steps: the video classifier, SGD with the recipe's epoch schedule, AMP, failures.
 
     Args:
-        config: the run's settings.
-        log: where the run's lines are echoed besides ``OUT/log.txt`` (default: stderr).
-    Raises:
-        FinetuneError: settings or data that cannot work, or an existing run without ``resume``.
-        CheckpointError: an init checkpoint that does not fit (listing what does not).
+        config: the run.
+        model: the backbone with its classifier, on the CPU.
+        train_data, val_data: the training and validation clips.
+        failures: where unreadable segments are recorded.
+        log: the run's log (rank 0's; other ranks log nothing).
+        record: the run's config record, kept in the resume checkpoint (a resume compares its
+            settings with it before anything is built).
     """
 
-    def __init__(self, config: FinetuneConfig, *, log: Callable[[str], None] | None = None) -> None:
-        self.config = config
-        self.out = Path(config.out)
-        self.main_process = config.rank == 0
-        if config.device == "cuda" and not torch.cuda.is_available():
-            raise FinetuneError("--device cuda, but torch sees no CUDA device here (use --device cpu)")
-        state = load_training_state(self.out)
-        if (state is not None or (self.out / CHECKPOINT_NAME).exists()) and not config.resume:
-            raise FinetuneError(f"{self.out} already holds a run; pass --resume to continue it or choose another OUT")
-        if state is not None:
-            recorded = state.get("config", {}).get("settings", {})
-            differences = resume_differences(config, recorded)
-            if differences:
-                raise FinetuneError(f"{self.out} was trained with other settings, so resuming would not reproduce "
-                                    f"it ({'; '.join(differences)}); rerun with the run's settings or use another OUT")
-
-        self.selection = select_training_data(config)
-        videos = sorted({str(row["video_id"]) for row in self.selection.train + self.selection.val})
-        self.source, self.video_info = _frame_source(config, videos)
-        self.model, self.record, self.init_report = build_video_classifier(
-            config.backbone, num_classes=self.selection.num_classes, in_channels=config.in_channels,
-            init=config.init, seed=config.seed)
-        self.out.mkdir(parents=True, exist_ok=True)  # only once inputs and init are known good
-        if self.main_process:
-            remove_run_temporaries(self.out)
-        self.log: Callable[[str], None] = RunLog(self.out / "log.txt", echo=log) if self.main_process else _quiet
-        if config.device == "cpu":
-            keep_freed_memory()  # activations are fresh CPU blocks every step: see featstore/allocator.py
+    def __init__(self, config: FinetuneConfig, model: VideoClassifier, train_data: ClipDataset,
+                 val_data: ClipDataset, *, failures: FailureLog, log: Callable[[str], None],
+                 record: Mapping[str, Any]) -> None:
+        self.config, self.record = config, record
         self.device = torch.device(f"cuda:{config.local_rank}" if config.device == "cuda" else "cpu")
-        self.model.to(self.device)
+        self.model = model.to(self.device)
         if config.uses_channels_last:
             self.model.to(memory_format=torch.channels_last_3d)
+        self.module: torch.nn.Module = torch.compile(self.model) if config.compile else self.model
+        self.train_data, self.val_data = train_data, val_data
+        self.failures, self.log = failures, log
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=config.lr, momentum=config.momentum,
                                          weight_decay=config.weight_decay)
         self.scaler = torch.amp.GradScaler("cuda", enabled=config.device == "cuda" and config.amp == "fp16")
-        self.world = _DataParallel.from_config(config)
-        self.train_module = self.model if self.world is None else self.world.wrap(self.model)
-        if config.compile:
-            self.train_module = torch.compile(self.train_module)
+        self.sampler = EpochBatchSampler(len(train_data), config.batch_size, shuffle=True, seed=config.seed,
+                                         rank=config.rank, world_size=config.world_size)
+        self.counts = _EpochCounts()
+        self.epoch = 0  # the epoch being trained (0-based)
 
-        self.train_data = ClipDataset(self.selection.train, source=self.source, target=config.target,
-                                      clip_frames=config.clip_frames, clip_stride=config.clip_stride,
-                                      crop=config.crop, train=True, scale_range=config.scale_range,
-                                      test_size=config.test_size, fallback_fps=config.fps, seed=config.seed,
-                                      clip_sampling=config.clip_sampling, snippet_frames=config.snippet_frames)
-        self.val_data = ClipDataset(self.selection.val, source=self.source, target=config.target,
-                                    clip_frames=config.clip_frames, clip_stride=config.clip_stride,
-                                    crop=config.crop, train=False, test_size=config.test_size,
-                                    fallback_fps=config.fps, seed=config.seed,
-                                    clip_sampling=config.clip_sampling, snippet_frames=config.snippet_frames)
-        self.train_sampler = EpochBatchSampler(len(self.train_data), config.batch_size, shuffle=True,
-                                               seed=config.seed, rank=config.rank, world_size=config.world_size)
+    # -- the engine's Trainable ---------------------------------------------------------------
 
-        self.epoch = 0  # epochs completed
-        self.history: list[dict[str, Any]] = []
-        self.failures = FailureLog(max_fraction=config.max_failed_fraction)
-        self._epoch_stats = _EpochStats()
-        self.record_config = self._config_record()
-        if state is not None:
-            self.load_state_dict(state)
-            self.log(f"resuming {self.out} after epoch {self.epoch}")
-        if self.main_process:
-            atomic_write_json(self.out / "config.json", self.record_config)
-            self.log(self.init_report.describe())
-            self.log(f"{config.backbone} {config.target} net, recipe {config.recipe}: {len(self.selection.train)} "
-                     f"training and {len(self.selection.val)} validation segments, {self.selection.num_classes} "
-                     f"classes, {config.epochs} epochs on {self.device}")
-
-    # -- what a training engine drives --------------------------------------------------------
-
-    def train_batches(self, epoch: int) -> Iterator[ClipBatch]:
+    def epoch_batches(self, epoch: int, world: World | None) -> torch.utils.data.DataLoader:
         """The batches of 0-based ``epoch`` (this process's share), with the epoch's lr set.
 
-        Starts the decode workers; the batches are decoded ahead while the steps compute.
+        The DataLoader's workers decode the next batches while the steps compute.
         """
         for group in self.optimizer.param_groups:
             group["lr"] = self.config.lr_at(epoch)
         self.model.train()
-        self.train_sampler.set_epoch(epoch)
-        self._epoch_stats = _EpochStats(epoch=epoch, started=time.perf_counter())
-        return iter(self._loader(self.train_data, self.train_sampler))
+        self.sampler.set_epoch(epoch)
+        self.epoch, self.counts = epoch, _EpochCounts()
+        return self._loader(self.train_data, self.sampler)
 
-    def step(self, batch: ClipBatch) -> torch.Tensor | None:
-        """One SGD step on a batch; its unreadable segments go to the run's failures.
+    def train_step(self, batch: ClipBatch, world: World | None) -> torch.Tensor:
+        """One SGD step; the batch's unreadable segments go to the failures.
 
         Returns:
-            The batch's mean loss (0-d, on the device, not read here so the host does not wait for
-            the device every step), or None when no clip of the batch was readable.
+            The batch's mean loss (0-d, on the device, unread; under a world the mean over the
+            ranks), zero when no clip of the batch was readable.
         Raises:
-            FinetuneError: too many unreadable segments this epoch, or a NaN / inf loss (naming the
-                epoch and the step) found at a check.
+            TooManyFailures: more unreadable segments this epoch than allowed (one process; under a
+                world the counts are gathered at the end of the epoch).
         """
-        stats = self._epoch_stats
-        self._record_failures(batch, "train", len(self.train_data))
-        stats.clips += len(batch)
-        stats.failed += len(batch.failed)
-        stats.batches += 1
-        if not len(batch):
-            if self.world is None:
-                return None
-            # Every process must join each gradient all-reduce, also with nothing readable to train on.
-            self.world.idle_step(self.train_module, self.optimizer, self._empty_clip())
-            return None
-        stats.steps += 1
-        clips = self._on_device(batch.clips)  # (B, C, T, H, W) float in [0, 1]
-        labels = batch.labels.to(self.device, non_blocking=True)
-        with self._autocast():
-            logits = self.train_module(clips)  # (B, K)
-        loss = F.cross_entropy(logits.float(), labels)
+        self._record_failures(batch, "train", epoch=self.epoch)
+        if batch.failed and world is None:
+            self.failures.check(self.epoch, "train", len(self.train_data))
+        self.counts.steps += 1
+        self.counts.clips += len(batch)
+        self.counts.failed += len(batch.failed)
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        loss = loss.detach()
-        stats.pending.append((stats.steps, loss))
-        if len(stats.pending) >= self.config.check_every:
-            stats.check(self._epoch_stats.epoch, self.world)
+        if len(batch):
+            clips = self._on_device(batch.clips)  # (B, C, T, H, W) float in [0, 1]
+            labels = batch.labels.to(self.device, non_blocking=True)
+            with self._autocast():
+                logits = self.module(clips)  # (B, K)
+            loss = F.cross_entropy(logits.float(), labels)
+            self.scaler.scale(loss).backward()
+            loss = loss.detach()
+        else:
+            # Nothing readable: no gradient from this process (under a world it still joins the sum).
+            loss = torch.zeros((), device=self.device)
+        if world is not None:
+            # The mean over the ranks (one all-reduce), so the lr means the same with any process count.
+            loss = world.average_gradients(self.model.parameters(), loss)
+        if len(batch) or world is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         return loss
 
-    def end_epoch(self) -> dict[str, Any]:
-        """After the epoch's steps: check losses and failures, validate, checkpoint, write the run files.
+    def state_dict(self) -> dict[str, Any]:
+        """Model, optimiser, scaler and failures (tensors and plain containers: loadable with weights_only)."""
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict(), "failures": list(self.failures.entries), "config": self.record}
 
-        Under data parallelism every process calls it (validation is shared out too); the first
-        process alone writes the run folder.
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.failures.entries = list(state["failures"])
 
-        Returns:
-            The epoch's history entry.
-        Raises:
-            FinetuneError: a NaN / inf loss, or too many unreadable segments.
-        """
-        stats = self._epoch_stats
-        epoch = stats.epoch
-        stats.check(epoch, self.world)
-        seconds = time.perf_counter() - stats.started
-        validation = self.validate(epoch) if len(self.val_data) else {}
-        if self.world is not None:
-            stats = self.world.sum_stats(stats, self.device)
-            self.failures.entries = self.world.gather_failures(self.failures.entries, epoch)
-        self.failures.check(epoch, "train", len(self.train_data))
-        self.failures.check(epoch, "val", len(self.val_data))
-        entry: dict[str, Any] = {
-            "epoch": epoch + 1, "lr": self.config.lr_at(epoch),
-            "loss": stats.loss_sum / stats.steps if stats.steps else math.nan,
-            "steps": stats.batches, "train_clips": stats.clips, "train_failed": stats.failed,
-            "seconds": seconds, "clips_per_s": stats.clips / seconds if seconds > 0 else 0.0,
-            **validation,
-        }
-        self.epoch = epoch + 1
-        self.history.append(entry)
-        if self.main_process:
-            self.save()
-            self.log(_epoch_line(entry, self.config.target))
-        if self.world is not None:
-            self.world.barrier()
-        return entry
+    # -- validation ---------------------------------------------------------------------------
 
-    def validate(self, epoch: int) -> dict[str, Any]:
+    def validate(self, world: World | None) -> dict[str, Any]:
         """Top-1 / top-5 of the target on the validation selection (the centre clip, centre crop).
 
-        Under data parallelism each process scores its share and the logits are gathered.
+        Under a world each process scores its share and the logits are gathered.
 
         Returns:
             ``{"{target}_top1", "{target}_top5"}`` in percent, ``val_clips`` scored and ``val_failed``.
+        Raises:
+            TooManyFailures: more unreadable validation segments than allowed.
         """
+        from tqdm import tqdm
+
         config = self.config
         sampler = EpochBatchSampler(len(self.val_data), config.batch_size, shuffle=False, rank=config.rank,
                                     world_size=config.world_size)
-        sampler.set_epoch(epoch)
+        sampler.set_epoch(self.epoch)
         logits, labels = [], []
         failed = 0
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(self.val_data) // config.world_size, desc=f"validate {epoch + 1}", unit="clip",
-                   leave=False, disable=not (config.progress and self.main_process), file=sys.stderr,
+        bar = tqdm(total=len(self.val_data) // config.world_size, desc=f"validate {self.epoch + 1}", unit="clip",
+                   leave=False, disable=not (config.progress and config.rank == 0), file=sys.stderr,
                    dynamic_ncols=True)
         self.model.eval()
         try:
             with torch.inference_mode():
                 for batch in self._loader(self.val_data, sampler):
-                    self._record_failures(batch, "val", len(self.val_data), epoch=epoch)
+                    self._record_failures(batch, "val", epoch=self.epoch)
                     failed += len(batch.failed)
                     bar.update(len(batch) + len(batch.failed))
                     if not len(batch):
@@ -365,119 +318,21 @@ class FinetuneRun:
         finally:
             self.model.train()
             bar.close()
-        scores = torch.cat(logits).numpy() if logits else np.zeros((0, self.selection.num_classes), np.float32)
+        scores = torch.cat(logits).numpy() if logits else np.zeros((0, self.model.classifier.out_features), np.float32)
         truth = torch.cat(labels).numpy() if labels else np.zeros((0,), np.int64)
-        if self.world is not None:
-            scores, truth, failed = self.world.gather_scores(scores, truth, failed)
+        if world is not None:
+            parts = world.gather((scores, truth, failed))
+            scores = np.concatenate([part[0] for part in parts])
+            truth = np.concatenate([part[1] for part in parts])
+            failed = sum(part[2] for part in parts)
+            self.failures.entries = _merge_epoch_failures(self.failures.entries, world.gather(
+                _epoch_failures(self.failures.entries, self.epoch, "val")), self.epoch, "val")
+        self.failures.check(self.epoch, "val", len(self.val_data))
         target = config.target
         top1, top5 = topk_accuracy(scores, truth, (1, 5)) if len(truth) else (math.nan, math.nan)
         return {f"{target}_top1": top1, f"{target}_top5": top5, "val_clips": int(len(truth)), "val_failed": failed}
 
-    def state_dict(self) -> dict[str, Any]:
-        """Everything a resume needs (tensors and plain containers: loadable with weights_only)."""
-        return {
-            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict(), "epoch": self.epoch, "history": list(self.history),
-            "failures": list(self.failures.entries), "config": self.record_config,
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from a `state_dict` (model, optimiser, scaler, epoch, history, failures)."""
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        if state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
-        self.epoch = int(state["epoch"])
-        self.history = list(state["history"])
-        self.failures.entries = list(state["failures"])
-
-    # -- the run folder -----------------------------------------------------------------------
-
-    def save(self) -> None:
-        """Write the resume state, then the deliverable checkpoint, metrics, failures and curves."""
-        save_training_state(self.out, self.state_dict())
-        self.write_checkpoint()
-        self.write_metrics(complete=self.epoch >= self.config.epochs)
-        atomic_write_json(self.out / "failures.json", self.failures.entries)
-        if self.history:
-            plot_curves(self.history, self.out / "curves.png", target=self.config.target,
-                        title=f"{self.config.backbone} {self.config.target} net ({self.config.recipe}) on "
-                              f"{self.config.annotations.name}")
-
-    def write_checkpoint(self) -> Path:
-        """``OUT/checkpoint.pt``: the backbone (what `featstore build` loads), the classifier, the run record."""
-        last = self.history[-1] if self.history else {}
-        target = self.config.target
-        record = {
-            "format": RECORD_FORMAT, "run": str(self.out.resolve()), "epoch": self.epoch,
-            "metrics": {key: last[key] for key in (f"{target}_top1", f"{target}_top5") if key in last},
-            "config": self.record_config,
-        }
-        return write_finetuned_checkpoint(self.out / CHECKPOINT_NAME, backbone=self.model.backbone.state_dict(),
-                                          classifier=self.model.classifier.state_dict(), record=record)
-
-    def write_metrics(self, *, complete: bool) -> dict[str, Any]:
-        """``OUT/metrics.json``: the latest validation top-1 / top-5 and every epoch's entry."""
-        target = self.config.target
-        last = self.history[-1] if self.history else {}
-        metrics: dict[str, Any] = {key: last[key] for key in (f"{target}_top1", f"{target}_top5") if key in last}
-        payload = {**metrics, "target": target, "complete": complete, "epochs_done": self.epoch,
-                   "n_train": len(self.train_data), "n_val": len(self.val_data),
-                   "majority_top1": self._majority_top1(), "history": self.history}
-        atomic_write_json(self.out / "metrics.json", payload)
-        return metrics
-
-    def finish(self) -> dict[str, Any]:
-        """After the last epoch: the final metrics (also in metrics.json, with ``complete: true``)."""
-        if not self.main_process:
-            return {}
-        if not (self.out / CHECKPOINT_NAME).exists():  # no epoch ran (epochs = 0): the init weights
-            self.write_checkpoint()
-        metrics = self.write_metrics(complete=True)
-        atomic_write_json(self.out / "failures.json", self.failures.entries)
-        self.log(f"finished {self.out}: " + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items())
-                 + f"; {len(self.failures.entries)} unreadable segment(s) skipped")
-        return metrics
-
     # -- internals ----------------------------------------------------------------------------
-
-    def _majority_top1(self) -> float | None:
-        """Top-1 of always answering the training selection's most frequent class (the floor to beat)."""
-        if not self.selection.val:
-            return None
-        column = f"{self.config.target}_class"
-        counts = np.bincount([int(row[column]) for row in self.selection.train])
-        majority = int(counts.argmax())
-        return 100.0 * float(np.mean([int(row[column]) == majority for row in self.selection.val]))
-
-    def _config_record(self) -> dict[str, Any]:
-        config = self.config
-        init: InitReport = self.init_report
-        record = {
-            "settings": config.to_json(),
-            "recipe": get_recipe(config.recipe).to_dict(),
-            "backbone_record": dataclasses.asdict(self.record),
-            "init": None if init.checkpoint is None else {
-                "path": str(init.checkpoint.resolve()), "sha256": file_sha256(init.checkpoint),
-                "loaded": init.loaded, "dropped": list(init.dropped)},
-            "data": {
-                "annotations": str(config.annotations.resolve()), "annotations_sha256": file_sha256(config.annotations),
-                "dataset": self.selection.dataset, "num_classes": self.selection.num_classes,
-                "train_where": self.selection.train_where, "val_where": self.selection.val_where,
-                "n_train": len(self.selection.train), "n_val": len(self.selection.val),
-                "video_info": self.video_info,
-            },
-            "augmentation": {
-                "train": f"clip centre uniform in the segment; short side uniform in {list(config.scale_range)}; "
-                         f"random {config.crop}x{config.crop} crop, the same for every frame",
-                "val": f"centre clip; short side {config.test_size}; centre {config.crop}x{config.crop} crop",
-                "dropout": None,
-            },
-            "featstore_version": __version__,
-            "torch_version": str(torch.__version__),
-        }
-        # JSON types only: the record travels inside checkpoints read back with weights_only=True.
-        return json.loads(json.dumps(record, default=str))
 
     def _loader(self, dataset: ClipDataset, sampler: EpochBatchSampler) -> torch.utils.data.DataLoader:
         workers = self.config.workers
@@ -491,143 +346,93 @@ class FinetuneRun:
         x = clips.to(self.device, non_blocking=True).permute(0, 4, 1, 2, 3).float().div_(255.0)
         return x if self.config.uses_channels_last else x.contiguous()
 
-    def _empty_clip(self) -> torch.Tensor:
-        """One black clip of the run's input shape, (1, C, T, crop, crop)."""
-        config = self.config
-        return torch.zeros(1, config.in_channels, config.clip_frames, config.crop, config.crop, device=self.device)
-
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.device.type == "cuda" and self.config.amp != "off":
             return torch.autocast(device_type="cuda", dtype=AMP_DTYPES[self.config.amp])
         return contextlib.nullcontext()  # the CPU trains in fp32
 
-    def _record_failures(self, batch: ClipBatch, phase: str, total: int, *, epoch: int | None = None) -> None:
-        if not batch.failed:
-            return
-        epoch = batch.epoch if epoch is None else epoch
+    def _record_failures(self, batch: ClipBatch, phase: str, *, epoch: int) -> None:
         rows = self.train_data.rows if phase == "train" else self.val_data.rows
         for index, reason in batch.failed:
             self.failures.add(uid=str(rows[index]["uid"]), epoch=epoch, phase=phase, reason=reason)
-            if self.main_process:
-                self.log(f"epoch {epoch + 1}: skipped {phase} segment {rows[index]['uid']}: {reason}")
-        if self.world is None:
-            # Stop as soon as the epoch is certain to fail. Under data parallelism each process only
-            # sees its share: the check waits for the counts gathered at the end of the epoch.
-            self.failures.check(epoch, phase, total)
+            self.log(f"epoch {epoch + 1}: skipped {phase} segment {rows[index]['uid']}: {reason}")
 
 
-@dataclass
-class _EpochStats:
-    """What the steps of one epoch add up (the losses stay on the device until checked)."""
+def _epoch_failures(entries: list[dict[str, Any]], epoch: int, phase: str) -> list[dict[str, Any]]:
+    return [entry for entry in entries if entry["epoch"] == epoch + 1 and entry["phase"] == phase]
 
-    epoch: int = 0
-    started: float = 0.0
-    steps: int = 0  # steps with a loss (this process)
-    batches: int = 0  # optimiser steps (the same in every process)
-    clips: int = 0
-    failed: int = 0
-    loss_sum: float = 0.0
-    pending: list[tuple[int, torch.Tensor]] = dataclasses.field(default_factory=list)
 
-    def check(self, epoch: int, world: "_DataParallel | None" = None) -> None:
-        """Read the pending losses (one host-device sync) and stop at the first NaN / inf.
+def _merge_epoch_failures(entries: list[dict[str, Any]], parts: Sequence[list[dict[str, Any]]], epoch: int,
+                          phase: str) -> list[dict[str, Any]]:
+    """``entries`` with this process's failures of (epoch, phase) replaced by every process's, by uid."""
+    kept = [entry for entry in entries if not (entry["epoch"] == epoch + 1 and entry["phase"] == phase)]
+    return kept + sorted((entry for part in parts for entry in part), key=lambda entry: entry["uid"])
 
-        Under data parallelism the processes agree first, so that all of them stop together.
+
+# ------------------------------------------------------------------------------------------------
+# the run's own hooks
+
+
+class _EpochRecord(Hook):
+    """The epoch's steps, clips and failures (summed over a world), its clips/s, and the failure check.
+
+    Under a world the processes also average their BatchNorm statistics here, before the model is
+    validated and saved.
+    """
+
+    def __init__(self, trainable: BackboneTrainable) -> None:
+        self.trainable = trainable
+
+    def after_epoch(self, run: RunState) -> None:
+        trainable, counts = self.trainable, self.trainable.counts
+        steps, clips, failed = counts.steps, counts.clips, counts.failed
+        if run.world is not None:
+            _, clips, failed = (int(v) for v in run.world.sum_counts([steps, clips, failed]))
+            trainable.failures.entries = _merge_epoch_failures(trainable.failures.entries, run.world.gather(
+                _epoch_failures(trainable.failures.entries, run.epoch, "train")), run.epoch, "train")
+            run.world.average_buffers(trainable.model)
+        trainable.failures.check(run.epoch, "train", len(trainable.train_data))
+        run.record.update({"steps": steps, "train_clips": clips, "train_failed": failed,
+                           "clips_per_s": clips / run.seconds if run.seconds > 0 else 0.0})
+
+
+class _RunFolder(Hook):
+    """After each epoch (main process): the checkpoint `featstore build` loads, metrics, failures, curves."""
+
+    def __init__(self, trainable: BackboneTrainable, *, out: Path, record: dict[str, Any], majority_top1: float | None,
+                 title: str) -> None:
+        self.trainable, self.out, self.record = trainable, out, record
+        self.majority_top1, self.title = majority_top1, title
+
+    def after_epoch(self, run: RunState) -> None:
+        if not run.is_main:
+            return
+        self.write(run, complete=run.epoch + 1 >= run.epochs)
+        plot_curves(run.history, self.out / "curves.png", target=self.trainable.config.target, title=self.title)
+
+    def write(self, run: RunState, *, complete: bool) -> dict[str, Any]:
+        """``checkpoint.pt``, ``metrics.json`` and ``failures.json`` as of the last finished epoch.
+
+        Returns:
+            The latest validation top-1 / top-5 (empty without validation).
         """
-        values = torch.stack([loss for _, loss in self.pending]).float().cpu().tolist() if self.pending else []
-        bad = [(step, value) for (step, _), value in zip(self.pending, values) if not math.isfinite(value)]
-        advice = "lower --lr, check the init checkpoint, or use --amp bf16 instead of fp16"
-        if world is not None and world.any(bool(bad)) and not bad:
-            raise FinetuneError(f"the loss of another process became NaN or inf at epoch {epoch + 1} by step "
-                                f"{self.steps}: {advice}")
-        if bad:
-            step, value = bad[0]
-            raise FinetuneError(f"loss is {value} at epoch {epoch + 1}, step {step}: {advice}")
-        self.loss_sum += sum(values)
-        self.pending = []
+        trainable, target = self.trainable, self.trainable.config.target
+        last = run.history[-1] if run.history else {}
+        metrics = {key: last[key] for key in (f"{target}_top1", f"{target}_top5") if key in last}
+        epochs_done = len(run.history)
+        write_finetuned_checkpoint(self.out / CHECKPOINT_NAME, backbone=trainable.model.backbone.state_dict(),
+                                   classifier=trainable.model.classifier.state_dict(), record={
+                                       "format": RECORD_FORMAT, "run": str(self.out.resolve()), "epoch": epochs_done,
+                                       "metrics": metrics, "config": self.record})
+        atomic_write_json(self.out / "metrics.json", {
+            **metrics, "target": target, "complete": complete, "epochs_done": epochs_done,
+            "n_train": len(trainable.train_data), "n_val": len(trainable.val_data),
+            "majority_top1": self.majority_top1, "history": run.history})
+        atomic_write_json(self.out / "failures.json", trainable.failures.entries)
+        return metrics
 
 
-class _DataParallel:
-    """Data parallelism under torchrun: DistributedDataParallel, gloo on the CPU, nccl on GPUs."""
-
-    def __init__(self, config: FinetuneConfig) -> None:
-        import torch.distributed as dist
-
-        self.dist = dist
-        self.device = config.device
-        self.local_rank = config.local_rank
-        if config.device == "cuda":
-            torch.cuda.set_device(config.local_rank)
-        if not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if config.device == "cuda" else "gloo")
-        if dist.get_world_size() != config.world_size:
-            raise FinetuneError(f"the process group has {dist.get_world_size()} processes, the config says "
-                                f"{config.world_size}")
-
-    @classmethod
-    def from_config(cls, config: FinetuneConfig) -> "_DataParallel | None":
-        return cls(config) if config.world_size > 1 else None
-
-    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
-        device_ids = [self.local_rank] if self.device == "cuda" else None
-        return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
-
-    def idle_step(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer, clip: torch.Tensor) -> None:
-        """Join a step's all-reduce with zero gradients (this process's share of the batch was unreadable).
-
-        BatchNorm layers are put in eval mode for it, so that the black clip leaves their running
-        statistics alone.
-        """
-        norms = [m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training]
-        for norm in norms:
-            norm.eval()
-        try:
-            optimizer.zero_grad(set_to_none=True)
-            (module(clip).float().sum() * 0.0).backward()
-            optimizer.step()
-        finally:
-            for norm in norms:
-                norm.train()
-
-    def sum_stats(self, stats: _EpochStats, device: torch.device) -> _EpochStats:
-        totals = torch.tensor([stats.loss_sum, stats.steps, stats.clips, stats.failed], dtype=torch.float64,
-                              device=device)
-        self.dist.all_reduce(totals)
-        # The epoch's loss: the mean of every process's step losses.
-        return dataclasses.replace(stats, loss_sum=float(totals[0]), steps=int(totals[1]), clips=int(totals[2]),
-                                   failed=int(totals[3]))
-
-    def gather_failures(self, entries: list[dict[str, Any]], epoch: int) -> list[dict[str, Any]]:
-        """Every process's failures of 0-based ``epoch`` (earlier epochs were gathered before)."""
-        this_epoch = [entry for entry in entries if entry["epoch"] == epoch + 1]
-        gathered: list[Any] = [None] * self.dist.get_world_size()
-        self.dist.all_gather_object(gathered, this_epoch)
-        merged = sorted((entry for part in gathered for entry in part), key=lambda e: (e["phase"] != "train", e["uid"]))
-        return [entry for entry in entries if entry["epoch"] != epoch + 1] + merged
-
-    def gather_scores(self, scores: np.ndarray, truth: np.ndarray, failed: int) -> tuple[np.ndarray, np.ndarray, int]:
-        """Every process's validation logits (N, K), labels (N,) and failure count."""
-        gathered: list[Any] = [None] * self.dist.get_world_size()
-        self.dist.all_gather_object(gathered, (scores, truth, failed))
-        return (np.concatenate([part[0] for part in gathered]), np.concatenate([part[1] for part in gathered]),
-                sum(part[2] for part in gathered))
-
-    def any(self, flag: bool) -> bool:
-        """Whether ``flag`` is true in any process."""
-        value = torch.tensor([int(flag)], device=torch.device(f"cuda:{self.local_rank}") if self.device == "cuda"
-                             else torch.device("cpu"))
-        self.dist.all_reduce(value, op=self.dist.ReduceOp.MAX)
-        return bool(value.item())
-
-    def barrier(self) -> None:
-        self.dist.barrier()
-
-
-def _quiet(_: str) -> None:
-    """The log of processes other than rank 0 (which alone writes the run folder)."""
-
-
-def _epoch_line(entry: dict[str, Any], target: str) -> str:
+def _epoch_line(entry: Mapping[str, Any], target: str) -> str:
     parts = [f"epoch {entry['epoch']}", f"lr {entry['lr']:.2g}", f"loss {entry['loss']:.4f}",
              f"{entry['clips_per_s']:.1f} clips/s"]
     for k in (1, 5):
@@ -639,12 +444,70 @@ def _epoch_line(entry: dict[str, Any], target: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------------
-# the loop (interim: the shared training engine replaces it)
+# the run
+
+
+def _check_resume(config: FinetuneConfig, out: Path) -> None:
+    """Refuse an existing run without ``resume``, and a resume whose settings differ from the run's."""
+    state = load_training_state(out)
+    if (state is not None or (out / CHECKPOINT_NAME).exists()) and not config.resume:
+        raise FinetuneError(f"{out} already holds a run; pass --resume to continue it or choose another OUT")
+    if state is not None:
+        differences = resume_differences(config, state.get("config", {}).get("settings", {}))
+        if differences:
+            raise FinetuneError(f"{out} was trained with other settings, so resuming would not reproduce it "
+                                f"({'; '.join(differences)}); rerun with the run's settings or use another OUT")
+
+
+def _majority_top1(config: FinetuneConfig, selection: Selection) -> float | None:
+    """Top-1 of always answering the training selection's most frequent class (the floor to beat)."""
+    if not selection.val:
+        return None
+    column = f"{config.target}_class"
+    counts = np.bincount([int(row[column]) for row in selection.train])
+    majority = int(counts.argmax())
+    return 100.0 * float(np.mean([int(row[column]) == majority for row in selection.val]))
+
+
+def _config_record(config: FinetuneConfig, selection: Selection, record: Any, init: InitReport,
+                   video_info: dict[str, Any]) -> dict[str, Any]:
+    """What config.json holds: every setting, the recipe, the backbone record, the init, the data."""
+    payload = {
+        "settings": config.to_json(),
+        "recipe": get_recipe(config.recipe).to_dict(),
+        "backbone_record": dataclasses.asdict(record),
+        "init": None if init.checkpoint is None else {
+            "path": str(init.checkpoint.resolve()), "sha256": file_sha256(init.checkpoint),
+            "loaded": init.loaded, "dropped": list(init.dropped)},
+        "data": {
+            "annotations": str(config.annotations.resolve()), "annotations_sha256": file_sha256(config.annotations),
+            "dataset": selection.dataset, "num_classes": selection.num_classes,
+            "train_where": selection.train_where, "val_where": selection.val_where,
+            "n_train": len(selection.train), "n_val": len(selection.val), "video_info": video_info,
+        },
+        "augmentation": {
+            "train": f"clip centre uniform in the segment; short side uniform in {list(config.scale_range)}; "
+                     f"random {config.crop}x{config.crop} crop, the same for every frame",
+            "val": f"centre clip; short side {config.test_size}; centre {config.crop}x{config.crop} crop",
+            "dropout": None,
+        },
+        "featstore_version": __version__,
+        "torch_version": str(torch.__version__),
+    }
+    # JSON types only: the record travels inside checkpoints read back with weights_only=True.
+    return json.loads(json.dumps(payload, default=str))
+
+
+def _clips(config: FinetuneConfig, rows: list[dict[str, Any]], source: FrameSource, *, train: bool) -> ClipDataset:
+    return ClipDataset(rows, source=source, target=config.target, clip_frames=config.clip_frames,
+                       clip_stride=config.clip_stride, crop=config.crop, train=train, scale_range=config.scale_range,
+                       test_size=config.test_size, fallback_fps=config.fps, seed=config.seed,
+                       clip_sampling=config.clip_sampling, snippet_frames=config.snippet_frames)
 
 
 def finetune(config: FinetuneConfig, *, log: Callable[[str], None] | None = None,
              after_step: Callable[[int, int], None] | None = None) -> dict[str, Any]:
-    """Fine-tune a backbone and write its run folder (see `finetune.outputs`).
+    """Fine-tune a backbone on the shared training engine and write its run folder (see `finetune.outputs`).
 
     Args:
         config: the run.
@@ -654,24 +517,80 @@ def finetune(config: FinetuneConfig, *, log: Callable[[str], None] | None = None
     Returns:
         The final metrics (``{target}_top1`` / ``{target}_top5`` when there is a validation selection).
     Raises:
-        FinetuneError: see `FinetuneRun` and its ``step`` / ``end_epoch``.
+        FinetuneError: settings or data that cannot work, an existing run without ``resume``, a NaN /
+            inf loss (naming the epoch and step), too many unreadable segments.
+        CheckpointError: an init checkpoint that does not fit (listing what does not).
     """
-    from tqdm import tqdm
+    out = Path(config.out)
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise FinetuneError("--device cuda, but torch sees no CUDA device here (use --device cpu)")
+    _check_resume(config, out)
+    selection = select_training_data(config)
+    videos = sorted({str(row["video_id"]) for row in selection.train + selection.val})
+    source, video_info = _frame_source(config, videos)
+    model, record, init_report = build_video_classifier(
+        config.backbone, num_classes=selection.num_classes, in_channels=config.in_channels, init=config.init,
+        seed=config.seed)
+    out.mkdir(parents=True, exist_ok=True)  # only once inputs and init are known good
+    main = config.rank == 0
+    if main:
+        remove_run_temporaries(out)
+    run_log: Callable[[str], None] = RunLog(out / "log.txt", echo=log) if main else _quiet
+    if config.device == "cpu":
+        keep_freed_memory()  # activations are fresh CPU blocks every step: see featstore/allocator.py
+    if config.device == "cuda":
+        torch.cuda.set_device(config.local_rank)
+    world = World(config.device) if config.world_size > 1 else None
+    if world is not None and world.size != config.world_size:
+        raise FinetuneError(f"the process group has {world.size} processes, the config says {config.world_size}")
 
-    run = FinetuneRun(config, log=log)
-    while run.epoch < config.epochs:
-        epoch = run.epoch
-        share = len(run.train_data) // config.world_size
-        bar = tqdm(total=share, desc=f"epoch {epoch + 1}/{config.epochs}", unit="clip", leave=False,
-                   disable=not (config.progress and run.main_process), file=sys.stderr, dynamic_ncols=True)
-        try:
-            for step, batch in enumerate(run.train_batches(epoch), start=1):
-                run.step(batch)
-                bar.update(len(batch) + len(batch.failed))
-                if after_step is not None:
-                    after_step(epoch, step)
-        finally:
-            bar.close()
-        run.end_epoch()
-    return run.finish()
+    config_record = _config_record(config, selection, record, init_report, video_info)
+    failures = FailureLog(max_fraction=config.max_failed_fraction)
+    trainable = BackboneTrainable(config, model, _clips(config, selection.train, source, train=True),
+                                  _clips(config, selection.val, source, train=False), failures=failures, log=run_log,
+                                  record=config_record)
+    if main:
+        atomic_write_json(out / "config.json", config_record)
+        run_log(init_report.describe())
+        run_log(f"{config.backbone} {config.target} net, recipe {config.recipe}: {len(selection.train)} training and "
+                f"{len(selection.val)} validation segments, {selection.num_classes} classes, {config.epochs} epochs "
+                f"on {trainable.device}")
+    folder = _RunFolder(trainable, out=out, record=config_record, majority_top1=_majority_top1(config, selection),
+                        title=f"{config.backbone} {config.target} net ({config.recipe}) on {config.annotations.name}")
+    hooks: list[Hook] = [
+        LossCheck(hint=": lower --lr, check the init checkpoint, or use --amp bf16 instead of fp16",
+                  every=config.check_every, error=FinetuneError),
+        LearningRate(trainable.optimizer),
+        _EpochRecord(trainable),
+    ]
+    if selection.val:
+        hooks.append(Validation(lambda: trainable.validate(world), prefix=""))
+    hooks += [
+        # The resume state is written after the hooks that fill the epoch's record (its history is
+        # saved with it), and before the run folder that points at it.
+        Checkpointer(out / STATE_NAME, resume=config.resume, save=main,
+                     on_resume=lambda run: run_log(f"resuming {out} after epoch {run.epoch}")),
+        folder,
+        EpochLog(run_log, lambda entry: _epoch_line(entry, config.target)),
+    ]
+    if config.progress and main:
+        share = len(selection.train) // config.world_size
+        hooks.append(ProgressBar(unit="clip", count=lambda batch: len(batch) + len(batch.failed),
+                                 total=lambda run: share))
+    if after_step is not None:
+        hooks.append(StepCallback(after_step))
+    engine = Engine(world=world, log=run_log)
+    # The run's torch stream starts from the seed, not from whatever the process drew before, so a
+    # resumed run continues exactly the stream of the first one.
+    run = engine.add(trainable, name=str(out), epochs=config.epochs, hooks=hooks, seed=config.seed)
+    engine.train()
+    if not main:
+        return {}
+    metrics = folder.write(run, complete=True)  # also with epochs = 0: the init weights
+    run_log(f"finished {out}: " + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items())
+            + f"; {len(failures.entries)} unreadable segment(s) skipped")
+    return metrics
 
+
+def _quiet(_: str) -> None:
+    """The log of processes other than rank 0 (which alone writes the run folder)."""

@@ -319,13 +319,8 @@ class DetectorTrainable:
         else:
             loss = torch.zeros((), device=self.device)  # nothing readable: an idle step (still in step with the world)
         if world is not None:
-            parameters = [p for group in self.optimizer.param_groups for p in group["params"]]
-            for parameter in parameters:
-                if parameter.grad is None:
-                    parameter.grad = torch.zeros_like(parameter)
-            loss = world.sum_gradients(parameters, loss.detach()) / world.size
-            for parameter in parameters:
-                parameter.grad.div_(world.size)
+            loss = world.average_gradients([p for group in self.optimizer.param_groups for p in group["params"]],
+                                           loss.detach())
         if len(batch) or world is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -573,7 +568,7 @@ def finetune_detector(config: DetectorFinetuneConfig, *, log: Callable[[str], No
     hooks: list[Hook] = [
         LossCheck(hint=": lower --lr, check the init checkpoint, or use --amp bf16 instead of fp16",
                   where=lambda epoch, step: f"iteration {(epoch - 1) * config.eval_every + step}",
-                  error=DetectorFinetuneError),
+                  error=DetectorFinetuneError, every=config.check_every),
         LearningRate(trainable.optimizer),
         _RoundRecord(config, failures),
         _Validation(trainable, val, layout, class_names=names, train_counts=train.class_counts(), out=out,
@@ -591,10 +586,9 @@ def finetune_detector(config: DetectorFinetuneConfig, *, log: Callable[[str], No
 
         hooks.append(EpochCallback(after_round))
     engine = Engine(world=world, log=run_log)
-    run = engine.add(trainable, name=str(out), epochs=config.epochs, hooks=hooks)
     # The run's torch stream (the RPN's and box head's proposal sampling draw from it) starts from the
     # seed, not from whatever the process drew before, so that a resumed run retraces the first one.
-    run.rng_state = torch.Generator().manual_seed(config.seed).get_state()
+    run = engine.add(trainable, name=str(out), epochs=config.epochs, hooks=hooks, seed=config.seed)
     engine.train()
     if not main:
         return {}

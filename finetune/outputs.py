@@ -33,7 +33,6 @@ __all__ = [
     "load_training_state",
     "plot_curves",
     "remove_run_temporaries",
-    "save_training_state",
     "write_finetuned_checkpoint",
 ]
 
@@ -82,15 +81,8 @@ def write_finetuned_checkpoint(path: str | os.PathLike, *, backbone: Mapping[str
     return path
 
 
-def save_training_state(out: Path, state: Mapping[str, Any]) -> Path:
-    """Write ``OUT/checkpoints/last.pt`` (model, optimiser, scaler, epoch, history, failures)."""
-    path = out / STATE_NAME
-    _save(path, dict(state))
-    return path
-
-
 def load_training_state(out: Path) -> dict[str, Any] | None:
-    """The state `save_training_state` wrote, or None when the run has none yet."""
+    """The resume state (written by `heads.engine.Checkpointer`), or None when the run has none yet."""
     path = out / STATE_NAME
     if not path.is_file():
         return None

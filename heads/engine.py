@@ -65,6 +65,7 @@ __all__ = [
     "HistoryFile",
     "EpochLog",
     "EpochCallback",
+    "StepCallback",
     "ProgressBar",
 ]
 
@@ -115,6 +116,55 @@ class World:
             grad.copy_(flat[offset:offset + grad.numel()].view_as(grad))
             offset += grad.numel()
         return flat[-1]
+
+    def average_gradients(self, parameters: Iterable[torch.nn.Parameter], loss: torch.Tensor) -> torch.Tensor:
+        """Average every parameter's gradient and ``loss`` over the ranks, as DistributedDataParallel does.
+
+        A parameter without a gradient (unused, or a rank with nothing to train on this step) counts
+        as zero, so every rank joins the same all-reduce.
+
+        Returns:
+            The mean loss over the ranks (0-d, on the device).
+        """
+        parameters = list(parameters)
+        for parameter in parameters:
+            if parameter.grad is None:
+                parameter.grad = torch.zeros_like(parameter)
+        mean = self.sum_gradients(parameters, loss) / self.size
+        for parameter in parameters:
+            parameter.grad.div_(self.size)
+        return mean
+
+    def gather(self, value: Any) -> list[Any]:
+        """Every rank's ``value`` (any picklable object), in rank order, on every rank."""
+        gathered: list[Any] = [None] * self.size
+        self.dist.all_gather_object(gathered, value)
+        return gathered
+
+    def sum_counts(self, counts: Sequence[float]) -> list[float]:
+        """The element-wise sum of ``counts`` over the ranks (one all-reduce of float64)."""
+        totals = torch.tensor([float(c) for c in counts], dtype=torch.float64)
+        if self.dist.get_backend() == "nccl":
+            totals = totals.cuda()
+        self.dist.all_reduce(totals)
+        return totals.cpu().tolist()
+
+    def average_buffers(self, module: torch.nn.Module) -> None:
+        """Average the floating-point buffers (BatchNorm running statistics) of ``module`` over the ranks.
+
+        Each rank's BatchNorm layers update their running statistics from that rank's batches only;
+        averaged after an epoch, the model every rank validates and saves is the same.
+        """
+        buffers = [b for b in module.buffers() if b.is_floating_point()]
+        if not buffers:
+            return
+        flat = torch.cat([b.reshape(-1).float() for b in buffers])
+        self.dist.all_reduce(flat)
+        flat /= self.size
+        offset = 0
+        for buffer in buffers:
+            buffer.copy_(flat[offset:offset + buffer.numel()].view_as(buffer))
+            offset += buffer.numel()
 
     def barrier(self) -> None:
         self.dist.barrier()
@@ -257,19 +307,22 @@ class Engine:
         self.log = log
         self.runs: list[RunState] = []
 
-    def add(self, trainable: Trainable, *, name: str, epochs: int, hooks: Sequence[Hook] = ()) -> RunState:
-        """Add a run; its random stream starts from the process generator's state now.
+    def add(self, trainable: Trainable, *, name: str, epochs: int, hooks: Sequence[Hook] = (),
+            seed: int | None = None) -> RunState:
+        """Add a run; its random stream starts from the process generator's state now, or from ``seed``.
 
         Args:
             trainable: the run's model-side (model already built and seeded).
             name: for messages.
             epochs: how many epochs it trains in all (a resumed run trains the ones left).
             hooks: called in this order.
+            seed: start the run's CPU stream from this seed instead (a run that must not depend on
+                what the process drew before, e.g. to retrace a resumed run from its settings alone).
         Returns:
             The run's state (filled in as it trains).
         """
         run = RunState(name=name, trainable=trainable, epochs=int(epochs), hooks=tuple(hooks), world=self.world)
-        run.rng_state = torch.get_rng_state()
+        run.rng_state = torch.get_rng_state() if seed is None else torch.Generator().manual_seed(seed).get_state()
         if run.device.type == "cuda":
             run.cuda_rng_state = torch.cuda.get_rng_state(run.device)
         self.runs.append(run)
@@ -423,20 +476,38 @@ class LossCheck(Hook):
         where: ``where(epoch, step)`` (both 1-based) names the step in the message; default
             ``"epoch E, step S"`` (an iteration-based trainer names its iteration).
         error: the exception type raised (a trainer's own error type).
+        every: also check every this many steps within an epoch (one host-device transfer each), so
+            a long epoch stops soon after its loss diverges; None: after the epoch only. Under a
+            world every rank must see the same losses (``World.sum_gradients`` returns the summed
+            one), so that all ranks stop at the same step.
     """
 
     def __init__(self, *, hint: str = "", where: Callable[[int, int], str] | None = None,
-                 error: type[Exception] = TrainingError):
+                 error: type[Exception] = TrainingError, every: int | None = None):
         self.hint = hint
         self.where = where or (lambda epoch, step: f"epoch {epoch}, step {step}")
         self.error = error
+        self.every = every
+        self.values: list[float] = []  # the current epoch's losses read so far
+
+    def before_epoch(self, run: RunState) -> None:
+        self.values = []
+
+    def after_step(self, run: RunState) -> None:
+        if self.every is not None and run.step % self.every == 0:
+            self._read(run)
 
     def after_epoch(self, run: RunState) -> None:
-        values = torch.stack(run.losses).float().cpu().tolist() if run.losses else []
-        for step, value in enumerate(values, start=1):
+        self._read(run)
+        run.record["loss"] = sum(self.values) / max(len(self.values), 1)
+
+    def _read(self, run: RunState) -> None:
+        pending = run.losses[len(self.values):]
+        values = torch.stack(pending).float().cpu().tolist() if pending else []
+        for step, value in enumerate(values, start=len(self.values) + 1):
             if not math.isfinite(value):
                 raise self.error(f"loss is {value} at {self.where(run.epoch + 1, step)}{self.hint}")
-        run.record["loss"] = sum(values) / max(len(values), 1)
+        self.values.extend(values)
 
 
 class LearningRate(Hook):
@@ -553,6 +624,16 @@ class EpochCallback(Hook):
 
     def after_epoch(self, run: RunState) -> None:
         self.callback(run.epoch + 1)
+
+
+class StepCallback(Hook):
+    """Calls ``callback(epoch, step)`` (0-based epoch, 1-based step) after each step (tests interrupt here)."""
+
+    def __init__(self, callback: Callable[[int, int], None]):
+        self.callback = callback
+
+    def after_step(self, run: RunState) -> None:
+        self.callback(run.epoch, run.step)
 
 
 class ProgressBar(Hook):

@@ -19,6 +19,7 @@ from heads.engine import (
     LearningRate,
     LossCheck,
     RunState,
+    StepCallback,
     TrainingError,
     Validation,
     World,
@@ -246,3 +247,58 @@ def test_keep_going_is_refused_under_data_parallelism() -> None:
     world = World.__new__(World)  # no process group needed: the engine refuses before using it
     with pytest.raises(ValueError, match="data parallelism"):
         Engine(world=world, keep_going=True)
+
+
+def test_a_periodic_loss_check_stops_the_epoch_soon_after_the_loss_diverges() -> None:
+    steps: list[tuple[int, int]] = []
+    toy = ToyRun(0, nan_at=(1, 2))  # 48 points in batches of 8: 6 steps an epoch
+    engine = Engine()
+    engine.add(toy, name="toy", epochs=1, hooks=[LossCheck(every=3), StepCallback(lambda e, s: steps.append((e, s)))])
+    with pytest.raises(TrainingError, match=r"^loss is nan at epoch 1, step 2$"):
+        engine.train()
+    # The check at step 3 read steps 1-3 and stopped: steps 4-6 never ran.
+    assert steps == [(0, 1), (0, 2)] and toy.step == 3
+
+
+def test_a_periodic_loss_check_records_the_same_mean_as_the_check_after_the_epoch() -> None:
+    records = []
+    for every in (None, 4):
+        toy = ToyRun(3)
+        engine = Engine()
+        state = engine.add(toy, name="toy", epochs=2, hooks=[LossCheck(every=every)])
+        engine.train()
+        records.append([entry["loss"] for entry in state.history])
+    assert records[0] == records[1]
+
+
+def _world_collectives(rank: int, size: int, init_file: str, results: Any) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=size)
+    try:
+        world = World("cpu")
+        norm = nn.BatchNorm1d(2)
+        norm.running_mean.fill_(float(rank))  # rank 0: 0, rank 1: 1
+        world.average_buffers(norm)
+        results.put((rank, world.gather({"rank": rank}), world.sum_counts([rank + 1, 10]),
+                     norm.running_mean.tolist(), int(norm.num_batches_tracked)))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_world_gathers_sums_and_averages_buffers_over_two_processes(tmp_path: Path) -> None:
+    import torch.multiprocessing as mp
+
+    context = mp.get_context("spawn")
+    results = context.Queue()
+    processes = [context.Process(target=_world_collectives, args=(rank, 2, str(tmp_path / "init"), results))
+                 for rank in range(2)]
+    for process in processes:
+        process.start()
+    got = sorted(results.get(timeout=120) for _ in processes)
+    for process in processes:
+        process.join(timeout=60)
+    for rank, gathered, counts, running_mean, tracked in got:
+        assert gathered == [{"rank": 0}, {"rank": 1}]
+        assert counts == [3.0, 20.0]
+        assert running_mean == [0.5, 0.5] and tracked == 0  # integer buffers are left alone
