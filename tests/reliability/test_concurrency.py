@@ -32,6 +32,7 @@ pytestmark = pytest.mark.slow
 
 FIELDS = {"verb.global": FieldSpec("float16", (64,)), "verb.map": FieldSpec("float16", (16, 64))}
 N_WRITTEN = 500
+PAUSES = (100, 250, 400)  # the writer waits here until every reader has read the store as it is
 
 
 def _row(i: int) -> dict:
@@ -44,17 +45,31 @@ def _tensors(i: int) -> dict[str, np.ndarray]:
     return {name: rng.standard_normal(spec.shape).astype(np.float16) for name, spec in FIELDS.items()}
 
 
-def _write(path: str, everyone_ready, n: int) -> None:
+def _write(path: str, everyone_ready, n: int, rounds) -> None:
     store = FeatureStore.open(path)
     # A 64 KiB map: it doubles about eight times while the readers read.
     with store.writer(flush_every=3, map_size=1 << 16) as writer:
         everyone_ready.wait()
         for i in range(n):
+            if i in PAUSES:
+                _wait_for_reads(rounds)
             writer.put(_row(i), _tensors(i))
 
 
-def _read_until(path: str, everyone_ready, done, results) -> None:
-    """Read everything the index lists as stored, over and over, until the writer is done."""
+def _wait_for_reads(rounds, timeout: float = 60.0) -> None:
+    """Wait until every reader has finished a round that started after now, so that the reads overlap
+    the writes however loaded the machine is (on a busy one the writer can otherwise finish first)."""
+    import time
+
+    wanted = [count + 2 for count in rounds[:]]  # the round under way may have started before the pause
+    deadline = time.monotonic() + timeout
+    while any(count < want for count, want in zip(rounds[:], wanted)) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def _read_until(path: str, everyone_ready, done, results, shared_rounds, slot: int) -> None:
+    """Read everything the index lists as stored, over and over, until the writer is done
+    (``shared_rounds[slot]`` counts the finished rounds)."""
     store = FeatureStore.open(path)
     store.uids()
     everyone_ready.wait()
@@ -73,6 +88,7 @@ def _read_until(path: str, everyone_ready, done, results) -> None:
         except Exception as err:  # noqa: BLE001 - reported to the test, which fails on it
             problems.append(("?", repr(err)))
         rounds += 1
+        shared_rounds[slot] = rounds
         if finished:
             break
     results.put({"rounds": rounds, "seen": seen, "problems": problems[:10], "n_problems": len(problems)})
@@ -85,9 +101,10 @@ def test_readers_in_other_processes_see_only_complete_segments_while_a_writer_ap
     spawn, fork = mp.get_context("spawn"), mp.get_context("fork")
     # Spawn-context synchronisation objects work in forked children too.
     everyone_ready, done, results = spawn.Barrier(3, timeout=120), spawn.Event(), spawn.Queue()
-    readers = [spawn.Process(target=_read_until, args=(path, everyone_ready, done, results)),
-               fork.Process(target=_read_until, args=(path, everyone_ready, done, results))]
-    writer = spawn.Process(target=_write, args=(path, everyone_ready, N_WRITTEN))
+    rounds = spawn.Array("i", 2)
+    readers = [spawn.Process(target=_read_until, args=(path, everyone_ready, done, results, rounds, 0)),
+               fork.Process(target=_read_until, args=(path, everyone_ready, done, results, rounds, 1))]
+    writer = spawn.Process(target=_write, args=(path, everyone_ready, N_WRITTEN, rounds))
     for process in (*readers, writer):
         process.start()
     writer.join(300)
