@@ -193,6 +193,7 @@ class Shot:
     direction: int  # move: -1 left, +1 right
     distractors: tuple[tuple[int, float, float], ...]  # (noun, cy, cx), static
     camera: tuple[float, float]  # per-shot camera offset (egocentric head position)
+    motion: float = 1.0  # share of the full travel (lift, slide, growth) the action makes
 
 
 def _ease(t: float) -> float:
@@ -202,7 +203,7 @@ def _ease(t: float) -> float:
 
 def active_state(shot: Shot, k: int) -> tuple[float, float, float]:
     """(cy, cx, scale) of the active object at frame ``k`` of the shot (0-based)."""
-    t = _ease((k - REST_FRAMES + 0.5) / ACTION_FRAMES)
+    t = shot.motion * _ease((k - REST_FRAMES + 0.5) / ACTION_FRAMES)
     cy, cx = shot.start
     scale = ACTIVE_SCALE
     lift = LIFT * FRAME_HEIGHT
@@ -247,8 +248,8 @@ def render_shot(shot: Shot, background: np.ndarray, k: int, *, rng: np.random.Ge
     return np.clip(image + noise, 0, 255).astype(np.uint8), boxes
 
 
-def sample_shot(verb: int, noun: int, kitchen: int, rng: np.random.Generator) -> Shot:
-    """A random layout for a shot of ``verb`` ``noun`` in ``kitchen``."""
+def sample_shot(verb: int, noun: int, kitchen: int, rng: np.random.Generator, *, motion: float = 1.0) -> Shot:
+    """A random layout for a shot of ``verb`` ``noun`` in ``kitchen`` (``motion``: share of the full travel)."""
     h, w = FRAME_HEIGHT, FRAME_WIDTH
     direction = int(rng.choice((-1, 1)))
     cy = rng.uniform(0.6, 0.7) * h
@@ -263,7 +264,7 @@ def sample_shot(verb: int, noun: int, kitchen: int, rng: np.random.Generator) ->
     distractors = tuple((int(others[i]), float(rng.uniform(0.62, 0.88) * h), float(x)) for i, x in zip(picked, sides))
     camera = (float(rng.uniform(-3, 3)), float(rng.uniform(-4, 4)))
     return Shot(kitchen=kitchen, verb=verb, noun=noun, start=(float(cy), float(cx)), direction=direction,
-                distractors=distractors, camera=camera)
+                distractors=distractors, camera=camera, motion=motion)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -278,6 +279,7 @@ class SampleSpec:
     val_participants: tuple[str, ...]  # >= 'P26': its validation split
     videos_per_participant: int
     segments_per_video: int
+    motion: float = 1.0  # share of the full travel each action makes (smaller: verbs harder to see)
 
     @property
     def participants(self) -> tuple[str, ...]:
@@ -360,7 +362,7 @@ def generate_sample(root: str | Path, spec: SampleSpec, *, seed: int = 0) -> Sam
             shots = []
             for s in range(spec.segments_per_video):
                 verb, noun = pool.pop()
-                shots.append(sample_shot(verb, noun, kitchen, video_rng))
+                shots.append(sample_shot(verb, noun, kitchen, video_rng, motion=spec.motion))
                 start = s * SHOT_FRAMES + REST_FRAMES + 1
                 segments.append(SegmentLabel(uid=str(len(segments)), participant_id=participant, video_id=video,
                                              start_frame=start, stop_frame=start + ACTION_FRAMES - 1,
