@@ -387,7 +387,7 @@ class _EpochRecord(Hook):
         trainable, counts = self.trainable, self.trainable.counts
         steps, clips, failed = counts.steps, counts.clips, counts.failed
         if run.world is not None:
-            _, clips, failed = (int(v) for v in run.world.sum_counts([steps, clips, failed]))
+            clips, failed = (int(v) for v in run.world.sum_counts([clips, failed]))  # steps: the same in each
             trainable.failures.entries = _merge_epoch_failures(trainable.failures.entries, run.world.gather(
                 _epoch_failures(trainable.failures.entries, run.epoch, "train")), run.epoch, "train")
             run.world.average_buffers(trainable.model)

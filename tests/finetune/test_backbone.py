@@ -19,6 +19,7 @@ from finetune.config import FinetuneError
 
 from tests.finetune.conftest import make_small_epic, small_config
 from tests.helpers.threads import torch_threads
+from tests.helpers.torchrun import torchrun_cli
 
 TIMING_KEYS = ("seconds", "clips_per_s")
 
@@ -172,10 +173,6 @@ def test_a_tsn_flow_run_takes_segments_of_stacked_snippets(tmp_path: Path) -> No
 
 @pytest.mark.slow
 def test_two_torchrun_processes_share_the_batches_and_gather_what_they_saw(tmp_path: Path) -> None:
-    import os
-    import subprocess
-    import sys
-
     from tests.finetune.conftest import TRAIN_WHERE, VAL_WHERE
 
     data = make_small_epic(tmp_path / "data")
@@ -188,13 +185,7 @@ def test_two_torchrun_processes_share_the_batches_and_gather_what_they_saw(tmp_p
             "--scale-range", "32,40", "--test-size", "32", "--epochs", "1", "--batch-size", "4", "--lr", "0.01",
             "--train-where", TRAIN_WHERE, "--val-where", VAL_WHERE, "--num-classes", "4", "--workers", "0",
             "--max-failed-fraction", "0.5", "--no-progress"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-              "-m", "cli.featstore_cli", *args]
-    result = subprocess.run(launch, capture_output=True, text=True, env=env, timeout=600)
-    if result.returncode != 0 and "rendezvous" in result.stderr.lower():
-        pytest.skip(f"torchrun could not start here: {result.stderr[-500:]}")
-    assert result.returncode == 0, result.stderr[-3000:]
+    torchrun_cli("cli.featstore_cli", args)
     [entry] = json.loads((out / "metrics.json").read_text())["history"]
     # 6 training segments in batches of 4 shared by 2 processes: 2 steps each, one segment unreadable.
     assert (entry["train_clips"], entry["train_failed"], entry["steps"]) == (5, 1, 2)

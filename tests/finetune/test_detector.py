@@ -17,6 +17,7 @@ from finetune.detector_config import DetectorFinetuneError, make_detector_config
 
 from tests.helpers.detection import moved_object_hits
 from tests.helpers.threads import torch_threads
+from tests.helpers.torchrun import torchrun_cli
 
 DETECTOR = "fasterrcnn_mobilenet_v3_large_320_fpn"
 PATTERN = "{video_id}/{frame:04d}.jpg"
@@ -223,22 +224,12 @@ def test_done_when_mobilenet_learns_the_demo_objects(tmp_path: Path) -> None:
 
 @pytest.mark.slow  # two processes, each building and training the small detector
 def test_two_torchrun_processes_train_one_detector(images: Path, tmp_path: Path) -> None:
-    import os
-    import subprocess
-    import sys
-
     out = tmp_path / "run"
     args = ["finetune-detector", str(out), "--objects", str(images / "boxes.csv"), "--images", str(images),
             "--image-pattern", PATTERN, "--detector", DETECTOR, "--num-classes", "3", "--iterations", "4",
             "--eval-every", "2", "--batch-size", "4", "--lr", "0.01", "--warmup-iterations", "1", "--min-size", "64",
             "--max-size", "80", "--roi-batch-size", "16", "--rpn-proposals", "50", "--workers", "0", "--no-progress"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-              "-m", "cli.featstore_cli", *args]
-    result = subprocess.run(launch, capture_output=True, text=True, env=env, timeout=600)
-    if result.returncode != 0 and "rendezvous" in result.stderr.lower():
-        pytest.skip(f"torchrun could not start here: {result.stderr[-500:]}")
-    assert result.returncode == 0, result.stderr[-3000:]
+    torchrun_cli("cli.featstore_cli", args)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["complete"] and [entry["iteration"] for entry in metrics["history"]] == [2, 4]
     assert all(entry["map_50"] is not None for entry in metrics["history"])  # the main process validated

@@ -11,6 +11,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from tests.helpers.torchrun import torchrun_cli
+
 # Two trainings in subprocesses, one under torchrun (CI runs it).
 pytestmark = pytest.mark.slow
 
@@ -28,12 +30,7 @@ def test_two_process_torchrun_matches_one_process(planted_store: Path, tmp_path:
     single = subprocess.run([sys.executable, "-m", "cli.heads_cli", *_train_args(planted_store, tmp_path / "one")],
                             capture_output=True, text=True, env=env, timeout=300)
     assert single.returncode == 0, single.stderr
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-              "-m", "cli.heads_cli", *_train_args(planted_store, tmp_path / "two")]
-    double = subprocess.run(launch, capture_output=True, text=True, env=env, timeout=300)
-    if double.returncode != 0 and "rendezvous" in double.stderr.lower():
-        pytest.skip(f"torchrun could not start here: {double.stderr[-500:]}")
-    assert double.returncode == 0, double.stderr[-3000:]
+    torchrun_cli("cli.heads_cli", _train_args(planted_store, tmp_path / "two"), timeout=300)
     one = json.loads((tmp_path / "one" / "metrics.json").read_text())
     two = json.loads((tmp_path / "two" / "metrics.json").read_text())
     assert two == pytest.approx(one, abs=1e-6)
