@@ -4,8 +4,9 @@
 DataLoader workers, scale and crop augmentation on uint8, the float conversion, forward, backward,
 SGD step) over clips/s of forward + backward + step of the same model on clips already in memory,
 in batches of the same size. The loop's rate is the run's own per-epoch figure (``clips_per_s`` in
-its metrics.json history: from the epoch's first batch request to its last step, so worker start-up
-counts), taken over the epochs after the first (the first warms the allocator and the page cache).
+its metrics.json history: from the epoch's first batch request to its last step), taken over the
+epochs after the first (the first warms the allocator and the page cache, and starts the decode
+workers, which persist across epochs).
 The inputs are generated EPIC-layout JPEG folders at EPIC's released frame size.
 """
 from __future__ import annotations

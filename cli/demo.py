@@ -1,25 +1,33 @@
-"""`featstore demo`: the whole job on a small generated sample, nothing downloaded.
+"""`featstore demo`: both stages of the job on a small generated sample, nothing downloaded.
 
-The demo's orchestration sits in ``cli`` because it drives both libraries (``featstore`` builds,
-``heads`` trains), which neither may do for the other:
+The demo's orchestration sits in ``cli`` because it drives every library (``finetune`` trains the
+verb net, ``featstore`` builds, ``heads`` trains), which none may do for another:
 
 1. ``featstore.samples.kitchens.generate_sample``: EPIC-layout JPEG frames of synthetic kitchens,
-   annotations, video info and a boxes file (see that module for what the sample holds).
-2. ``featstore.extraction.build_store`` (what `featstore build` runs) with torchvision ``r3d_18``
-   backbones and a ``fasterrcnn_resnet50_fpn`` detector, all with random weights, pooling detector
-   features at the boxes of the boxes file.
-3. ``heads.trainer.train`` of ``saoa`` and ``global`` on the paper's participant split
-   (``epic55-lfb-train`` = P01-P25, ``epic55-lfb-val`` = P26+), then a results table with chance,
-   plots, and an ablation grid for ``heads ablate``.
+   annotations, video info and a boxes file (see that module for what the sample holds), with the
+   actions' motions cut to `MOTION` of their travel so that random-weight features no longer
+   separate the verbs on their own (at full travel they do: nothing would be left for stage 1).
+2. Stage 1, ``finetune.backbone.finetune`` (what `featstore finetune` runs): a ``r3d_18`` VerbNet
+   trained from random weights on the training participants' verbs, on the build's own clips
+   (`CLIP`); with ``--train-detector`` also the detector (``featstore finetune-detector``).
+3. Stage 2, ``featstore.extraction.build_store`` (what `featstore build` runs) twice: ``store/``
+   with the stage-1 verb net, ``store-random/`` with random weights only (the "before"); the noun
+   backbone is a random ``r3d_18`` in both, the detector a random ``fasterrcnn_resnet50_fpn``
+   pooling its features at the sample's boxes (or the stage-1 detector, finding its own).
+4. ``heads.trainer.train`` of ``saoa`` and ``global`` on each store on the paper's participant
+   split (``epic55-lfb-train`` = P01-P25, ``epic55-lfb-val`` = P26+), then the before/after table
+   with chance, plots, and an ablation grid for ``heads ablate``.
 
-Steps 2 and 3 are given as the parameters of the `featstore build` and `heads train` commands;
-the commands' own config builders (``cli.featstore_build.make_build_config``,
-``cli.heads_cli.make_train_config``) make the library configs from them, and
-``cli.common.format_command`` the command lines the demo prints, so the two cannot disagree.
+Every step is given as the parameters of its command (`featstore finetune`, `featstore build`,
+`heads train`); the commands' own config builders (``cli.featstore_finetune.make_finetune_config``,
+``cli.featstore_build.make_build_config``, ``cli.heads_cli.make_train_config``) make the library
+configs from them, and ``cli.common.format_command`` the command lines the demo prints, so the two
+cannot disagree.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import shutil
 import time
@@ -51,13 +59,17 @@ __all__ = [
     "DemoError",
     "DemoReport",
     "HeadRun",
+    "StoreRun",
     "build_command",
     "build_params",
     "chance_metrics",
     "format_results",
     "prepare_out",
+    "result_rows",
     "run_demo",
     "train_command",
+    "verbnet_command",
+    "verbnet_params",
 ]
 
 # ------------------------------------------------------------------------------------------------
@@ -71,23 +83,32 @@ DETECTOR = "fasterrcnn_resnet50_fpn"  # random weights; its box head pools the f
 DET_MIN_SIZE, DET_MAX_SIZE = 64, 128  # the detector's input: the 96x128 frames at short side 64
 BUILD_BATCH_SIZE = 8  # segments per backbone forward
 
-# Short clips and few detection frames: the sample's segments last 2 s at 8 fps. The clip (8 frames
-# at stride 2, short side 64) spans the 16 annotated frames. Detections at 1 fps: the global window
-# (2 s) takes 2 frames, a quarter and three quarters into the action; the local window (1 s) 1
-# frame, which falls on the global grid (the later one), so the detector runs twice per segment.
-# Top 3 per frame: the three objects of a shot. The detector's share of the build is the largest;
-# these windows keep the demo within minutes on a 2-core CPU.
-SAMPLING: dict[str, Any] = {"clip_frames": 8, "clip_stride": 2, "size": 64, "det_fps": 1.0,
-                            "det_global_seconds": 2.0, "det_local_seconds": 1.0, "det_topk": 3}
+# Short clips and few detection frames: the sample's segments last 2 s at 8 fps. The clip (4 frames
+# at stride 4, short side 32) spans the 16 annotated frames; small, because stage 1 trains a 3D
+# network on it on the CPU, and r3d_18 costs ~0.1 s a clip there at 4x32 against ~0.4 s at 8x64
+# (forward, backward, step; 2 threads). Stage 1 trains on this very clip, so the build feeds the
+# verb net what it learnt from. Detections at 1 fps: the global window (2 s) takes 2 frames, a
+# quarter and three quarters into the action; the local window (1 s) 1 frame, which falls on the
+# global grid (the later one), so the detector runs twice per segment. Top 3 per frame: the three
+# objects of a shot.
+CLIP: dict[str, int] = {"clip_frames": 4, "clip_stride": 4, "size": 32}
+SAMPLING: dict[str, Any] = {**CLIP, "det_fps": 1.0, "det_global_seconds": 2.0, "det_local_seconds": 1.0,
+                            "det_topk": 3}
+
+# The share of each action's travel in the demo's sample (`SampleSpec.motion`). At full travel the
+# random-weight store already gives SAOA 100 % verb top-1 on the quick sample; at a tenth, 81 %,
+# which leaves room for stage 1 to show (measured, tests/finetune/test_two_stages.py).
+MOTION = 0.1
 
 
-def build_params(sample: Sample, store: str | Path, *, seed: int = 0, device: str = "cpu", progress: bool = True,
-                 workers: int = 1) -> dict[str, Any]:
-    """The `featstore build` parameters the demo builds its store with.
+def build_params(sample: Sample, store: str | Path, *, verb_backbone: str = VERB_BACKBONE, seed: int = 0,
+                 device: str = "cpu", progress: bool = True, workers: int = 1) -> dict[str, Any]:
+    """The `featstore build` parameters the demo builds its stores with.
 
     Args:
         sample: the generated sample (frames, annotations, video info, boxes).
         store: the store to build.
+        verb_backbone: the verb backbone's spec (the stage-1 verb net as ``r3d_18:CHECKPOINT``).
         seed, device, progress, workers: as the `featstore build` options of those names.
     Returns:
         Every parameter of `cli.featstore_build.build` by name, for `make_build_config` and
@@ -97,10 +118,55 @@ def build_params(sample: Sample, store: str | Path, *, seed: int = 0, device: st
 
     return command_params(
         build, store=Path(store), annotations=sample.annotations, frames_root=sample.frames,
-        video_info=sample.video_info, verb_backbone=VERB_BACKBONE, noun_backbone=NOUN_BACKBONE, detector=DETECTOR,
+        video_info=sample.video_info, verb_backbone=verb_backbone, noun_backbone=NOUN_BACKBONE, detector=DETECTOR,
         boxes=sample.boxes, det_min_size=DET_MIN_SIZE, det_max_size=DET_MAX_SIZE, batch_size=BUILD_BATCH_SIZE,
         workers=workers, seed=seed, device=device, progress=progress, **SAMPLING,
     )
+
+
+# Stage 1 of the verb net: the r50-3d recipe's optimiser (SGD, momentum 0.9, weight decay 1e-4)
+# from random weights, at the build's clip (`CLIP`): random crops of the clip's side from frames
+# whose short side is drawn up to an eighth larger, the centre crop for validation. Few epochs at a
+# high lr, dropped for the last one: what a 2-core CPU allows within the demo's minutes.
+VERBNET_STAGE1: dict[str, Any] = dict(
+    backbone=VERB_BACKBONE, target="verb", recipe="r50-3d", clip_frames=CLIP["clip_frames"],
+    clip_stride=CLIP["clip_stride"], crop=CLIP["size"], scale_range=f"{CLIP['size']},{CLIP['size'] * 9 // 8}",
+    test_size=CLIP["size"], batch_size=8)
+VERBNET_EPOCHS = {False: 6, True: 3}  # full sample, --quick
+VERBNET_LR = 0.005
+# Decoding in the main process: a clip is 4 JPEGs of 96 x 128, cheaper to decode than a worker
+# process is to start (seconds: a fresh interpreter importing torch), and a worker would take a
+# core from the two threads that train (measured on the quick sample: 18 s without, 24 s with one).
+VERBNET_WORKERS = 0
+
+
+def verbnet_params(sample: Sample, out: str | Path, *, quick: bool, seed: int = 0, device: str = "cpu",
+                   progress: bool = True, workers: int = VERBNET_WORKERS) -> dict[str, Any]:
+    """The `featstore finetune` parameters of the demo's stage 1 (the r3d_18 verb net).
+
+    Args:
+        sample: the generated sample.
+        out: the fine-tune run's folder.
+        quick: the quick sample's shorter schedule.
+        seed, device, progress, workers: as the `featstore finetune` options of those names.
+    Returns:
+        Every parameter of `cli.featstore_finetune.finetune` by name.
+    """
+    from cli.featstore_finetune import finetune
+
+    epochs = VERBNET_EPOCHS[quick]
+    return command_params(
+        finetune, out=Path(out), annotations=sample.annotations, frames_root=sample.frames,
+        video_info=sample.video_info, train_split=TRAIN_SETTINGS["train_split"], val_split=TRAIN_SETTINGS["val_split"],
+        epochs=epochs, lr=VERBNET_LR, lr_steps=str(epochs), seed=seed, device=device, progress=progress,
+        workers=workers, **VERBNET_STAGE1)
+
+
+def verbnet_command(params: dict[str, Any]) -> str:
+    """The `featstore finetune` command line of `verbnet_params` (printed, and in the run's config.json)."""
+    from cli.featstore_finetune import finetune
+
+    return format_command("featstore finetune", finetune, params, always=("backbone", "target"))
 
 
 # Stage 1 of the detector (`featstore demo --train-detector`): the settings of the test that holds
@@ -143,22 +209,24 @@ class HeadRun:
 
     name: str  # the run directory under runs/
     settings: dict[str, Any]  # `heads train` parameters by name (model, lr, epochs, lr_steps, switches)
+    quick: dict[str, Any] = field(default_factory=dict)  # what --quick changes (a shorter schedule)
 
-    def params(self, store: str | Path, out: str | Path, *, seed: int, device: str,
-               progress: bool = True) -> dict[str, Any]:
+    def params(self, store: str | Path, out: str | Path, *, seed: int, device: str, progress: bool = True,
+               quick: bool = False) -> dict[str, Any]:
         """Every parameter of `cli.heads_cli.train` for this run (see `make_train_config`).
 
         Args:
             store: the demo store.
             out: the run directory.
             seed, device, progress: as the `heads train` options of those names.
+            quick: the --quick schedule.
         Returns:
             parameter name -> value.
         """
         from cli.heads_cli import train
 
         return command_params(train, store=Path(store), out=Path(out), seed=seed, device=device, progress=progress,
-                              **{**TRAIN_SETTINGS, **self.settings})
+                              **{**TRAIN_SETTINGS, **self.settings, **(self.quick if quick else {})})
 
 
 def train_command(params: dict[str, Any]) -> str:
@@ -172,10 +240,13 @@ def train_command(params: dict[str, Any]) -> str:
 # the differences between segments) and the detector's are ~20x larger than the backbone's, so the
 # paper's schedule (lr 1e-4, 15 epochs) would not move the heads off the class prior here: the
 # sample is small, the lr high, the epochs many. SAOA uses the report's L2 scheme (--normalize),
-# so one lr suits both kinds of feature.
+# so one lr suits both kinds of feature. --quick halves the schedules: four head runs must fit in
+# its minute beside stage 1.
 HEADS: tuple[HeadRun, ...] = (
-    HeadRun("saoa", {"model": "saoa", "lr": 0.03, "epochs": 50, "lr_steps": (40,), "normalize": True}),
-    HeadRun("global", {"model": "global", "lr": 0.1, "epochs": 40, "lr_steps": (30,)}),
+    HeadRun("saoa", {"model": "saoa", "lr": 0.03, "epochs": 50, "lr_steps": (40,), "normalize": True},
+            quick={"epochs": 25, "lr_steps": (20,)}),
+    HeadRun("global", {"model": "global", "lr": 0.1, "epochs": 40, "lr_steps": (30,)},
+            quick={"epochs": 20, "lr_steps": (15,)}),
 )
 
 
@@ -183,10 +254,28 @@ HEADS: tuple[HeadRun, ...] = (
 # the demo
 
 
-DEMO_VERSION = 1  # bump when the sample, build or head settings change: older outputs are rebuilt
+DEMO_VERSION = 2  # bump when the sample, build or head settings change: older outputs are rebuilt
 MARKER = "demo.json"  # marks a folder as a demo output (a rerun may reuse or replace what it holds)
-OWNED = ("sample", "detector", "store", "runs", "plots", "grid.toml", MARKER)  # what a demo of other settings replaces
+# What a demo of other settings replaces.
+OWNED = ("sample", "verbnet", "detector", "store", "store-random", "runs", "plots", "grid.toml", MARKER)
 METRICS = tuple(m.key for m in list_metrics(table=True))  # the registry's Table 1 metrics, verb first
+VERBNET = "verbnet"  # the stage-1 run's folder, and its row's key in `DemoReport.metrics`
+
+
+@dataclass(frozen=True)
+class StoreRun:
+    """One of the demo's two stores: the features the heads of its row group train on."""
+
+    key: str  # suffix of its head runs' names ('' for the main store)
+    folder: str  # under the demo's folder
+    label: str  # the table's "features" column
+    stage1: bool  # built with the stage-1 verb net
+
+
+STORES: tuple[StoreRun, ...] = (
+    StoreRun("-random", "store-random", "random", stage1=False),  # before: stage 2 alone
+    StoreRun("", "store", "stage 1", stage1=True),  # after: both stages
+)
 
 
 class DemoError(Exception):
@@ -197,17 +286,17 @@ class DemoError(Exception):
 class DemoConfig:
     """One `featstore demo` call."""
 
-    out: Path = Path("demo-out")  # the output folder: sample/, store/, runs/, plots/, grid.toml, demo.json
+    out: Path = Path("demo-out")  # the output folder: sample/, verbnet/, store*/, runs/, plots/, grid.toml, demo.json
     quick: bool = False  # the small sample (for tests; its 16 validation segments make accuracies coarse)
     seed: int = 0  # the sample's, the models' and the heads' seed
-    device: str = "cpu"  # 'cpu' or 'cuda', for the build and the heads
+    device: str = "cpu"  # 'cpu' or 'cuda', for the fine-tune runs, the builds and the heads
     progress: bool = True  # progress bars on stderr
-    workers: int = 1  # decode processes of the build (the sample's frames are small)
-    train_detector: bool = False  # stage 1 of the detector first; the store is built with it, without --boxes
+    workers: int = 1  # decode processes of the builds and of stage 1 (the sample's frames are small)
+    train_detector: bool = False  # the detector's stage 1 too; the stores are built with it, without --boxes
 
     @property
     def spec(self) -> SampleSpec:
-        return QUICK_SAMPLE if self.quick else FULL_SAMPLE
+        return dataclasses.replace(QUICK_SAMPLE if self.quick else FULL_SAMPLE, motion=MOTION)
 
     def key(self) -> dict[str, Any]:
         """What an output folder must have been made with to be reused."""
@@ -220,9 +309,10 @@ class DemoReport:
 
     out: Path
     sample: Sample
-    store: Path
+    verbnet: Path  # the stage-1 verb net's run
+    stores: dict[str, Path]  # StoreRun.folder -> store
     runs: dict[str, Path]  # head run name -> run directory
-    metrics: dict[str, dict[str, float]]  # head run name -> metrics.json
+    metrics: dict[str, dict[str, float]]  # head run name (and VERBNET) -> its Table 1 metrics
     chance: dict[str, float]  # the same keys: a uniform guess among the sample's classes
     plots: list[Path]
     grid: Path
@@ -231,15 +321,23 @@ class DemoReport:
     reused: list[str] = field(default_factory=list)  # stages taken from an earlier run into the same folder
     n_val: int = 0
 
+    @property
+    def store(self) -> Path:
+        """The store of both stages (built with the stage-1 verb net)."""
+        return self.stores["store"]
+
     def results_table(self) -> str:
         return format_results(self.metrics, self.chance, n_val=self.n_val)
 
     def locations(self) -> str:
-        """Where the sample, store, runs, plots and grid went (one line each)."""
+        """Where the sample, the stage-1 run, the stores, runs, plots and grid went (one line each)."""
         lines = [
             f"sample   {self.sample.root}  (JPEG frames, {self.sample.annotations.name}, {self.sample.boxes.name})",
-            f"store    {self.store}",
+            f"stage 1  {self.verbnet}  (the {VERB_BACKBONE} verb net: checkpoint.pt, metrics.json, curves.png)",
         ]
+        for store in STORES:
+            what = "built with the stage-1 verb net" if store.stage1 else "random weights only"
+            lines.append(f"store    {self.stores[store.folder]}  ({what})")
         for name, run in self.runs.items():
             lines.append(f"run      {run}  ({name}: metrics.json, predictions.parquet, curves.png)")
         for plot in self.plots:
@@ -257,35 +355,49 @@ def chance_metrics(num_verbs: int, num_nouns: int, num_actions: int) -> dict[str
     return out
 
 
+def result_rows(metrics: dict[str, dict[str, float]]) -> list[tuple[str, str, str]]:
+    """The table's rows as (features, head, key in ``metrics``): each head on the random store, on
+    the stage-1 store, then the stage-1 verb net's own classifier; keys absent from ``metrics`` are left out."""
+    rows = [(store.label, head.name, head.name + store.key) for store in STORES for head in HEADS]
+    rows.append(("stage 1", VERB_BACKBONE, VERBNET))
+    return [row for row in rows if row[2] in metrics]
+
+
 def format_results(metrics: dict[str, dict[str, float]], chance: dict[str, float], *, n_val: int = 0) -> str:
-    """The results table: one row per head, then chance; verb / noun / action top-1 and top-5 (%)."""
-    header = f"{'head':<10}" + "".join(f"{what + ' ' + k:>14}" for what in ("verb", "noun", "action")
-                                      for k in ("top-1", "top-5"))
+    """The before/after table: each head on the random-weight store, then on the store of the stage-1
+    verb net, the verb net alone, and chance; verb / noun / action top-1 and top-5 (%)."""
+    header = f"{'features':<10}{'head':<8}" + "".join(f"{what + ' ' + k:>14}" for what in ("verb", "noun", "action")
+                                                     for k in ("top-1", "top-5"))
     lines = [header]
-    for name, values in list(metrics.items()) + [("chance", chance)]:
+    for features, head, key in result_rows(metrics) + [("", "chance", "")]:
+        values = metrics.get(key, chance)
         cells = "".join(f"{values[m]:>14.1f}" if m in values else f"{'-':>14}" for m in METRICS)
-        lines.append(f"{name:<10}{cells}")
+        lines.append(f"{features:<10}{head:<8}{cells}")
     if n_val:
-        lines.append(f"(validation: the {n_val} segments of participants P26+ (epic55-lfb-val); chance: a uniform "
-                     "guess among the sample's classes)")
+        lines.append(f"(validation: the {n_val} segments of participants P26+ (epic55-lfb-val). random: the heads on "
+                     "store-random/, random weights only; stage 1: on store/, built with the stage-1 verb net; "
+                     f"{VERB_BACKBONE}: that verb net's own classifier; chance: a uniform guess among the sample's "
+                     "classes)")
     return "\n".join(lines)
 
 
 def plot_results(metrics: dict[str, dict[str, float]], chance: dict[str, float], path: str | Path) -> Path:
-    """Bars of verb / noun / action top-1 per head, with chance marked."""
+    """Bars of verb / noun / action top-1 per row of the results table, with chance marked."""
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    fig, ax = plt.subplots(figsize=(7.2, 3.8))
     groups = ("verb_top1", "noun_top1", "action_top1")
-    width = 0.8 / max(len(metrics), 1)
-    for i, (name, values) in enumerate(metrics.items()):
-        xs = np.arange(len(groups)) + (i - (len(metrics) - 1) / 2) * width
-        ax.bar(xs, [values.get(g, 0.0) for g in groups], width, label=name)
+    rows = result_rows(metrics)
+    width = 0.8 / max(len(rows), 1)
+    for i, (features, head, key) in enumerate(rows):
+        xs = np.arange(len(groups)) + (i - (len(rows) - 1) / 2) * width
+        ax.bar(xs, [metrics[key].get(g, 0.0) for g in groups], width, label=f"{head} ({features})",
+               hatch="" if features == "stage 1" else "//")
     for j, g in enumerate(groups):
         ax.hlines(chance[g], j - 0.45, j + 0.45, colors="k", linestyles="--", label="chance" if j == 0 else None)
     ax.set_xticks(np.arange(len(groups)), ["verb top-1", "noun top-1", "action top-1"])
-    ax.set(ylabel="accuracy (%)", ylim=(0, 118), yticks=range(0, 101, 20),
-           title="featstore demo: validation accuracy (P26+)")
-    ax.legend(fontsize="small", loc="upper center", ncol=len(metrics) + 1, frameon=False)
+    ax.set(ylabel="accuracy (%)", ylim=(0, 125), yticks=range(0, 101, 20),
+           title="featstore demo: validation accuracy (P26+), random weights vs stage 1")
+    ax.legend(fontsize="x-small", loc="upper center", ncol=3, frameon=False)
     fig.tight_layout()
     return save_figure(fig, path, dpi=100)
 
@@ -395,26 +507,21 @@ def prepare_out(config: DemoConfig, log: Callable[[str], None]) -> dict[str, Any
 
 
 def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> DemoReport:
-    """Generate the sample, build the store, train the heads, write the plots: `featstore demo`.
+    """Generate the sample, run stage 1, build both stores, train the heads, write the plots: `featstore demo`.
 
     A rerun into the same folder with the same settings reuses what is finished (the sample, the
-    stored segments, finished runs) and resumes the rest; a demo of other settings there is
-    replaced; any other non-empty folder is refused.
+    stage-1 runs, the stored segments, finished head runs) and resumes the rest; a demo of other
+    settings there is replaced; any other non-empty folder is refused.
 
     Args:
         config: the demo's settings.
         log: where progress lines go.
     Returns:
-        The report: metrics per head, chance, paths, equivalent commands, timings.
+        The report: metrics per head and store, the verb net's, chance, paths, equivalent commands, timings.
     Raises:
         DemoError: the folder cannot be used, or segments failed to build.
     """
     import torch
-
-    from cli.featstore_build import make_build_config
-    from cli.heads_cli import make_train_config
-    from featstore.extraction import RANDOM_WEIGHTS_NOTE, build_store
-    from heads.trainer import train
 
     if config.device == "cuda" and not torch.cuda.is_available():
         raise DemoError("--device cuda, but torch sees no CUDA device here (use --device cpu)")
@@ -426,6 +533,7 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> DemoR
     seconds: dict[str, float] = {}
     reused: list[str] = []
     spec = config.spec
+    commands: list[str] = []
 
     def mark(stage: str) -> None:
         done.add(stage)
@@ -438,57 +546,144 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> DemoR
     n_frames = spec.n_segments * SHOT_FRAMES
     if "sample" in done and sample.annotations.is_file():
         reused.append("sample")
-        log(f"[1/4] sample: reusing {sample.root}")
+        log(f"[1/5] sample: reusing {sample.root}")
     else:
         if sample.root.exists():
             shutil.rmtree(sample.root)
-        log(f"[1/4] sample: {spec.n_segments} segments ({len(VERBS)} verbs x {len(NOUNS)} nouns, "
-            f"{len(spec.participants)} participants), {n_frames} JPEG frames -> {sample.root}")
+        log(f"[1/5] sample: {spec.n_segments} segments ({len(VERBS)} verbs x {len(NOUNS)} nouns, "
+            f"{len(spec.participants)} participants, motions at {spec.motion:.0%} of their travel), "
+            f"{n_frames} JPEG frames -> {sample.root}")
         sample = generate_sample(sample.root, spec, seed=config.seed)
         mark("sample")
     plots = [plot_sample(sample, out / "plots" / "sample.png")]
     seconds["sample"] = time.perf_counter() - started
 
-    # 2. the store (after the detector's stage 1 with --train-detector)
+    # 2. stage 1: the verb net (and the detector with --train-detector)
     started = time.perf_counter()
-    store = out / "store"
-    params = build_params(sample, store, seed=config.seed, device=config.device, progress=config.progress,
-                          workers=config.workers)
-    commands = []
+    verbnet = out / VERBNET
+    verbnet_metrics = _stage1_verbnet(config, sample, verbnet, done, mark, commands, reused, log)
+    seconds["verbnet"] = time.perf_counter() - started
+    detector = None
     if config.train_detector:
-        from cli.featstore_finetune_detector import finetune_detector as detector_command
-        from cli.featstore_finetune_detector import make_detector_finetune_config
-        from finetune.detector import finetune_detector
-
-        run = out / "detector"
-        det_params = detector_params(sample, run, quick=config.quick, seed=config.seed, device=config.device,
-                                     progress=config.progress, workers=config.workers)
-        det_command = format_command("featstore finetune-detector", detector_command, det_params)
-        commands.append(det_command)
-        if "detector" in done and (run / "metrics.json").is_file():
-            reused.append("detector")
-            log(f"[2/4] detector: reusing {run}")
-        else:
-            log(f"[2/4] detector: {det_command}")
-            det_started = time.perf_counter()
-            resume = (run / "training_state.pt").is_file()
-            metrics = finetune_detector(make_detector_finetune_config({**det_params, "resume": resume},
-                                                                      command=det_command), log=lambda _line: None)
-            mark("detector")
-            log(f"      {det_params['iterations']} iterations in {time.perf_counter() - det_started:.1f} s: "
-                f"mAP@0.5 {metrics.get('map_50', 0):.1f} on the held-out participants")
-        params.update(detector=f"{TRAINED_DETECTOR}:{run / 'checkpoint.pt'}", boxes=None,
-                      det_min_size=TRAINED_DETECTOR_SIZE[0], det_max_size=TRAINED_DETECTOR_SIZE[1])
-        seconds["detector"] = time.perf_counter() - started
         started = time.perf_counter()
+        detector = _stage1_detector(config, sample, out / "detector", done, mark, commands, reused, log)
+        seconds["detector"] = time.perf_counter() - started
+
+    # 3. stage 2: the two stores
+    started = time.perf_counter()
+    stores: dict[str, Path] = {}
+    for store in STORES:
+        stores[store.folder] = out / store.folder
+        _build(config, sample, stores[store.folder], verbnet if store.stage1 else None, detector, commands, reused,
+               log)
+    seconds["build"] = time.perf_counter() - started
+
+    # 4. the heads on each store
+    started = time.perf_counter()
+    runs: dict[str, Path] = {}
+    metrics: dict[str, dict[str, float]] = {}
+    for store in STORES:
+        for head in HEADS:
+            name = head.name + store.key
+            runs[name] = out / "runs" / name
+            metrics[name] = _train_head(config, head, stores[store.folder], runs[name], done, mark, commands,
+                                        reused, log)
+    metrics[VERBNET] = verbnet_metrics
+    seconds["train"] = time.perf_counter() - started
+
+    # 5. results, plots, the grid for `heads ablate`
+    chance = chance_metrics(len(VERBS), len(NOUNS), len(VERBS) * len(NOUNS))
+    plots.append(plot_results(metrics, chance, out / "plots" / "results.png"))
+    plots.append(verbnet / "curves.png")
+    plots.extend(run / "curves.png" for run in runs.values())
+    grid = write_grid(out / "grid.toml", store=stores["store"], out=out, seed=config.seed,
+                      epochs=3 if config.quick else 25)
+    n_val = len(spec.val_participants) * spec.videos_per_participant * spec.segments_per_video
+    state.update(metrics=metrics, chance=chance, seconds=seconds, n_val=n_val)
+    _write_marker(out, state)
+    log(f"[5/5] plots: {', '.join(str(p) for p in plots[:2])}")
+    return DemoReport(out=out, sample=sample, verbnet=verbnet, stores=stores, runs=runs, metrics=metrics,
+                      chance=chance, plots=plots, grid=grid, commands=commands, seconds=seconds, reused=reused,
+                      n_val=n_val)
+
+
+Mark = Callable[[str], None]
+
+
+def _stage1_verbnet(config: DemoConfig, sample: Sample, run: Path, done: set[str], mark: Mark, commands: list[str],
+                    reused: list[str], log: Callable[[str], None]) -> dict[str, float]:
+    """Fine-tune the demo's verb net into ``run`` (or reuse a finished run); its verb metrics."""
+    from cli.featstore_finetune import make_finetune_config
+    from finetune.backbone import finetune
+
+    params = verbnet_params(sample, run, quick=config.quick, seed=config.seed, device=config.device,
+                            progress=config.progress)
+    command = verbnet_command(params)
+    commands.append(command)
+    if VERBNET in done and (run / "metrics.json").is_file():
+        reused.append(VERBNET)
+        log(f"[2/5] stage 1: reusing {run}")
+    else:
+        log(f"[2/5] stage 1: {command}")
+        started = time.perf_counter()
+        resume = (run / "checkpoints" / "last.pt").is_file()
+        finetune(make_finetune_config({**params, "resume": resume}, command=command), log=lambda _line: None)
+        mark(VERBNET)
+        log(f"      {params['epochs']} epochs in {time.perf_counter() - started:.1f} s")
+    recorded = json.loads((run / "metrics.json").read_text())
+    metrics = {k: recorded[k] for k in ("verb_top1", "verb_top5") if k in recorded}
+    log(f"      the verb net alone: verb top-1 {metrics.get('verb_top1', float('nan')):.1f} % on the held-out "
+        f"participants (chance {100 / len(VERBS):.1f} %)")
+    return metrics
+
+
+def _stage1_detector(config: DemoConfig, sample: Sample, run: Path, done: set[str], mark: Mark, commands: list[str],
+                     reused: list[str], log: Callable[[str], None]) -> Path:
+    """Fine-tune the demo's detector into ``run`` (or reuse a finished run); its checkpoint."""
+    from cli.featstore_finetune_detector import finetune_detector as detector_command
+    from cli.featstore_finetune_detector import make_detector_finetune_config
+    from finetune.detector import finetune_detector
+
+    params = detector_params(sample, run, quick=config.quick, seed=config.seed, device=config.device,
+                             progress=config.progress, workers=config.workers)
+    command = format_command("featstore finetune-detector", detector_command, params)
+    commands.append(command)
+    if "detector" in done and (run / "metrics.json").is_file():
+        reused.append("detector")
+        log(f"[2/5] detector: reusing {run}")
+    else:
+        log(f"[2/5] detector: {command}")
+        started = time.perf_counter()
+        resume = (run / "training_state.pt").is_file()
+        metrics = finetune_detector(make_detector_finetune_config({**params, "resume": resume}, command=command),
+                                    log=lambda _line: None)
+        mark("detector")
+        log(f"      {params['iterations']} iterations in {time.perf_counter() - started:.1f} s: "
+            f"mAP@0.5 {metrics.get('map_50', 0):.1f} on the held-out participants")
+    return run / "checkpoint.pt"
+
+
+def _build(config: DemoConfig, sample: Sample, store: Path, verbnet: Path | None, detector: Path | None,
+           commands: list[str], reused: list[str], log: Callable[[str], None]) -> None:
+    """Build (or finish) one demo store: with the stage-1 verb net when given, else random weights."""
+    from cli.featstore_build import make_build_config
+    from featstore.extraction import RANDOM_WEIGHTS_NOTE, build_store
+
+    verb_backbone = VERB_BACKBONE if verbnet is None else f"{VERB_BACKBONE}:{verbnet / 'checkpoint.pt'}"
+    params = build_params(sample, store, verb_backbone=verb_backbone, seed=config.seed, device=config.device,
+                          progress=config.progress, workers=config.workers)
+    if detector is not None:
+        params.update(detector=f"{TRAINED_DETECTOR}:{detector}", boxes=None,
+                      det_min_size=TRAINED_DETECTOR_SIZE[0], det_max_size=TRAINED_DETECTOR_SIZE[1])
     command = build_command(params)
-    log(f"[2/4] build: {command}")
+    commands.append(command)
+    log(f"[3/5] build: {command}")
     report = build_store(make_build_config(params, command=command))
     random = [w for w in report.warnings if RANDOM_WEIGHTS_NOTE in w]
     if random:
         # The build warns, rightly for real data; here it is the point: say what it means for the demo.
         log(f"      note: {len(random)} model(s) have RANDOM WEIGHTS (no weights can be downloaded); the sample "
-            "is made so that even random features separate its motions and colours")
+            "is made so that even random features separate its motions and colours, if not every verb")
     for warning in report.warnings:
         if warning not in random:
             log(f"      warning: {warning}")
@@ -496,43 +691,30 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> DemoR
     if report.failed:
         raise DemoError(f"{len(report.failed)} segment(s) failed to build; rerun the demo to retry them")
     if report.skipped == report.selected:
-        reused.append("store")
-    seconds["build"] = time.perf_counter() - started
+        reused.append(store.name)
 
-    # 3. the heads
-    started = time.perf_counter()
-    runs: dict[str, Path] = {}
-    metrics: dict[str, dict[str, float]] = {}
+
+def _train_head(config: DemoConfig, head: HeadRun, store: Path, run: Path, done: set[str], mark: Mark,
+                commands: list[str], reused: list[str], log: Callable[[str], None]) -> dict[str, float]:
+    """Train (or reuse, or resume) one head run on ``store``; its Table 1 metrics."""
+    from cli.heads_cli import make_train_config
+    from heads.trainer import train
+
+    params = head.params(store, run, seed=config.seed, device=config.device, progress=config.progress,
+                         quick=config.quick)
+    command = train_command(params)
     commands.append(command)
-    for head in HEADS:
-        run = out / "runs" / head.name
-        runs[head.name] = run
-        params = head.params(store, run, seed=config.seed, device=config.device, progress=config.progress)
-        head_command = train_command(params)
-        commands.append(head_command)
-        if (run / "metrics.json").is_file() and f"run:{head.name}" in done:
-            reused.append(f"runs/{head.name}")
-            log(f"[3/4] train: reusing {run}")
-        else:
-            log(f"[3/4] train: {head_command}")
-            head_started = time.perf_counter()
-            resume = (run / "checkpoints" / "last.pt").is_file()
-            with _head_threads(config.device):
-                train(params["store"], params["out"], make_train_config(params), resume=resume,
-                      progress=params["progress"], log=lambda _line: None)
-            mark(f"run:{head.name}")
-            log(f"      {params['epochs']} epochs in {time.perf_counter() - head_started:.1f} s")
-        metrics[head.name] = {k: v for k, v in json.loads((run / "metrics.json").read_text()).items() if k in METRICS}
-    seconds["train"] = time.perf_counter() - started
-
-    # 4. results, plots, the grid for `heads ablate`
-    chance = chance_metrics(len(VERBS), len(NOUNS), len(VERBS) * len(NOUNS))
-    plots.append(plot_results(metrics, chance, out / "plots" / "results.png"))
-    plots.extend(run / "curves.png" for run in runs.values())
-    grid = write_grid(out / "grid.toml", store=store, out=out, seed=config.seed, epochs=3 if config.quick else 25)
-    n_val = len(spec.val_participants) * spec.videos_per_participant * spec.segments_per_video
-    state.update(metrics=metrics, chance=chance, seconds=seconds, n_val=n_val)
-    _write_marker(out, state)
-    log(f"[4/4] plots: {', '.join(str(p) for p in plots[:2])}")
-    return DemoReport(out=out, sample=sample, store=store, runs=runs, metrics=metrics, chance=chance, plots=plots,
-                      grid=grid, commands=commands, seconds=seconds, reused=reused, n_val=n_val)
+    stage = f"run:{run.name}"
+    if (run / "metrics.json").is_file() and stage in done:
+        reused.append(f"runs/{run.name}")
+        log(f"[4/5] train: reusing {run}")
+    else:
+        log(f"[4/5] train: {command}")
+        started = time.perf_counter()
+        resume = (run / "checkpoints" / "last.pt").is_file()
+        with _head_threads(config.device):
+            train(params["store"], params["out"], make_train_config(params), resume=resume,
+                  progress=params["progress"], log=lambda _line: None)
+        mark(stage)
+        log(f"      {params['epochs']} epochs in {time.perf_counter() - started:.1f} s")
+    return {k: v for k, v in json.loads((run / "metrics.json").read_text()).items() if k in METRICS}

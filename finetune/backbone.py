@@ -215,6 +215,9 @@ class BackboneTrainable:
         self.scaler = torch.amp.GradScaler("cuda", enabled=config.device == "cuda" and config.amp == "fp16")
         self.sampler = EpochBatchSampler(len(train_data), config.batch_size, shuffle=True, seed=config.seed,
                                          rank=config.rank, world_size=config.world_size)
+        self.val_sampler = EpochBatchSampler(len(val_data), config.batch_size, shuffle=False, rank=config.rank,
+                                             world_size=config.world_size)
+        self._loaders: dict[str, torch.utils.data.DataLoader] = {}  # 'train' / 'val', made on first use
         self.counts = _EpochCounts()
         self.epoch = 0  # the epoch being trained (0-based)
 
@@ -230,7 +233,7 @@ class BackboneTrainable:
         self.model.train()
         self.sampler.set_epoch(epoch)
         self.epoch, self.counts = epoch, _EpochCounts()
-        return self._loader(self.train_data, self.sampler)
+        return self._loader("train")
 
     def train_step(self, batch: ClipBatch, world: World | None) -> torch.Tensor:
         """One SGD step; the batch's unreadable segments go to the failures.
@@ -295,9 +298,7 @@ class BackboneTrainable:
         from tqdm import tqdm
 
         config = self.config
-        sampler = EpochBatchSampler(len(self.val_data), config.batch_size, shuffle=False, rank=config.rank,
-                                    world_size=config.world_size)
-        sampler.set_epoch(self.epoch)
+        self.val_sampler.set_epoch(self.epoch)
         logits, labels = [], []
         failed = 0
         bar = tqdm(total=len(self.val_data) // config.world_size, desc=f"validate {self.epoch + 1}", unit="clip",
@@ -306,7 +307,7 @@ class BackboneTrainable:
         self.model.eval()
         try:
             with torch.inference_mode():
-                for batch in self._loader(self.val_data, sampler):
+                for batch in self._loader("val"):
                     self._record_failures(batch, "val", epoch=self.epoch)
                     failed += len(batch.failed)
                     bar.update(len(batch) + len(batch.failed))
@@ -334,11 +335,19 @@ class BackboneTrainable:
 
     # -- internals ----------------------------------------------------------------------------
 
-    def _loader(self, dataset: ClipDataset, sampler: EpochBatchSampler) -> torch.utils.data.DataLoader:
-        workers = self.config.workers
-        return torch.utils.data.DataLoader(
-            dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate_clips,
-            pin_memory=self.device.type == "cuda", prefetch_factor=2 if workers > 0 else None)
+    def _loader(self, which: str) -> torch.utils.data.DataLoader:
+        """The training or validation loader, made once: its workers persist across epochs, since
+        starting a worker process (a fresh interpreter importing torch) costs seconds, per loader and
+        epoch. The samplers run in the main process and the dataset's keys carry the epoch, so
+        `set_epoch` reaches the workers' draws all the same."""
+        if which not in self._loaders:
+            workers = self.config.workers
+            dataset, sampler = (self.train_data, self.sampler) if which == "train" else (self.val_data, self.val_sampler)
+            self._loaders[which] = torch.utils.data.DataLoader(
+                dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate_clips,
+                pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
+                prefetch_factor=2 if workers > 0 else None)
+        return self._loaders[which]
 
     def _on_device(self, clips: torch.Tensor) -> torch.Tensor:
         # uint8 crosses to the device (4x less than float). (B, T, H, W, C) -> (B, C, T, H, W) is a

@@ -127,7 +127,7 @@ def named_commands(text: str) -> list[tuple[str, str, list[str], str]]:
 def test_the_first_commands_set_up_and_run_the_demo_and_the_tests() -> None:
     text = README.read_text()
     first = section(text, "## First commands")
-    commands = [line for _, body in fenced_blocks(first) for line in logical_lines(body)]
+    commands = [line for language, body in fenced_blocks(first) if language == "bash" for line in logical_lines(body)]
     assert commands == [
         "python3 -m venv --system-site-packages .venv && .venv/bin/pip install -q -e . && .venv/bin/featstore demo",
         'python3 -m venv --system-site-packages .venv && .venv/bin/pip install -q -e ".[test]" '
