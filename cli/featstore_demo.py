@@ -37,7 +37,7 @@ def demo(ctx: click.Context, out: Path, quick: bool, device: str, seed: int, pro
     builds two stores, one with that verb net and one with random weights only (featstore build),
     and trains the saoa and global heads on each, on the paper's participant split (heads train).
     Prints the before/after results table, the store's info and where everything went (DIR,
-    default ./demo-out). About 3.5 minutes on a 2-core CPU; --quick under one.
+    default ./demo-out). Under 3 minutes on a 2-core CPU; --quick under one.
 
     A rerun into its own DIR reuses what is finished (seconds); a demo of other settings there
     (--quick, --seed) is replaced; any other non-empty DIR is refused. Example:
