@@ -291,7 +291,7 @@ class DemoConfig:
     seed: int = 0  # the sample's, the models' and the heads' seed
     device: str = "cpu"  # 'cpu' or 'cuda', for the fine-tune runs, the builds and the heads
     progress: bool = True  # progress bars on stderr
-    workers: int = 1  # decode processes of the builds and of stage 1 (the sample's frames are small)
+    workers: int = 1  # decode processes of the builds and of the detector's stage 1 (the frames are small)
     train_detector: bool = False  # the detector's stage 1 too; the stores are built with it, without --boxes
 
     @property
@@ -528,24 +528,16 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> DemoR
     if config.device not in ("cpu", "cuda"):
         raise DemoError(f"device must be 'cpu' or 'cuda', got {config.device!r}")
     out = config.out
-    state = prepare_out(config, log)
-    done = set(state.get("done", []))
+    progress = _Progress(out, prepare_out(config, log), log)
     seconds: dict[str, float] = {}
-    reused: list[str] = []
     spec = config.spec
-    commands: list[str] = []
-
-    def mark(stage: str) -> None:
-        done.add(stage)
-        state["done"] = sorted(done)
-        _write_marker(out, state)
 
     # 1. the sample
     started = time.perf_counter()
     sample = sample_paths(out / "sample")
     n_frames = spec.n_segments * SHOT_FRAMES
-    if "sample" in done and sample.annotations.is_file():
-        reused.append("sample")
+    if "sample" in progress.done and sample.annotations.is_file():
+        progress.reused.append("sample")
         log(f"[1/5] sample: reusing {sample.root}")
     else:
         if sample.root.exists():
@@ -554,19 +546,19 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> DemoR
             f"{len(spec.participants)} participants, motions at {spec.motion:.0%} of their travel), "
             f"{n_frames} JPEG frames -> {sample.root}")
         sample = generate_sample(sample.root, spec, seed=config.seed)
-        mark("sample")
+        progress.mark("sample")
     plots = [plot_sample(sample, out / "plots" / "sample.png")]
     seconds["sample"] = time.perf_counter() - started
 
     # 2. stage 1: the verb net (and the detector with --train-detector)
     started = time.perf_counter()
     verbnet = out / VERBNET
-    verbnet_metrics = _stage1_verbnet(config, sample, verbnet, done, mark, commands, reused, log)
+    verbnet_metrics = _stage1_verbnet(config, sample, verbnet, progress)
     seconds["verbnet"] = time.perf_counter() - started
     detector = None
     if config.train_detector:
         started = time.perf_counter()
-        detector = _stage1_detector(config, sample, out / "detector", done, mark, commands, reused, log)
+        detector = _stage1_detector(config, sample, out / "detector", progress)
         seconds["detector"] = time.perf_counter() - started
 
     # 3. stage 2: the two stores
@@ -574,8 +566,7 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> DemoR
     stores: dict[str, Path] = {}
     for store in STORES:
         stores[store.folder] = out / store.folder
-        _build(config, sample, stores[store.folder], verbnet if store.stage1 else None, detector, commands, reused,
-               log)
+        _build(config, sample, stores[store.folder], verbnet if store.stage1 else None, detector, progress)
     seconds["build"] = time.perf_counter() - started
 
     # 4. the heads on each store
@@ -586,8 +577,7 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> DemoR
         for head in HEADS:
             name = head.name + store.key
             runs[name] = out / "runs" / name
-            metrics[name] = _train_head(config, head, stores[store.folder], runs[name], done, mark, commands,
-                                        reused, log)
+            metrics[name] = _train_head(config, head, stores[store.folder], runs[name], progress)
     metrics[VERBNET] = verbnet_metrics
     seconds["train"] = time.perf_counter() - started
 
@@ -599,19 +589,48 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> DemoR
     grid = write_grid(out / "grid.toml", store=stores["store"], out=out, seed=config.seed,
                       epochs=3 if config.quick else 25)
     n_val = len(spec.val_participants) * spec.videos_per_participant * spec.segments_per_video
-    state.update(metrics=metrics, chance=chance, seconds=seconds, n_val=n_val)
-    _write_marker(out, state)
+    progress.record(metrics=metrics, chance=chance, seconds=seconds, n_val=n_val)
     log(f"[5/5] plots: {', '.join(str(p) for p in plots[:2])}")
     return DemoReport(out=out, sample=sample, verbnet=verbnet, stores=stores, runs=runs, metrics=metrics,
-                      chance=chance, plots=plots, grid=grid, commands=commands, seconds=seconds, reused=reused,
-                      n_val=n_val)
+                      chance=chance, plots=plots, grid=grid, commands=progress.commands, seconds=seconds,
+                      reused=progress.reused, n_val=n_val)
 
 
-Mark = Callable[[str], None]
+@dataclass
+class _Progress:
+    """What a demo has finished (its marker's ``done`` stages), and the commands it ran and the stages it reused."""
+
+    out: Path
+    state: dict[str, Any]  # the marker's content (`prepare_out`)
+    log: Callable[[str], None]
+    commands: list[str] = field(default_factory=list)
+    reused: list[str] = field(default_factory=list)
+
+    @property
+    def done(self) -> set[str]:
+        return set(self.state.get("done", []))
+
+    def mark(self, stage: str) -> None:
+        """``stage`` is finished: recorded in the marker at once, so that a crash after it keeps it."""
+        self.record(done=sorted(self.done | {stage}))
+
+    def record(self, **values: Any) -> None:
+        self.state.update(values)
+        _write_marker(self.out, self.state)
+
+    def finished(self, step: str, stage: str, run: Path, command: str, *, name: str) -> bool:
+        """Note ``command`` as run; True (logged as reused under ``name``) when ``stage`` finished into
+        ``run`` in an earlier demo, else log the command about to run and return False."""
+        self.commands.append(command)
+        if stage in self.done and (run / "metrics.json").is_file():
+            self.reused.append(name)
+            self.log(f"{step}: reusing {run}")
+            return True
+        self.log(f"{step}: {command}")
+        return False
 
 
-def _stage1_verbnet(config: DemoConfig, sample: Sample, run: Path, done: set[str], mark: Mark, commands: list[str],
-                    reused: list[str], log: Callable[[str], None]) -> dict[str, float]:
+def _stage1_verbnet(config: DemoConfig, sample: Sample, run: Path, progress: _Progress) -> dict[str, float]:
     """Fine-tune the demo's verb net into ``run`` (or reuse a finished run); its verb metrics."""
     from cli.featstore_finetune import make_finetune_config
     from finetune.backbone import finetune
@@ -619,26 +638,20 @@ def _stage1_verbnet(config: DemoConfig, sample: Sample, run: Path, done: set[str
     params = verbnet_params(sample, run, quick=config.quick, seed=config.seed, device=config.device,
                             progress=config.progress)
     command = verbnet_command(params)
-    commands.append(command)
-    if VERBNET in done and (run / "metrics.json").is_file():
-        reused.append(VERBNET)
-        log(f"[2/5] stage 1: reusing {run}")
-    else:
-        log(f"[2/5] stage 1: {command}")
+    if not progress.finished("[2/5] stage 1", VERBNET, run, command, name=VERBNET):
         started = time.perf_counter()
         resume = (run / "checkpoints" / "last.pt").is_file()
         finetune(make_finetune_config({**params, "resume": resume}, command=command), log=lambda _line: None)
-        mark(VERBNET)
-        log(f"      {params['epochs']} epochs in {time.perf_counter() - started:.1f} s")
+        progress.mark(VERBNET)
+        progress.log(f"      {params['epochs']} epochs in {time.perf_counter() - started:.1f} s")
     recorded = json.loads((run / "metrics.json").read_text())
     metrics = {k: recorded[k] for k in ("verb_top1", "verb_top5") if k in recorded}
-    log(f"      the verb net alone: verb top-1 {metrics.get('verb_top1', float('nan')):.1f} % on the held-out "
+    progress.log(f"      the verb net alone: verb top-1 {metrics.get('verb_top1', float('nan')):.1f} % on the held-out "
         f"participants (chance {100 / len(VERBS):.1f} %)")
     return metrics
 
 
-def _stage1_detector(config: DemoConfig, sample: Sample, run: Path, done: set[str], mark: Mark, commands: list[str],
-                     reused: list[str], log: Callable[[str], None]) -> Path:
+def _stage1_detector(config: DemoConfig, sample: Sample, run: Path, progress: _Progress) -> Path:
     """Fine-tune the demo's detector into ``run`` (or reuse a finished run); its checkpoint."""
     from cli.featstore_finetune_detector import finetune_detector as detector_command
     from cli.featstore_finetune_detector import make_detector_finetune_config
@@ -647,24 +660,19 @@ def _stage1_detector(config: DemoConfig, sample: Sample, run: Path, done: set[st
     params = detector_params(sample, run, quick=config.quick, seed=config.seed, device=config.device,
                              progress=config.progress, workers=config.workers)
     command = format_command("featstore finetune-detector", detector_command, params)
-    commands.append(command)
-    if "detector" in done and (run / "metrics.json").is_file():
-        reused.append("detector")
-        log(f"[2/5] detector: reusing {run}")
-    else:
-        log(f"[2/5] detector: {command}")
+    if not progress.finished("[2/5] detector", "detector", run, command, name="detector"):
         started = time.perf_counter()
         resume = (run / "training_state.pt").is_file()
         metrics = finetune_detector(make_detector_finetune_config({**params, "resume": resume}, command=command),
                                     log=lambda _line: None)
-        mark("detector")
-        log(f"      {params['iterations']} iterations in {time.perf_counter() - started:.1f} s: "
+        progress.mark("detector")
+        progress.log(f"      {params['iterations']} iterations in {time.perf_counter() - started:.1f} s: "
             f"mAP@0.5 {metrics.get('map_50', 0):.1f} on the held-out participants")
     return run / "checkpoint.pt"
 
 
 def _build(config: DemoConfig, sample: Sample, store: Path, verbnet: Path | None, detector: Path | None,
-           commands: list[str], reused: list[str], log: Callable[[str], None]) -> None:
+           progress: _Progress) -> None:
     """Build (or finish) one demo store: with the stage-1 verb net when given, else random weights."""
     from cli.featstore_build import make_build_config
     from featstore.extraction import RANDOM_WEIGHTS_NOTE, build_store
@@ -676,7 +684,8 @@ def _build(config: DemoConfig, sample: Sample, store: Path, verbnet: Path | None
         params.update(detector=f"{TRAINED_DETECTOR}:{detector}", boxes=None,
                       det_min_size=TRAINED_DETECTOR_SIZE[0], det_max_size=TRAINED_DETECTOR_SIZE[1])
     command = build_command(params)
-    commands.append(command)
+    progress.commands.append(command)
+    log = progress.log
     log(f"[3/5] build: {command}")
     report = build_store(make_build_config(params, command=command))
     random = [w for w in report.warnings if RANDOM_WEIGHTS_NOTE in w]
@@ -691,11 +700,10 @@ def _build(config: DemoConfig, sample: Sample, store: Path, verbnet: Path | None
     if report.failed:
         raise DemoError(f"{len(report.failed)} segment(s) failed to build; rerun the demo to retry them")
     if report.skipped == report.selected:
-        reused.append(store.name)
+        progress.reused.append(store.name)
 
 
-def _train_head(config: DemoConfig, head: HeadRun, store: Path, run: Path, done: set[str], mark: Mark,
-                commands: list[str], reused: list[str], log: Callable[[str], None]) -> dict[str, float]:
+def _train_head(config: DemoConfig, head: HeadRun, store: Path, run: Path, progress: _Progress) -> dict[str, float]:
     """Train (or reuse, or resume) one head run on ``store``; its Table 1 metrics."""
     from cli.heads_cli import make_train_config
     from heads.trainer import train
@@ -703,18 +711,13 @@ def _train_head(config: DemoConfig, head: HeadRun, store: Path, run: Path, done:
     params = head.params(store, run, seed=config.seed, device=config.device, progress=config.progress,
                          quick=config.quick)
     command = train_command(params)
-    commands.append(command)
     stage = f"run:{run.name}"
-    if (run / "metrics.json").is_file() and stage in done:
-        reused.append(f"runs/{run.name}")
-        log(f"[4/5] train: reusing {run}")
-    else:
-        log(f"[4/5] train: {command}")
+    if not progress.finished("[4/5] train", stage, run, command, name=f"runs/{run.name}"):
         started = time.perf_counter()
         resume = (run / "checkpoints" / "last.pt").is_file()
         with _head_threads(config.device):
             train(params["store"], params["out"], make_train_config(params), resume=resume,
                   progress=params["progress"], log=lambda _line: None)
-        mark(stage)
-        log(f"      {params['epochs']} epochs in {time.perf_counter() - started:.1f} s")
+        progress.mark(stage)
+        progress.log(f"      {params['epochs']} epochs in {time.perf_counter() - started:.1f} s")
     return {k: v for k, v in json.loads((run / "metrics.json").read_text()).items() if k in METRICS}
