@@ -29,7 +29,7 @@ from benchmarks.common import (
     synchronize,
 )
 from benchmarks.stores import BuiltStore, build_store
-from featstore.store import FeatureStore
+from featstore.store.reader import FeatureStore
 from heads.data import DERIVED, PreloadedFeatures, load_features, selection_labels
 from heads.models import get_head
 

@@ -27,14 +27,14 @@ from benchmarks.common import (
     spread,
     synchronize,
 )
-from featstore.annotations import NUM_CLASSES
+from featstore.epic.annotations import NUM_CLASSES
 from featstore.samples.annotations import (
     SegmentLabel,
     write_epic55_annotations,
     write_video_info,
 )
 from featstore.samples.frames import write_jpeg_video
-from featstore.store import FeatureStore
+from featstore.store.reader import FeatureStore
 
 FPS = 60.0
 
@@ -131,8 +131,8 @@ def make_dataset(root: Path, setup: ExtractSetup, *, processes: int = 1) -> Data
 
 
 def build_config(setup: ExtractSetup, data: Dataset, store: Path):
-    from featstore.extraction import BuildConfig
-    from featstore.sampling import SamplingConfig
+    from featstore.extract.service import BuildConfig
+    from featstore.epic.sampling import SamplingConfig
 
     return BuildConfig(
         store=store, annotations=data.annotations, frames_root=data.frames, verb_backbone=setup.backbone,
@@ -152,7 +152,7 @@ class ComputeTimer:
         self._patched: list[tuple[Any, str, Any]] = []
 
     def __enter__(self) -> "ComputeTimer":
-        from featstore import extraction
+        from featstore.extract import service as extraction
 
         for name in ("_run_backbones", "_run_detector"):
             original = getattr(extraction, name, None)
@@ -185,7 +185,7 @@ def run_build(setup: ExtractSetup, data: Dataset, store: Path) -> tuple[float, f
     Returns:
         (the service's own segments/s, wall seconds, share of its loop spent inside model calls or None).
     """
-    from featstore.extraction import build_store
+    from featstore.extract.service import build_store
 
     with ComputeTimer() as timer:
         started = time.perf_counter()
@@ -212,10 +212,10 @@ def predecode(setup: ExtractSetup, store_path: Path, data: Dataset, detector: An
     shared by segments of a batch is kept once, and with ``--boxes`` only frames that have boxes
     are kept, as the service does.
     """
-    from featstore.extraction import resize_frames
-    from featstore.extraction_plan import PrecomputedBoxes
-    from featstore.frames import open_frame_source
-    from featstore.sampling import SamplingConfig, plan_segment
+    from featstore.extract.service import resize_frames
+    from featstore.extract.plan import PrecomputedBoxes
+    from featstore.epic.frames import open_frame_source
+    from featstore.epic.sampling import SamplingConfig, plan_segment
 
     store = FeatureStore.open(store_path)
     input_size = tuple(int(v) for v in store.manifest["provenance"]["input_size"])
@@ -263,7 +263,7 @@ def predecode(setup: ExtractSetup, store_path: Path, data: Dataset, detector: An
 def _detector_image_size(setup: ExtractSetup, detector: Any) -> tuple[int, int]:
     """The size the service hands frames to the detector at: the source frame, shrunk in the decode
     workers to the detector's own short side when larger (it would resize them to that anyway)."""
-    from featstore.extraction_plan import input_size_for
+    from featstore.extract.plan import input_size_for
 
     height, width = setup.frame_hw
     min_size = getattr(getattr(detector, "transform", None), "min_size", None)
@@ -285,7 +285,7 @@ def pure_forward(setup: ExtractSetup, store_path: Path, data: Dataset) -> tuple[
     Returns:
         (a callable running every batch once, segments per call, a description of the batches).
     """
-    from featstore.extraction import AMP_DTYPES
+    from featstore.extract.service import AMP_DTYPES
     from featstore.models import build_backbone, build_detector
 
     device = torch.device(setup.device)

@@ -195,7 +195,7 @@ def device_features(n: int, *, verb_dim: int, det_dim: int, map_size: tuple[int,
 
 def gpu_saoa(ctx: Context, wanted: set[str]) -> list[Result]:
     """15 epochs of saoa at EPIC-55 train size through the trainer's own loop (the engine + run hooks)."""
-    from heads.engine import Checkpointer, Engine, LearningRate, LossCheck
+    from featstore.training.engine import Checkpointer, Engine, LearningRate, LossCheck
     from heads.evaluation import ScoringContext
     from heads.models import FeatureDims
     from heads.models.symbiotic import symbiotic_fields

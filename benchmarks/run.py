@@ -58,9 +58,9 @@ def _data(name: str) -> Callable[[Context, set[str]], list[Result]]:
 def _extract(name: str) -> Callable[[Context, set[str]], list[Result]]:
     def run(ctx: Context, wanted: set[str]) -> list[Result]:
         try:  # `featstore build` is being written by others: report a skip until it imports
-            importlib.import_module("featstore.extraction").build_store
+            importlib.import_module("featstore.extract.service").build_store
         except (ImportError, AttributeError) as err:
-            return [skipped(n, f"featstore.extraction.build_store is not importable yet ({err})",
+            return [skipped(n, f"featstore.extract.service.build_store is not importable yet ({err})",
                             unit="segments/s") for n in wanted]
         from benchmarks import extract_benchmarks
 

@@ -22,8 +22,8 @@ import torch
 
 from benchmarks.common import GiB, MiB, Context, Result, available_memory, compare, interleaved, load_average, spread
 from benchmarks.stores import NUM_NOUNS, NUM_VERBS, PARTICIPANTS, FeaturePool, build_store, segment_arrays
-from featstore.store import FeatureStore
-from featstore.schema import DET_GLOBAL_BOX, VERB_LOCAL, VERB_MAP
+from featstore.store.reader import FeatureStore
+from featstore.store.schema import DET_GLOBAL_BOX, VERB_LOCAL, VERB_MAP
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -56,7 +56,7 @@ def _fit_exponent(sizes: list[int], seconds: list[float]) -> float:
 
 def store_bytes_saoa_ready(ctx: Context, wanted: set[str]) -> list[Result]:
     """Bytes per segment of the store `featstore derive` + `copy --drop verb.map` leave, vs the full map's."""
-    from featstore.transform import copy_store, derive_field
+    from featstore.store.transform import copy_store, derive_field
 
     quick = ctx.sizes.quick
     n = 24 if quick else 100
@@ -100,7 +100,7 @@ def store_bytes_saoa_ready(ctx: Context, wanted: set[str]) -> list[Result]:
 
 def heads_cost_growth(ctx: Context, wanted: set[str]) -> list[Result]:
     """Preload seconds and one saoa epoch's seconds at 5k, 10k, 20k, 40k segments of one store."""
-    from heads.engine import Engine, LearningRate, LossCheck
+    from featstore.training.engine import Engine, LearningRate, LossCheck
     from heads.trainer import HeadRun, TrainConfig, prepare
 
     quick = ctx.sizes.quick
@@ -246,8 +246,8 @@ def _index_only_store(root: Path, n: int, boxes_per_segment: int, seed: int = 0)
     (parts of 1,024 segments, boxes then segments), written directly: the query reads nothing else."""
     import pyarrow as pa
 
-    from featstore.schema import BOX_SCHEMA, SEGMENT_SCHEMA, STATUS_OK, FieldSpec
-    from featstore.store import write_parquet
+    from featstore.store.schema import BOX_SCHEMA, SEGMENT_SCHEMA, STATUS_OK, FieldSpec
+    from featstore.store.reader import write_parquet
 
     store = FeatureStore.create(root, fields={DET_GLOBAL_BOX: FieldSpec("float32", (boxes_per_segment, 4))},
                                 provenance={"source": "benchmark"})
@@ -301,7 +301,7 @@ def query_boxes(ctx: Context, wanted: set[str]) -> list[Result]:
     """A group-by over the boxes view (featstore query) vs pandas over the same Parquet parts."""
     import pandas as pd
 
-    from featstore.query import run_query
+    from featstore.store.query import run_query
 
     quick = ctx.sizes.quick
     n = 3000 if quick else 90_000
@@ -387,7 +387,7 @@ print(json.dumps({"preload_s": preload, "train_s": train, "steps": len(losses), 
 
 def epic55_full_size(ctx: Context, wanted: set[str]) -> list[Result]:
     """28,472 SAOA-ready segments at C=2048, Cd=1024: import, bytes, preload, peak memory, 200 saoa steps."""
-    from featstore.importer import import_npz
+    from featstore.store.importer import import_npz
     from featstore.samples.annotations import generate_segments, write_epic55_annotations
     from featstore.samples.features import feature_shapes
 

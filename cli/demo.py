@@ -10,7 +10,7 @@ verb net, ``featstore`` builds, ``heads`` trains), which none may do for another
 2. Stage 1, ``finetune.backbone.finetune`` (what `featstore finetune` runs): a ``r3d_18`` VerbNet
    trained from random weights on the training participants' verbs, on the build's own clips
    (`CLIP`); with ``--train-detector`` also the detector (``featstore finetune-detector``).
-3. Stage 2, ``featstore.extraction.build_store`` (what `featstore build` runs) twice: ``store/``
+3. Stage 2, ``featstore.extract.service.build_store`` (what `featstore build` runs) twice: ``store/``
    with the stage-1 verb net, ``store-random/`` with random weights only (the "before"); the noun
    backbone is a random ``r3d_18`` in both, the detector a random ``fasterrcnn_resnet50_fpn``
    pooling its features at the sample's boxes (or the stage-1 detector, finding its own).
@@ -38,8 +38,8 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from cli.common import command_params, format_command
-from featstore.atomic import atomic_write_json, atomic_write_text
-from featstore.figures import pyplot, save_figure
+from featstore.io.atomic import atomic_write_json, atomic_write_text
+from featstore.io.figures import pyplot, save_figure
 from featstore.samples.kitchens import (
     FULL_SAMPLE,
     NOUNS,
@@ -675,7 +675,7 @@ def _build(config: DemoConfig, sample: Sample, store: Path, verbnet: Path | None
            progress: _Progress) -> None:
     """Build (or finish) one demo store: with the stage-1 verb net when given, else random weights."""
     from cli.featstore_build import make_build_config
-    from featstore.extraction import RANDOM_WEIGHTS_NOTE, build_store
+    from featstore.extract.service import RANDOM_WEIGHTS_NOTE, build_store
 
     verb_backbone = VERB_BACKBONE if verbnet is None else f"{VERB_BACKBONE}:{verbnet / 'checkpoint.pt'}"
     params = build_params(sample, store, verb_backbone=verb_backbone, seed=config.seed, device=config.device,

@@ -1,6 +1,6 @@
 """`featstore build`: extract backbone and detection features of annotated segments into a store.
 
-Thin: parse the options, make the frozen `BuildConfig`, call `featstore.extraction.build_store`,
+Thin: parse the options, make the frozen `BuildConfig`, call `featstore.extract.service.build_store`,
 print the summary. Registered into the `featstore` group by `cli.featstore_cli`.
 """
 from __future__ import annotations
@@ -28,9 +28,9 @@ def make_build_config(params: dict[str, Any], *, command: str | None = None):
         params: click's parsed parameters of the `build` command.
         command: the command line, for the manifest.
     Returns:
-        A `featstore.extraction.BuildConfig`, with rank / world size from the torchrun environment.
+        A `featstore.extract.service.BuildConfig`, with rank / world size from the torchrun environment.
     """
-    from featstore.extraction import BuildConfig, distributed_env
+    from featstore.extract.service import BuildConfig, distributed_env
 
     if (params["frames_root"] is None) == (params["videos_dir"] is None):
         raise click.UsageError("give exactly one of --frames ROOT (EPIC JPEG folders) or --videos DIR (video files)")
@@ -162,7 +162,7 @@ def build(**params: Any) -> None:
             --detector fasterrcnn_resnet50_fpn:frcnn.pth --device cuda
         torchrun --nproc_per_node 8 --no-python featstore build STORE ...   # a shard per GPU
     """
-    from featstore.extraction import build_store
+    from featstore.extract.service import build_store
 
     config = make_build_config(params, command=command_line())
     report = build_store(config)

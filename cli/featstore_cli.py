@@ -40,7 +40,7 @@ def import_cmd(store: Path, annotations: Path, from_dir: Path, shard: str, progr
 
         featstore import STORE --annotations EPIC_train_action_labels.csv --from feats/
     """
-    from featstore.importer import import_npz
+    from featstore.store.importer import import_npz
 
     report = import_npz(store, annotations, from_dir, shard=shard, progress=progress, command=command_line())
     click.echo(report.summary())
@@ -61,8 +61,8 @@ def query(store: Path, sql: str, fmt: str) -> None:
 
         featstore query STORE "select verb_class, count(*) n from segments group by 1 order by n desc limit 5"
     """
-    from featstore.query import format_result, run_query
-    from featstore.store import FeatureStore
+    from featstore.store.query import format_result, run_query
+    from featstore.store.reader import FeatureStore
 
     click.echo(format_result(run_query(FeatureStore.open(store), sql), fmt))
 
@@ -75,7 +75,7 @@ def verify(store: Path, progress: bool) -> None:
     """Recompute every stored segment's checksum; exit 1 and list the uids that differ."""
     from tqdm import tqdm
 
-    from featstore.store import FeatureStore
+    from featstore.store.reader import FeatureStore
 
     opened = FeatureStore.open(store)
     n = opened.info()["segments"]["ok"]

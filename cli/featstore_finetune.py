@@ -37,7 +37,7 @@ def make_finetune_config(params: dict[str, Any], *, command: str | None = None):
     Returns:
         A `finetune.config.FinetuneConfig`, with rank / world size from the torchrun environment.
     """
-    from featstore.extraction import distributed_env
+    from featstore.extract.service import distributed_env
     from finetune.config import make_config
 
     if (params["frames_root"] is None) == (params["videos_dir"] is None):

@@ -26,7 +26,7 @@ def make_detector_finetune_config(params: dict[str, Any], *, command: str | None
     Returns:
         A `finetune.detector_config.DetectorFinetuneConfig`, rank / world size from the torchrun environment.
     """
-    from featstore.extraction import distributed_env
+    from featstore.extract.service import distributed_env
     from finetune.detector_config import make_detector_config
 
     lr_steps = params.pop("lr_steps")

@@ -18,7 +18,7 @@ from cli.common import domain_errors
 @domain_errors
 def info(store: Path, as_json: bool) -> None:
     """Counts, fields (dtype, shape), size on disk and provenance of a store."""
-    from featstore.store import FeatureStore
+    from featstore.store.reader import FeatureStore
 
     summary = FeatureStore.open(store).info()
     if as_json:

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from cli.common import command_line, domain_errors
-from featstore.schema import VERB_LOCAL
+from featstore.store.schema import VERB_LOCAL
 
 
 @click.command()
@@ -30,7 +30,7 @@ def derive(store: Path, field_name: str, local_pool: str, batch_size: int, devic
 
         featstore derive STORE --field verb.local
     """
-    from featstore.transform import derive_field
+    from featstore.store.transform import derive_field
 
     report = derive_field(store, field_name, pool=local_pool, batch_size=batch_size, device=device,
                           progress=progress, command=command_line())
@@ -57,8 +57,8 @@ def copy_cmd(source: Path, target: Path, fields_csv: str | None, drop_csv: str |
 
         featstore copy STORE SMALL --drop verb.map
     """
-    from featstore.store import FeatureStore
-    from featstore.transform import copy_store
+    from featstore.store.reader import FeatureStore
+    from featstore.store.transform import copy_store
 
     fields = None
     if fields_csv:

@@ -1,6 +1,6 @@
 """Stage 1 as a Python call: fine-tune one backbone (VerbNet or NounNet) and write its run folder.
 
-The run goes through the shared training engine (`heads.engine`), as `heads train` and the
+The run goes through the shared training engine (`featstore.training.engine`), as `heads train` and the
 detector's stage 1 (`finetune.detector`) do; this module supplies its parts:
 
 - `BackboneTrainable`, the engine's `Trainable`: each epoch's batches (a DataLoader over
@@ -35,12 +35,12 @@ import torch
 import torch.nn.functional as F
 
 from featstore import __version__
-from featstore.allocator import keep_freed_memory
-from featstore.annotations import detect_dataset, find_video_info, read_segments, read_video_info
-from featstore.atomic import atomic_write_json
-from featstore.frames import FrameError, FrameSource, open_frame_source
+from featstore.extract.allocator import keep_freed_memory
+from featstore.epic.annotations import detect_dataset, find_video_info, read_segments, read_video_info
+from featstore.io.atomic import atomic_write_json
+from featstore.epic.frames import FrameError, FrameSource, open_frame_source
 from featstore.models import file_sha256
-from featstore.splits import resolve_selection, select_segments
+from featstore.epic.splits import resolve_selection, select_segments
 from finetune.clips import ClipBatch, ClipDataset, EpochBatchSampler, FailureLog, collate_clips
 from finetune.config import FinetuneConfig, FinetuneError, resume_differences
 from finetune.model import InitReport, VideoClassifier, build_video_classifier
@@ -54,7 +54,7 @@ from finetune.outputs import (
     write_finetuned_checkpoint,
 )
 from finetune.recipes import get_recipe
-from heads.engine import (
+from featstore.training.engine import (
     Checkpointer,
     Engine,
     EpochLog,
@@ -85,7 +85,7 @@ class Selection:
     """The segments a run trains and validates on.
 
     Attributes:
-        train: training rows (`featstore.annotations.read_segments` columns), file order.
+        train: training rows (`featstore.epic.annotations.read_segments` columns), file order.
         val: validation rows, file order; empty when the run has no validation selection.
         dataset: ``"epic55"`` or ``"epic100"``.
         num_classes: classifier outputs.
@@ -546,7 +546,7 @@ def finetune(config: FinetuneConfig, *, log: Callable[[str], None] | None = None
         remove_run_temporaries(out)
     run_log: Callable[[str], None] = RunLog(out / "log.txt", echo=log) if main else _quiet
     if config.device == "cpu":
-        keep_freed_memory()  # activations are fresh CPU blocks every step: see featstore/allocator.py
+        keep_freed_memory()  # activations are fresh CPU blocks every step: see featstore/extract/allocator.py
     if config.device == "cuda":
         torch.cuda.set_device(config.local_rank)
     world = World(config.device) if config.world_size > 1 else None

@@ -1,8 +1,8 @@
 """Training and validation clips of annotated segments, decoded in DataLoader workers.
 
-A clip is planned by `featstore.sampling.plan_segment` (the build's sampling: ``clip_frames``
+A clip is planned by `featstore.epic.sampling.plan_segment` (the build's sampling: ``clip_frames``
 frames ``clip_stride`` apart, clamped into the video) and read by the build's frame sources
-(`featstore.frames`: EPIC JPEG folders, flow u/v folders, PyAV video files). Training centres the
+(`featstore.epic.frames`: EPIC JPEG folders, flow u/v folders, PyAV video files). Training centres the
 clip on a frame drawn uniformly inside the segment (report 3.1), resizes its short side to a
 length drawn in ``scale_range`` and takes one random ``crop`` x ``crop`` window, the same for every
 frame of the clip; validation takes the build's centre clip, resizes the short side to
@@ -12,7 +12,7 @@ TSN / TSM backbones (``clip_sampling="segments"``) take one snippet from each of
 equal parts of the segment instead: training draws each snippet's start uniformly inside its part
 (TSN's training rule, `training_snippet_frames`), validation takes the build's middle snippets
 (its test rule); a flow snippet's ``snippet_frames`` frames are stacked as channels
-(`featstore.frames.stack_snippets`) after the crop, exactly as the build stacks them. Augmentation runs on uint8 frames before any float
+(`featstore.epic.frames.stack_snippets`) after the crop, exactly as the build stacks them. Augmentation runs on uint8 frames before any float
 conversion (4x less memory traffic); the float conversion and the backbone record's normalisation
 happen on the device (`VideoBackbone.forward`).
 
@@ -30,8 +30,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from featstore.frames import FrameError, FrameSource, resize_short_side, stack_snippets
-from featstore.sampling import SamplingConfig, plan_segment
+from featstore.epic.frames import FrameError, FrameSource, resize_short_side, stack_snippets
+from featstore.epic.sampling import SamplingConfig, plan_segment
 from finetune.config import FinetuneError
 
 __all__ = [
@@ -240,7 +240,7 @@ class ClipDataset(torch.utils.data.Dataset):
     ) -> None:
         """
         Args:
-            rows: segment rows (``featstore.annotations.read_segments`` columns), labelled.
+            rows: segment rows (``featstore.epic.annotations.read_segments`` columns), labelled.
             source: where frames come from.
             target: ``"verb"`` or ``"noun"``: which label a clip carries.
             clip_frames, clip_stride: the clip (the build's sampling).

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from featstore.frames import MODALITY_CHANNELS
+from featstore.epic.frames import MODALITY_CHANNELS
 from featstore.models import UnknownModelError, get_backbone_record, parse_model_spec
 from finetune.recipes import Recipe, get_recipe, list_recipes, recipe_for_backbone
 from finetune.settings import check_run_settings, settings_differences

@@ -3,7 +3,7 @@
 Shared by every detector backend (torchvision's and detectron2's trainers), so that their run folders
 read the same: ``metrics.json`` entries from `detection_entry`, ``per_class_ap.csv`` from
 `write_per_class_ap` and ``predictions.png`` from `plot_predictions`. The AP itself is
-`featstore.detection_metrics.detection_ap` (pycocotools).
+`featstore.epic.detection_metrics.detection_ap` (pycocotools).
 """
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from featstore.atomic import atomic_write_csv
-from featstore.detection_metrics import DetectionAP, ImagePredictions
-from featstore.figures import pyplot, save_figure
-from featstore.objects import ObjectImage
+from featstore.io.atomic import atomic_write_csv
+from featstore.epic.detection_metrics import DetectionAP, ImagePredictions
+from featstore.io.figures import pyplot, save_figure
+from featstore.epic.objects import ObjectImage
 
 __all__ = ["PER_CLASS_COLUMNS", "detection_entry", "plot_predictions", "write_per_class_ap"]
 

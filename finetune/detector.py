@@ -1,7 +1,7 @@
 """Stage 1 for the detector: fine-tune a registered torchvision Faster R-CNN on EPIC object annotations.
 
 The run is iteration-based (the report counts iterations, DESIGN 4.5) and runs on the shared training
-engine (`heads.engine`): an engine "epoch" is a round of ``eval_every`` iterations, after which the
+engine (`featstore.training.engine`): an engine "epoch" is a round of ``eval_every`` iterations, after which the
 hooks check the losses, validate, checkpoint and write the run folder, exactly as for the backbone
 runs. The pieces:
 
@@ -34,11 +34,11 @@ import numpy as np
 import torch
 
 from featstore import __version__
-from featstore.atomic import atomic_write_json
-from featstore.detection_metrics import ImagePredictions, detection_ap
+from featstore.io.atomic import atomic_write_json
+from featstore.epic.detection_metrics import ImagePredictions, detection_ap
 from featstore.models import build_detector, file_sha256, read_state_dict
 from featstore.models.checkpoints import FINETUNE_RECORD_KEY, apply_state_dict
-from featstore.objects import ImageLayout, ObjectImage, ObjectLabels, read_objects
+from featstore.epic.objects import ImageLayout, ObjectImage, ObjectLabels, read_objects
 from finetune.clips import FailureLog
 from finetune.detection_report import detection_entry, plot_predictions, write_per_class_ap
 from finetune.detector_config import (
@@ -48,7 +48,7 @@ from finetune.detector_config import (
     get_detector_recipe,
 )
 from finetune.outputs import RunLog, plot_curves, remove_run_temporaries
-from heads.engine import Checkpointer, Engine, EpochLog, Hook, LearningRate, LossCheck, ProgressBar, RunState, World
+from featstore.training.engine import Checkpointer, Engine, EpochLog, Hook, LearningRate, LossCheck, ProgressBar, RunState, World
 
 __all__ = [
     "DetectionBatch",
@@ -134,7 +134,7 @@ class ObjectImageDataset(torch.utils.data.Dataset):
     """Images and their ground truth, indexed by ``(iteration, index)`` keys (picklable for workers).
 
     Args:
-        images: the records (`featstore.objects.ObjectImage`).
+        images: the records (`featstore.epic.objects.ObjectImage`).
         layout: where their files are.
         train: flip horizontally with probability 1/2, drawn from (seed, iteration, index).
         seed: the run's seed.
@@ -216,7 +216,7 @@ def class_table(config: DetectorFinetuneConfig, labels: ObjectLabels) -> tuple[s
     Raises:
         DetectorFinetuneError: a ground-truth label outside the classes.
     """
-    from featstore.annotations import read_class_list
+    from featstore.epic.annotations import read_class_list
 
     names: tuple[str, ...] | None = read_class_list(config.class_names) if config.class_names is not None else None
     largest = max(labels.class_counts(), default=-1)
@@ -473,7 +473,7 @@ def _round_line(entry: Mapping[str, Any]) -> str:
 
 
 def _read_labels(config: DetectorFinetuneConfig) -> tuple[ObjectLabels, ObjectLabels]:
-    from featstore.annotations import AnnotationError
+    from featstore.epic.annotations import AnnotationError
 
     try:
         labels = read_objects(config.objects, coords=config.coords).select(config.where)
@@ -582,7 +582,7 @@ def finetune_detector(config: DetectorFinetuneConfig, *, log: Callable[[str], No
     if config.progress and main:
         hooks.append(ProgressBar(unit="image", count=lambda batch: len(batch) + len(batch.failed)))
     if after_round is not None:
-        from heads.engine import EpochCallback
+        from featstore.training.engine import EpochCallback
 
         hooks.append(EpochCallback(after_round))
     engine = Engine(world=world, log=run_log)

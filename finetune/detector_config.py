@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from featstore.objects import HELD_OUT_PARTICIPANTS, IMAGE_LAYOUTS
+from featstore.epic.objects import HELD_OUT_PARTICIPANTS, IMAGE_LAYOUTS
 from finetune.settings import check_run_settings, settings_differences
 from finetune.recipes import RecipeBook, UnknownRecipeError
 

@@ -1,13 +1,13 @@
 """Stage 1 of the detector with detectron2's own trainer: `finetune_detectron2`.
 
 ``featstore finetune-detector --detector detectron2:CONFIG[:INIT]`` comes here. The EPIC objects
-(`featstore.objects.ObjectLabels`, split by ``config.val_where``) are registered as detectron2
+(`featstore.epic.objects.ObjectLabels`, split by ``config.val_where``) are registered as detectron2
 datasets (``DatasetCatalog`` / ``MetadataCatalog`` with ``thing_classes``), read by a
 ``DatasetMapper`` (ResizeShortestEdge to ``min_size`` / ``max_size``, random horizontal flip, the
 draws seeded from ``config.seed``) through ``build_detection_train_loader``, and trained by
 detectron2's ``SimpleTrainer`` (``AMPTrainer`` on CUDA with AMP) with hooks for the learning rate
 (`DetectorFinetuneConfig.lr_at`: the recipe's steps and warm-up), progress, and every
-``eval_every`` iterations a validation (pycocotools mAP, `featstore.detection_metrics`) and a
+``eval_every`` iterations a validation (pycocotools mAP, `featstore.epic.detection_metrics`) and a
 checkpoint (detectron2's ``DetectionCheckpointer``, written atomically).
 
 The run folder reads as the torchvision backend's::
@@ -42,13 +42,13 @@ import numpy as np
 import torch
 
 from featstore import __version__
-from featstore.annotations import AnnotationError, read_class_list
-from featstore.atomic import atomic_write, atomic_write_json, atomic_write_text
-from featstore.detection_metrics import ImagePredictions, detection_ap
-from featstore.extraction_plan import BoxesFileError
+from featstore.epic.annotations import AnnotationError, read_class_list
+from featstore.io.atomic import atomic_write, atomic_write_json, atomic_write_text
+from featstore.epic.detection_metrics import ImagePredictions, detection_ap
+from featstore.extract.plan import BoxesFileError
 from featstore.models import CheckpointError, file_sha256
 from featstore.models.checkpoints import FINETUNE_RECORD_KEY
-from featstore.objects import ImageLayout, ObjectImage, ObjectLabels, read_objects
+from featstore.epic.objects import ImageLayout, ObjectImage, ObjectLabels, read_objects
 from finetune.detection_report import detection_entry, plot_predictions, write_per_class_ap
 from finetune.detector_config import DetectorFinetuneConfig, DetectorFinetuneError, detector_resume_differences
 from finetune.outputs import RunLog

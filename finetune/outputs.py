@@ -1,4 +1,4 @@
-"""The run folder of a stage-1 run, every file written atomically (`featstore.atomic`).
+"""The run folder of a stage-1 run, every file written atomically (`featstore.io.atomic`).
 
 ::
 
@@ -22,8 +22,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from featstore.atomic import atomic_write, atomic_write_text, remove_temporaries
-from featstore.figures import pyplot, save_figure
+from featstore.io.atomic import atomic_write, atomic_write_text, remove_temporaries
+from featstore.io.figures import pyplot, save_figure
 from featstore.models.checkpoints import FINETUNE_RECORD_KEY
 
 __all__ = [
@@ -82,7 +82,7 @@ def write_finetuned_checkpoint(path: str | os.PathLike, *, backbone: Mapping[str
 
 
 def load_training_state(out: Path) -> dict[str, Any] | None:
-    """The resume state (written by `heads.engine.Checkpointer`), or None when the run has none yet."""
+    """The resume state (written by `featstore.training.engine.Checkpointer`), or None when the run has none yet."""
     path = out / STATE_NAME
     if not path.is_file():
         return None

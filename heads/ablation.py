@@ -13,7 +13,7 @@ checkpointed run whose recorded settings differ from the grid's (other than ``de
 as failed rather than silently reused or overwritten.
 
 Grouped training (``parallel=K``): K runs share the preloaded features (``prepare(shared=...)``)
-and one device, and are stepped together by one ``heads.engine.Engine`` with the hooks of
+and one device, and are stepped together by one ``featstore.training.engine.Engine`` with the hooks of
 ``heads train`` (``heads.trainer.run_hooks``); each keeps its own seeded batch order, optimiser and
 torch random stream, so a run trained in a group gives exactly the same results as the same run
 trained alone (``heads.trainer.train``) on CPU (``tests/heads/test_ablation.py`` pins the
@@ -34,7 +34,7 @@ from typing import Any, Callable
 import pyarrow as pa
 
 from heads import data as head_data
-from heads.engine import Engine, RunState, describe_error
+from featstore.training.engine import Engine, RunState, describe_error
 from heads.grid import Grid, GridError, GridRun, load_grid
 from heads.results import results_table, write_results
 from heads.trainer import HeadRun, PreparedRun, TrainConfig, finish, prepare, run_hooks, write_config

@@ -5,7 +5,7 @@ float16 and cast to float32 per batch; a batch is a gather by index, with no per
 the hot path. Derived inputs are computed once here too: slot masks from detection scores and, for
 heads that need the local-alignment features ``verb_local``, the store's ``verb.local`` when it has
 it, else ``verb.map`` (or ``verb.map_tmean``) RoI-pooled at the ``det.local`` boxes by the same
-function that made ``verb.local`` (``featstore.local_pool``). A stored ``verb.local`` pooled
+function that made ``verb.local`` (``featstore.store.local_pool``). A stored ``verb.local`` pooled
 otherwise than the run asks (``pool``) is not used silently: the map is pooled instead when the
 store has one, and the run is refused when it has not (``plan_local``).
 
@@ -28,8 +28,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from featstore.allocator import keep_freed_memory
-from featstore.schema import (
+from featstore.extract.allocator import keep_freed_memory
+from featstore.store.schema import (
     DET_GLOBAL_FEAT,
     DET_GLOBAL_SCORE,
     DET_LOCAL_FEAT,
@@ -38,7 +38,7 @@ from featstore.schema import (
     STATUS_OK,
     VERB_GLOBAL,
 )
-from featstore.local_pool import (
+from featstore.store.local_pool import (
     LOCAL_BOXES,
     LOCAL_FIELD,
     LOCAL_OUTPUT_SIZE,
@@ -48,7 +48,7 @@ from featstore.local_pool import (
     local_source,
     pool_local_verb_features,
 )
-from featstore.store import FeatureStore
+from featstore.store.reader import FeatureStore
 
 # Store field -> batch key the heads read.
 FIELD_KEYS = {
@@ -245,7 +245,7 @@ class PreloadedFeatures:
         self.labels = labels
         self.device = torch.device(device)
         if self.device.type == "cpu":
-            keep_freed_memory()  # every batch is a fresh CPU allocation: see featstore/allocator.py
+            keep_freed_memory()  # every batch is a fresh CPU allocation: see featstore/extract/allocator.py
         needs = _needs(fields)
         self.local = plan_local(store, pool=pool, output_size=output_size) if LOCAL_FIELD in needs else None
         read = _stored_fields(needs, self.local)

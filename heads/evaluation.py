@@ -16,7 +16,7 @@ from typing import Any, Collection, Iterable
 
 import numpy as np
 
-from featstore.annotations import NUM_CLASSES
+from featstore.epic.annotations import NUM_CLASSES
 from heads.actions import lfb_action_prior
 from heads.metrics import epic55_metrics, epic100_metrics
 MANY_SHOT_MIN = 100  # "more than 100 training samples" (DESIGN section 6)
@@ -60,7 +60,7 @@ def load_class_sets(meta_dir: str | os.PathLike | None, dataset: str):
     """The official lists from ``meta_dir`` (an ``EpicMeta``), or None when that folder lacks them."""
     if meta_dir is None or not Path(meta_dir).is_dir():
         return None
-    from featstore.annotations import load_meta
+    from featstore.epic.annotations import load_meta
 
     try:
         return load_meta(meta_dir, dataset)
@@ -162,14 +162,14 @@ def labels_from_file(path: str | os.PathLike, *, scored: Collection[str] = ()) -
     against a prior counted on the whole training file would count their own (verb, noun) pairs.
 
     Args:
-        path: an annotation file (``featstore.annotations.read_segments`` formats).
+        path: an annotation file (``featstore.epic.annotations.read_segments`` formats).
         scored: uids of the segments being scored; their rows are left out.
     Returns:
         The remaining labels, with how many rows were left out.
     Raises:
         ScoringError: a remaining row has no label (a test file), or no row remains.
     """
-    from featstore.annotations import read_segments
+    from featstore.epic.annotations import read_segments
 
     table = read_segments(path)
     uids = table.column("uid").to_pylist()

@@ -32,7 +32,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from featstore.atomic import atomic_write_json
+from featstore.io.atomic import atomic_write_json
 from heads import data as head_data
 from heads.evaluation import labels_from_file, prior_note
 from heads.predictions import Predictions, read_predictions, write_predictions
@@ -177,7 +177,7 @@ def score_like_run(predictions: Predictions, run_dir: str | os.PathLike, *,
         The metrics (with an ``action_prior`` entry when ``action_prior_from`` is given), or None when
         some predicted segment is not in the run's store or has no label there (a test set).
     """
-    from featstore.store import FeatureStore
+    from featstore.store.reader import FeatureStore
     from heads.trainer import TrainConfig, run_scoring
 
     recorded = json.loads((Path(run_dir) / "config.json").read_text())

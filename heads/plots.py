@@ -5,7 +5,7 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from featstore.figures import pyplot, save_figure
+from featstore.io.figures import pyplot, save_figure
 from heads.metric_registry import list_metrics
 
 

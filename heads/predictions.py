@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from featstore.atomic import atomic_write
+from featstore.io.atomic import atomic_write
 
 
 class PredictionsError(ValueError):
@@ -48,7 +48,7 @@ def _list_column(matrix: np.ndarray) -> pa.ListArray:
 
 
 def write_predictions(path: str | os.PathLike, predictions: Predictions) -> Path:
-    """Write ``predictions`` as a Parquet file (atomically: ``featstore.atomic``)."""
+    """Write ``predictions`` as a Parquet file (atomically: ``featstore.io.atomic``)."""
     path = Path(path)
     table = pa.table({
         "uid": pa.array(list(predictions.uids), pa.string()),

@@ -15,8 +15,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from featstore.atomic import atomic_write, atomic_write_text
-from featstore.figures import pyplot, save_figure
+from featstore.io.atomic import atomic_write, atomic_write_text
+from featstore.io.figures import pyplot, save_figure
 from heads.grid import Grid
 from heads.metric_registry import metric_values, table_metrics
 from heads.models import get_head

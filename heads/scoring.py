@@ -41,7 +41,7 @@ def score_file(
         The metrics.json object: metric -> percent, plus ``action_prior`` (``from``,
         ``excluded_scored_segments``, ``counted``) when ``action_prior_from`` is given.
     """
-    from featstore.annotations import read_segments
+    from featstore.epic.annotations import read_segments
 
     preds = predictions if isinstance(predictions, Predictions) else read_predictions(predictions)
     table = read_segments(annotations)

@@ -40,8 +40,8 @@ from typing import Sequence
 
 import numpy as np
 
-from featstore.annotations import NUM_CLASSES
-from featstore.atomic import atomic_write
+from featstore.epic.annotations import NUM_CLASSES
+from featstore.io.atomic import atomic_write
 from heads.actions import action_scores, lfb_action_prior, softmax
 from heads.evaluation import ScoringError, labels_from_file
 from heads.predictions import Predictions, read_predictions
@@ -108,7 +108,7 @@ def timestamp_uids(meta_dir: str | os.PathLike, test_set: str) -> tuple[str, ...
     Returns:
         uids (EPIC-55) or narration ids (EPIC-100) as strings.
     """
-    from featstore.annotations import read_segments
+    from featstore.epic.annotations import read_segments
 
     if test_set not in TIMESTAMP_FILES:
         raise SubmissionError(f"unknown test set {test_set!r}; use one of {', '.join(TIMESTAMP_FILES)}")

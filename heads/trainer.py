@@ -5,7 +5,7 @@ epoch is a seeded permutation of the training rows cut into batches; after each 
 evaluated on the validation selection and an atomic checkpoint is written, so ``resume=True``
 continues an interrupted run to exactly the result of an uninterrupted one (on CPU).
 
-The loop is ``heads.engine.Engine``'s: ``HeadRun`` is the run's trainable (its batches and SGD step)
+The loop is ``featstore.training.engine.Engine``'s: ``HeadRun`` is the run's trainable (its batches and SGD step)
 and ``run_hooks`` its hooks (loss check, validation, checkpoint, history, log line, progress), the
 same for `heads train` and for the runs `heads ablate` trains in groups.
 
@@ -24,12 +24,12 @@ from typing import Any, Callable, Iterator, Mapping, NamedTuple, Sequence
 import numpy as np
 import torch
 
-from featstore.atomic import atomic_write_json, remove_temporaries
-from featstore.schema import DET_GLOBAL_FEAT, DET_LOCAL_FEAT, NOUN_GLOBAL, VERB_GLOBAL
-from featstore.splits import resolve_selection
-from featstore.store import FeatureStore
+from featstore.io.atomic import atomic_write_json, remove_temporaries
+from featstore.store.schema import DET_GLOBAL_FEAT, DET_LOCAL_FEAT, NOUN_GLOBAL, VERB_GLOBAL
+from featstore.epic.splits import resolve_selection
+from featstore.store.reader import FeatureStore
 from heads import data as head_data
-from heads.engine import (
+from featstore.training.engine import (
     Checkpointer,
     Engine,
     EpochCallback,
@@ -79,7 +79,7 @@ class TrainConfig:
 
     model: str = "saoa"  # registered head name
     switches: dict[str, Any] = field(default_factory=dict)  # the head's ablation switches
-    train_split: str | None = None  # named split (featstore.splits), ANDed with train_where
+    train_split: str | None = None  # named split (featstore.epic.splits), ANDed with train_where
     train_where: str | None = None  # DuckDB WHERE over segments
     val_split: str | None = None
     val_where: str | None = None
@@ -321,7 +321,7 @@ class EpochBatches:
 
 
 class HeadRun:
-    """One head run as the engine steps it (``heads.engine.Trainable``): model, SGD, seeded batch order.
+    """One head run as the engine steps it (``featstore.training.engine.Trainable``): model, SGD, seeded batch order.
 
     Building it seeds torch's generator with the run's seed and draws the initial weights, so add it to
     the engine before building another run.

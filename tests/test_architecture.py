@@ -309,11 +309,11 @@ def test_no_module_reaches_into_another_modules_private_names() -> None:
 
 
 @pytest.mark.parametrize("source, expected", [
-    ("from featstore.store import _holds_store_data\n", 1),
-    ("from featstore import store\nstore._shard_name_ok('0')\n", 1),
+    ("from featstore.store.reader import _holds_store_data\n", 1),
+    ("from featstore.store import reader\nreader._shard_name_ok('0')\n", 1),
     ("def f(opened):\n    return opened._shard_dirs()\n", 1),
-    ("def f(monkeypatch):\n    from featstore import allocator\n    monkeypatch.setattr(allocator, '_x', 1)\n", 1),
-    ("from featstore.store import FeatureStore\nclass A:\n    def f(self):\n        return self._y, super()._z\n", 0),
+    ("def f(monkeypatch):\n    from featstore.extract import allocator\n    monkeypatch.setattr(allocator, '_x', 1)\n", 1),
+    ("from featstore.store.reader import FeatureStore\nclass A:\n    def f(self):\n        return self._y, super()._z\n", 0),
     ("import numpy as np\nnp._private_thing\n", 0),
 ])
 def test_the_private_name_check_sees_each_kind_of_reach(tmp_path: Path, source: str, expected: int,
@@ -335,12 +335,12 @@ def test_the_private_name_check_sees_each_kind_of_reach(tmp_path: Path, source: 
 
 def spelled_constants(m: str) -> list[str]:
     """Where module ``m`` spells out a constant that has a home elsewhere."""
-    from featstore.annotations import NUM_CLASSES
-    from featstore.frames import MODALITY_CHANNELS
-    from featstore.schema import BOX_SETS, CANONICAL_FIELDS
+    from featstore.epic.annotations import NUM_CLASSES
+    from featstore.epic.frames import MODALITY_CHANNELS
+    from featstore.store.schema import BOX_SETS, CANONICAL_FIELDS
 
-    homes = {"field name": "featstore.schema", "box sets": "featstore.schema",
-             "class counts": "featstore.annotations", "modality channels": "featstore.frames"}
+    homes = {"field name": "featstore.store.schema", "box sets": "featstore.store.schema",
+             "class counts": "featstore.epic.annotations", "modality channels": "featstore.epic.frames"}
     found = []
     for node in ast.walk(tree(m)):
         what = None
@@ -348,7 +348,7 @@ def spelled_constants(m: str) -> list[str]:
             what = "field name"
         elif isinstance(node, ast.JoinedStr) and node.values and isinstance(node.values[0], ast.Constant) \
                 and str(node.values[0].value).startswith("det."):
-            what = "field name"  # f"det.{box_set}.box": featstore.schema.det_field
+            what = "field name"  # f"det.{box_set}.box": featstore.store.schema.det_field
         elif isinstance(node, (ast.Tuple, ast.List)) and node.elts and all(isinstance(e, ast.Constant) for e in node.elts):
             values = tuple(e.value for e in node.elts)
             what = "box sets" if values == BOX_SETS else "class counts" if values in NUM_CLASSES.values() else None

@@ -16,7 +16,7 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
-from featstore.frames import MODALITY_CHANNELS
+from featstore.epic.frames import MODALITY_CHANNELS
 from featstore.models.checkpoints import LoadReport, load_checkpoint, parse_model_spec
 from featstore.models.registry import Registry
 
@@ -24,7 +24,7 @@ from featstore.models.registry import Registry
 # the range TV-L1 flow networks (I3D) are trained on. A record may say otherwise (EPIC-100 TSN/TSM: 0.226).
 FLOW_MEAN: float = 0.5
 FLOW_STD: float = 0.5
-# How a backbone's clip is taken from a segment (featstore.sampling.CLIP_SAMPLINGS).
+# How a backbone's clip is taken from a segment (featstore.epic.sampling.CLIP_SAMPLINGS).
 CENTRED, SEGMENTS = "centred", "segments"
 
 

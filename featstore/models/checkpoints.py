@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from featstore.atomic import atomic_write
+from featstore.io.atomic import atomic_write
 
 # How many key names an error message lists per category; the counts are always given in full.
 _KEYS_SHOWN = 10
@@ -448,7 +448,7 @@ def convert_checkpoint(source: str | Path, target: str | Path) -> ConvertReport:
     containers, ``argparse.Namespace`` and numpy scalars are rebuilt; omegaconf / Lightning
     configuration objects become inert records; anything else (a custom class, ``os.system``) is
     refused. The state dict is found as `read_state_dict` finds it (``state_dict`` / ``model`` /
-    ``model_state`` or the top level) and written with ``torch.save`` (keys unchanged), atomically (``featstore.atomic``).
+    ``model_state`` or the top level) and written with ``torch.save`` (keys unchanged), atomically (``featstore.io.atomic``).
 
     Args:
         source: the published checkpoint.

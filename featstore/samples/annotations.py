@@ -12,7 +12,7 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from featstore.atomic import atomic_write_csv
+from featstore.io.atomic import atomic_write_csv
 
 EPIC55_COLUMNS = (
     "uid", "participant_id", "video_id", "narration", "start_timestamp", "stop_timestamp",

@@ -12,7 +12,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from featstore.samples.annotations import SegmentLabel
-from featstore.schema import BOX_SETS, DET_LOCAL_BOX, NOUN_GLOBAL, VERB_GLOBAL, VERB_MAP, det_field
+from featstore.store.schema import BOX_SETS, DET_LOCAL_BOX, NOUN_GLOBAL, VERB_GLOBAL, VERB_MAP, det_field
 
 
 def feature_shapes(*, verb_dim: int = 64, noun_dim: int = 64, det_dim: int = 32, n_global: int = 60,

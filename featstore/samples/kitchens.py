@@ -25,8 +25,8 @@ from typing import Sequence
 
 import numpy as np
 
-from featstore.atomic import atomic_write_csv
-from featstore.figures import pyplot, save_figure
+from featstore.io.atomic import atomic_write_csv
+from featstore.io.figures import pyplot, save_figure
 from featstore.samples.annotations import (
     SegmentLabel,
     write_epic55_annotations,

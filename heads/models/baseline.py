@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from featstore.schema import NOUN_GLOBAL, VERB_GLOBAL
+from featstore.store.schema import NOUN_GLOBAL, VERB_GLOBAL
 from heads.models.registry import FeatureDims, register_head
 
 __all__ = ["GlobalHead", "global_head"]

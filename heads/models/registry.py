@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable
 
 from torch import nn
 
-from featstore.local_pool import LOCAL_FIELD, LOCAL_SOURCES
+from featstore.store.local_pool import LOCAL_FIELD, LOCAL_SOURCES
 
 __all__ = [
     "LOAD_TIME_SOURCES",

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from featstore.schema import (
+from featstore.store.schema import (
     BOX_SETS,
     DET_GLOBAL_FEAT,
     DET_GLOBAL_SCORE,

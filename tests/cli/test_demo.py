@@ -21,7 +21,7 @@ from cli.featstore_cli import main
 from cli.featstore_finetune import finetune, make_finetune_config
 from cli.heads_cli import make_train_config, train
 from featstore.samples import kitchens
-from featstore.store import FeatureStore
+from featstore.store.reader import FeatureStore
 from heads.trainer import TrainConfig
 from tests.conftest import QuickDemo
 

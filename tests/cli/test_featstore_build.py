@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from featstore.frames import EpicJpegFrames
+from featstore.epic.frames import EpicJpegFrames
 from featstore.samples.damage import corrupt_jpeg
-from featstore.sampling import plan_segment
+from featstore.epic.sampling import plan_segment
 from tests.helpers.tiny_build import (
     DETECTOR,
     FPS,

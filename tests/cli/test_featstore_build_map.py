@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from featstore.extraction import BuildConfig, BuildError
-from featstore.store import FeatureStore
-from featstore.transform import derive_field
+from featstore.extract.service import BuildConfig, BuildError
+from featstore.store.reader import FeatureStore
+from featstore.store.transform import derive_field
 from tests.helpers.tiny_build import invoke_featstore, make_epic_dataset, tiny_build
 
 MAP_SHAPE = [512, 1, 2, 4]  # r3d_18 at 8 frames, 32 x 57 input

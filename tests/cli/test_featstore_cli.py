@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from cli.featstore_cli import main
 from featstore.samples.annotations import generate_segments, write_epic55_annotations
 from featstore.samples.features import feature_shapes, write_feature_npzs
-from featstore.store import FeatureStore
+from featstore.store.reader import FeatureStore
 from tests.corruption import flip_live_byte
 
 SMALL = feature_shapes(verb_dim=8, noun_dim=8, det_dim=4, n_global=6, n_local=4, map_size=None)
@@ -95,7 +95,7 @@ def test_import_refuses_a_segment_whose_shape_differs(tmp_path: Path) -> None:
 
 _KILLING_IMPORT = """
 import os, signal, sys
-from featstore.importer import import_npz
+from featstore.store.importer import import_npz
 store, annotations, npz, kill_after = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 count = [0]
 def maybe_die(uid):

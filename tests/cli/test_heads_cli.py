@@ -9,9 +9,9 @@ import pytest
 from click.testing import CliRunner
 
 from cli.heads_cli import main
-from featstore.annotations import read_segments
-from featstore.schema import FieldSpec
-from featstore.store import FeatureStore
+from featstore.epic.annotations import read_segments
+from featstore.store.schema import FieldSpec
+from featstore.store.reader import FeatureStore
 from tests.helpers.stores import make_planted_store
 
 TRAIN = "participant_id <= 'P25'"

@@ -36,7 +36,7 @@ def main(argv: list[str]) -> int:
         featstore_main(["build", *argv], prog_name="featstore")  # exits with the command's status
         return 0
 
-    from featstore.extraction import build_store
+    from featstore.extract.service import build_store
 
     committed = 0
 

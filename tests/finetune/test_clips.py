@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from featstore.frames import EpicJpegFrames
+from featstore.epic.frames import EpicJpegFrames
 from featstore.samples.damage import corrupt_jpeg
-from featstore.sampling import SamplingConfig, plan_segment
+from featstore.epic.sampling import SamplingConfig, plan_segment
 from finetune.clips import (
     ClipDataset,
     EpochBatchSampler,
@@ -134,7 +134,7 @@ def test_tsn_flow_clips_stack_each_snippet_as_channels() -> None:
     clip = train[(0, 1)]
     assert clip.frames.shape == (4, 32, 32, 15)  # 4 samples, 5 stacked 3-channel frames each
     read = source.reads[-1]
-    # channel l * C + c is channel c of the l-th frame of the sample (as featstore.frames.stack_snippets)
+    # channel l * C + c is channel c of the l-th frame of the sample (as featstore.epic.frames.stack_snippets)
     for sample in range(4):
         for frame in range(5):
             assert int(clip.frames[sample, 0, 0, 3 * frame]) == read[5 * sample + frame] % 251

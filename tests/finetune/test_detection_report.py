@@ -6,8 +6,8 @@ import math
 
 import numpy as np
 
-from featstore.detection_metrics import ClassAP, DetectionAP, ImagePredictions
-from featstore.objects import ObjectImage
+from featstore.epic.detection_metrics import ClassAP, DetectionAP, ImagePredictions
+from featstore.epic.objects import ObjectImage
 from finetune.detection_report import PER_CLASS_COLUMNS, detection_entry, plot_predictions, write_per_class_ap
 
 

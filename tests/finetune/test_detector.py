@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from featstore.models import CheckpointError, build_detector, read_state_dict
-from featstore.objects import ImageLayout, ObjectImage
+from featstore.epic.objects import ImageLayout, ObjectImage
 from finetune.clips import TooManyFailures
 from finetune.detector import IterationBatchSampler, ObjectImageDataset, finetune_detector
 from finetune.detector_config import DetectorFinetuneError, make_detector_config
@@ -202,7 +202,7 @@ DONE_WHEN_MIN_HIT_FRACTION = 0.5  # validation segments with a detection at IoU 
 def test_done_when_mobilenet_learns_the_demo_objects(tmp_path: Path) -> None:
     from cli.demo import build_params
     from cli.featstore_build import make_build_config
-    from featstore.extraction import build_store
+    from featstore.extract.service import build_store
     from featstore.samples.kitchens import QUICK_SAMPLE, generate_sample
 
     sample = generate_sample(tmp_path / "sample", QUICK_SAMPLE, seed=0)

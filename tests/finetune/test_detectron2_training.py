@@ -184,7 +184,7 @@ DONE_WHEN_MIN_HIT_FRACTION = 0.55  # validation segments with a detection at IoU
 def test_done_when_the_smallest_setting_learns_the_demo_objects(tmp_path: Path, small_yaml: Path) -> None:
     from cli.demo import build_params
     from cli.featstore_build import make_build_config
-    from featstore.extraction import build_store
+    from featstore.extract.service import build_store
     from featstore.samples.kitchens import QUICK_SAMPLE, generate_sample
 
     sample = generate_sample(tmp_path / "sample", QUICK_SAMPLE, seed=0)

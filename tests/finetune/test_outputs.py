@@ -6,11 +6,11 @@ from pathlib import Path
 
 import torch
 
-from featstore.extraction import BuildConfig, build_store
+from featstore.extract.service import BuildConfig, build_store
 from featstore.models import build_backbone, read_state_dict
 from featstore.models.checkpoints import read_finetune_record
-from featstore.sampling import SamplingConfig
-from featstore.store import FeatureStore
+from featstore.epic.sampling import SamplingConfig
+from featstore.store.reader import FeatureStore
 from finetune.model import build_video_classifier
 from finetune.outputs import RunLog, plot_curves, write_finetuned_checkpoint
 

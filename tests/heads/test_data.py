@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from featstore.importer import import_npz
+from featstore.store.importer import import_npz
 from featstore.samples.annotations import generate_segments, write_epic55_annotations
 from featstore.samples.features import feature_shapes, write_feature_npzs
-from featstore.store import FeatureStore
+from featstore.store.reader import FeatureStore
 from heads.data import (
     PreloadedFeatures,
     StreamingFeatures,

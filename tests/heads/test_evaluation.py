@@ -128,7 +128,7 @@ def test_the_context_scores_like_score() -> None:
 def test_labels_from_file_leaves_out_scored_segments(tmp_path: Path) -> None:
     segments = generate_segments(30, num_verbs=4, num_nouns=5, seed=2)
     path = write_epic55_annotations(tmp_path / "EPIC_train_action_labels.csv", segments)
-    from featstore.annotations import read_segments
+    from featstore.epic.annotations import read_segments
 
     table = read_segments(path)
     uids = table.column("uid").to_pylist()

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from featstore.local_pool import LocalRecipeError
-from featstore.store import FeatureStore
-from featstore.transform import copy_store, derive_field
+from featstore.store.local_pool import LocalRecipeError
+from featstore.store.reader import FeatureStore
+from featstore.store.transform import copy_store, derive_field
 from heads.data import (
     PreloadedFeatures,
     StreamingFeatures,

@@ -64,7 +64,7 @@ def test_epic55_zip_holds_every_test_segment_with_the_official_layout(epic55_dir
                        rtol=1e-7)
     # The 100 actions are action_scores with the LFB prior, best first.
     assert len(entry["action"]) == 100
-    from featstore.annotations import read_segments
+    from featstore.epic.annotations import read_segments
 
     train = read_segments(epic55_dir / "EPIC_train_action_labels.csv")
     prior = lfb_action_prior(train.column("verb_class").to_numpy(), train.column("noun_class").to_numpy(), 125, 352)

@@ -99,7 +99,7 @@ def test_diverging_loss_names_epoch_and_step(planted_store: Path, tmp_path: Path
 
 
 def test_store_lacking_fields_is_refused_with_their_names(tmp_path: Path) -> None:
-    from featstore.importer import import_npz
+    from featstore.store.importer import import_npz
     from featstore.samples.annotations import (
         generate_segments,
         write_epic55_annotations,

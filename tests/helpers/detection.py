@@ -22,7 +22,7 @@ def moved_object_hits(store_path: Path, sample) -> tuple[int, int]:
     import pandas as pd
 
     from featstore.samples.kitchens import FRAME_HEIGHT, FRAME_WIDTH
-    from featstore.store import FeatureStore
+    from featstore.store.reader import FeatureStore
 
     store = FeatureStore.open(store_path)
     truth = pd.read_csv(sample.boxes)

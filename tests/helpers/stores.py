@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from featstore.importer import import_npz
+from featstore.store.importer import import_npz
 from featstore.samples.annotations import generate_segments, write_epic55_annotations
 from featstore.samples.features import PlantedSignal, write_feature_npzs
 

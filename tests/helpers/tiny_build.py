@@ -10,14 +10,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from featstore.extraction import BuildConfig
+from featstore.extract.service import BuildConfig
 from featstore.samples.annotations import (
     SegmentLabel,
     write_epic55_annotations,
     write_video_info,
 )
 from featstore.samples.frames import write_jpeg_video
-from featstore.sampling import SamplingConfig
+from featstore.epic.sampling import SamplingConfig
 
 HEIGHT, WIDTH = 90, 160  # generated frame size
 N_FRAMES = 300  # frames per generated video (5 s at 60 fps: detection windows run past both ends)

@@ -49,7 +49,7 @@ def lmdb_segment_keys(store: Path) -> Counter:
     Read through the store's own per-process environments: LMDB forbids opening one environment
     twice in a process.
     """
-    from featstore.store import FeatureStore
+    from featstore.store.reader import FeatureStore
 
     opened = FeatureStore.open(store)
     counts: Counter = Counter()
@@ -82,7 +82,7 @@ def assert_store_consistent(store: Path, ok: Iterable[str], *, failed: Iterable[
     if boxes_per_segment is not None:
         boxes = Counter(raw_table(store, "boxes").column("uid").to_pylist())
         assert boxes == Counter({uid: boxes_per_segment for uid in ok})
-    from featstore.store import FeatureStore
+    from featstore.store.reader import FeatureStore
 
     with FeatureStore.open(store).connect() as con:
         rows = con.execute(

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from featstore.store import FeatureStore
+from featstore.store.reader import FeatureStore
 from tests.reliability import faults
 from tests.reliability.invariants import assert_store_consistent
 from tests.reliability.workloads import (

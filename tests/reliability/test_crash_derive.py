@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from featstore.importer import import_npz
+from featstore.store.importer import import_npz
 from featstore.samples.annotations import generate_segments, write_epic55_annotations
 from featstore.samples.features import feature_shapes, write_feature_npzs
-from featstore.store import FeatureStore
+from featstore.store.reader import FeatureStore
 from tests.reliability import faults
 from tests.reliability.invariants import assert_parts_complete, leftover_temporaries
 

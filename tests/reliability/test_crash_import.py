@@ -16,7 +16,7 @@ import pytest
 
 from featstore.samples.annotations import generate_segments, write_epic55_annotations
 from featstore.samples.features import write_feature_npzs
-from featstore.store import FeatureStore
+from featstore.store.reader import FeatureStore
 from tests.reliability import faults
 from tests.reliability.invariants import assert_store_consistent
 from tests.reliability.workloads import (

@@ -3,23 +3,23 @@ per-segment failure (``status = 'failed'`` with the reason), never a silently wr
 
 Covered elsewhere and not repeated here:
 - JPEGs: truncated / zero-byte / garbage frames raise naming the file
-  (tests/featstore/test_frames.py::test_corrupt_jpeg_raises_naming_the_file,
+  (tests/featstore/epic/test_frames.py::test_corrupt_jpeg_raises_naming_the_file,
   ::test_truncated_jpeg_detected_even_when_pillow_allows_truncation), and a truncated JPEG fails
   its segment only in a build, retried once fixed
   (tests/cli/test_featstore_build.py::test_corrupt_jpeg_fails_its_segment_only);
 - a truncated mp4 fails its segments only
-  (tests/featstore/test_extraction.py::test_video_files_build_and_a_truncated_one_fails_alone);
+  (tests/featstore/extract/test_service.py::test_video_files_build_and_a_truncated_one_fails_alone);
 - a participant without frames, a segment past the video's end
-  (tests/featstore/test_extraction.py::test_segment_that_cannot_be_sampled_fails_alone);
+  (tests/featstore/extract/test_service.py::test_segment_that_cannot_be_sampled_fails_alone);
 - annotation files with a missing column, a non-integer class, start after stop, a duplicate uid,
   a malformed participant
-  (tests/featstore/test_annotations.py::test_malformed_csv_raises_annotation_error_naming_file_row_column;
+  (tests/featstore/epic/test_annotations.py::test_malformed_csv_raises_annotation_error_naming_file_row_column;
   property-based in tests/reliability/test_properties.py);
 - npz files with NaNs, an unreadable npz, and a shape that differs from the store's
   (tests/cli/test_featstore_cli.py::test_import_reports_unmatched_files_and_fails_bad_segments,
   ::test_import_refuses_a_segment_whose_shape_differs);
 - a store of another format version or without a manifest, opened from Python
-  (tests/featstore/test_store.py::test_other_format_version_and_missing_manifest_are_clear_errors).
+  (tests/featstore/store/test_reader.py::test_other_format_version_and_missing_manifest_are_clear_errors).
 """
 from __future__ import annotations
 
@@ -37,14 +37,14 @@ from click.testing import CliRunner
 
 from cli.featstore_cli import main as featstore_main
 from cli.heads_cli import main as heads_main
-from featstore.extraction import build_store
-from featstore.frames import EpicJpegFrames
+from featstore.extract.service import build_store
+from featstore.epic.frames import EpicJpegFrames
 from featstore.samples.annotations import generate_segments, write_epic55_annotations
 from featstore.samples.damage import corrupt_jpeg
 from featstore.samples.features import random_segment_arrays, write_feature_npzs
 from featstore.samples.frames import paint_frame
-from featstore.sampling import SamplingConfig, plan_segment
-from featstore.store import FeatureStore
+from featstore.epic.sampling import SamplingConfig, plan_segment
+from featstore.store.reader import FeatureStore
 from tests.helpers.tiny_build import FPS, N_FRAMES, make_epic_dataset, small_config
 from tests.reliability.invariants import assert_store_consistent
 from tests.reliability.workloads import (

@@ -2,8 +2,8 @@
 with the detection slots they fill.
 
 Already covered elsewhere, and not repeated here:
-tests/featstore/test_annotations.py::test_read_segments_round_trips_valid_tables (valid files of
-every kind read back exactly) and tests/featstore/test_sampling.py::test_plan_properties (clip
+tests/featstore/epic/test_annotations.py::test_read_segments_round_trips_valid_tables (valid files of
+every kind read back exactly) and tests/featstore/epic/test_sampling.py::test_plan_properties (clip
 length, clip frames inside the video, detection frames recomputed independently, shared frames).
 """
 from __future__ import annotations
@@ -17,9 +17,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from featstore.annotations import AnnotationError, read_segments
-from featstore.extraction_plan import FrameDetections, detection_slots
-from featstore.sampling import SamplingConfig, plan_segment
+from featstore.epic.annotations import AnnotationError, read_segments
+from featstore.extract.plan import FrameDetections, detection_slots
+from featstore.epic.sampling import SamplingConfig, plan_segment
 
 HEADER = ["uid", "participant_id", "video_id", "narration", "start_frame", "stop_frame", "verb_class", "noun_class"]
 INT_COLUMNS = ["start_frame", "stop_frame", "verb_class", "noun_class"]

@@ -1,7 +1,7 @@
 """`featstore query` against hostile statements, through the CLI: each is refused with a clear
 error, the store's files stay byte-identical, and nothing appears outside the store.
 
-tests/featstore/test_query.py::test_hostile_statements_are_refused_and_nothing_changes covers the
+tests/featstore/store/test_query.py::test_hostile_statements_are_refused_and_nothing_changes covers the
 first list (COPY, CREATE, INSERT/UPDATE/DELETE, DROP, ATTACH, INSTALL/LOAD, PRAGMA, SET, EXPORT,
 two statements, read_csv/read_text/glob/read_blob/read_json outside the index, 48k characters)
 through the library; these are more, through the command.
@@ -19,9 +19,9 @@ import pytest
 from click.testing import CliRunner
 
 from cli.featstore_cli import main
-from featstore.query import MAX_QUERY_CHARS
-from featstore.schema import FieldSpec
-from featstore.store import FeatureStore
+from featstore.store.query import MAX_QUERY_CHARS
+from featstore.store.schema import FieldSpec
+from featstore.store.reader import FeatureStore
 
 REFUSED = "query refused: only SELECT is allowed"
 FAILED = "query failed: Permission Error"  # DuckDB's file access check, with the path it refused

@@ -25,8 +25,8 @@ from cli.featstore_cli import main as featstore_main
 from cli.heads_cli import main as heads_main
 from featstore.samples.annotations import generate_segments, write_epic55_annotations
 from featstore.samples.features import write_feature_npzs
-from featstore.schema import FieldSpec
-from featstore.store import FeatureStore
+from featstore.store.schema import FieldSpec
+from featstore.store.reader import FeatureStore
 from tests.reliability import faults
 from tests.reliability.invariants import (
     assert_parts_complete,
