@@ -131,7 +131,7 @@ def make_dataset(root: Path, setup: ExtractSetup, *, processes: int = 1) -> Data
 
 
 def build_config(setup: ExtractSetup, data: Dataset, store: Path):
-    from featstore.extract.service import BuildConfig
+    from featstore.extract.config import BuildConfig
     from featstore.epic.sampling import SamplingConfig
 
     return BuildConfig(
@@ -154,7 +154,7 @@ class ComputeTimer:
     def __enter__(self) -> "ComputeTimer":
         from featstore.extract import service as extraction
 
-        for name in ("_run_backbones", "_run_detector"):
+        for name in ("run_backbones", "run_detector"):
             original = getattr(extraction, name, None)
             if original is None:
                 continue
@@ -212,8 +212,8 @@ def predecode(setup: ExtractSetup, store_path: Path, data: Dataset, detector: An
     shared by segments of a batch is kept once, and with ``--boxes`` only frames that have boxes
     are kept, as the service does.
     """
-    from featstore.extract.service import resize_frames
-    from featstore.extract.plan import PrecomputedBoxes
+    from featstore.epic.boxes import PrecomputedBoxes
+    from featstore.extract.decode import resize_frames
     from featstore.epic.frames import open_frame_source
     from featstore.epic.sampling import SamplingConfig, plan_segment
 
@@ -285,7 +285,7 @@ def pure_forward(setup: ExtractSetup, store_path: Path, data: Dataset) -> tuple[
     Returns:
         (a callable running every batch once, segments per call, a description of the batches).
     """
-    from featstore.extract.service import AMP_DTYPES
+    from featstore.extract.config import AMP_DTYPES
     from featstore.models import build_backbone, build_detector
 
     device = torch.device(setup.device)

@@ -195,11 +195,12 @@ def device_features(n: int, *, verb_dim: int, det_dim: int, map_size: tuple[int,
 
 def gpu_saoa(ctx: Context, wanted: set[str]) -> list[Result]:
     """15 epochs of saoa at EPIC-55 train size through the trainer's own loop (the engine + run hooks)."""
-    from featstore.training.engine import Checkpointer, Engine, LearningRate, LossCheck
+    from featstore.training.engine import Engine
+    from featstore.training.hooks import Checkpointer, LearningRate, LossCheck
     from heads.evaluation import ScoringContext
     from heads.models import FeatureDims
     from heads.models.symbiotic import symbiotic_fields
-    from heads.trainer import HeadRun, PreparedRun, TrainConfig
+    from heads.trainer import HeadTrainable, PreparedRun, TrainConfig
 
     quick = ctx.sizes.quick
     n = 256 if quick else 23_191
@@ -218,13 +219,13 @@ def gpu_saoa(ctx: Context, wanted: set[str]) -> list[Result]:
     root = ctx.workspace.path("gpu_saoa")
     try:
         # Warm-up: 50 steps of a throwaway run (cuBLAS handles, kernel selection, allocator).
-        warm = HeadRun(run)
+        warm = HeadTrainable(run)
         losses = [warm.train_step(batch, None) for _, batch in zip(range(50), warm.epoch_batches(0, None))]
         torch.stack(losses).cpu()
         del warm
         if sync is not None:
             sync()
-        head = HeadRun(run)
+        head = HeadTrainable(run)
         engine = Engine()
         # The hooks of `heads train` without validation and files other than the checkpoint.
         state = engine.add(head, name="gpu_saoa", epochs=epochs, hooks=[
@@ -242,7 +243,7 @@ def gpu_saoa(ctx: Context, wanted: set[str]) -> list[Result]:
     notes = (f"{epochs} epochs x {n} segments (batch 32, {steps} steps), C=Cd={verb_dim}, 60/40 slots, verb.map "
              f"{verb_dim}x{'x'.join(map(str, map_size))} generated on the device chunk by chunk and RoI-pooled "
              f"({pooling:.1f} s, not in the time); features as device tensors (not read from a store); ours = "
-             f"the engine with HeadRun (loss check and a checkpoint per epoch, no validation) = {total:.1f} s, of which "
+             f"the engine with HeadTrainable (loss check and a checkpoint per epoch, no validation) = {total:.1f} s, of which "
              f"steps {steps_only:.1f} s ({steps / max(steps_only, 1e-9):.0f} steps/s); reference = the goal's "
              f"{budget:.0f} s budget; device {device}")
     return [compare("gpu_saoa_15_epochs_epic55", total, budget, unit="s", goal="<= 1", notes=notes)]

@@ -100,8 +100,9 @@ def store_bytes_saoa_ready(ctx: Context, wanted: set[str]) -> list[Result]:
 
 def heads_cost_growth(ctx: Context, wanted: set[str]) -> list[Result]:
     """Preload seconds and one saoa epoch's seconds at 5k, 10k, 20k, 40k segments of one store."""
-    from featstore.training.engine import Engine, LearningRate, LossCheck
-    from heads.trainer import HeadRun, TrainConfig, prepare
+    from featstore.training.engine import Engine
+    from featstore.training.hooks import LearningRate, LossCheck
+    from heads.trainer import HeadTrainable, TrainConfig, prepare
 
     quick = ctx.sizes.quick
     sizes = [250, 500, 1000, 2000] if quick else [5000, 10000, 20000, 40000]
@@ -129,7 +130,7 @@ def heads_cost_growth(ctx: Context, wanted: set[str]) -> list[Result]:
             run = prepare(built.path, config, log=_quiet)
             preload.append(time.perf_counter() - started)
             assert run.train.mode == "preload" and len(run.train) == n
-            head = HeadRun(run)
+            head = HeadTrainable(run)
             engine = Engine()  # the step loop of `heads train`, without validation and files
             engine.add(head, name=f"growth{n}", epochs=1, hooks=[LossCheck(), LearningRate(head.optimizer)])
             started = time.perf_counter()
@@ -247,7 +248,7 @@ def _index_only_store(root: Path, n: int, boxes_per_segment: int, seed: int = 0)
     import pyarrow as pa
 
     from featstore.store.schema import BOX_SCHEMA, SEGMENT_SCHEMA, STATUS_OK, FieldSpec
-    from featstore.store.reader import write_parquet
+    from featstore.store.writer import write_parquet
 
     store = FeatureStore.create(root, fields={DET_GLOBAL_BOX: FieldSpec("float32", (boxes_per_segment, 4))},
                                 provenance={"source": "benchmark"})

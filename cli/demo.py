@@ -40,6 +40,13 @@ import numpy as np
 from cli.common import command_params, format_command
 from featstore.io.atomic import atomic_write_json, atomic_write_text
 from featstore.io.figures import pyplot, save_figure
+from featstore.training.run_folder import (
+    CHECKPOINT_NAME,
+    CURVES_NAME,
+    METRICS_NAME,
+    PREDICTIONS_NAME,
+    holds_run,
+)
 from featstore.samples.kitchens import (
     FULL_SAMPLE,
     NOUNS,
@@ -58,7 +65,7 @@ __all__ = [
     "DemoConfig",
     "DemoError",
     "DemoReport",
-    "HeadRun",
+    "DemoHead",
     "StoreRun",
     "build_command",
     "build_params",
@@ -204,7 +211,7 @@ TRAIN_SETTINGS: dict[str, Any] = {"train_split": "epic55-lfb-train", "val_split"
 
 
 @dataclass(frozen=True)
-class HeadRun:
+class DemoHead:
     """One head the demo trains, with the settings that suit the sample's features."""
 
     name: str  # the run directory under runs/
@@ -230,7 +237,7 @@ class HeadRun:
 
 
 def train_command(params: dict[str, Any]) -> str:
-    """The `heads train` command line of `HeadRun.params` (printed)."""
+    """The `heads train` command line of `DemoHead.params` (printed)."""
     from cli.heads_cli import train
 
     return format_command("heads train", train, params, always=("model",))
@@ -242,10 +249,10 @@ def train_command(params: dict[str, Any]) -> str:
 # sample is small, the lr high, the epochs many. SAOA uses the report's L2 scheme (--normalize),
 # so one lr suits both kinds of feature. --quick halves the schedules: four head runs must fit in
 # its minute beside stage 1.
-HEADS: tuple[HeadRun, ...] = (
-    HeadRun("saoa", {"model": "saoa", "lr": 0.03, "epochs": 50, "lr_steps": (40,), "normalize": True},
+HEADS: tuple[DemoHead, ...] = (
+    DemoHead("saoa", {"model": "saoa", "lr": 0.03, "epochs": 50, "lr_steps": (40,), "normalize": True},
             quick={"epochs": 25, "lr_steps": (20,)}),
-    HeadRun("global", {"model": "global", "lr": 0.1, "epochs": 40, "lr_steps": (30,)},
+    DemoHead("global", {"model": "global", "lr": 0.1, "epochs": 40, "lr_steps": (30,)},
             quick={"epochs": 20, "lr_steps": (15,)}),
 )
 
@@ -333,13 +340,14 @@ class DemoReport:
         """Where the sample, the stage-1 run, the stores, runs, plots and grid went (one line each)."""
         lines = [
             f"sample   {self.sample.root}  (JPEG frames, {self.sample.annotations.name}, {self.sample.boxes.name})",
-            f"stage 1  {self.verbnet}  (the {VERB_BACKBONE} verb net: checkpoint.pt, metrics.json, curves.png)",
+            f"stage 1  {self.verbnet}  (the {VERB_BACKBONE} verb net: {CHECKPOINT_NAME}, {METRICS_NAME}, "
+            f"{CURVES_NAME})",
         ]
         for store in STORES:
             what = "built with the stage-1 verb net" if store.stage1 else "random weights only"
             lines.append(f"store    {self.stores[store.folder]}  ({what})")
         for name, run in self.runs.items():
-            lines.append(f"run      {run}  ({name}: metrics.json, predictions.parquet, curves.png)")
+            lines.append(f"run      {run}  ({name}: {METRICS_NAME}, {PREDICTIONS_NAME}, {CURVES_NAME})")
         for plot in self.plots:
             lines.append(f"plot     {plot}")
         lines.append(f"grid     {self.grid}  (for heads ablate)")
@@ -528,7 +536,7 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> DemoR
     if config.device not in ("cpu", "cuda"):
         raise DemoError(f"device must be 'cpu' or 'cuda', got {config.device!r}")
     out = config.out
-    progress = _Progress(out, prepare_out(config, log), log)
+    progress = _DemoSteps(out, prepare_out(config, log), log)
     seconds: dict[str, float] = {}
     spec = config.spec
 
@@ -584,8 +592,8 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> DemoR
     # 5. results, plots, the grid for `heads ablate`
     chance = chance_metrics(len(VERBS), len(NOUNS), len(VERBS) * len(NOUNS))
     plots.append(plot_results(metrics, chance, out / "plots" / "results.png"))
-    plots.append(verbnet / "curves.png")
-    plots.extend(run / "curves.png" for run in runs.values())
+    plots.append(verbnet / CURVES_NAME)
+    plots.extend(run / CURVES_NAME for run in runs.values())
     grid = write_grid(out / "grid.toml", store=stores["store"], out=out, seed=config.seed,
                       epochs=3 if config.quick else 25)
     n_val = len(spec.val_participants) * spec.videos_per_participant * spec.segments_per_video
@@ -597,7 +605,7 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> DemoR
 
 
 @dataclass
-class _Progress:
+class _DemoSteps:
     """What a demo has finished (its marker's ``done`` stages), and the commands it ran and the stages it reused."""
 
     out: Path
@@ -622,7 +630,7 @@ class _Progress:
         """Note ``command`` as run; True (logged as reused under ``name``) when ``stage`` finished into
         ``run`` in an earlier demo, else log the command about to run and return False."""
         self.commands.append(command)
-        if stage in self.done and (run / "metrics.json").is_file():
+        if stage in self.done and (run / METRICS_NAME).is_file():
             self.reused.append(name)
             self.log(f"{step}: reusing {run}")
             return True
@@ -630,7 +638,7 @@ class _Progress:
         return False
 
 
-def _stage1_verbnet(config: DemoConfig, sample: Sample, run: Path, progress: _Progress) -> dict[str, float]:
+def _stage1_verbnet(config: DemoConfig, sample: Sample, run: Path, progress: _DemoSteps) -> dict[str, float]:
     """Fine-tune the demo's verb net into ``run`` (or reuse a finished run); its verb metrics."""
     from cli.featstore_finetune import make_finetune_config
     from finetune.backbone import finetune
@@ -640,18 +648,18 @@ def _stage1_verbnet(config: DemoConfig, sample: Sample, run: Path, progress: _Pr
     command = verbnet_command(params)
     if not progress.finished("[2/5] stage 1", VERBNET, run, command, name=VERBNET):
         started = time.perf_counter()
-        resume = (run / "checkpoints" / "last.pt").is_file()
+        resume = holds_run(run)
         finetune(make_finetune_config({**params, "resume": resume}, command=command), log=lambda _line: None)
         progress.mark(VERBNET)
         progress.log(f"      {params['epochs']} epochs in {time.perf_counter() - started:.1f} s")
-    recorded = json.loads((run / "metrics.json").read_text())
+    recorded = json.loads((run / METRICS_NAME).read_text())
     metrics = {k: recorded[k] for k in ("verb_top1", "verb_top5") if k in recorded}
     progress.log(f"      the verb net alone: verb top-1 {metrics.get('verb_top1', float('nan')):.1f} % on the held-out "
         f"participants (chance {100 / len(VERBS):.1f} %)")
     return metrics
 
 
-def _stage1_detector(config: DemoConfig, sample: Sample, run: Path, progress: _Progress) -> Path:
+def _stage1_detector(config: DemoConfig, sample: Sample, run: Path, progress: _DemoSteps) -> Path:
     """Fine-tune the demo's detector into ``run`` (or reuse a finished run); its checkpoint."""
     from cli.featstore_finetune_detector import finetune_detector as detector_command
     from cli.featstore_finetune_detector import make_detector_finetune_config
@@ -662,22 +670,23 @@ def _stage1_detector(config: DemoConfig, sample: Sample, run: Path, progress: _P
     command = format_command("featstore finetune-detector", detector_command, params)
     if not progress.finished("[2/5] detector", "detector", run, command, name="detector"):
         started = time.perf_counter()
-        resume = (run / "training_state.pt").is_file()
+        resume = holds_run(run)
         metrics = finetune_detector(make_detector_finetune_config({**params, "resume": resume}, command=command),
                                     log=lambda _line: None)
         progress.mark("detector")
         progress.log(f"      {params['iterations']} iterations in {time.perf_counter() - started:.1f} s: "
             f"mAP@0.5 {metrics.get('map_50', 0):.1f} on the held-out participants")
-    return run / "checkpoint.pt"
+    return run / CHECKPOINT_NAME
 
 
 def _build(config: DemoConfig, sample: Sample, store: Path, verbnet: Path | None, detector: Path | None,
-           progress: _Progress) -> None:
+           progress: _DemoSteps) -> None:
     """Build (or finish) one demo store: with the stage-1 verb net when given, else random weights."""
     from cli.featstore_build import make_build_config
-    from featstore.extract.service import RANDOM_WEIGHTS_NOTE, build_store
+    from featstore.extract.config import RANDOM_WEIGHTS_NOTE
+    from featstore.extract.service import build_store
 
-    verb_backbone = VERB_BACKBONE if verbnet is None else f"{VERB_BACKBONE}:{verbnet / 'checkpoint.pt'}"
+    verb_backbone = VERB_BACKBONE if verbnet is None else f"{VERB_BACKBONE}:{verbnet / CHECKPOINT_NAME}"
     params = build_params(sample, store, verb_backbone=verb_backbone, seed=config.seed, device=config.device,
                           progress=config.progress, workers=config.workers)
     if detector is not None:
@@ -703,7 +712,7 @@ def _build(config: DemoConfig, sample: Sample, store: Path, verbnet: Path | None
         progress.reused.append(store.name)
 
 
-def _train_head(config: DemoConfig, head: HeadRun, store: Path, run: Path, progress: _Progress) -> dict[str, float]:
+def _train_head(config: DemoConfig, head: DemoHead, store: Path, run: Path, progress: _DemoSteps) -> dict[str, float]:
     """Train (or reuse, or resume) one head run on ``store``; its Table 1 metrics."""
     from cli.heads_cli import make_train_config
     from heads.trainer import train
@@ -714,10 +723,10 @@ def _train_head(config: DemoConfig, head: HeadRun, store: Path, run: Path, progr
     stage = f"run:{run.name}"
     if not progress.finished("[4/5] train", stage, run, command, name=f"runs/{run.name}"):
         started = time.perf_counter()
-        resume = (run / "checkpoints" / "last.pt").is_file()
+        resume = holds_run(run)
         with _head_threads(config.device):
             train(params["store"], params["out"], make_train_config(params), resume=resume,
                   progress=params["progress"], log=lambda _line: None)
         progress.mark(stage)
         progress.log(f"      {params['epochs']} epochs in {time.perf_counter() - started:.1f} s")
-    return {k: v for k, v in json.loads((run / "metrics.json").read_text()).items() if k in METRICS}
+    return {k: v for k, v in json.loads((run / METRICS_NAME).read_text()).items() if k in METRICS}

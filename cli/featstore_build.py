@@ -28,9 +28,9 @@ def make_build_config(params: dict[str, Any], *, command: str | None = None):
         params: click's parsed parameters of the `build` command.
         command: the command line, for the manifest.
     Returns:
-        A `featstore.extract.service.BuildConfig`, with rank / world size from the torchrun environment.
+        A `featstore.extract.config.BuildConfig`, with rank / world size from the torchrun environment.
     """
-    from featstore.extract.service import BuildConfig, distributed_env
+    from featstore.extract.config import BuildConfig, distributed_env
 
     if (params["frames_root"] is None) == (params["videos_dir"] is None):
         raise click.UsageError("give exactly one of --frames ROOT (EPIC JPEG folders) or --videos DIR (video files)")

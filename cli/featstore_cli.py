@@ -73,14 +73,16 @@ def query(store: Path, sql: str, fmt: str) -> None:
 @domain_errors
 def verify(store: Path, progress: bool) -> None:
     """Recompute every stored segment's checksum; exit 1 and list the uids that differ."""
-    from tqdm import tqdm
-
+    from featstore.io.progress import progress_bar
     from featstore.store.reader import FeatureStore
 
     opened = FeatureStore.open(store)
     n = opened.info()["segments"]["ok"]
-    with tqdm(total=n, desc="verify", unit="seg", disable=not progress, file=sys.stderr) as bar:
+    bar = progress_bar(total=n, desc="verify", unit="seg", enabled=progress)
+    try:
         bad = opened.verify(progress=bar.update)
+    finally:
+        bar.close()
     if bad:
         for uid, reason in bad:
             click.echo(f"{uid}\t{reason}")

@@ -37,7 +37,7 @@ def make_finetune_config(params: dict[str, Any], *, command: str | None = None):
     Returns:
         A `finetune.config.FinetuneConfig`, with rank / world size from the torchrun environment.
     """
-    from featstore.extract.service import distributed_env
+    from featstore.extract.config import distributed_env
     from finetune.config import make_config
 
     if (params["frames_root"] is None) == (params["videos_dir"] is None):
@@ -110,6 +110,7 @@ def finetune(**params: Any) -> None:
         featstore build STORE ... --verb-backbone r3d_50:runs/verb-r50/checkpoint.pt
     """
     from finetune.backbone import finetune as run_finetune
+    from featstore.training.run_folder import CHECKPOINT_NAME
     from finetune.config import FinetuneError
 
     try:
@@ -119,4 +120,4 @@ def finetune(**params: Any) -> None:
         raise click.ClickException(str(err)) from err
     click.echo(json.dumps(metrics, indent=2))
     click.echo(f"run written to {config.out}; build with --{config.target}-backbone "
-               f"{config.backbone}:{config.out / 'checkpoint.pt'}", err=True)
+               f"{config.backbone}:{config.out / CHECKPOINT_NAME}", err=True)

@@ -26,7 +26,7 @@ def make_detector_finetune_config(params: dict[str, Any], *, command: str | None
     Returns:
         A `finetune.detector_config.DetectorFinetuneConfig`, rank / world size from the torchrun environment.
     """
-    from featstore.extract.service import distributed_env
+    from featstore.extract.config import distributed_env
     from finetune.detector_config import make_detector_config
 
     lr_steps = params.pop("lr_steps")
@@ -102,6 +102,7 @@ def finetune_detector(**params: Any) -> None:
         featstore build STORE ... --detector fasterrcnn_resnet50_fpn:runs/det/checkpoint.pt
     """
     from finetune.detector import finetune_detector as run_finetune
+    from featstore.training.run_folder import CHECKPOINT_NAME
     from finetune.detector_config import DetectorFinetuneError
 
     try:
@@ -110,8 +111,6 @@ def finetune_detector(**params: Any) -> None:
     except DetectorFinetuneError as err:
         raise click.ClickException(str(err)) from err
     click.echo(json.dumps(metrics, indent=2))
-    if config.backend == "detectron2":
-        spec = f"detectron2:{config.out / 'checkpoint.pth'}"
-    else:
-        spec = f"{config.detector}:{config.out / 'checkpoint.pt'}"
+    model = "detectron2" if config.backend == "detectron2" else config.detector
+    spec = f"{model}:{config.out / CHECKPOINT_NAME}"
     click.echo(f"run written to {config.out}; build with --detector {spec}", err=True)

@@ -8,6 +8,9 @@ functions); `featstore` never imports this package. The checkpoint a run writes 
 - `finetune.config`: `FinetuneConfig`, made at the CLI edge from a recipe and flags;
 - `finetune.clips`: training / validation clips (seeded augmentation on uint8, failure markers);
 - `finetune.model`: a registered backbone with a linear classifier on its pooled feature;
-- `finetune.outputs`: the run folder (checkpoint, config, metrics, curves, log, failures);
-- `finetune.backbone`: the run on the shared engine (`BackboneTrainable`, its hooks) and `finetune(config)`.
+- `finetune.outputs`: what a backbone run writes (the checkpoint `featstore build` loads, the resume
+  state, curves); the folder's names are `featstore.training.run_folder`'s;
+- `finetune.backbone`: the run on the shared engine (`BackboneTrainable`, its hooks) and `finetune(config)`;
+- `finetune.detector`, `finetune.detectron2_training`: the detector's stage 1 (torchvision on the
+  engine, or detectron2's own trainer), into a run folder of the same names.
 """

@@ -9,10 +9,11 @@ detector's stage 1 (`finetune.detector`) do; this module supplies its parts:
   over a torchrun `World`), the batch's unreadable segments recorded in the run's failures;
   validation; its ``state_dict`` for the resume checkpoint;
 - hooks for what is the backbone run's own: the epoch's clip counts and failures (gathered over a
-  world), and the run folder (the checkpoint `featstore build` loads, metrics.json, failures.json,
+  world), and its outputs (the checkpoint `featstore build` loads, metrics.json, failures.json,
   curves.png); the loss check (every ``check_every`` steps), learning rate, validation, resume
-  checkpoint, log line and progress bar are the engine's hooks;
-- `finetune(config)` builds them and trains.
+  checkpoint, log line and progress bar are the shared hooks (`featstore.training.hooks`);
+- `finetune(config)` checks and opens the run folder (`featstore.training.run_folder`), starts the
+  torchrun world (`featstore.training.world.World.from_environment`), builds them and trains.
 
 Reproducibility: the model is built under the run's seed, every sample's clip, scale and crop come
 from (seed, epoch, index) (`finetune.clips.sample_rng`) and the order of an epoch from (seed, epoch),
@@ -25,7 +26,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -34,8 +34,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from featstore.io.progress import progress_bar
 from featstore import __version__
-from featstore.extract.allocator import keep_freed_memory
+from featstore.io.allocator import keep_freed_memory
 from featstore.epic.annotations import detect_dataset, find_video_info, read_segments, read_video_info
 from featstore.io.atomic import atomic_write_json
 from featstore.epic.frames import FrameError, FrameSource, open_frame_source
@@ -44,30 +45,21 @@ from featstore.epic.splits import resolve_selection, select_segments
 from finetune.clips import ClipBatch, ClipDataset, EpochBatchSampler, FailureLog, collate_clips
 from finetune.config import FinetuneConfig, FinetuneError, resume_differences
 from finetune.model import InitReport, VideoClassifier, build_video_classifier
-from finetune.outputs import (
-    CHECKPOINT_NAME,
-    STATE_NAME,
-    RunLog,
-    load_training_state,
-    plot_curves,
-    remove_run_temporaries,
-    write_finetuned_checkpoint,
-)
+from finetune.outputs import load_training_state, plot_curves, write_finetuned_checkpoint
 from finetune.recipes import get_recipe
-from featstore.training.engine import (
+from featstore.training.engine import Hook, RunState, train_one
+from featstore.training.hooks import (
     Checkpointer,
-    Engine,
     EpochLog,
-    Hook,
     LearningRate,
     LossCheck,
     ProgressBar,
-    RunState,
     StepCallback,
     Validation,
-    World,
 )
-from heads.evaluation import NUM_CLASSES
+from featstore.training.run_folder import CONFIG_NAME, CURVES_NAME, FAILURES_NAME, METRICS_NAME, RunFolder
+from featstore.training.world import World
+from featstore.epic.annotations import NUM_CLASSES
 from heads.metrics import topk_accuracy
 
 __all__ = ["BackboneTrainable", "Selection", "finetune", "select_training_data"]
@@ -295,15 +287,12 @@ class BackboneTrainable:
         Raises:
             TooManyFailures: more unreadable validation segments than allowed.
         """
-        from tqdm import tqdm
-
         config = self.config
         self.val_sampler.set_epoch(self.epoch)
         logits, labels = [], []
         failed = 0
-        bar = tqdm(total=len(self.val_data) // config.world_size, desc=f"validate {self.epoch + 1}", unit="clip",
-                   leave=False, disable=not (config.progress and config.rank == 0), file=sys.stderr,
-                   dynamic_ncols=True)
+        bar = progress_bar(total=len(self.val_data) // config.world_size, desc=f"validate {self.epoch + 1}",
+                           unit="clip", leave=False, enabled=config.progress and config.rank == 0, plain="slow")
         self.model.eval()
         try:
             with torch.inference_mode():
@@ -405,19 +394,19 @@ class _EpochRecord(Hook):
                            "clips_per_s": clips / run.seconds if run.seconds > 0 else 0.0})
 
 
-class _RunFolder(Hook):
+class _BackboneRunOutputs(Hook):
     """After each epoch (main process): the checkpoint `featstore build` loads, metrics, failures, curves."""
 
-    def __init__(self, trainable: BackboneTrainable, *, out: Path, record: dict[str, Any], majority_top1: float | None,
-                 title: str) -> None:
-        self.trainable, self.out, self.record = trainable, out, record
+    def __init__(self, trainable: BackboneTrainable, *, folder: RunFolder, record: dict[str, Any],
+                 majority_top1: float | None, title: str) -> None:
+        self.trainable, self.folder, self.record = trainable, folder, record
         self.majority_top1, self.title = majority_top1, title
 
     def after_epoch(self, run: RunState) -> None:
         if not run.is_main:
             return
         self.write(run, complete=run.epoch + 1 >= run.epochs)
-        plot_curves(run.history, self.out / "curves.png", target=self.trainable.config.target, title=self.title)
+        plot_curves(run.history, self.folder.file(CURVES_NAME), target=self.trainable.config.target, title=self.title)
 
     def write(self, run: RunState, *, complete: bool) -> dict[str, Any]:
         """``checkpoint.pt``, ``metrics.json`` and ``failures.json`` as of the last finished epoch.
@@ -429,15 +418,15 @@ class _RunFolder(Hook):
         last = run.history[-1] if run.history else {}
         metrics = {key: last[key] for key in (f"{target}_top1", f"{target}_top5") if key in last}
         epochs_done = len(run.history)
-        write_finetuned_checkpoint(self.out / CHECKPOINT_NAME, backbone=trainable.model.backbone.state_dict(),
+        write_finetuned_checkpoint(self.folder.checkpoint, backbone=trainable.model.backbone.state_dict(),
                                    classifier=trainable.model.classifier.state_dict(), record={
-                                       "format": RECORD_FORMAT, "run": str(self.out.resolve()), "epoch": epochs_done,
-                                       "metrics": metrics, "config": self.record})
-        atomic_write_json(self.out / "metrics.json", {
+                                       "format": RECORD_FORMAT, "run": str(self.folder.path.resolve()),
+                                       "epoch": epochs_done, "metrics": metrics, "config": self.record})
+        atomic_write_json(self.folder.file(METRICS_NAME), {
             **metrics, "target": target, "complete": complete, "epochs_done": epochs_done,
             "n_train": len(trainable.train_data), "n_val": len(trainable.val_data),
             "majority_top1": self.majority_top1, "history": run.history})
-        atomic_write_json(self.out / "failures.json", trainable.failures.entries)
+        atomic_write_json(self.folder.file(FAILURES_NAME), trainable.failures.entries)
         return metrics
 
 
@@ -456,11 +445,9 @@ def _epoch_line(entry: Mapping[str, Any], target: str) -> str:
 # the run
 
 
-def _check_resume(config: FinetuneConfig, out: Path) -> None:
-    """Refuse an existing run without ``resume``, and a resume whose settings differ from the run's."""
-    state = load_training_state(out)
-    if (state is not None or (out / CHECKPOINT_NAME).exists()) and not config.resume:
-        raise FinetuneError(f"{out} already holds a run; pass --resume to continue it or choose another OUT")
+def _check_resume_settings(config: FinetuneConfig, out: Path) -> None:
+    """Refuse a resume whose settings differ from the run's."""
+    state = load_training_state(out) if config.resume else None
     if state is not None:
         differences = resume_differences(config, state.get("config", {}).get("settings", {}))
         if differences:
@@ -518,6 +505,9 @@ def finetune(config: FinetuneConfig, *, log: Callable[[str], None] | None = None
              after_step: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Fine-tune a backbone on the shared training engine and write its run folder (see `finetune.outputs`).
 
+    The folder is checked first (an existing run needs ``resume``, with the same settings), opened
+    once the data and the init checkpoint are known good (`featstore.training.run_folder.RunFolder`).
+
     Args:
         config: the run.
         log: where the run's lines are echoed besides ``OUT/log.txt`` (default: stderr).
@@ -533,25 +523,19 @@ def finetune(config: FinetuneConfig, *, log: Callable[[str], None] | None = None
     out = Path(config.out)
     if config.device == "cuda" and not torch.cuda.is_available():
         raise FinetuneError("--device cuda, but torch sees no CUDA device here (use --device cpu)")
-    _check_resume(config, out)
+    folder = RunFolder.check(out, resume=config.resume, error=FinetuneError)
+    _check_resume_settings(config, out)
     selection = select_training_data(config)
     videos = sorted({str(row["video_id"]) for row in selection.train + selection.val})
     source, video_info = _frame_source(config, videos)
     model, record, init_report = build_video_classifier(
         config.backbone, num_classes=selection.num_classes, in_channels=config.in_channels, init=config.init,
         seed=config.seed)
-    out.mkdir(parents=True, exist_ok=True)  # only once inputs and init are known good
-    main = config.rank == 0
-    if main:
-        remove_run_temporaries(out)
-    run_log: Callable[[str], None] = RunLog(out / "log.txt", echo=log) if main else _quiet
+    world = World.from_environment(config.device, size=config.world_size)
+    folder.open(world=world, echo=log)  # only once inputs and init are known good
+    main, run_log = folder.main, folder.log
     if config.device == "cpu":
-        keep_freed_memory()  # activations are fresh CPU blocks every step: see featstore/extract/allocator.py
-    if config.device == "cuda":
-        torch.cuda.set_device(config.local_rank)
-    world = World(config.device) if config.world_size > 1 else None
-    if world is not None and world.size != config.world_size:
-        raise FinetuneError(f"the process group has {world.size} processes, the config says {config.world_size}")
+        keep_freed_memory()  # activations are fresh CPU blocks every step: see featstore/io/allocator.py
 
     config_record = _config_record(config, selection, record, init_report, video_info)
     failures = FailureLog(max_fraction=config.max_failed_fraction)
@@ -559,13 +543,14 @@ def finetune(config: FinetuneConfig, *, log: Callable[[str], None] | None = None
                                   _clips(config, selection.val, source, train=False), failures=failures, log=run_log,
                                   record=config_record)
     if main:
-        atomic_write_json(out / "config.json", config_record)
+        atomic_write_json(folder.file(CONFIG_NAME), config_record)
         run_log(init_report.describe())
         run_log(f"{config.backbone} {config.target} net, recipe {config.recipe}: {len(selection.train)} training and "
                 f"{len(selection.val)} validation segments, {selection.num_classes} classes, {config.epochs} epochs "
                 f"on {trainable.device}")
-    folder = _RunFolder(trainable, out=out, record=config_record, majority_top1=_majority_top1(config, selection),
-                        title=f"{config.backbone} {config.target} net ({config.recipe}) on {config.annotations.name}")
+    outputs = _BackboneRunOutputs(trainable, folder=folder, record=config_record,
+                          majority_top1=_majority_top1(config, selection),
+                          title=f"{config.backbone} {config.target} net ({config.recipe}) on {config.annotations.name}")
     hooks: list[Hook] = [
         LossCheck(hint=": lower --lr, check the init checkpoint, or use --amp bf16 instead of fp16",
                   every=config.check_every, error=FinetuneError),
@@ -576,10 +561,10 @@ def finetune(config: FinetuneConfig, *, log: Callable[[str], None] | None = None
         hooks.append(Validation(lambda: trainable.validate(world), prefix=""))
     hooks += [
         # The resume state is written after the hooks that fill the epoch's record (its history is
-        # saved with it), and before the run folder that points at it.
-        Checkpointer(out / STATE_NAME, resume=config.resume, save=main,
+        # saved with it), and before the outputs that point at it.
+        Checkpointer(folder.resume_state, resume=config.resume, save=main,
                      on_resume=lambda run: run_log(f"resuming {out} after epoch {run.epoch}")),
-        folder,
+        outputs,
         EpochLog(run_log, lambda entry: _epoch_line(entry, config.target)),
     ]
     if config.progress and main:
@@ -588,18 +573,13 @@ def finetune(config: FinetuneConfig, *, log: Callable[[str], None] | None = None
                                  total=lambda run: share))
     if after_step is not None:
         hooks.append(StepCallback(after_step))
-    engine = Engine(world=world, log=run_log)
     # The run's torch stream starts from the seed, not from whatever the process drew before, so a
     # resumed run continues exactly the stream of the first one.
-    run = engine.add(trainable, name=str(out), epochs=config.epochs, hooks=hooks, seed=config.seed)
-    engine.train()
+    run = train_one(trainable, name=str(out), epochs=config.epochs, hooks=hooks, world=world, seed=config.seed,
+                    log=run_log)
     if not main:
         return {}
-    metrics = folder.write(run, complete=True)  # also with epochs = 0: the init weights
+    metrics = outputs.write(run, complete=True)  # also with epochs = 0: the init weights
     run_log(f"finished {out}: " + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items())
             + f"; {len(failures.entries)} unreadable segment(s) skipped")
     return metrics
-
-
-def _quiet(_: str) -> None:
-    """The log of processes other than rank 0 (which alone writes the run folder)."""

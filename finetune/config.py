@@ -10,7 +10,8 @@ from typing import Any, Mapping
 from featstore.epic.frames import MODALITY_CHANNELS
 from featstore.models import UnknownModelError, get_backbone_record, parse_model_spec
 from finetune.recipes import Recipe, get_recipe, list_recipes, recipe_for_backbone
-from finetune.settings import check_run_settings, settings_differences
+from featstore.training.run_folder import settings_differences
+from finetune.settings import check_run_settings, path_settings
 
 __all__ = ["FinetuneConfig", "FinetuneError", "RECIPE_FIELDS", "TARGETS", "make_config", "resume_differences"]
 
@@ -149,7 +150,7 @@ def resume_differences(config: FinetuneConfig, recorded: Mapping[str, Any]) -> l
     Returns:
         ``"name: run has X, now Y"`` for each differing setting; empty when the run may be resumed.
     """
-    return settings_differences(config.to_json(), recorded, _RESUMABLE_CHANGES)
+    return settings_differences(config.to_json(), recorded, _RESUMABLE_CHANGES, paths=path_settings(config))
 
 
 def make_config(*, out: Path, annotations: Path, backbone: str, target: str, recipe: str | None = None,

@@ -1,9 +1,9 @@
 """Stage 1 for the detector: fine-tune a registered torchvision Faster R-CNN on EPIC object annotations.
 
 The run is iteration-based (the report counts iterations, DESIGN 4.5) and runs on the shared training
-engine (`featstore.training.engine`): an engine "epoch" is a round of ``eval_every`` iterations, after which the
-hooks check the losses, validate, checkpoint and write the run folder, exactly as for the backbone
-runs. The pieces:
+engine (`featstore.training.engine`): an engine "epoch" is a round of ``eval_every`` iterations, after
+which the hooks check the losses, validate (on the main rank only, on every held-out image), write
+the resume state and the run folder. The pieces:
 
 - `ObjectImageDataset`: one image and its boxes per key ``(iteration, index)``, decoded in DataLoader
   workers; training flips it horizontally with a probability of 1/2 drawn from (seed, iteration,
@@ -12,15 +12,16 @@ runs. The pieces:
 - `IterationBatchSampler`: the global batch of every iteration from seeded permutations of the
   images (one per pass), this rank's share under torchrun;
 - `DetectorTrainable`: the engine's `Trainable`: the lr of each iteration (warm-up, then steps),
-  SGD, AMP on CUDA, gradients summed over a torchrun world;
-- `finetune_detector(config)`: builds it all and trains; a ``detectron2:CONFIG`` detector goes to
-  `finetune.detectron2_training` instead (detectron2's own trainer), which writes the same run folder.
+  SGD, AMP on CUDA, gradients averaged over a torchrun world (`featstore.training.world.World`);
+- `finetune_detector(config)`: checks and opens the run folder, builds it all and trains; a
+  ``detectron2:CONFIG`` detector goes to `finetune.detectron2_training` instead (detectron2's own
+  trainer), whose folder uses the same names (`featstore.training.run_folder.RUN_FILES`).
 
-The run folder: ``checkpoint.pt`` (``{"model": state_dict, "classes": ..., "finetune": record}``:
-what ``featstore build --detector NAME:OUT/checkpoint.pt`` loads, its class count read from the
-classifier and its class names recorded in the store's manifest), ``training_state.pt`` (resume),
-``config.json``, ``metrics.json``, ``per_class_ap.csv``, ``predictions.png``, ``curves.png``,
-``failures.json``, ``log.txt``.
+The run folder (names: `featstore.training.run_folder`): ``checkpoint.pt`` (``{"model": state_dict,
+"classes": ..., "finetune": record}``: what ``featstore build --detector NAME:OUT/checkpoint.pt``
+loads, its class count read from the classifier and its class names recorded in the store's
+manifest), ``checkpoints/last.pt`` (resume), ``config.json``, ``metrics.json``, ``per_class_ap.csv``
+and ``predictions.png`` (with validation images), ``curves.png``, ``failures.json``, ``log.txt``.
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
+from featstore.epic.annotations import NUM_CLASSES
 from featstore import __version__
 from featstore.io.atomic import atomic_write_json
 from featstore.epic.detection_metrics import ImagePredictions, detection_ap
@@ -47,8 +49,20 @@ from finetune.detector_config import (
     detector_resume_differences,
     get_detector_recipe,
 )
-from finetune.outputs import RunLog, plot_curves, remove_run_temporaries
-from featstore.training.engine import Checkpointer, Engine, EpochLog, Hook, LearningRate, LossCheck, ProgressBar, RunState, World
+from finetune.outputs import plot_curves
+from featstore.io.atomic import atomic_write_torch
+from featstore.training.engine import Hook, RunState, train_one
+from featstore.training.hooks import Checkpointer, EpochCallback, EpochLog, LearningRate, LossCheck, ProgressBar
+from featstore.training.run_folder import (
+    CONFIG_NAME,
+    CURVES_NAME,
+    FAILURES_NAME,
+    METRICS_NAME,
+    PER_CLASS_AP_NAME,
+    PREDICTION_IMAGES_NAME,
+    RunFolder,
+)
+from featstore.training.world import World
 
 __all__ = [
     "DetectionBatch",
@@ -60,9 +74,7 @@ __all__ = [
     "read_image",
 ]
 
-CHECKPOINT_NAME = "checkpoint.pt"
-STATE_NAME = "training_state.pt"
-EPIC55_OBJECT_CLASSES = 352  # EPIC-55's nouns, the classes of its object annotations
+EPIC55_OBJECT_CLASSES = NUM_CLASSES["epic55"][1]  # EPIC-55's nouns, the classes of its object annotations
 _BOX_PREDICTOR = "roi_heads.box_predictor."
 _AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 _FLIP_STREAM, _ORDER_STREAM = 0, 1
@@ -88,7 +100,7 @@ def read_image(path: Path) -> np.ndarray:
 
 
 @dataclass
-class _Sample:
+class _DetectionImage:
     index: int
     image: torch.Tensor | None = None  # (3, H, W) uint8
     boxes: torch.Tensor | None = None  # (k, 4) float32 pixels
@@ -118,7 +130,7 @@ class DetectionBatch:
         return len(self.images)
 
 
-def _collate(items: list[tuple[int, _Sample]]) -> DetectionBatch:
+def _collate(items: list[tuple[int, _DetectionImage]]) -> DetectionBatch:
     iteration = items[0][0] if items else -1
     good = [sample for _, sample in items if sample.error is None]
     return DetectionBatch(
@@ -149,13 +161,13 @@ class ObjectImageDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[int, _Sample]:
+    def __getitem__(self, key: tuple[int, int]) -> tuple[int, _DetectionImage]:
         iteration, index = key
         record = self.images[index]
         try:
             pixels = read_image(self.layout.path(record))  # (H, W, 3)
         except OSError as err:
-            return iteration, _Sample(index=index, error=str(err))
+            return iteration, _DetectionImage(index=index, error=str(err))
         image = torch.from_numpy(pixels).permute(2, 0, 1)  # (3, H, W) uint8
         boxes = torch.from_numpy(np.asarray(record.boxes, dtype=np.float32).reshape(-1, 4)).clone()
         width = image.shape[2]
@@ -165,7 +177,7 @@ class ObjectImageDataset(torch.utils.data.Dataset):
             image = image.flip(-1)
             boxes = torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], dim=1)
         labels = torch.as_tensor(np.asarray(record.labels, dtype=np.int64) + 1)  # 0 is background
-        return iteration, _Sample(index=index, image=image.contiguous(), boxes=boxes, labels=labels)
+        return iteration, _DetectionImage(index=index, image=image.contiguous(), boxes=boxes, labels=labels)
 
 
 class IterationBatchSampler:
@@ -365,7 +377,7 @@ class DetectorTrainable:
 # validation and the run folder
 
 
-class _Validation(Hook):
+class _DetectorValidation(Hook):
     """After each round: mAP on the held-out images, into the record; the report files on the main rank."""
 
     def __init__(self, trainable: DetectorTrainable, val: ObjectLabels, layout: ImageLayout, *,
@@ -399,10 +411,10 @@ class _Validation(Hook):
         except ValueError as err:  # validation images without a single box
             raise DetectorFinetuneError(f"the validation images cannot be scored: {err}") from err
         run.record.update(detection_entry(result))
-        write_per_class_ap(self.out / "per_class_ap.csv", result, class_names=self.class_names,
+        write_per_class_ap(self.out / PER_CLASS_AP_NAME, result, class_names=self.class_names,
                            train_counts=self.train_counts)
         shown = [i for i, truth in enumerate(self.truths) if len(truth)][:8] or list(range(min(8, len(self.truths))))
-        plot_predictions(self.out / "predictions.png", [self.images[i] for i in shown], [self.truths[i] for i in shown],
+        plot_predictions(self.out / PREDICTION_IMAGES_NAME, [self.images[i] for i in shown], [self.truths[i] for i in shown],
                          [predictions[i] for i in shown], class_names=self.class_names,
                          title=f"iteration {run.record['iteration']}: ground truth (dashed) and predictions")
 
@@ -421,39 +433,37 @@ class _RoundRecord(Hook):
         self.failures.check(run.epoch, "train", steps * self.config.batch_size)
 
 
-class _RunFolder(Hook):
+class _DetectorRunOutputs(Hook):
     """After each round (main rank): the deliverable checkpoint, metrics.json, failures.json, curves.png."""
 
-    def __init__(self, trainable: DetectorTrainable, *, out: Path, record: dict[str, Any],
+    def __init__(self, trainable: DetectorTrainable, *, folder: RunFolder, record: dict[str, Any],
                  classes: dict[str, Any], failures: FailureLog, n_train: int, n_val: int) -> None:
-        self.trainable, self.out, self.record, self.classes = trainable, out, record, classes
+        self.trainable, self.folder, self.record, self.classes = trainable, folder, record, classes
         self.failures, self.n_train, self.n_val = failures, n_train, n_val
 
     def write(self, run: RunState, *, complete: bool) -> dict[str, Any]:
-        from featstore.models.detectors import write_file_atomically
-
         last = run.history[-1] if run.history else {}
         metrics = {key: last[key] for key in ("map_50", "map_50_95") if key in last}
         payload = {
             "model": {key: value.detach().cpu() for key, value in self.trainable.model.state_dict().items()},
             "classes": self.classes,
             FINETUNE_RECORD_KEY: json.loads(json.dumps({
-                "format": 1, "kind": "detector", "run": str(self.out.resolve()),
+                "format": 1, "kind": "detector", "run": str(self.folder.path.resolve()),
                 "iteration": last.get("iteration", 0), "metrics": metrics, "classes": self.classes,
                 "config": {key: value for key, value in self.record.items() if key != "classes"}}, default=str)),
         }
-        write_file_atomically(self.out / CHECKPOINT_NAME, lambda tmp: torch.save(payload, tmp))
-        atomic_write_json(self.out / "metrics.json", {
+        atomic_write_torch(self.folder.checkpoint, payload)
+        atomic_write_json(self.folder.file(METRICS_NAME), {
             **metrics, "complete": complete, "iterations_done": last.get("iteration", 0),
             "n_train_images": self.n_train, "n_val_images": self.n_val, "history": run.history})
-        atomic_write_json(self.out / "failures.json", self.failures.entries)
+        atomic_write_json(self.folder.file(FAILURES_NAME), self.failures.entries)
         return metrics
 
     def after_epoch(self, run: RunState) -> None:
         if not run.is_main:
             return
         self.write(run, complete=run.epoch + 1 >= run.epochs)
-        plot_curves(run.history, self.out / "curves.png", target="detector", x="iteration", ylabel="mAP (%)",
+        plot_curves(run.history, self.folder.file(CURVES_NAME), target="detector", x="iteration", ylabel="mAP (%)",
                     metrics=[("map_50", "mAP@0.5"), ("map_50_95", "mAP@[.5:.95]")],
                     title=f"{self.record['settings']['detector']} on {Path(self.record['settings']['objects']).name}")
 
@@ -515,11 +525,9 @@ def finetune_detector(config: DetectorFinetuneConfig, *, log: Callable[[str], No
     if config.device == "cuda" and not torch.cuda.is_available():
         raise DetectorFinetuneError("--device cuda, but torch sees no CUDA device here (use --device cpu)")
     out = Path(config.out)
-    state_path = out / STATE_NAME
-    if (state_path.exists() or (out / CHECKPOINT_NAME).exists()) and not config.resume:
-        raise DetectorFinetuneError(f"{out} already holds a run; pass --resume to continue it or choose another OUT")
-    if state_path.exists():
-        recorded = torch.load(state_path, map_location="cpu", weights_only=False).get("settings", {})
+    folder = RunFolder.check(out, resume=config.resume, error=DetectorFinetuneError)
+    if config.resume and folder.resume_state.exists():
+        recorded = torch.load(folder.resume_state, map_location="cpu", weights_only=False).get("settings", {})
         differences = detector_resume_differences(config, recorded)
         if differences:
             raise DetectorFinetuneError(f"{out} was trained with other settings, so resuming would not reproduce it "
@@ -529,12 +537,9 @@ def finetune_detector(config: DetectorFinetuneConfig, *, log: Callable[[str], No
     layout = ImageLayout(config.images, config.image_pattern)
     names = class_table(config, train)
     model, init_line = _build_model(config, len(names))
-    out.mkdir(parents=True, exist_ok=True)
-    main = config.rank == 0
-    if main:
-        remove_run_temporaries(out)
-    run_log: Callable[[str], None] = RunLog(out / "log.txt", echo=log) if main else (lambda _: None)
-    world = World(config.device) if config.world_size > 1 else None
+    world = World.from_environment(config.device, size=config.world_size)
+    folder.open(world=world, echo=log)  # only once inputs and init are known good
+    main, run_log = folder.main, folder.log
     failures = FailureLog(max_fraction=config.max_failed_fraction, items="images", period="round")
     train_data = ObjectImageDataset(train.images, layout=layout, train=True, seed=config.seed)
     trainable = DetectorTrainable(config, model, train_data, failures=failures, log=run_log)
@@ -555,14 +560,14 @@ def finetune_detector(config: DetectorFinetuneConfig, *, log: Callable[[str], No
         "featstore_version": __version__, "torch_version": str(torch.__version__),
     }
     if main:
-        atomic_write_json(out / "config.json", record)
+        atomic_write_json(folder.file(CONFIG_NAME), record)
         run_log(init_line)
         run_log(f"{config.detector}, recipe {config.recipe}: {len(train)} training images ({train.n_boxes} boxes), "
                 f"{len(val)} validation images, {len(names)} classes, {config.iterations} iterations of "
                 f"{config.batch_size} images on {trainable.device}")
 
-    folder = _RunFolder(trainable, out=out, record=record, classes=classes, failures=failures, n_train=len(train),
-                        n_val=len(val))
+    outputs = _DetectorRunOutputs(trainable, folder=folder, record=record, classes=classes, failures=failures,
+                          n_train=len(train), n_val=len(val))
     # The resume state is written after the hooks that fill the round's record (its history is saved
     # with it); it is loaded before any round, whatever its place.
     hooks: list[Hook] = [
@@ -571,28 +576,25 @@ def finetune_detector(config: DetectorFinetuneConfig, *, log: Callable[[str], No
                   error=DetectorFinetuneError, every=config.check_every),
         LearningRate(trainable.optimizer),
         _RoundRecord(config, failures),
-        _Validation(trainable, val, layout, class_names=names, train_counts=train.class_counts(), out=out,
+        _DetectorValidation(trainable, val, layout, class_names=names, train_counts=train.class_counts(), out=out,
                     failures=failures, log=run_log),
-        Checkpointer(state_path, resume=config.resume, save=main,
+        Checkpointer(folder.resume_state, resume=config.resume, save=main,
                      on_resume=lambda run: run_log(f"resuming {out} after iteration "
                                                    f"{min(run.epoch * config.eval_every, config.iterations)}")),
-        folder,
+        outputs,
         EpochLog(run_log, _round_line),
     ]
     if config.progress and main:
         hooks.append(ProgressBar(unit="image", count=lambda batch: len(batch) + len(batch.failed)))
     if after_round is not None:
-        from featstore.training.engine import EpochCallback
-
         hooks.append(EpochCallback(after_round))
-    engine = Engine(world=world, log=run_log)
     # The run's torch stream (the RPN's and box head's proposal sampling draw from it) starts from the
     # seed, not from whatever the process drew before, so that a resumed run retraces the first one.
-    run = engine.add(trainable, name=str(out), epochs=config.epochs, hooks=hooks, seed=config.seed)
-    engine.train()
+    run = train_one(trainable, name=str(out), epochs=config.epochs, hooks=hooks, world=world, seed=config.seed,
+                    log=run_log)
     if not main:
         return {}
-    metrics = folder.write(run, complete=True)
+    metrics = outputs.write(run, complete=True)
     run_log(f"finished {out}: " + (", ".join(f"{k} {v:.2f}" for k, v in metrics.items() if v is not None)
                                    or "no validation") + f"; {len(failures.entries)} unreadable image(s) skipped")
     return metrics

@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from featstore.epic.objects import HELD_OUT_PARTICIPANTS, IMAGE_LAYOUTS
-from finetune.settings import check_run_settings, settings_differences
+from featstore.training.run_folder import settings_differences
+from finetune.settings import check_run_settings, path_settings
 from finetune.recipes import RecipeBook, UnknownRecipeError
 
 __all__ = [
@@ -216,7 +217,7 @@ class DetectorFinetuneConfig:
 
 def detector_resume_differences(config: DetectorFinetuneConfig, recorded: dict[str, Any]) -> list[str]:
     """Settings of ``config`` that differ from a run's recorded ``settings`` (what a resume may not change)."""
-    return settings_differences(config.to_json(), recorded, _RESUMABLE_CHANGES)
+    return settings_differences(config.to_json(), recorded, _RESUMABLE_CHANGES, paths=path_settings(config))
 
 
 def _split_detector_spec(spec: str) -> tuple[str, Path | None]:

@@ -8,14 +8,16 @@ draws seeded from ``config.seed``) through ``build_detection_train_loader``, and
 detectron2's ``SimpleTrainer`` (``AMPTrainer`` on CUDA with AMP) with hooks for the learning rate
 (`DetectorFinetuneConfig.lr_at`: the recipe's steps and warm-up), progress, and every
 ``eval_every`` iterations a validation (pycocotools mAP, `featstore.epic.detection_metrics`) and a
-checkpoint (detectron2's ``DetectionCheckpointer``, written atomically).
+resume state (detectron2's ``DetectionCheckpointer`` reads it; it is written by the one atomic
+writer, `featstore.io.atomic.atomic_write_torch`). Under torchrun the world starts as every
+trainer's does (`featstore.training.world.World.from_environment`), plus detectron2's local group.
 
-The run folder reads as the torchvision backend's::
+The run folder uses the names of the torchvision backend's (`featstore.training.run_folder`)::
 
-    OUT/checkpoint.pth        {"model": state_dict, "num_classes", "class_names", "finetune": record}:
-                              what `featstore build --detector detectron2:OUT/checkpoint.pth` loads
-    OUT/config.yaml           the detectron2 config of that model (beside it, as detectron2 writes it)
-    OUT/checkpoints/last.pth  what a resume continues from (model, optimiser, iteration, lr schedule)
+    OUT/checkpoint.pt         {"model": state_dict, "num_classes", "class_names", "finetune": record}:
+                              what `featstore build --detector detectron2:OUT/checkpoint.pt` loads
+    OUT/config.yaml           the detectron2 config of that model (beside it, where the adapter looks)
+    OUT/checkpoints/last.pt   what a resume continues from (model, optimiser, iteration, lr schedule)
     OUT/config.json           every setting, the recipe, the warm-up, the init's sha256, the config yaml
     OUT/metrics.json          map_50 / map_50_95 per validation round (``history``) and final
     OUT/per_class_ap.csv      per-class AP of the last validation
@@ -30,7 +32,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 import uuid
 import weakref
@@ -41,49 +42,53 @@ from typing import Any
 import numpy as np
 import torch
 
+from featstore.io.progress import progress_bar
 from featstore import __version__
 from featstore.epic.annotations import AnnotationError, read_class_list
-from featstore.io.atomic import atomic_write, atomic_write_json, atomic_write_text
+from featstore.io.atomic import atomic_write_json, atomic_write_text, atomic_write_torch
 from featstore.epic.detection_metrics import ImagePredictions, detection_ap
-from featstore.extract.plan import BoxesFileError
+from featstore.epic.boxes import BoxesFileError
 from featstore.models import CheckpointError, file_sha256
 from featstore.models.checkpoints import FINETUNE_RECORD_KEY
 from featstore.epic.objects import ImageLayout, ObjectImage, ObjectLabels, read_objects
 from finetune.detection_report import detection_entry, plot_predictions, write_per_class_ap
 from finetune.detector_config import DetectorFinetuneConfig, DetectorFinetuneError, detector_resume_differences
-from finetune.outputs import RunLog
+from featstore.training.run_folder import (
+    CONFIG_NAME,
+    DETECTRON2_CONFIG_NAME,
+    FAILURES_NAME,
+    METRICS_NAME,
+    PER_CLASS_AP_NAME,
+    PREDICTION_IMAGES_NAME,
+    RESUME_STATE_NAME,
+    RunFolder,
+    holds_run,
+)
+from featstore.training.world import World
 
-__all__ = ["CHECKPOINT_NAME", "EPIC55_NUM_NOUNS", "STATE_NAME", "finetune_detectron2"]
+__all__ = ["finetune_detectron2"]
 
-CHECKPOINT_NAME = "checkpoint.pth"
-STATE_DIR = "checkpoints"
-STATE_NAME = f"{STATE_DIR}/last.pth"
-EPIC55_NUM_NOUNS = 352
 _PREDICTOR_PREFIX = "roi_heads.box_predictor."
 _PREDICTION_IMAGES = 4  # validation images drawn in predictions.png
 _VAL_BATCH = 4
 
 
-class _AtomicCheckpointer:
-    """detectron2's ``DetectionCheckpointer`` whose ``save`` writes atomically (a killed run leaves no torn file)."""
+def _checkpointer(model: torch.nn.Module, state: Path | None = None, **checkpointables: Any) -> Any:
+    """detectron2's ``DetectionCheckpointer`` (its loading: name heuristics, the checkpointables) whose
+    ``save`` writes the resume state ``state`` through the one atomic writer; None: loading only."""
+    from detectron2.checkpoint import DetectionCheckpointer
 
-    @staticmethod
-    def make(model: torch.nn.Module, save_dir: Path, **checkpointables: Any) -> Any:
-        from detectron2.checkpoint import DetectionCheckpointer
+    class ResumeStateCheckpointer(DetectionCheckpointer):
+        def save(self, name: str = "last", **kwargs: Any) -> None:
+            """Write the model, the checkpointables and ``kwargs`` to ``state`` (``name`` is detectron2's, unused)."""
+            if state is None or not self.save_to_disk:
+                return
+            data = {"model": self.model.state_dict()}
+            data.update({key: obj.state_dict() for key, obj in self.checkpointables.items()})
+            data.update(kwargs)
+            atomic_write_torch(state, data)
 
-        class AtomicDetectionCheckpointer(DetectionCheckpointer):
-            def save(self, name: str, **kwargs: Any) -> None:
-                if not self.save_dir or not self.save_to_disk:
-                    return
-                data = {"model": self.model.state_dict()}
-                data.update({key: obj.state_dict() for key, obj in self.checkpointables.items()})
-                data.update(kwargs)
-                basename = f"{name}.pth"
-                Path(self.save_dir).mkdir(parents=True, exist_ok=True)
-                atomic_write(Path(self.save_dir) / basename, lambda tmp: torch.save(data, tmp))
-                self.tag_last_checkpoint(basename)
-
-        return AtomicDetectionCheckpointer(model, save_dir=str(save_dir), **checkpointables)
+    return ResumeStateCheckpointer(model, **checkpointables)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -227,7 +232,7 @@ def _load_init(model: torch.nn.Module, init: Path, log: Callable[[str], None]) -
         state_dict, heuristics = read_detectron2_checkpoint(init)
     except CheckpointError as err:
         raise DetectorFinetuneError(f"init checkpoint: {err}") from err
-    checkpointer = _AtomicCheckpointer.make(model, Path("."))
+    checkpointer = _checkpointer(model)
     incompatible = checkpointer._load_model({"model": state_dict, "matching_heuristics": heuristics})
     dropped = [key for key, _, _ in incompatible.incorrect_shapes if key.startswith(_PREDICTOR_PREFIX)]
     misfit = [f"{key} (file {tuple(file_shape)}, model {tuple(model_shape)})"
@@ -290,33 +295,36 @@ def _predict(model: torch.nn.Module, dicts: Sequence[dict[str, Any]], cfg: Any) 
 class _Run:
     """One detectron2 run: its data, model, trainer and run folder."""
 
-    def __init__(self, config: DetectorFinetuneConfig, log: Callable[[str], None] | None) -> None:
+    def __init__(self, config: DetectorFinetuneConfig, log: Callable[[str], None] | None,
+                 world: World | None) -> None:
         from detectron2.utils import comm
 
         self.config = config
         self.out = config.out
-        self.main = comm.is_main_process()
-        self._check_folder()
+        self.folder = self._check_folder()
         comm.synchronize()  # every rank has looked at the folder before the main process writes to it
-        self.log = RunLog(self.out / "log.txt", echo=log) if self.main else (lambda line: None)
+        self.folder.open(world=world, echo=log)
+        self.main, self.log = self.folder.main, self.folder.log
         self.failures: list[dict[str, Any]] = []
         self.history: list[dict[str, Any]] = []
         self.dataset_names: list[str] = []
 
-    def _check_folder(self) -> None:
-        config_file = self.out / "config.json"
+    def _check_folder(self) -> RunFolder:
+        """The run folder, checked: a resume needs the run's config.json (its init, its settings)."""
+        if not self.config.resume and holds_run(self.out):
+            # The contract's rule (`RunFolder.check`), in this backend's words since its first release.
+            raise DetectorFinetuneError(f"{self.out} already holds a run ({CONFIG_NAME} or checkpoints); pass "
+                                        "resume to continue it or choose another folder")
+        folder = RunFolder.check(self.out, resume=self.config.resume, error=DetectorFinetuneError)
         if self.config.resume:
+            config_file = folder.file(CONFIG_NAME)
             if not config_file.is_file():
-                raise DetectorFinetuneError(f"nothing to resume in {self.out}: no config.json")
+                raise DetectorFinetuneError(f"nothing to resume in {self.out}: no {CONFIG_NAME}")
             recorded = json.loads(config_file.read_text(encoding="utf-8")).get("settings", {})
             differences = detector_resume_differences(self.config, recorded)
             if differences:
                 raise DetectorFinetuneError(f"resume of {self.out} with other settings: " + "; ".join(differences))
-        elif config_file.exists():
-            raise DetectorFinetuneError(f"{self.out} already holds a run (config.json); pass resume to continue "
-                                        "it or choose another folder")
-        if self.main:
-            self.out.mkdir(parents=True, exist_ok=True)
+        return folder
 
     # data ---------------------------------------------------------------------------------------
     def read_data(self) -> None:
@@ -383,7 +391,7 @@ class _Run:
         self.init = _load_init(self.model, config.init, self.log) if config.init is not None and not config.resume \
             else None
         if config.resume:
-            self.init = json.loads((self.out / "config.json").read_text(encoding="utf-8")).get("init")
+            self.init = json.loads(self.folder.file(CONFIG_NAME).read_text(encoding="utf-8")).get("init")
         self.optimizer = build_optimizer(self.cfg, self.model)
         self.trained = self.model
         if comm.get_world_size() > 1:
@@ -402,8 +410,7 @@ class _Run:
         else:
             trainer = SimpleTrainer(self.trained, loader, self.optimizer)
         scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda i: config.lr_at(i) / config.lr)
-        self.checkpointer = _AtomicCheckpointer.make(self.model, self.out / STATE_DIR,
-                                                     trainer=weakref.proxy(trainer))
+        self.checkpointer = _checkpointer(self.model, self.folder.resume_state, trainer=weakref.proxy(trainer))
         trainer.register_hooks([hooks.IterationTimer(), hooks.LRScheduler(optimizer=self.optimizer, scheduler=scheduler),
                                 _Progress(self), _Rounds(self)])
         return trainer
@@ -434,11 +441,11 @@ class _Run:
             "detectron2_config": self.cfg.dump(),
             "started_at_iteration": start_iter,
         }
-        atomic_write_json(self.out / "config.json", record)
+        atomic_write_json(self.folder.file(CONFIG_NAME), record)
 
     def _write_failures(self) -> None:
         if self.main:
-            atomic_write_json(self.out / "failures.json", self.failures)
+            atomic_write_json(self.folder.file(FAILURES_NAME), self.failures)
 
     def validate(self, iteration: int, loss: float | None) -> dict[str, Any]:
         entry: dict[str, Any] = {"iteration": iteration, "loss": loss}
@@ -456,9 +463,9 @@ class _Run:
         entry.update(detection_entry(result))
         entry["val_seconds"] = round(time.perf_counter() - started, 2)
         self.history.append(entry)
-        write_per_class_ap(self.out / "per_class_ap.csv", result, class_names=self.class_names,
+        write_per_class_ap(self.folder.file(PER_CLASS_AP_NAME), result, class_names=self.class_names,
                            train_counts=self.train_counts)
-        plot_predictions(self.out / "predictions.png", pictures, self.val_truth[:len(pictures)],
+        plot_predictions(self.folder.file(PREDICTION_IMAGES_NAME), pictures, self.val_truth[:len(pictures)],
                          predictions[:len(pictures)], class_names=self.class_names,
                          title=f"{self.config.detector} iteration {iteration}")
         self.log(f"iteration {iteration}: loss {loss if loss is None else round(loss, 4)}, mAP@0.5 "
@@ -466,7 +473,7 @@ class _Run:
         return entry
 
     def export(self, iteration: int) -> Path:
-        """``OUT/checkpoint.pth`` + ``OUT/config.yaml``: what `featstore build` loads."""
+        """``OUT/checkpoint.pt`` + ``OUT/config.yaml``: what `featstore build` loads."""
         payload = {
             "model": {key: value.detach().cpu() for key, value in self.model.state_dict().items()},
             "iteration": iteration,
@@ -477,8 +484,8 @@ class _Run:
                 "class_names": list(self.class_names), "num_classes": len(self.class_names) + 1,
                 "metrics": self.history[-1] if self.history else None, "out": str(self.out)}, default=str)),
         }
-        path = atomic_write(self.out / CHECKPOINT_NAME, lambda tmp: torch.save(payload, tmp))
-        atomic_write_text(self.out / "config.yaml", self.cfg.dump())
+        path = atomic_write_torch(self.folder.checkpoint, payload)
+        atomic_write_text(self.folder.file(DETECTRON2_CONFIG_NAME), self.cfg.dump())
         return path
 
     def write_metrics(self, *, complete: bool) -> dict[str, Any]:
@@ -488,7 +495,7 @@ class _Run:
                    "iterations": self.history[-1]["iteration"] if self.history else 0,
                    "map_50": final.get("map_50"), "map_50_95": final.get("map_50_95"),
                    "n_classes_evaluated": final.get("n_classes_evaluated"), "history": self.history}
-        atomic_write_json(self.out / "metrics.json", metrics)
+        atomic_write_json(self.folder.file(METRICS_NAME), metrics)
         return metrics
 
 
@@ -507,7 +514,7 @@ def _make_hooks() -> None:
     from detectron2.engine import HookBase
 
     class Progress(HookBase):
-        """A tqdm bar over the iterations (main process), the loss on it; the loss checked every check_every."""
+        """A bar over the iterations (main process; ``featstore.io.progress``), the loss on it; a non-finite loss stops."""
 
         def __init__(self, run: _Run) -> None:
             self.run = run
@@ -515,10 +522,8 @@ def _make_hooks() -> None:
 
         def before_train(self) -> None:
             if self.run.main and self.run.config.progress:
-                from tqdm import tqdm
-
-                self.bar = tqdm(total=self.trainer.max_iter, initial=self.trainer.start_iter, unit="it",
-                                desc="detectron2", dynamic_ncols=True)
+                self.bar = progress_bar(total=self.trainer.max_iter, initial=self.trainer.start_iter, unit="it",
+                                        desc="detectron2")
 
         def after_step(self) -> None:
             loss = _latest_loss(self.trainer)
@@ -562,19 +567,18 @@ def _latest_loss(trainer: Any) -> float | None:
     return float(latest["total_loss"][0]) if "total_loss" in latest else None
 
 
-def _init_distributed(config: DetectorFinetuneConfig) -> bool:
-    """Under torchrun: the process group and detectron2's local group (for ``comm``); True if this made them."""
-    import torch.distributed as dist
+def _detectron2_world(config: DetectorFinetuneConfig) -> World | None:
+    """The run's world, started as every trainer's is, with the local process group detectron2's ``comm`` needs.
+
+    A process group detectron2's own ``launch`` started is taken as it is (``launch`` made the local
+    group too).
+    """
     from detectron2.utils import comm
 
-    if config.world_size == 1 or dist.is_initialized():
-        return False
-    if config.device == "cuda":
-        torch.cuda.set_device(config.local_rank)
-    dist.init_process_group(backend="nccl" if config.device == "cuda" else "gloo", rank=config.rank,
-                            world_size=config.world_size)
-    comm.create_local_process_group(int(os.environ.get("LOCAL_WORLD_SIZE", config.world_size)))
-    return True
+    world = World.from_environment(config.device)
+    if world is not None and world.owns_group:
+        comm.create_local_process_group(world.local_size)
+    return world
 
 
 def finetune_detectron2(config: DetectorFinetuneConfig, *, log: Callable[[str], None] | None = None) -> dict:
@@ -597,20 +601,19 @@ def finetune_detectron2(config: DetectorFinetuneConfig, *, log: Callable[[str], 
     if config.backend != "detectron2":
         raise DetectorFinetuneError(f"{config.detector!r} is not a detectron2 detector (detectron2:CONFIG)")
     _make_hooks()
-    import torch.distributed as dist
-
-    made_group = _init_distributed(config)
-    run = _Run(config, log)
+    world = _detectron2_world(config)
+    run: _Run | None = None
     try:
+        run = _Run(config, log, world)
         run.read_data()
         run.build()
         trainer = run.trainer()
         start_iter = 0
         if config.resume:
-            last = run.out / STATE_NAME
+            last = run.folder.resume_state
             if not last.is_file():
-                raise DetectorFinetuneError(f"nothing to resume in {run.out}: no {STATE_NAME}")
-            state = run.checkpointer.resume_or_load(str(last), resume=True)
+                raise DetectorFinetuneError(f"nothing to resume in {run.out}: no {RESUME_STATE_NAME}")
+            state = run.checkpointer.load(str(last))  # the model, and the trainer's iteration, optimiser, lr
             run.history = list(state.get("history", []))
             start_iter = trainer.iter + 1
             run.log(f"resumed {run.out} after {start_iter} iterations")
@@ -627,6 +630,7 @@ def finetune_detectron2(config: DetectorFinetuneConfig, *, log: Callable[[str], 
         metrics = run.write_metrics(complete=True) if run.main else {}
         return metrics
     finally:
-        _unregister(run.dataset_names)
-        if made_group:
-            dist.destroy_process_group()
+        if run is not None:
+            _unregister(run.dataset_names)
+        if world is not None:
+            world.close()

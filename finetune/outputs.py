@@ -1,4 +1,4 @@
-"""The run folder of a stage-1 run, every file written atomically (`featstore.io.atomic`).
+"""What a stage-1 backbone run writes into its run folder (names: `featstore.training.run_folder`).
 
 ::
 
@@ -10,48 +10,29 @@
     OUT/failures.json        the segments that could not be read: uid, epoch, phase, reason
     OUT/curves.png           loss and validation accuracy per epoch
     OUT/log.txt              what the run printed
+
+Every file is written atomically (`featstore.io.atomic`); the detector runs use `plot_curves` too.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
-import sys
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
-from featstore.io.atomic import atomic_write, atomic_write_text, remove_temporaries
+from featstore.io.atomic import atomic_write_torch
 from featstore.io.figures import pyplot, save_figure
 from featstore.models.checkpoints import FINETUNE_RECORD_KEY
+from featstore.training.run_folder import RESUME_STATE_NAME
 
 __all__ = [
-    "CHECKPOINT_NAME",
-    "RunLog",
-    "STATE_NAME",
     "load_training_state",
     "plot_curves",
-    "remove_run_temporaries",
     "write_finetuned_checkpoint",
 ]
-
-CHECKPOINT_NAME = "checkpoint.pt"
-STATE_NAME = "checkpoints/last.pt"
-_RUN_FILES = ("checkpoint.pt", "config.json", "metrics.json", "failures.json", "curves.png", "log.txt")
-
-
-def _save(path: Path, payload: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-
-    def write(tmp: Path) -> None:
-        try:
-            torch.save(payload, tmp)
-        except RuntimeError as err:
-            # torch's zip writer reports a failed write (full disk) as an "enforce fail" naming no file.
-            raise OSError(f"cannot write {path} (is the disk full?): {err}") from err
-
-    atomic_write(path, write)
 
 
 def _json_types(value: Any) -> Any:
@@ -73,7 +54,7 @@ def write_finetuned_checkpoint(path: str | os.PathLike, *, backbone: Mapping[str
         ``path``.
     """
     path = Path(path)
-    _save(path, {
+    atomic_write_torch(path, {
         "state_dict": {key: value.detach().cpu() for key, value in backbone.items()},
         "classifier": {key: value.detach().cpu() for key, value in classifier.items()},
         FINETUNE_RECORD_KEY: _json_types(record),
@@ -82,41 +63,11 @@ def write_finetuned_checkpoint(path: str | os.PathLike, *, backbone: Mapping[str
 
 
 def load_training_state(out: Path) -> dict[str, Any] | None:
-    """The resume state (written by `featstore.training.engine.Checkpointer`), or None when the run has none yet."""
-    path = out / STATE_NAME
+    """The resume state (written by `featstore.training.hooks.Checkpointer`), or None when the run has none yet."""
+    path = out / RESUME_STATE_NAME
     if not path.is_file():
         return None
     return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def remove_run_temporaries(out: Path) -> None:
-    """Delete what killed writes of the run's files left (hidden ``.NAME.HEX.tmp``; checkpoints are large)."""
-    remove_temporaries(out, _RUN_FILES)
-    if (out / "checkpoints").is_dir():
-        remove_temporaries(out / "checkpoints", ("last.pt",))
-
-
-class RunLog:
-    """The run's log: each line goes to ``OUT/log.txt`` and to ``echo`` (stderr by default).
-
-    The file is rewritten whole and atomically for each line (a run logs a few lines per epoch); a
-    resumed run appends to what its predecessor wrote.
-    """
-
-    def __init__(self, path: str | os.PathLike, *, echo: Callable[[str], None] | None = None) -> None:
-        """
-        Args:
-            path: the log file.
-            echo: also called with each line; None: print to stderr.
-        """
-        self.path = Path(path)
-        self.echo = echo if echo is not None else (lambda line: print(line, file=sys.stderr))
-        self.lines: list[str] = self.path.read_text(encoding="utf-8").splitlines() if self.path.is_file() else []
-
-    def __call__(self, line: str) -> None:
-        self.echo(line)
-        self.lines.append(line)
-        atomic_write_text(self.path, "\n".join(self.lines) + "\n")
 
 
 def plot_curves(history: Sequence[Mapping[str, Any]], path: str | os.PathLike, *, target: str, title: str,

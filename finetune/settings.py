@@ -1,13 +1,14 @@
-"""Checks every stage-1 run's settings share (the backbone and detector configs call them).
+"""The checks every stage-1 run's settings share (the backbone and detector configs call them).
 
 Torch-free, as the configs are: the commands' ``--help`` reads the recipes without loading torch.
 """
 from __future__ import annotations
 
-import json
-from typing import Any, Callable, Mapping, Sequence
+import dataclasses
+from pathlib import Path
+from typing import Any, Callable
 
-__all__ = ["check_run_settings", "settings_differences"]
+__all__ = ["check_run_settings", "path_settings"]
 
 
 def check_run_settings(config: Any, fail: Callable[[str], None], *, step_unit: str) -> None:
@@ -41,7 +42,6 @@ def check_run_settings(config: Any, fail: Callable[[str], None], *, step_unit: s
         fail(f"batch_size {config.batch_size} is smaller than the {config.world_size} processes sharing each batch")
 
 
-def settings_differences(now: Mapping[str, Any], recorded: Mapping[str, Any], resumable: Sequence[str]) -> list[str]:
-    """``"name: run has X, now Y"`` for each setting outside ``resumable`` that differs from the record."""
-    return [f"{name}: run has {json.dumps(recorded.get(name))}, now {json.dumps(now[name])}"
-            for name in now if name not in resumable and recorded.get(name) != now[name]]
+def path_settings(config: Any) -> tuple[str, ...]:
+    """The settings of a config (a dataclass) that hold paths: a resume compares them resolved."""
+    return tuple(field.name for field in dataclasses.fields(config) if isinstance(getattr(config, field.name), Path))

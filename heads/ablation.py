@@ -35,9 +35,10 @@ import pyarrow as pa
 
 from heads import data as head_data
 from featstore.training.engine import Engine, RunState, describe_error
+from featstore.training.run_folder import CONFIG_NAME, HISTORY_NAME, METRICS_NAME
 from heads.grid import Grid, GridError, GridRun, load_grid
 from heads.results import results_table, write_results
-from heads.trainer import HeadRun, PreparedRun, TrainConfig, finish, prepare, run_hooks, write_config
+from heads.trainer import HeadTrainable, PreparedRun, TrainConfig, finish, prepare, run_hooks, write_config
 
 __all__ = ["GridResults", "run_grid", "ablate"]
 
@@ -73,7 +74,7 @@ def _comparable(config: dict[str, Any]) -> dict[str, Any]:
 
 def _recorded_mismatch(out: Path, config: TrainConfig, store: str | os.PathLike) -> str | None:
     """Why the run directory ``out`` holds a different run than ``config`` on ``store``, or None."""
-    path = out / "config.json"
+    path = out / CONFIG_NAME
     if not path.is_file():
         return None
     try:
@@ -99,7 +100,7 @@ class _Member:
     run: GridRun
     out: Path
     prepared: PreparedRun
-    head: HeadRun
+    head: HeadTrainable
     state: RunState
 
 
@@ -110,7 +111,7 @@ def _add_member(engine: Engine, store: str | os.PathLike, run: GridRun, out: Pat
     prepared = prepare(store, run.config, log=log, shared=shared)
     out.mkdir(parents=True, exist_ok=True)
     write_config(out, prepared)
-    head = HeadRun(prepared)
+    head = HeadTrainable(prepared)
     hooks = run_hooks(prepared, head, out, resume=True, log=log, label=f"{run.name}: ")
     # Added right after its head was built (seeded): the engine keeps the run's random stream from here.
     state = engine.add(head, name=run.name, epochs=prepared.config.epochs, hooks=hooks)
@@ -119,7 +120,7 @@ def _add_member(engine: Engine, store: str | os.PathLike, run: GridRun, out: Pat
 
 def _history_seconds(out: Path) -> float | None:
     try:
-        history = json.loads((out / "history.json").read_text())
+        history = json.loads((out / HISTORY_NAME).read_text())
         return float(sum(h.get("seconds", 0.0) for h in history))
     except (OSError, ValueError, TypeError):
         return None
@@ -160,7 +161,7 @@ def run_grid(
         if mismatch is not None:
             failed[run.name] = f"GridError: {mismatch}"
             log(f"{run.name}: {mismatch}")
-        elif (run_dir / "metrics.json").is_file():
+        elif (run_dir / METRICS_NAME).is_file():
             skipped.append(run.name)
             seconds[run.name] = _history_seconds(run_dir)
         else:

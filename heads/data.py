@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from featstore.extract.allocator import keep_freed_memory
+from featstore.io.allocator import keep_freed_memory
 from featstore.store.schema import (
     DET_GLOBAL_FEAT,
     DET_GLOBAL_SCORE,
@@ -245,7 +245,7 @@ class PreloadedFeatures:
         self.labels = labels
         self.device = torch.device(device)
         if self.device.type == "cpu":
-            keep_freed_memory()  # every batch is a fresh CPU allocation: see featstore/extract/allocator.py
+            keep_freed_memory()  # every batch is a fresh CPU allocation: see featstore/io/allocator.py
         needs = _needs(fields)
         self.local = plan_local(store, pool=pool, output_size=output_size) if LOCAL_FIELD in needs else None
         read = _stored_fields(needs, self.local)

@@ -2,9 +2,11 @@
 
 ``scoring_context`` is the one place that assembles what scoring needs besides the predictions and
 their labels (the dataset's class counts, the class lists, the LFB action prior and the training
-pairs); `heads train` (each epoch), `heads eval`, `heads score`, `heads fuse` and `heads submit`
-all go through it. ``labels_from_file`` reads training labels for a prior from an annotation file
-and leaves out the segments being scored: a segment never informs its own prior.
+pairs). `heads score` calls it directly; `heads train` (each epoch), `heads eval` and `heads fuse`
+through ``heads.trainer.run_scoring``, which adds a run's store and settings. `heads submit` scores
+nothing: it only takes its prior's training labels from ``labels_from_file``, which reads them
+from an annotation file and leaves out the segments being scored (a segment never informs its own
+prior).
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import numpy as np
 from featstore.epic.annotations import NUM_CLASSES
 from heads.actions import lfb_action_prior
 from heads.metrics import epic55_metrics, epic100_metrics
+
 MANY_SHOT_MIN = 100  # "more than 100 training samples" (DESIGN section 6)
 
 

@@ -5,12 +5,13 @@ epoch is a seeded permutation of the training rows cut into batches; after each 
 evaluated on the validation selection and an atomic checkpoint is written, so ``resume=True``
 continues an interrupted run to exactly the result of an uninterrupted one (on CPU).
 
-The loop is ``featstore.training.engine.Engine``'s: ``HeadRun`` is the run's trainable (its batches and SGD step)
-and ``run_hooks`` its hooks (loss check, validation, checkpoint, history, log line, progress), the
-same for `heads train` and for the runs `heads ablate` trains in groups.
+The loop is ``featstore.training.engine.Engine``'s: ``HeadTrainable`` is the run's trainable (its
+batches and SGD step) and ``run_hooks`` its hooks (loss check, validation, checkpoint, history, log
+line, progress), the same for `heads train` and for the runs `heads ablate` trains in groups.
 
-Run directory (DESIGN section 6): ``config.json``, ``metrics.json``, ``predictions.parquet``,
-``history.json``, ``checkpoints/last.pt``, ``curves.png``.
+Run directory (DESIGN section 6; names from `featstore.training.run_folder`): ``config.json``,
+``metrics.json``, ``predictions.parquet`` (with a validation selection), ``history.json``,
+``checkpoints/last.pt``, ``curves.png``.
 """
 from __future__ import annotations
 
@@ -24,25 +25,33 @@ from typing import Any, Callable, Iterator, Mapping, NamedTuple, Sequence
 import numpy as np
 import torch
 
-from featstore.io.atomic import atomic_write_json, remove_temporaries
+from featstore.io.atomic import atomic_write_json
 from featstore.store.schema import DET_GLOBAL_FEAT, DET_LOCAL_FEAT, NOUN_GLOBAL, VERB_GLOBAL
 from featstore.epic.splits import resolve_selection
 from featstore.store.reader import FeatureStore
 from heads import data as head_data
-from featstore.training.engine import (
+from featstore.training.engine import Hook, TrainingError, train_one
+from featstore.training.hooks import (
     Checkpointer,
-    Engine,
     EpochCallback,
     EpochLog,
     HistoryFile,
-    Hook,
     LearningRate,
     LossCheck,
     ProgressBar,
-    TrainingError,
     Validation,
-    World,
 )
+from featstore.training.run_folder import (
+    CONFIG_NAME,
+    CURVES_NAME,
+    HISTORY_NAME,
+    METRICS_NAME,
+    PREDICTIONS_NAME,
+    RESUME_STATE_NAME,
+    RunFolder,
+    remove_run_temporaries,
+)
+from featstore.training.world import World
 from heads.evaluation import NUM_CLASSES, ScoringContext, TrainingLabels, scoring_context
 from heads.metric_registry import epoch_line
 from heads.models import FeatureDims, build_head, check_fields, get_head, head_loss
@@ -62,7 +71,7 @@ __all__ = [
     "predict",
     "evaluate",
     "HeadBatch",
-    "HeadRun",
+    "HeadTrainable",
     "run_hooks",
     "train",
     "write_config",
@@ -143,13 +152,6 @@ def store_dataset(store: FeatureStore) -> str:
 def default_meta_dir(store: FeatureStore) -> str | None:
     annotations = store.manifest.get("provenance", {}).get("annotations")
     return str(Path(annotations).parent) if annotations else None
-
-
-def remove_run_temporaries(out: Path) -> None:
-    """Delete the hidden ``.NAME.HEX.tmp`` files of the run's own writes that a killed or failed run
-    never finished (checkpoint, JSON, predictions): nothing reads them, and a checkpoint's can be large."""
-    remove_temporaries(out, ("config.json", "history.json", "metrics.json", "predictions.parquet", "curves.png"))
-    remove_temporaries(out / "checkpoints", ("last.pt",))
 
 
 @dataclass
@@ -320,7 +322,7 @@ class EpochBatches:
             yield HeadBatch(inputs, verbs, nouns, rows)
 
 
-class HeadRun:
+class HeadTrainable:
     """One head run as the engine steps it (``featstore.training.engine.Trainable``): model, SGD, seeded batch order.
 
     Building it seeds torch's generator with the run's seed and draws the initial weights, so add it to
@@ -391,7 +393,7 @@ class HeadRun:
 DIVERGED_HINT = ": lower --lr, or check the store for extreme values (featstore verify)"
 
 
-def run_hooks(run: PreparedRun, head: HeadRun, out: Path, *, resume: bool, log: Callable[[str], None],
+def run_hooks(run: PreparedRun, head: HeadTrainable, out: Path, *, resume: bool, log: Callable[[str], None],
               label: str = "", progress: bool = False, main_process: bool = True,
               after_epoch: Callable[[int], None] | None = None) -> list[Hook]:
     """The hooks of a head run, in order: progress, loss check, lr, validation, checkpoint, history, log.
@@ -402,7 +404,7 @@ def run_hooks(run: PreparedRun, head: HeadRun, out: Path, *, resume: bool, log: 
         run: the prepared run.
         head: its trainable.
         out: the run directory.
-        resume: continue from ``out/checkpoints/last.pt`` when it exists.
+        resume: continue from the resume state (``out/checkpoints/last.pt``) when it exists.
         log: one-line messages (the epoch line, "resuming ...").
         label: put before each message (a grid's run name).
         progress: a progress bar per epoch.
@@ -417,11 +419,11 @@ def run_hooks(run: PreparedRun, head: HeadRun, out: Path, *, resume: bool, log: 
     hooks += [LossCheck(hint=DIVERGED_HINT), LearningRate(head.optimizer)]
     if run.val is not None and main_process:
         hooks.append(Validation(lambda: evaluate(run, head.model)[1]))
-    hooks.append(Checkpointer(out / "checkpoints" / "last.pt", resume=resume, save=main_process,
+    hooks.append(Checkpointer(out / RESUME_STATE_NAME, resume=resume, save=main_process,
                               on_resume=lambda state: log(f"{label}resuming {'' if label else f'{out} '}after "
                                                           f"epoch {state.epoch}")))
     if main_process:
-        hooks += [HistoryFile(out / "history.json"), EpochLog(log, epoch_line, prefix=label)]
+        hooks += [HistoryFile(out / HISTORY_NAME), EpochLog(log, epoch_line, prefix=label)]
     if after_epoch is not None:
         hooks.append(EpochCallback(after_epoch))
     return hooks
@@ -443,7 +445,7 @@ def train(
         store_path: the feature store.
         out_dir: the run directory.
         config: the run's settings.
-        resume: continue from ``out_dir/checkpoints/last.pt``.
+        resume: continue the run in ``out_dir`` (from its ``checkpoints/last.pt`` when it has one).
         progress: progress bars on stderr.
         log: where one-line messages go.
         after_epoch: called with the number of finished epochs after each checkpoint (tests kill here).
@@ -451,32 +453,27 @@ def train(
         The final metrics (also in metrics.json).
     """
     out = Path(out_dir)
-    if (out / "checkpoints" / "last.pt").exists() and not resume:
-        raise TrainingError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    folder = RunFolder.check(out, resume=resume, error=TrainingError)
     # Under torchrun every rank trains on its share of each batch; rank 0 alone writes the run.
     world = World.from_environment(config.device)
     main_process = world is None or world.is_main
-    if world is not None and config.device.startswith("cuda"):
-        config = dataclasses.replace(config, device=f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
-    quiet = log if main_process else (lambda _: None)
-    run = prepare(store_path, config, log=quiet)
-    out.mkdir(parents=True, exist_ok=True)  # only once the store opened: a refused run leaves no trace
+    if world is not None:
+        config = dataclasses.replace(config, device=world.local_device(config.device))
+    run = prepare(store_path, config, log=log if main_process else (lambda _: None))
+    folder.open(world=world, echo=log, log_file=False)  # only once the store opened: a refused run leaves no trace
     if main_process:
-        remove_run_temporaries(out)
         write_config(out, run)
-    head = HeadRun(run)
-    engine = Engine(world=world, log=log)
-    state = engine.add(head, name=str(out), epochs=config.epochs,
-                       hooks=run_hooks(run, head, out, resume=resume, log=log, progress=progress,
-                                       main_process=main_process, after_epoch=after_epoch))
-    engine.train()
+    head = HeadTrainable(run)
+    state = train_one(head, name=str(out), epochs=config.epochs, world=world, log=log,
+                      hooks=run_hooks(run, head, out, resume=resume, log=log, progress=progress,
+                                      main_process=main_process, after_epoch=after_epoch))
     if not main_process:
         return {}
     return finish(out, run, head.model, state.history)
 
 
 def write_config(out: Path, run: PreparedRun) -> None:
-    atomic_write_json(out / "config.json", {
+    atomic_write_json(out / CONFIG_NAME, {
         **run.config.to_json(),
         "store": str(run.store.path.resolve()),
         "manifest_sha256": run.store.manifest_hash,
@@ -507,11 +504,11 @@ def finish(out: Path, run: PreparedRun, model: torch.nn.Module, history: Sequenc
     try:
         if run.val is not None:
             preds, metrics = evaluate(run, model)
-            write_predictions(out / "predictions.parquet", preds)
-        atomic_write_json(out / "metrics.json", metrics)
+            write_predictions(out / PREDICTIONS_NAME, preds)
+        atomic_write_json(out / METRICS_NAME, metrics)
         from heads.plots import plot_training_curves
 
-        plot_training_curves(history, out / "curves.png", title=f"{run.config.model} on {run.store.path.name}")
+        plot_training_curves(history, out / CURVES_NAME, title=f"{run.config.model} on {run.store.path.name}")
     except BaseException:
         remove_run_temporaries(out)  # predictions and curves write their own temporaries
         raise
@@ -521,9 +518,9 @@ def finish(out: Path, run: PreparedRun, model: torch.nn.Module, history: Sequenc
 def load_run(run_dir: str | os.PathLike, *, device: str | None = None) -> tuple[dict[str, Any], torch.nn.Module]:
     """A finished (or checkpointed) run's recorded config and its model, ready for inference."""
     run_dir = Path(run_dir)
-    config_path, checkpoint = run_dir / "config.json", run_dir / "checkpoints" / "last.pt"
+    config_path, checkpoint = run_dir / CONFIG_NAME, run_dir / RESUME_STATE_NAME
     if not config_path.is_file() or not checkpoint.is_file():
-        raise TrainingError(f"{run_dir} is not a run directory (config.json and checkpoints/last.pt expected)")
+        raise TrainingError(f"{run_dir} is not a run directory ({CONFIG_NAME} and {RESUME_STATE_NAME} expected)")
     recorded = json.loads(config_path.read_text())
     config = TrainConfig.from_json(recorded)
     model = build_head(config.model, dims=FeatureDims(**recorded["dims"]), num_verbs=recorded["num_verbs"],
@@ -556,7 +553,7 @@ def predict_selection(run_dir: str | os.PathLike, *, store_path: str | os.PathLi
 def evaluate_run(run_dir: str | os.PathLike, *, where: str | None = None, split: str | None = None,
                  device: str | None = None, log: Callable[[str], None] = head_data.default_log) -> dict[str, float]:
     """Metrics of a trained run on a selection of its store (the run's validation selection by default)."""
-    recorded = json.loads((Path(run_dir) / "config.json").read_text())
+    recorded = json.loads((Path(run_dir) / CONFIG_NAME).read_text())
     if where is None and split is None:
         split, where = recorded.get("val_split"), recorded.get("val_where")
     config = TrainConfig.from_json({**recorded, "val_split": split, "val_where": where, "epochs": 0})

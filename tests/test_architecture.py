@@ -1,8 +1,11 @@
 """The layers of docs/architecture.md, checked on the source (``ast``, nothing imported).
 
-- `featstore` (data) imports no package above it; `heads` (stage 2) imports `featstore` only;
-  `finetune` (stage 1) imports `featstore` and `heads`; `cli` may import them all. No library
-  module imports the sample generators (`featstore.samples`: tests, benchmarks and the demo do).
+- The layers, bottom up: featstore's subpackages (`io`, then `epic`, then `store` and `models`,
+  `training` beside them, `extract` over those, `samples`), then `heads` (stage 2), `finetune`
+  (stage 1: it reads heads' pure metrics only), `cli`. Each unit imports only the units listed as
+  below it in ``ALLOWED``. The training engine (`featstore.training`) sits below both trainers'
+  packages and imports no store, model or EPIC code. No library module imports the sample
+  generators (`featstore.samples`: tests, benchmarks and the demo do).
 - No import circle between our modules.
 - No module reaches into another's private names (``_x``): what others need is public.
 
@@ -20,13 +23,29 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("featstore", "heads", "finetune", "cli")  # the layers, bottom up ("finetune": planned)
-# Which of our packages each may import (besides itself).
+PACKAGES = ("featstore", "heads", "finetune", "cli")  # the packages, bottom up
+ROOT = {"featstore"}  # featstore/__init__.py: the version, which anything may read
+IO = ROOT | {"featstore.io"}
+EPIC = IO | {"featstore.epic"}
+STORE = EPIC | {"featstore.store"}
+MODELS = EPIC | {"featstore.models"}
+TRAINING = IO | {"featstore.training"}
+EXTRACT = STORE | MODELS | {"featstore.extract"}
+LIBRARY = EXTRACT | TRAINING  # all of featstore but the samples
+# The layer units (featstore's subpackages, and the packages above it), and which units each may
+# import besides itself: docs/architecture.md draws the same picture.
 ALLOWED = {
     "featstore": set(),
-    "heads": {"featstore"},
-    "finetune": {"featstore", "heads"},
-    "cli": {"featstore", "heads", "finetune"},
+    "featstore.io": ROOT,
+    "featstore.epic": IO,
+    "featstore.store": EPIC,
+    "featstore.models": EPIC,
+    "featstore.training": IO,
+    "featstore.extract": STORE | MODELS,
+    "featstore.samples": STORE | MODELS,
+    "heads": LIBRARY,
+    "finetune": LIBRARY | {"heads.metrics"},  # the metric definitions Table 1 uses; nothing else of heads
+    "cli": LIBRARY | {"featstore.samples", "heads", "finetune"},
 }
 SAMPLES = "featstore.samples"  # sample data: for tests, benchmarks and the demo, not the libraries
 SCANNED = (*PACKAGES, "tests", "benchmarks")  # where private names must not be reached into
@@ -118,6 +137,21 @@ def package_of(module: str) -> str:
     return module.split(".")[0]
 
 
+def unit_of(module: str) -> str:
+    """The layer unit ``module`` belongs to: a featstore subpackage, or a package above it."""
+    parts = module.split(".")
+    if parts[0] == "featstore" and len(parts) > 1 and f"featstore.{parts[1]}" in ALLOWED:
+        return f"featstore.{parts[1]}"
+    return parts[0]
+
+
+def allowed(importer: str, target: str) -> bool:
+    """Whether module ``importer`` may import module ``target`` (both ours)."""
+    unit = unit_of(importer)
+    return unit_of(target) == unit or unit_of(target) in ALLOWED[unit] or \
+        any(target == a or target.startswith(a + ".") for a in ALLOWED[unit] if a not in ALLOWED)
+
+
 def library_modules() -> list[str]:
     return [m for m in modules() if package_of(m) in PACKAGES]
 
@@ -137,10 +171,30 @@ def where(imp: Import) -> str:
 
 
 def test_each_package_imports_only_the_layers_below_it() -> None:
-    wrong = [f"{where(i)}: {package_of(i.module)} imports {i.target}"
-             for m in library_modules() for i in imports(m)
-             if package_of(i.target) != package_of(m) and package_of(i.target) not in ALLOWED[package_of(m)]]
+    wrong = [f"{where(i)}: {unit_of(i.module)} imports {i.target}"
+             for m in library_modules() for i in imports(m) if not allowed(m, i.target)]
     assert not wrong, "imports across the layers (docs/architecture.md):\n" + "\n".join(wrong)
+
+
+def test_every_featstore_subpackage_is_a_layer_unit() -> None:
+    found = {f"featstore.{path.parent.name}" for path in (REPO / "featstore").glob("*/__init__.py")}
+    assert found == {unit for unit in ALLOWED if unit.startswith("featstore.")}, \
+        "a new featstore subpackage takes its place in ALLOWED (and in docs/architecture.md)"
+
+
+@pytest.mark.parametrize("importer, target, expected", [
+    ("featstore.store.reader", "featstore.epic.annotations", True),
+    ("featstore.epic.objects", "featstore.extract.plan", False),
+    ("featstore.training.engine", "featstore.store.reader", False),
+    ("featstore.models.backbones", "featstore.store.schema", False),
+    ("finetune.backbone", "heads.metrics", True),
+    ("finetune.backbone", "heads.evaluation", False),
+    ("heads.trainer", "featstore.training.engine", True),
+    ("heads.trainer", "featstore.samples.kitchens", False),
+    ("cli.demo", "finetune.backbone", True),
+])
+def test_the_layer_rule(importer: str, target: str, expected: bool) -> None:
+    assert allowed(importer, target) is expected
 
 
 def test_no_library_module_imports_the_sample_generators() -> None:
@@ -312,7 +366,7 @@ def test_no_module_reaches_into_another_modules_private_names() -> None:
     ("from featstore.store.reader import _holds_store_data\n", 1),
     ("from featstore.store import reader\nreader._shard_name_ok('0')\n", 1),
     ("def f(opened):\n    return opened._shard_dirs()\n", 1),
-    ("def f(monkeypatch):\n    from featstore.extract import allocator\n    monkeypatch.setattr(allocator, '_x', 1)\n", 1),
+    ("def f(monkeypatch):\n    from featstore.io import allocator\n    monkeypatch.setattr(allocator, '_x', 1)\n", 1),
     ("from featstore.store.reader import FeatureStore\nclass A:\n    def f(self):\n        return self._y, super()._z\n", 0),
     ("import numpy as np\nnp._private_thing\n", 0),
 ])
@@ -365,3 +419,19 @@ def test_shared_constants_are_spelled_only_where_they_are_defined() -> None:
     # Tests keep their literals: they check the contract (a renamed field must fail them).
     found = [line for m in modules() if package_of(m) in (*PACKAGES, "benchmarks") for line in spelled_constants(m)]
     assert not found, "constants spelled out instead of imported:\n" + "\n".join(found)
+
+
+# ------------------------------------------------------------------------------------------------
+# one name, one thing
+
+
+def test_no_two_modules_define_a_class_of_the_same_name() -> None:
+    # A leading underscore does not make another name: `_Progress` and `Progress` are one name.
+    defined: dict[str, list[str]] = defaultdict(list)
+    for m in library_modules():
+        for node in ast.walk(tree(m)):
+            if isinstance(node, ast.ClassDef):
+                defined[node.name.lstrip("_")].append(f"{shown(m)}:{node.lineno}")
+    shared = {name: places for name, places in defined.items() if len(places) > 1}
+    assert not shared, "classes of one name in several places (rename one):\n" + \
+        "\n".join(f"{name}: {', '.join(places)}" for name, places in sorted(shared.items()))

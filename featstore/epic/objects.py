@@ -9,7 +9,7 @@ Two sources read into the same records (`ObjectLabels`, one `ObjectImage` per an
   which trains as background.
 - A boxes file in the ``featstore build --boxes`` format (:func:`read_box_file_objects`): ``video_id,
   frame, x1, y1, x2, y2, score, label``, read by the build's own reader
-  (`featstore.extract.plan.PrecomputedBoxes`), so the demo sample's ``boxes.csv`` is training data
+  (`featstore.epic.boxes.PrecomputedBoxes`), so the demo sample's ``boxes.csv`` is training data
   too. ``label`` is required (the class of each box); ``score`` is ignored.
 
 Boxes in the records are ``x1, y1, x2, y2`` in pixels of the image. Boxes without area (zero height
@@ -44,6 +44,7 @@ from featstore.epic.annotations import (
     parse_int_column,
     read_annotation_rows,
 )
+from featstore.epic.boxes import PrecomputedBoxes
 from featstore.epic.splits import select_segments
 
 __all__ = [
@@ -289,7 +290,7 @@ def read_box_file_objects(
     """Read a ``--boxes`` file (CSV / Parquet) as ground truth, one image per video and frame.
 
     Args:
-        path: the file; parsed and checked by `featstore.extract.plan.PrecomputedBoxes`.
+        path: the file; parsed and checked by `featstore.epic.boxes.PrecomputedBoxes`.
         class_names: when given, every label must index it.
         coords: ``"pixel"`` or ``"normalized"`` (then ``frame_size`` gives the pixels).
         frame_size: (H, W) of every image, or video_id -> (H, W); only for normalized coordinates.
@@ -304,10 +305,6 @@ def read_box_file_objects(
     path = Path(path)
     if coords == "normalized" and frame_size is None:
         raise ValueError(f"{path}: normalized box coordinates need frame_size=(H, W) or a per-video mapping")
-    # Imported here: the build's plan module brings torch, and the stage-1 configs (which name this
-    # module's layouts and split) are read by `--help`, which must come up without it.
-    from featstore.extract.plan import PrecomputedBoxes
-
     boxes = PrecomputedBoxes.read(path, coords=coords)
     if boxes.rows and not boxes.has_labels():
         raise AnnotationError(path, None, "label", "required column missing: ground truth needs a class per box")

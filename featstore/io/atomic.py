@@ -24,6 +24,7 @@ __all__ = [
     "atomic_write_csv",
     "atomic_write_json",
     "atomic_write_text",
+    "atomic_write_torch",
     "remove_temporaries",
     "temporary_name",
 ]
@@ -106,6 +107,28 @@ def atomic_write_csv(path: str | os.PathLike, header: Sequence[str], rows: Itera
             writer.writerow(header)
             writer.writerows(rows)
 
+    return atomic_write(path, write)
+
+
+def atomic_write_torch(path: str | os.PathLike, payload: Any) -> Path:
+    """``torch.save(payload)`` to ``path`` atomically (checkpoints, resume states); its folder is created.
+
+    Raises:
+        OSError: the write failed (full disk, file size limit), naming the file.
+    """
+    import torch  # here, not above: the commands' --help imports this module without torch
+
+    path = Path(path)
+
+    def write(tmp: Path) -> None:
+        try:
+            torch.save(payload, tmp)
+        except RuntimeError as err:
+            # torch's zip writer reports a failed write as an "enforce fail ... unexpected pos"
+            # RuntimeError that names neither file nor cause.
+            raise OSError(f"cannot write the checkpoint {path} (is the disk full?): {err}") from err
+
+    path.parent.mkdir(parents=True, exist_ok=True)
     return atomic_write(path, write)
 
 

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from featstore.io.atomic import atomic_write
+from featstore.io.atomic import atomic_write_torch
 
 # How many key names an error message lists per category; the counts are always given in full.
 _KEYS_SHOWN = 10
@@ -472,8 +472,7 @@ def convert_checkpoint(source: str | Path, target: str | Path) -> ConvertReport:
         raise CheckpointError(f"cannot convert {str(source)!r}: {error}") from error
     state_dict, dropped = _unwrap_state_dict(payload, source)
     inert = tuple(sorted(inert_seen))
-    target.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(target, lambda tmp: torch.save(state_dict, tmp))
+    atomic_write_torch(target, state_dict)
     return ConvertReport(source=source, target=target, tensors=len(state_dict), dropped=dropped,
                          inert=inert, sha256=file_sha256(target))
 

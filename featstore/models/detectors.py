@@ -29,6 +29,7 @@ from torchvision.models.detection import (
 from torchvision.models.detection.faster_rcnn import FasterRCNN
 from torchvision.models.detection.image_list import ImageList
 
+from featstore.io.atomic import atomic_write_torch
 from featstore.models.checkpoints import (
     CheckpointError,
     LoadReport,
@@ -143,29 +144,16 @@ class ObjectDetector(nn.Module):
         return self.detect(images, topk)
 
 
-def write_file_atomically(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it over ``path``.
-
-    A crash mid-write leaves the old file (or none), never a truncated checkpoint.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_state_dict(path: str | os.PathLike, state_dict: Mapping[str, Tensor]) -> None:
     """Save ``{"model": state_dict}`` atomically (the container `read_state_dict` unwraps).
 
     Args:
-        path: the file to write.
+        path: the file to write (`featstore.io.atomic.atomic_write_torch`: a crash leaves the old
+            file or none, never a truncated one).
         state_dict: the tensors; moved to the CPU so the file loads anywhere.
     """
     tensors = {key: value.detach().cpu() for key, value in state_dict.items()}
-    write_file_atomically(path, lambda tmp: torch.save({"model": tensors}, tmp))
+    atomic_write_torch(path, {"model": tensors})
 
 
 def check_images(images: list[Tensor]) -> None:

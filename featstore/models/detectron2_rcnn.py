@@ -42,6 +42,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional
 
+from featstore.io.atomic import atomic_write_text
 from featstore.models.checkpoints import (
     CheckpointError,
     apply_state_dict,
@@ -58,7 +59,6 @@ from featstore.models.detectors import (
     pixel_scale,
     register_detector,
     top_detections,
-    write_file_atomically,
     write_state_dict,
 )
 
@@ -114,7 +114,7 @@ class Detectron2Detector(ObjectDetector):
 
     Attributes:
         class_names: class id -> name, from a checkpoint that carries them (a detectron2 stage-1
-            run's ``checkpoint.pth``); None otherwise.
+            run's ``checkpoint.pt``); None otherwise.
     """
 
     class_names: tuple[str, ...] | None = None
@@ -154,7 +154,7 @@ class Detectron2Detector(ObjectDetector):
         """
         path = Path(path)
         write_state_dict(path, self.model.state_dict())
-        write_file_atomically(path.with_name(CONFIG_BESIDE_WEIGHTS), lambda tmp: tmp.write_text(self.config_yaml))
+        atomic_write_text(path.with_name(CONFIG_BESIDE_WEIGHTS), self.config_yaml)
         return f"{NAME}:{path}"
 
     def _preprocess(self, images: list[Tensor]) -> Any:

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import os
-import sys
 import zipfile
 import zlib
 from dataclasses import dataclass, field
@@ -15,6 +14,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from featstore.io.progress import progress_bar
 from featstore.epic.annotations import read_segments
 from featstore.store.schema import BOX_SETS, STATUS_FAILED, STATUS_OK, FieldSpec, StoreError, default_dtype, det_field
 from featstore.store.reader import FeatureStore
@@ -162,13 +162,11 @@ def import_npz(
 
     store = _open_or_create(Path(store_path), npz_by_uid[todo[0]], annotations, from_dir, command)
     specs = store.fields
-    from tqdm import tqdm
-
     with store.writer(shard, flush_every=flush_every) as writer:
         done = set(store.uids(status=STATUS_OK))
         report.skipped = sum(uid in done for uid in todo)
         todo = [uid for uid in todo if uid not in done]
-        bar = tqdm(total=len(todo), desc="import", unit="seg", disable=not progress, file=sys.stderr)
+        bar = progress_bar(total=len(todo), desc="import", unit="seg", enabled=progress)
         for uid in todo:
             path = npz_by_uid[uid]
             row = rows[uid]

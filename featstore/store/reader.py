@@ -8,32 +8,23 @@ Layout of a store directory::
       boxes/*.parquet        one row per detection slot
       lmdb/<shard>/          one LMDB environment per writer
 
-Durability. A writer commits a segment's tensors *and* its index row (as a journal entry) in one LMDB
-transaction, so a crash can lose only the segment in flight. Journal entries are exported to Parquet
-parts every ``flush_every`` segments and when the writer closes; a writer opened on a shard first
-re-exports whatever a crashed predecessor committed but had not exported. Parquet parts are written
-to a temporary name and renamed, so a reader never sees half a part. The ``segments`` view keeps one
-row per uid (an ``ok`` row over a ``failed`` one, then the newest), which makes a duplicate export
-after a crash harmless.
+`FeatureStore` opens a store for reading; `FeatureStore.writer` opens one shard for writing
+(`featstore.store.writer`: the journal, durability); both take their LMDB environments from the
+process's cache (`featstore.store.environments`).
 
 Derived fields. A field computed from a store's own fields (``verb.local``, see
 ``featstore.store.local_pool``) can be added to an existing store (``featstore derive``): the manifest
 gains the field in its schema and a ``derived`` entry saying how it was made, with
 ``complete: false`` until every stored segment has it. Each segment gets it the way segments are
-written: its new tensor and a new index row (the checksum now covering the new field, its box rows
-again) commit in one LMDB transaction of the segment's shard, so an interrupted derive loses
-nothing and a rerun continues. Readers treat a field that is not complete as absent
-(``complete_fields``).
+written (`StoreWriter.extend`), so an interrupted derive loses nothing and a rerun continues.
+Readers treat a field that is not complete as absent (``complete_fields``).
 """
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
-import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
@@ -43,49 +34,21 @@ import lmdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from featstore import __version__
-from featstore.io.atomic import atomic_write, atomic_write_json, remove_temporaries
+from featstore.io.atomic import atomic_write_json
+from featstore.store.environments import ENVIRONMENTS, read_around
 from featstore.store.schema import (
-    BOX_SCHEMA,
     FORMAT_VERSION,
     MANIFEST_NAME,
-    SEGMENT_SCHEMA,
     STATUS_FAILED,
     STATUS_OK,
     FieldMismatchError,
     FieldSpec,
     FormatVersionError,
     StoreError,
-    StoreLockedError,
 )
-
-JOURNAL_PREFIX = b"__journal__/"
-FLUSHED_KEY = b"__flushed_seq__"
-DEFAULT_MAP_SIZE = 256 * 2**20  # grows by doubling when full; LMDB files are sparse, so this costs no disk
-
-
-def write_parquet(path: Path, table: pa.Table) -> Path:
-    """Write an index part atomically: readers glob ``*.parquet`` only, so a crash mid-write leaves
-    a ``.tmp`` file nobody reads rather than a truncated part."""
-    return atomic_write(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
-
-
-def segment_checksum(tensors: Mapping[str, np.ndarray]) -> str:
-    """A digest over every field's name, dtype, shape and bytes, in field-name order.
-
-    Args:
-        tensors: field name -> array exactly as stored (after the cast to the field's dtype).
-    Returns:
-        32 hex characters.
-    """
-    digest = hashlib.blake2b(digest_size=16)
-    for name in sorted(tensors):
-        array = np.ascontiguousarray(tensors[name])
-        digest.update(f"{name}|{array.dtype.str}|{array.shape}|".encode())
-        digest.update(memoryview(array).cast("B"))
-    return digest.hexdigest()
+from featstore.store.writer import DEFAULT_MAP_SIZE, StoreWriter, segment_checksum
 
 
 def _holds_store_data(path: Path) -> bool:
@@ -112,8 +75,8 @@ def _fields_of(manifest_path: Path, manifest: Mapping[str, Any]) -> dict[str, Fi
     return specs
 
 
-def _shard_name_ok(shard: str) -> bool:
-    return bool(shard) and all(ch.isalnum() or ch in "-_" for ch in shard)
+def _describe_fields(fields: Mapping[str, FieldSpec]) -> str:
+    return "{" + ", ".join(f"{n}: {s.dtype}{list(s.shape)}" for n, s in sorted(fields.items())) + "}"
 
 
 class FeatureStore:
@@ -330,7 +293,7 @@ class FeatureStore:
         shard_dir = self.path / "lmdb" / shard
         if not (shard_dir / "data.mdb").is_file():
             raise StoreError(f"{self.path}: LMDB shard {shard!r} is missing ({shard_dir})")
-        return _reader_env(shard_dir)
+        return ENVIRONMENTS.reader(shard_dir)
 
     def _begin(self, shard: str, *, buffers: bool = False) -> lmdb.Transaction:
         env = self._env(shard)
@@ -483,8 +446,7 @@ class FeatureStore:
         wanted = n_segments * sum(self.fields[f].nbytes for f in self._check_fields(fields))
         return wanted / files if files else 0.0
 
-    @contextlib.contextmanager
-    def read_ahead(self, enabled: bool = True) -> Iterator[None]:
+    def read_ahead(self, enabled: bool = True) -> contextlib.AbstractContextManager[None]:
         """Kernel readahead on the shards' memory maps for a read of most of the store in key order.
 
         Readers map the shards for random access (readahead off: a shuffled batch must not drag
@@ -494,21 +456,7 @@ class FeatureStore:
         or a derive wants; the random-access advice is restored after. Linux only (elsewhere, and
         when ``enabled`` is false, nothing changes).
         """
-        regions = []
-        if enabled:
-            for shard_dir in self._shard_dirs():
-                try:
-                    _reader_env(shard_dir)  # mapped now, so that the mapping can be found
-                except (StoreError, lmdb.Error):
-                    continue  # the read itself reports an unreadable shard
-                region = _mapped_region(shard_dir / "data.mdb")
-                if region is not None and _madvise(*region, _MADV_NORMAL):
-                    regions.append(region)
-        try:
-            yield
-        finally:
-            for region in regions:
-                _madvise(*region, _MADV_RANDOM)
+        return read_around(self._shard_dirs()) if enabled else contextlib.nullcontext()
 
     def shards(self) -> list[str]:
         """Names of the store's LMDB shards."""
@@ -658,460 +606,17 @@ class FeatureStore:
     def _page_size(self) -> int:
         for shard_dir in self._shard_dirs():
             try:
-                return int(_reader_env(shard_dir).stat()["psize"])
+                return int(ENVIRONMENTS.reader(shard_dir).stat()["psize"])
             except (StoreError, lmdb.Error):
                 continue
         return 4096
 
     # ------------------------------------------------------------------ writing
-    def writer(self, shard: str = "0", *, flush_every: int = 256, map_size: int = DEFAULT_MAP_SIZE) -> "StoreWriter":
+    def writer(self, shard: str = "0", *, flush_every: int = 256, map_size: int = DEFAULT_MAP_SIZE) -> StoreWriter:
         """Open shard ``shard`` for writing (one writer per shard; a second is refused)."""
         return StoreWriter(self, shard, flush_every=flush_every, map_size=map_size)
 
     def close(self) -> None:
         """Close this store's read-only environments in this process (they reopen on the next read)."""
         for shard_dir in self._shard_dirs():
-            _close_reader_env(shard_dir)
-
-
-# Environments open in this process, by resolved shard path. LMDB (and py-lmdb's guard) forbid
-# opening one environment twice in a process, so every FeatureStore object shares these; a writer's
-# environment serves reads of its shard too.
-_ENVS: dict[str, lmdb.Environment] = {}
-_ENV_LOCK = [threading.Lock()]  # a fresh one in a forked child (_forget_envs_after_fork)
-_WRITER_ENVS: set[str] = set()
-_INHERITED_WRITERS: list[lmdb.Environment] = []
-_WRITER_LOCKS: set = set()  # lock-file handles of this process's writers
-
-
-_MADV_NORMAL, _MADV_RANDOM = 0, 1  # asm-generic/mman-common.h
-_LIBC: list = []  # [ctypes libc or None], resolved once per process
-
-
-def _madvise(address: int, length: int, advice: int) -> bool:
-    """``madvise`` on a mapped region; False where it is not available or fails."""
-    if not _LIBC:
-        libc = None
-        if sys.platform.startswith("linux"):
-            try:
-                import ctypes
-
-                libc = ctypes.CDLL(None, use_errno=True)
-                libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-            except (OSError, AttributeError):
-                libc = None
-        _LIBC.append(libc)
-    return _LIBC[0] is not None and _LIBC[0].madvise(address, length, advice) == 0
-
-
-def _mapped_region(data_file: Path) -> tuple[int, int] | None:
-    """(start address, length) of this process's mapping of ``data_file`` (LMDB maps it once), or None."""
-    real = os.path.realpath(data_file)
-    try:
-        with open("/proc/self/maps") as maps:
-            for line in maps:
-                parts = line.split(maxsplit=5)
-                if len(parts) == 6 and parts[5].rstrip("\n") == real and int(parts[2], 16) == 0:
-                    start, stop = (int(x, 16) for x in parts[0].split("-"))
-                    return start, stop - start
-    except (OSError, ValueError):
-        return None
-    return None
-
-
-def _env_key(shard_dir: Path) -> str:
-    return os.path.realpath(shard_dir)
-
-
-def _reader_env(shard_dir: Path) -> lmdb.Environment:
-    key = _env_key(shard_dir)
-    env = _ENVS.get(key)
-    if env is not None:
-        return env
-    # Reader threads (streaming) may all find the environment closed at once: one opens it (LMDB
-    # refuses a second open in a process), the others take that one.
-    with _ENV_LOCK[0]:
-        return _open_reader_env(shard_dir, key)
-
-
-def _open_reader_env(shard_dir: Path, key: str) -> lmdb.Environment:
-    env = _ENVS.get(key)
-    if env is None:
-        # Readers register in LMDB's lock table (lock=True) whenever they may: an unregistered
-        # reader's snapshot is invisible to a writer in another process, which then recycles the
-        # pages that snapshot is still walking, and keys the index lists as stored read back as
-        # missing. Where the lock file cannot be opened (read-only copy of a store, no write
-        # permission) the store is not being written either, and a lock-free reader is safe.
-        # Not fork-safe either way: `_forget_envs_after_fork` makes each process open its own.
-        try:
-            env = lmdb.open(str(shard_dir), readonly=True, lock=True, readahead=False, max_readers=2048,
-                            subdir=True)
-        except lmdb.Error:
-            try:
-                env = lmdb.open(str(shard_dir), readonly=True, lock=False, readahead=False, max_readers=2048,
-                                subdir=True)
-            except lmdb.Error as err:
-                raise StoreError(f"LMDB shard {shard_dir} cannot be opened: {err}") from err
-        try:
-            _check_not_truncated(env, shard_dir)
-        except StoreError:
-            env.close()
-            raise
-        _ENVS[key] = env
-    return env
-
-
-def _check_not_truncated(env: lmdb.Environment, shard_dir: Path) -> None:
-    """Refuse an LMDB file shorter than its own last page: touching the missing pages would kill the
-    process with SIGBUS (LMDB maps the file) instead of raising an error anyone could read."""
-    data_file = shard_dir / "data.mdb"
-    needed = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
-    size = os.path.getsize(data_file)
-    if size < needed:
-        raise StoreError(
-            f"LMDB shard {shard_dir} is truncated: {data_file} holds {size:,} bytes, its pages end at "
-            f"{needed:,}. Restore the file, or delete the shard's folder and its segments/boxes parts "
-            f"(part-{shard_dir.name}-*.parquet) and rebuild them"
-        )
-
-
-def _writer_env(shard_dir: Path, map_size: int) -> lmdb.Environment:
-    key = _env_key(shard_dir)
-    _close_reader_env(shard_dir)
-    # No fsync per commit: a killed process loses nothing committed (the pages are the kernel's), and
-    # StoreWriter.flush syncs before it exports rows to Parquet, so an OS crash can never leave an
-    # index row pointing at tensors that did not reach the disk.
-    try:
-        env = lmdb.open(str(shard_dir), map_size=map_size, subdir=True, max_readers=2048, meminit=False,
-                        sync=False, metasync=False)
-    except lmdb.Error as err:
-        raise StoreError(f"LMDB shard {shard_dir} cannot be opened for writing: {err}") from err
-    try:
-        _check_not_truncated(env, shard_dir)
-        # Reader slots of processes that died mid-read would pin old pages forever: clear them.
-        env.reader_check()
-    except BaseException:
-        env.close()
-        raise
-    _ENVS[key] = env
-    _WRITER_ENVS.add(key)
-    return env
-
-
-def _close_reader_env(shard_dir: Path) -> None:
-    key = _env_key(shard_dir)
-    if key in _ENVS and key not in _WRITER_ENVS:
-        _ENVS.pop(key).close()
-
-
-def _close_writer_env(shard_dir: Path) -> None:
-    key = _env_key(shard_dir)
-    _WRITER_ENVS.discard(key)
-    env = _ENVS.pop(key, None)
-    if env is not None:
-        env.close()
-
-
-def _forget_envs_after_fork() -> None:
-    # A forked child must not use its parent's LMDB handles (DataLoader workers fork): close the
-    # inherited read-only ones so the child reopens its own. Closing a lock-free reader touches only
-    # this process's mapping and descriptor. Writer handles are dropped unused.
-    # A child's copy of a writer's lock descriptor would keep the shard locked after the writer
-    # dies (flock belongs to the open file, which the child shares): close the child's copies.
-    for handle in list(_WRITER_LOCKS):
-        try:
-            os.close(handle.fileno())
-        except OSError:
-            pass
-    _WRITER_LOCKS.clear()
-    _ENV_LOCK[0] = threading.Lock()  # another thread of the parent may have held it at the fork
-    for key in list(_ENVS):
-        env = _ENVS.pop(key)
-        if key in _WRITER_ENVS:
-            _INHERITED_WRITERS.append(env)  # kept alive: garbage collection would close it
-        else:
-            env.close()
-    _WRITER_ENVS.clear()
-
-
-os.register_at_fork(after_in_child=_forget_envs_after_fork)
-
-
-def _describe_fields(fields: Mapping[str, FieldSpec]) -> str:
-    return "{" + ", ".join(f"{n}: {s.dtype}{list(s.shape)}" for n, s in sorted(fields.items())) + "}"
-
-
-class StoreWriter:
-    """Writes segments into one LMDB shard and its Parquet parts. Use as a context manager."""
-
-    def __init__(self, store: FeatureStore, shard: str, *, flush_every: int, map_size: int):
-        if not _shard_name_ok(shard):
-            raise StoreError(f"shard name {shard!r} must be letters, digits, '-' or '_'")
-        self.store = store
-        self.shard = shard
-        self.flush_every = max(1, int(flush_every))
-        self.dir = store.path / "lmdb" / shard
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self._lock_handle = open(self.dir / "writer.lock", "a+")
-        try:
-            fcntl.flock(self._lock_handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._lock_handle.close()
-            raise StoreLockedError(
-                f"{store.path}: shard {shard!r} is being written by another process "
-                f"(lock held on {self.dir / 'writer.lock'}); one writer per shard"
-            ) from None
-        self._lock_handle.seek(0)
-        self._lock_handle.truncate()
-        self._lock_handle.write(f"{os.getpid()}\n")
-        self._lock_handle.flush()
-        _WRITER_LOCKS.add(self._lock_handle)
-        self.map_grows = 0
-        self._closed = False
-        try:
-            self.env = _writer_env(self.dir, map_size)
-            self._seq = self._last_seq()
-            self._recover()
-        except BaseException:
-            # A writer that cannot start (truncated shard, full disk during recovery) must not keep
-            # the shard locked for the rest of this process.
-            self._release()
-            raise
-
-    # ---------------------------------------------------------------- journal
-    def _last_seq(self) -> int:
-        with self.env.begin() as txn:
-            cursor = txn.cursor()
-            if cursor.set_range(JOURNAL_PREFIX):
-                last = 0
-                for key in cursor.iternext(values=False):
-                    if not key.startswith(JOURNAL_PREFIX):
-                        break
-                    last = int(key[len(JOURNAL_PREFIX):])
-                return last
-        return 0
-
-    def _flushed_seq(self, txn) -> int:
-        raw = txn.get(FLUSHED_KEY)
-        return int(raw) if raw is not None else 0
-
-    def _pending(self) -> list[dict[str, Any]]:
-        """Journal entries committed to LMDB but not yet exported to Parquet."""
-        with self.env.begin() as txn:
-            start = self._flushed_seq(txn) + 1
-            cursor = txn.cursor()
-            entries = []
-            if cursor.set_range(JOURNAL_PREFIX + b"%020d" % start):
-                for key, value in cursor:
-                    if not key.startswith(JOURNAL_PREFIX):
-                        break
-                    entries.append(json.loads(value))
-            return entries
-
-    def _recover(self) -> None:
-        # Temporary parts of this shard are a killed predecessor's unfinished exports (only the
-        # holder of the shard's lock writes them): nobody reads them, and the journal still holds
-        # their rows, so they go and the export is redone.
-        for folder in ("segments", "boxes"):
-            remove_temporaries(self.store.path / folder, [f"part-{self.shard}-*"])
-        if self._pending():
-            self.flush()
-
-    def _commit(self, puts: list[tuple[bytes, bytes]]) -> None:
-        """Write the puts in one transaction, doubling the map size whenever it is full."""
-        while True:
-            try:
-                with self.env.begin(write=True) as txn:
-                    for key, value in puts:
-                        txn.put(key, value)
-                return
-            except lmdb.MapFullError:
-                self.env.set_mapsize(self.env.info()["map_size"] * 2)
-                self.map_grows += 1
-            except lmdb.Error as err:  # e.g. a full disk: the transaction is aborted, nothing is half-written
-                raise StoreError(f"{self.store.path}: writing LMDB shard {self.shard!r} failed: {err}") from err
-
-    def _journal_entry(self, row: Mapping[str, Any], status: str, error: str | None, checksum: str | None,
-                       boxes: Mapping[str, Sequence] | None) -> tuple[bytes, bytes]:
-        self._seq += 1
-        record = {name: row.get(name) for name in SEGMENT_SCHEMA.names}
-        record.update(
-            status=status, error=error, checksum=checksum, shard=self.shard, written_at=time.time_ns()
-        )
-        for key in ("start_frame", "stop_frame", "verb_class", "noun_class"):
-            if record[key] is not None:
-                record[key] = int(record[key])
-        for key in ("uid", "participant_id", "video_id"):
-            if record[key] is not None:
-                record[key] = str(record[key])
-        entry = {"seq": self._seq, "segment": record, "boxes": _boxes_to_json(boxes)}
-        return JOURNAL_PREFIX + b"%020d" % self._seq, json.dumps(entry).encode()
-
-    # ---------------------------------------------------------------- public
-    def prepare(self, tensors: Mapping[str, np.ndarray], uid: str) -> dict[str, np.ndarray]:
-        """Check tensors against the field schema and cast them to the stored dtypes."""
-        fields = self.store.fields
-        unknown = sorted(set(tensors) - set(fields))
-        if unknown:
-            raise FieldMismatchError(f"{uid}: field(s) {', '.join(unknown)} are not in the store's schema")
-        missing = sorted(set(fields) - set(tensors))
-        if missing:
-            raise FieldMismatchError(f"{uid}: missing field(s) {', '.join(missing)}")
-        prepared = {}
-        for name, array in tensors.items():
-            spec = fields[name]
-            array = np.asarray(array)
-            if tuple(array.shape) != spec.shape:
-                raise FieldMismatchError(
-                    f"{uid}: field {name} has shape {list(array.shape)}, the store's is {list(spec.shape)}"
-                )
-            prepared[name] = np.ascontiguousarray(array, dtype=spec.dtype)
-        return prepared
-
-    def put(self, row: Mapping[str, Any], tensors: Mapping[str, np.ndarray],
-            boxes: Mapping[str, Sequence] | None = None) -> str:
-        """Store one segment: its tensors and its index row, atomically.
-
-        Args:
-            row: segment columns (at least uid, participant_id, video_id, start_frame, stop_frame).
-            tensors: field -> array of the field's shape (cast to the field's dtype here).
-            boxes: optional box columns (set, slot, frame, x1, y1, x2, y2, score, label, valid).
-        Returns:
-            The segment's checksum.
-        """
-        uid = str(row["uid"])
-        prepared = self.prepare(tensors, uid)
-        checksum = segment_checksum(prepared)
-        puts = [(f"{uid}/{name}".encode(), memoryview(arr).cast("B").tobytes()) for name, arr in prepared.items()]
-        puts.append(self._journal_entry(row, STATUS_OK, None, checksum, boxes))
-        self._commit(puts)
-        self._maybe_flush()
-        return checksum
-
-    def extend(self, row: Mapping[str, Any], tensors: Mapping[str, np.ndarray], *, checksum: str,
-               boxes: Mapping[str, Sequence] | None) -> None:
-        """Add fields to a stored segment of this shard: the new tensors and its new index row, atomically.
-
-        Args:
-            row: the segment's index row as stored (its columns are kept; ``checksum`` replaced).
-            tensors: the new fields only (cast to their dtypes here); each must be in the schema.
-            checksum: ``segment_checksum`` over the segment's old and new tensors together.
-            boxes: the segment's box rows again: the new row supersedes the old, and the ``boxes``
-                view keeps the rows of the kept row.
-        """
-        uid = str(row["uid"])
-        if row.get("shard") not in (None, self.shard):
-            raise StoreError(f"{uid} is stored in shard {row.get('shard')!r}, not in {self.shard!r}")
-        puts = []
-        for name, array in tensors.items():
-            spec = self.store.fields.get(name)
-            if spec is None:
-                raise FieldMismatchError(f"{uid}: field {name} is not in the store's schema")
-            array = np.asarray(array)
-            if tuple(array.shape) != spec.shape:
-                raise FieldMismatchError(
-                    f"{uid}: field {name} has shape {list(array.shape)}, the store's is {list(spec.shape)}")
-            puts.append((f"{uid}/{name}".encode(),
-                         memoryview(np.ascontiguousarray(array, dtype=spec.dtype)).cast("B").tobytes()))
-        puts.append(self._journal_entry(row, STATUS_OK, None, checksum, boxes))
-        self._commit(puts)
-        self._maybe_flush()
-
-    def fail(self, row: Mapping[str, Any], error: str) -> None:
-        """Record that a segment could not be made, with the reason (its tensors are not written)."""
-        self._commit([self._journal_entry(row, STATUS_FAILED, str(error), None, None)])
-        self._maybe_flush()
-
-    def _maybe_flush(self) -> None:
-        with self.env.begin() as txn:
-            pending = self._seq - self._flushed_seq(txn)
-        if pending >= self.flush_every:
-            self.flush()
-
-    def flush(self) -> int:
-        """Export pending journal entries as one segments part and one boxes part.
-
-        Returns:
-            The number of segment rows exported.
-        """
-        entries = self._pending()
-        if not entries:
-            return 0
-        self.env.sync(True)
-        last = entries[-1]["seq"]
-        name = f"part-{self.shard}-{last:012d}.parquet"
-        segments = pa.Table.from_pylist([e["segment"] for e in entries], schema=SEGMENT_SCHEMA)
-        box_columns: dict[str, list] = {col: [] for col in BOX_SCHEMA.names}
-        for entry in entries:
-            cols = entry["boxes"]
-            if not cols:
-                continue
-            n = len(cols["slot"])
-            for col in BOX_SCHEMA.names:
-                if col == "uid":
-                    box_columns[col].extend([entry["segment"]["uid"]] * n)
-                elif col == "written_at":
-                    box_columns[col].extend([entry["segment"]["written_at"]] * n)
-                else:
-                    box_columns[col].extend(cols[col])
-        # Boxes first: a segment row is the proof of completion, so it must not appear before its boxes.
-        if box_columns["uid"]:
-            write_parquet(self.store.path / "boxes" / name, pa.Table.from_pydict(box_columns, schema=BOX_SCHEMA))
-        write_parquet(self.store.path / "segments" / name, segments)
-        self._commit([(FLUSHED_KEY, str(last).encode())])
-        return len(entries)
-
-    def close(self) -> None:
-        if self._closed:
-            return
-        try:
-            self.flush()
-            self.env.sync(True)
-        finally:
-            self._release()
-
-    def _release(self) -> None:
-        _close_writer_env(self.dir)
-        _WRITER_LOCKS.discard(self._lock_handle)
-        fcntl.flock(self._lock_handle, fcntl.LOCK_UN)
-        self._lock_handle.close()
-        self._closed = True
-
-    def __enter__(self) -> "StoreWriter":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-
-def _boxes_to_json(boxes: Mapping[str, Sequence] | None) -> dict[str, list] | None:
-    if boxes is None:
-        return None
-    n = len(boxes["slot"])
-    out = {}
-    for name in ("set", "slot", "frame", "x1", "y1", "x2", "y2", "score", "label", "valid"):
-        values = boxes.get(name)
-        if values is None:
-            out[name] = [None] * n
-        elif isinstance(values, np.ndarray):
-            out[name] = values.tolist()  # numpy scalars -> Python numbers, in C
-        else:
-            out[name] = [_json_scalar(v) for v in values]
-    return out
-
-
-def _json_scalar(value: Any) -> Any:
-    if value is None:
-        return None
-    if isinstance(value, (np.floating, float)):
-        return None if np.isnan(value) else float(value)
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, np.bool_):
-        return bool(value)
-    return value
-
-
-def iter_chunks(items: Sequence, size: int) -> Iterator[Sequence]:
-    for start in range(0, len(items), size):
-        yield items[start:start + size]
+            ENVIRONMENTS.close_reader(shard_dir)

@@ -1,7 +1,7 @@
 """Store to store: add derived fields in place (`featstore derive`), copy a subset (`featstore copy`).
 
 ``derive_field`` computes a field from a store's own fields for every stored segment and writes it
-into the segment's shard the way any segment is written (see ``featstore.store.reader``: tensor and new
+into the segment's shard the way any segment is written (see ``featstore.store.writer``: tensor and new
 index row in one LMDB transaction), so a killed derive loses nothing and a rerun continues where it
 stopped. The manifest gains the field, ``complete: false`` until the last segment has it.
 
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from featstore.io.progress import progress_bar
 from featstore.store.local_pool import (
     LOCAL_FIELD,
     LOCAL_OUTPUT_SIZE,
@@ -33,7 +33,8 @@ from featstore.store.local_pool import (
     pool_local_verb_features,
 )
 from featstore.store.schema import STATUS_FAILED, STATUS_OK, FieldSpec, StoreError, default_dtype
-from featstore.store.reader import FeatureStore, segment_checksum
+from featstore.store.reader import FeatureStore
+from featstore.store.writer import segment_checksum
 
 __all__ = ["DERIVABLE_FIELDS", "DeriveError", "DeriveReport", "CopyReport", "derive_field", "copy_store"]
 
@@ -182,11 +183,9 @@ def derive_field(
     fields = list(store.complete_fields)
     torch_device = torch.device(device)
 
-    from tqdm import tqdm
-
     by_shard = _stored_by_shard(store)
-    bar = tqdm(total=sum(len(rows) for rows in by_shard.values()), desc=f"derive {name}", unit="seg",
-               disable=not progress, file=sys.stderr)
+    bar = progress_bar(total=sum(len(rows) for rows in by_shard.values()), desc=f"derive {name}", unit="seg",
+                       enabled=progress)
     try:
         for shard in sorted(by_shard):
             # The writer first re-exports what a killed run committed but had not indexed. Reads go
@@ -340,15 +339,13 @@ def copy_store(
     rows = [row for row in wanted.to_pylist() if row["status"] == STATUS_OK]
     all_fields = sorted(source.fields)
 
-    from tqdm import tqdm
-
     copied: list[str] = []
     bulk = source.share_of_files(len(rows), all_fields) >= 0.5  # most of the source: read it with readahead
     with source.read_ahead(bulk), target.writer("0", flush_every=flush_every) as writer:
         done = set(target.uids())
         todo = [row for row in rows if row["uid"] not in done]
         report.already = len(rows) - len(todo)
-        bar = tqdm(total=len(todo), desc="copy", unit="seg", disable=not progress, file=sys.stderr)
+        bar = progress_bar(total=len(todo), desc="copy", unit="seg", enabled=progress)
         for block_start in range(0, len(todo), INDEX_BLOCK):
             block = todo[block_start:block_start + INDEX_BLOCK]
             box_rows = _box_columns(source.boxes([row["uid"] for row in block]))  # one index query per block

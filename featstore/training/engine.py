@@ -3,8 +3,8 @@
 Modelled on detectron2's ``SimpleTrainer`` + ``HookBase`` (``engine/train_loop.py``): the engine owns
 the loop and calls its hooks at fixed points; everything else a run does around its steps
 (validation, checkpoints, the history file, log lines, progress bars, the check for a diverged loss)
-is a hook, so a fix to the loop lands once for `heads train`, grouped `heads ablate --parallel K`
-and any trainer built on it (the stage-1 fine-tuning).
+is a hook (`featstore.training.hooks`), so a fix to the loop lands once for `heads train`, grouped
+`heads ablate --parallel K` and the stage-1 fine-tuning of backbones and torchvision detectors.
 
 The parts:
 
@@ -16,8 +16,10 @@ The parts:
   read and write it;
 - ``Engine`` steps its runs: every round each unfinished run trains one epoch, the runs taking one
   step each in turn until all their batches are used (runs may differ in batch count and epochs);
-- ``World`` is data parallelism under torchrun: a trainable shards its batches by rank and sums its
-  gradients through it; the engine waits for every rank after each round.
+- a ``World`` (`featstore.training.world`) is data parallelism under torchrun: a trainable shards its
+  batches by rank and sums its gradients through it; the engine waits for every rank after each round.
+
+Where a run's files go, and what they are called, is `featstore.training.run_folder`'s.
 
 Invariants:
 
@@ -36,138 +38,29 @@ hooks before it wrote into ``run.record`` (the epoch's history entry).
 """
 from __future__ import annotations
 
-import math
-import os
 import sys
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol, Sequence
 
 import torch
 
-from featstore.io.atomic import atomic_write, atomic_write_json
+from featstore.training.world import World
 
 __all__ = [
     "TrainingError",
     "Trainable",
-    "World",
     "RunState",
     "Hook",
     "Engine",
     "describe_error",
-    "save_checkpoint",
-    "LossCheck",
-    "LearningRate",
-    "Validation",
-    "Checkpointer",
-    "HistoryFile",
-    "EpochLog",
-    "EpochCallback",
-    "StepCallback",
-    "ProgressBar",
+    "train_one",
 ]
 
 
 class TrainingError(RuntimeError):
     """A run cannot start or cannot go on (bad selection, diverged loss, existing run directory)."""
-
-
-class World:
-    """Data parallelism under torchrun: gloo on CPU, nccl on GPU; gradients summed by all-reduce."""
-
-    def __init__(self, device: str | torch.device):
-        import torch.distributed as dist
-
-        self.dist = dist
-        if not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if str(device).startswith("cuda") else "gloo")
-        self.rank, self.size = dist.get_rank(), dist.get_world_size()
-
-    @classmethod
-    def from_environment(cls, device: str | torch.device) -> "World | None":
-        """A world when launched by torchrun with more than one process, else None."""
-        return cls(device) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
-
-    @property
-    def is_main(self) -> bool:
-        """Rank 0: the process that validates and writes files."""
-        return self.rank == 0
-
-    def shard(self, rows: Any) -> Any:
-        """This rank's share of ``rows`` (every ``size``-th item from ``rank``)."""
-        return rows[self.rank::self.size]
-
-    def sum_gradients(self, parameters: Iterable[torch.nn.Parameter], loss: torch.Tensor) -> torch.Tensor:
-        """Sum every parameter's gradient and ``loss`` over the ranks, in one all-reduce.
-
-        Args:
-            parameters: parameters whose ``.grad`` are all set (zero where unused).
-            loss: this rank's 0-d loss share.
-        Returns:
-            The summed loss (0-d, on the device).
-        """
-        grads = [p.grad for p in parameters]
-        flat = torch.cat([g.reshape(-1) for g in grads] + [loss.reshape(1).to(grads[0].dtype)])
-        self.dist.all_reduce(flat)
-        offset = 0
-        for grad in grads:
-            grad.copy_(flat[offset:offset + grad.numel()].view_as(grad))
-            offset += grad.numel()
-        return flat[-1]
-
-    def average_gradients(self, parameters: Iterable[torch.nn.Parameter], loss: torch.Tensor) -> torch.Tensor:
-        """Average every parameter's gradient and ``loss`` over the ranks, as DistributedDataParallel does.
-
-        A parameter without a gradient (unused, or a rank with nothing to train on this step) counts
-        as zero, so every rank joins the same all-reduce.
-
-        Returns:
-            The mean loss over the ranks (0-d, on the device).
-        """
-        parameters = list(parameters)
-        for parameter in parameters:
-            if parameter.grad is None:
-                parameter.grad = torch.zeros_like(parameter)
-        mean = self.sum_gradients(parameters, loss) / self.size
-        for parameter in parameters:
-            parameter.grad.div_(self.size)
-        return mean
-
-    def gather(self, value: Any) -> list[Any]:
-        """Every rank's ``value`` (any picklable object), in rank order, on every rank."""
-        gathered: list[Any] = [None] * self.size
-        self.dist.all_gather_object(gathered, value)
-        return gathered
-
-    def sum_counts(self, counts: Sequence[float]) -> list[float]:
-        """The element-wise sum of ``counts`` over the ranks (one all-reduce of float64)."""
-        totals = torch.tensor([float(c) for c in counts], dtype=torch.float64)
-        if self.dist.get_backend() == "nccl":
-            totals = totals.cuda()
-        self.dist.all_reduce(totals)
-        return totals.cpu().tolist()
-
-    def average_buffers(self, module: torch.nn.Module) -> None:
-        """Average the floating-point buffers (BatchNorm running statistics) of ``module`` over the ranks.
-
-        Each rank's BatchNorm layers update their running statistics from that rank's batches only;
-        averaged after an epoch, the model every rank validates and saves is the same.
-        """
-        buffers = [b for b in module.buffers() if b.is_floating_point()]
-        if not buffers:
-            return
-        flat = torch.cat([b.reshape(-1).float() for b in buffers])
-        self.dist.all_reduce(flat)
-        flat /= self.size
-        offset = 0
-        for buffer in buffers:
-            buffer.copy_(flat[offset:offset + buffer.numel()].view_as(buffer))
-            offset += buffer.numel()
-
-    def barrier(self) -> None:
-        self.dist.barrier()
 
 
 class Trainable(Protocol):
@@ -464,210 +357,22 @@ class Engine:
                 torch.cuda.set_rng_state(saved_cuda, run.device)
 
 
-# -------------------------------------------------------------------------------------------------
-# hooks
-
-
-class LossCheck(Hook):
-    """After each epoch: read its step losses in one transfer, fail on a non-finite one, record the mean.
+def train_one(trainable: Trainable, *, name: str, epochs: int, hooks: Sequence[Hook], world: World | None = None,
+              seed: int | None = None, log: Callable[[str], None] | None = None) -> RunState:
+    """Train one run on an engine of its own (`heads train`, `featstore finetune`, the torchvision detector).
 
     Args:
-        hint: appended to the error message (what the user can do about it).
-        where: ``where(epoch, step)`` (both 1-based) names the step in the message; default
-            ``"epoch E, step S"`` (an iteration-based trainer names its iteration).
-        error: the exception type raised (a trainer's own error type).
-        every: also check every this many steps within an epoch (one host-device transfer each), so
-            a long epoch stops soon after its loss diverges; None: after the epoch only. Under a
-            world every rank must see the same losses (``World.sum_gradients`` returns the summed
-            one), so that all ranks stop at the same step.
+        trainable: the run's model-side (model already built and seeded).
+        name: for messages (the run folder).
+        epochs: how many epochs it trains in all.
+        hooks: called in this order.
+        world: data parallelism (`featstore.training.world.World.from_environment`), or None.
+        seed: start the run's random stream from this seed (see `Engine.add`).
+        log: the engine's own messages; None: stderr.
+    Returns:
+        The run's state, trained (a failure propagates).
     """
-
-    def __init__(self, *, hint: str = "", where: Callable[[int, int], str] | None = None,
-                 error: type[Exception] = TrainingError, every: int | None = None):
-        self.hint = hint
-        self.where = where or (lambda epoch, step: f"epoch {epoch}, step {step}")
-        self.error = error
-        self.every = every
-        self.values: list[float] = []  # the current epoch's losses read so far
-
-    def before_epoch(self, run: RunState) -> None:
-        self.values = []
-
-    def after_step(self, run: RunState) -> None:
-        if self.every is not None and run.step % self.every == 0:
-            self._read(run)
-
-    def after_epoch(self, run: RunState) -> None:
-        self._read(run)
-        run.record["loss"] = sum(self.values) / max(len(self.values), 1)
-
-    def _read(self, run: RunState) -> None:
-        pending = run.losses[len(self.values):]
-        values = torch.stack(pending).float().cpu().tolist() if pending else []
-        for step, value in enumerate(values, start=len(self.values) + 1):
-            if not math.isfinite(value):
-                raise self.error(f"loss is {value} at {self.where(run.epoch + 1, step)}{self.hint}")
-        self.values.extend(values)
-
-
-class LearningRate(Hook):
-    """Records the learning rate the epoch trained with (the first parameter group's)."""
-
-    def __init__(self, optimizer: torch.optim.Optimizer):
-        self.optimizer = optimizer
-
-    def after_epoch(self, run: RunState) -> None:
-        run.record["lr"] = self.optimizer.param_groups[0]["lr"]
-
-
-class Validation(Hook):
-    """After each epoch: ``evaluate()``'s metrics into the record, each key prefixed (``val_verb_top1``).
-
-    Args:
-        evaluate: returns metric name -> value on the validation data.
-        prefix: put before each key.
-    """
-
-    def __init__(self, evaluate: Callable[[], Mapping[str, Any]], *, prefix: str = "val_"):
-        self.evaluate, self.prefix = evaluate, prefix
-
-    def after_epoch(self, run: RunState) -> None:
-        run.record.update({f"{self.prefix}{k}": v for k, v in self.evaluate().items()})
-
-
-def save_checkpoint(path: str | os.PathLike, payload: Any) -> Path:
-    """``torch.save`` to ``path`` atomically (a reader sees the old file or the whole new one).
-
-    Raises:
-        TrainingError: the write failed (full disk, file size limit), naming the file.
-    """
-    path = Path(path)
-
-    def write(tmp: Path) -> None:
-        try:
-            torch.save(payload, tmp)
-        except RuntimeError as err:
-            # torch's zip writer reports a failed write as an "enforce fail ... unexpected pos"
-            # RuntimeError that names neither file nor cause.
-            raise TrainingError(f"cannot write the checkpoint {path} (is the disk full?): {err}") from err
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return atomic_write(path, write)
-
-
-class Checkpointer(Hook):
-    """Resume from ``path`` before training; write it after every epoch.
-
-    The checkpoint holds the trainable's ``state_dict`` plus ``epoch`` (finished epochs), ``history``
-    and ``rng`` (the run's random streams), so a resumed run reaches the uninterrupted run's result.
-
-    Args:
-        path: the checkpoint file.
-        resume: load ``path`` before the first epoch when it exists.
-        save: write it after each epoch (False on ranks other than the main one).
-        on_resume: called after loading (e.g. to log "resuming after epoch N").
-    """
-
-    def __init__(self, path: str | os.PathLike, *, resume: bool = True, save: bool = True,
-                 on_resume: Callable[[RunState], None] | None = None):
-        self.path, self.resume, self.save, self.on_resume = Path(path), resume, save, on_resume
-
-    def before_train(self, run: RunState) -> None:
-        if not (self.resume and self.path.exists()):
-            return
-        state = torch.load(self.path, map_location=run.device, weights_only=False)
-        run.trainable.load_state_dict(state)
-        run.epoch = int(state["epoch"])
-        run.history = list(state.get("history", []))
-        rng = state.get("rng") or {}
-        if rng.get("cpu") is not None:
-            torch.set_rng_state(rng["cpu"].cpu())
-        if rng.get("cuda") is not None and run.device.type == "cuda":
-            torch.cuda.set_rng_state(rng["cuda"].cpu(), run.device)
-        if self.on_resume is not None:
-            self.on_resume(run)
-
-    def after_epoch(self, run: RunState) -> None:
-        if not self.save:
-            return
-        rng = {"cpu": torch.get_rng_state(),
-               "cuda": torch.cuda.get_rng_state(run.device) if run.device.type == "cuda" else None}
-        save_checkpoint(self.path, {**run.trainable.state_dict(), "epoch": run.epoch + 1, "history": run.history,
-                                    "rng": rng})
-
-
-class HistoryFile(Hook):
-    """Writes the history (one record per finished epoch) as JSON after every epoch, atomically."""
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-
-    def after_epoch(self, run: RunState) -> None:
-        atomic_write_json(self.path, run.history)
-
-
-class EpochLog(Hook):
-    """One line per epoch: ``log(prefix + line(record))``."""
-
-    def __init__(self, log: Callable[[str], None], line: Callable[[Mapping[str, Any]], str], *, prefix: str = ""):
-        self.log, self.line, self.prefix = log, line, prefix
-
-    def after_epoch(self, run: RunState) -> None:
-        self.log(self.prefix + self.line(run.record))
-
-
-class EpochCallback(Hook):
-    """Calls ``callback(finished_epochs)`` after each epoch, last (tests stop or kill a run here)."""
-
-    def __init__(self, callback: Callable[[int], None]):
-        self.callback = callback
-
-    def after_epoch(self, run: RunState) -> None:
-        self.callback(run.epoch + 1)
-
-
-class StepCallback(Hook):
-    """Calls ``callback(epoch, step)`` (0-based epoch, 1-based step) after each step (tests interrupt here)."""
-
-    def __init__(self, callback: Callable[[int, int], None]):
-        self.callback = callback
-
-    def after_step(self, run: RunState) -> None:
-        self.callback(run.epoch, run.step)
-
-
-class ProgressBar(Hook):
-    """A tqdm bar per epoch on stderr: steps, or items (clips, segments) when ``count`` is given.
-
-    Args:
-        unit: what is counted (``step``, ``clip``); tqdm shows it per second.
-        count: ``count(batch) -> int`` items of a batch (read on the host, e.g. ``len(labels)``);
-            None counts steps.
-        total: ``total(run) -> int | None`` items of the epoch; None: its number of batches when
-            counting steps, unknown otherwise.
-        label: put before ``epoch E/N`` in the bar (e.g. the run's name in a group).
-    """
-
-    def __init__(self, *, unit: str = "step", count: Callable[[Any], int] | None = None,
-                 total: Callable[[RunState], int | None] | None = None, label: str = ""):
-        self.unit, self.count, self.total, self.label = unit, count, total, label
-        self.bar = None
-
-    def before_epoch(self, run: RunState) -> None:
-        from tqdm import tqdm
-
-        total = self.total(run) if self.total is not None else (run.steps_in_epoch if self.count is None else None)
-        self.bar = tqdm(total=total, desc=f"{self.label}epoch {run.epoch + 1}/{run.epochs}", unit=self.unit,
-                        file=sys.stderr, leave=False)
-
-    def after_step(self, run: RunState) -> None:
-        if self.bar is not None:
-            self.bar.update(1 if self.count is None else self.count(run.batch))
-
-    def after_epoch(self, run: RunState) -> None:
-        self.after_train(run)
-
-    def after_train(self, run: RunState) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
+    engine = Engine(world=world) if log is None else Engine(world=world, log=log)
+    run = engine.add(trainable, name=name, epochs=epochs, hooks=hooks, seed=seed)
+    engine.train()
+    return run

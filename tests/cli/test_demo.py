@@ -84,7 +84,7 @@ def test_quick_demo_prints_results_info_and_locations(quick_demo: QuickDemo) -> 
     chance_row = [float(v) for v in lines[header + 6].split()[1:]]
     assert chance_row == pytest.approx([25.0, 100.0, 16.7, 83.3, 4.2, 20.8], abs=0.05)
     # The store's `featstore info`, as that command prints it.
-    assert f"segments  {kitchens.QUICK_SAMPLE.n_segments} ok, 0 failed" in output
+    assert f"segments    {kitchens.QUICK_SAMPLE.n_segments} ok, 0 failed" in output
     assert "det.global.feat" in output
     # Where everything went.
     for name in ("sample", "verbnet", "store", "store-random", "runs/saoa", "runs/global", "runs/saoa-random",

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from featstore.extract.service import BuildConfig, BuildError
+from featstore.extract.config import BuildConfig, BuildError
 from featstore.store.reader import FeatureStore
 from featstore.store.transform import derive_field
 from tests.helpers.tiny_build import invoke_featstore, make_epic_dataset, tiny_build

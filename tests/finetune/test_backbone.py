@@ -15,6 +15,15 @@ import torch
 from featstore.models import build_backbone
 from featstore.samples.damage import corrupt_jpeg
 from finetune.backbone import finetune, select_training_data
+from featstore.training.run_folder import (
+    CHECKPOINT_NAME,
+    CONFIG_NAME,
+    FAILURES_NAME,
+    LOG_NAME,
+    METRICS_NAME,
+    RUN_FILES,
+    run_folder_files,
+)
 from finetune.config import FinetuneError
 
 from tests.finetune.conftest import make_small_epic, small_config
@@ -33,7 +42,7 @@ def without_timing(history: list[dict]) -> list[dict]:
 
 
 def checkpoint_tensors(run: Path) -> dict[str, torch.Tensor]:
-    payload = torch.load(run / "checkpoint.pt", weights_only=True)
+    payload = torch.load(run / CHECKPOINT_NAME, weights_only=True)
     return {**{f"backbone.{k}": v for k, v in payload["state_dict"].items()},
             **{f"classifier.{k}": v for k, v in payload["classifier"].items()}}
 
@@ -48,24 +57,22 @@ def uninterrupted(small_epic, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.slow
 def test_a_run_writes_its_folder(uninterrupted: Path) -> None:
-    names = {p.name for p in uninterrupted.iterdir()}
-    assert {"checkpoint.pt", "config.json", "metrics.json", "failures.json", "curves.png", "log.txt",
-            "checkpoints"} <= names
-    assert not [p for p in uninterrupted.rglob(".*.tmp")]
-    config = json.loads((uninterrupted / "config.json").read_text())
+    # Exactly the contract's files: no temporaries, nothing else.
+    assert run_folder_files(uninterrupted) == RUN_FILES["backbone"].expected(validated=True)
+    config = json.loads((uninterrupted / CONFIG_NAME).read_text())
     assert config["settings"]["backbone"] == "mc3_18" and config["recipe"]["name"] == "r50-3d"
     assert config["data"]["n_train"] == 6 and config["data"]["n_val"] == 3 and config["init"] is None
-    metrics = json.loads((uninterrupted / "metrics.json").read_text())
+    metrics = json.loads((uninterrupted / METRICS_NAME).read_text())
     assert metrics["complete"] and [e["epoch"] for e in metrics["history"]] == [1, 2]
     assert [e["lr"] for e in metrics["history"]] == pytest.approx([0.01, 0.001])  # --lr-steps 2
     assert metrics["verb_top1"] == metrics["history"][-1]["verb_top1"] and 0 <= metrics["verb_top5"] <= 100
     # Training verbs 0, 1, 2, 0, 1, 2 (most frequent: 0, the first of the ties); validation 0, 1, 2.
     assert metrics["majority_top1"] == pytest.approx(100 / 3)
     assert all(e["train_clips"] == 6 and e["val_clips"] == 3 and e["steps"] == 2 for e in metrics["history"])
-    record = torch.load(uninterrupted / "checkpoint.pt", weights_only=True)["finetune"]
+    record = torch.load(uninterrupted / CHECKPOINT_NAME, weights_only=True)["finetune"]
     assert record["epoch"] == 2 and record["config"] == config
-    backbone, _ = build_backbone(f"mc3_18:{uninterrupted / 'checkpoint.pt'}")  # strictly
-    assert "epoch 2" in (uninterrupted / "log.txt").read_text()
+    backbone, _ = build_backbone(f"mc3_18:{uninterrupted / CHECKPOINT_NAME}")  # strictly
+    assert "epoch 2" in (uninterrupted / LOG_NAME).read_text()
 
 
 @pytest.mark.slow
@@ -79,16 +86,16 @@ def test_a_resumed_run_equals_the_uninterrupted_one(small_epic, uninterrupted: P
     # Other worker counts than the uninterrupted run: the samples do not depend on who decodes them.
     with pytest.raises(Interrupt):
         finetune(small_config(small_epic, out, workers=2), log=lambda _: None, after_step=stop_in_epoch_2)
-    assert json.loads((out / "metrics.json").read_text())["epochs_done"] == 1
+    assert json.loads((out / METRICS_NAME).read_text())["epochs_done"] == 1
     with pytest.raises(FinetuneError, match="already holds a run; pass --resume"):
         finetune(small_config(small_epic, out), log=lambda _: None)
     with pytest.raises(FinetuneError, match=r"other settings.*lr: run has 0.01, now 0.02"):
         finetune(small_config(small_epic, out, lr=0.02, resume=True), log=lambda _: None)
     metrics = finetune(small_config(small_epic, out, workers=1, resume=True), log=lambda _: None)
 
-    expected = json.loads((uninterrupted / "metrics.json").read_text())
+    expected = json.loads((uninterrupted / METRICS_NAME).read_text())
     assert metrics == {k: expected[k] for k in ("verb_top1", "verb_top5")}
-    got = json.loads((out / "metrics.json").read_text())
+    got = json.loads((out / METRICS_NAME).read_text())
     assert without_timing(got["history"]) == without_timing(expected["history"])
     mine, theirs = checkpoint_tensors(out), checkpoint_tensors(uninterrupted)
     assert mine.keys() == theirs.keys()
@@ -107,13 +114,13 @@ def test_unreadable_segments_are_skipped_and_listed_or_stop_the_run(tmp_path: Pa
 
     out = tmp_path / "tolerant"
     finetune(small_config(data, out, max_failed_fraction=0.5), log=lambda _: None)
-    failures = json.loads((out / "failures.json").read_text())
+    failures = json.loads((out / FAILURES_NAME).read_text())
     assert [(f["uid"], f["epoch"], f["phase"]) for f in failures] == [
         (bad_train.uid, 1, "train"), (bad_val.uid, 1, "val"), (bad_train.uid, 2, "train"), (bad_val.uid, 2, "val")]
     assert "truncated JPEG" in failures[0]["reason"] and "not a JPEG" in failures[1]["reason"]
-    history = json.loads((out / "metrics.json").read_text())["history"]
+    history = json.loads((out / METRICS_NAME).read_text())["history"]
     assert [(e["train_clips"], e["train_failed"], e["val_clips"], e["val_failed"]) for e in history] == [(5, 1, 2, 1)] * 2
-    assert f"skipped train segment {bad_train.uid}" in (out / "log.txt").read_text()
+    assert f"skipped train segment {bad_train.uid}" in (out / LOG_NAME).read_text()
 
     # 1 of 6 is more than the default 1 %: the run stops in its first epoch and says why.
     with pytest.raises(FinetuneError, match=rf"1 of 6 train segments of epoch 1 could not be read, more than the "
@@ -154,9 +161,9 @@ def test_a_flow_run_trains_on_the_u_v_stacks_the_flow_build_reads(tmp_path: Path
     data = make_small_epic(tmp_path / "data", flow=True)
     out = tmp_path / "flow"
     finetune(small_config(data, out, recipe="i3d-flow", backbone="mc3_18", epochs=1), log=lambda _: None)
-    config = json.loads((out / "config.json").read_text())
+    config = json.loads((out / CONFIG_NAME).read_text())
     assert config["settings"]["modality"] == "flow" and config["recipe"]["modality"] == "flow"
-    backbone, _ = build_backbone(f"mc3_18:{out / 'checkpoint.pt'}", in_channels=2)  # as featstore build --modality flow
+    backbone, _ = build_backbone(f"mc3_18:{out / CHECKPOINT_NAME}", in_channels=2)  # as featstore build --modality flow
     assert backbone.stem[0].in_channels == 2
 
 
@@ -167,7 +174,7 @@ def test_a_tsn_flow_run_takes_segments_of_stacked_snippets(tmp_path: Path) -> No
                           epochs=1, batch_size=2)
     assert (config.clip_sampling, config.snippet_frames, config.in_channels) == ("segments", 5, 10)
     finetune(config, log=lambda _: None)
-    backbone, _ = build_backbone(f"tsn_r50:{out / 'checkpoint.pt'}", in_channels=10)  # as the flow build loads it
+    backbone, _ = build_backbone(f"tsn_r50:{out / CHECKPOINT_NAME}", in_channels=10)  # as the flow build loads it
     assert backbone.base_model.conv1.in_channels == 10
 
 
@@ -186,10 +193,10 @@ def test_two_torchrun_processes_share_the_batches_and_gather_what_they_saw(tmp_p
             "--train-where", TRAIN_WHERE, "--val-where", VAL_WHERE, "--num-classes", "4", "--workers", "0",
             "--max-failed-fraction", "0.5", "--no-progress"]
     torchrun_cli("cli.featstore_cli", args)
-    [entry] = json.loads((out / "metrics.json").read_text())["history"]
+    [entry] = json.loads((out / METRICS_NAME).read_text())["history"]
     # 6 training segments in batches of 4 shared by 2 processes: 2 steps each, one segment unreadable.
     assert (entry["train_clips"], entry["train_failed"], entry["steps"]) == (5, 1, 2)
     assert (entry["val_clips"], entry["val_failed"]) == (3, 0)  # each process scored its share
-    failures = json.loads((out / "failures.json").read_text())
+    failures = json.loads((out / FAILURES_NAME).read_text())
     assert [(f["uid"], f["phase"]) for f in failures] == [(bad.uid, "train")] and "empty" in failures[0]["reason"]
-    build_backbone(f"mc3_18:{out / 'checkpoint.pt'}")
+    build_backbone(f"mc3_18:{out / CHECKPOINT_NAME}")

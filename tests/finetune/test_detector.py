@@ -11,6 +11,17 @@ from PIL import Image
 
 from featstore.models import CheckpointError, build_detector, read_state_dict
 from featstore.epic.objects import ImageLayout, ObjectImage
+from featstore.training.run_folder import (
+    CHECKPOINT_NAME,
+    CONFIG_NAME,
+    CURVES_NAME,
+    FAILURES_NAME,
+    LOG_NAME,
+    METRICS_NAME,
+    PER_CLASS_AP_NAME,
+    PREDICTION_IMAGES_NAME,
+    RESUME_STATE_NAME,
+)
 from finetune.clips import TooManyFailures
 from finetune.detector import IterationBatchSampler, ObjectImageDataset, finetune_detector
 from finetune.detector_config import DetectorFinetuneError, make_detector_config
@@ -112,20 +123,20 @@ def uninterrupted(images: Path, tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 def test_a_run_writes_its_folder_and_build_loads_the_checkpoint(uninterrupted: Path) -> None:
-    for name in ("checkpoint.pt", "training_state.pt", "config.json", "metrics.json", "per_class_ap.csv",
-                 "predictions.png", "curves.png", "failures.json", "log.txt"):
+    for name in (CHECKPOINT_NAME, RESUME_STATE_NAME, CONFIG_NAME, METRICS_NAME, PER_CLASS_AP_NAME,
+                 PREDICTION_IMAGES_NAME, CURVES_NAME, FAILURES_NAME, LOG_NAME):
         assert (uninterrupted / name).is_file(), name
-    metrics = json.loads((uninterrupted / "metrics.json").read_text())
+    metrics = json.loads((uninterrupted / METRICS_NAME).read_text())
     assert metrics["complete"] and metrics["iterations_done"] == 4
     assert [entry["iteration"] for entry in metrics["history"]] == [2, 4]
     assert all(0.0 <= entry["map_50"] <= 100.0 for entry in metrics["history"])
-    config = json.loads((uninterrupted / "config.json").read_text())
+    config = json.loads((uninterrupted / CONFIG_NAME).read_text())
     assert "warm" in config["warmup"] and config["data"]["n_val_images"] == 8
-    payload = torch.load(uninterrupted / "checkpoint.pt", weights_only=True)
+    payload = torch.load(uninterrupted / CHECKPOINT_NAME, weights_only=True)
     assert payload["classes"]["num_classes"] == 3 and payload["finetune"]["kind"] == "detector"
-    detector, _ = build_detector(f"{DETECTOR}:{uninterrupted / 'checkpoint.pt'}", min_size=64, max_size=80)
+    detector, _ = build_detector(f"{DETECTOR}:{uninterrupted / CHECKPOINT_NAME}", min_size=64, max_size=80)
     assert detector.roi_heads.box_predictor.cls_score.out_features == 4  # 3 classes + background, from the file
-    assert detector.load_report.loaded == len(read_state_dict(uninterrupted / "checkpoint.pt"))
+    assert detector.load_report.loaded == len(read_state_dict(uninterrupted / CHECKPOINT_NAME))
 
 
 @pytest.mark.slow
@@ -145,10 +156,10 @@ def test_a_resumed_run_equals_the_uninterrupted_one(images: Path, uninterrupted:
     with pytest.raises(DetectorFinetuneError, match="lr: run has 0.01"):
         finetune_detector(tiny(images, out, resume=True, lr=0.02), log=lambda _: None)
     finetune_detector(tiny(images, out, resume=True), log=lambda _: None)
-    ours, theirs = (read_state_dict(path / "checkpoint.pt") for path in (out, uninterrupted))
+    ours, theirs = (read_state_dict(path / CHECKPOINT_NAME) for path in (out, uninterrupted))
     assert ours.keys() == theirs.keys()
     assert all(torch.equal(ours[key], theirs[key]) for key in ours)
-    assert "resuming" in (out / "log.txt").read_text()
+    assert "resuming" in (out / LOG_NAME).read_text()
 
 
 @pytest.mark.slow
@@ -160,7 +171,7 @@ def test_unreadable_training_images_are_listed_or_stop_the_run(images: Path, tmp
     (copy / "P01_01" / "0002.jpg").write_bytes(b"broken")
     out = tmp_path / "tolerant"
     finetune_detector(tiny(copy, out, max_failed_fraction=0.5, iterations=8, eval_every=8), log=lambda _: None)
-    failures = json.loads((out / "failures.json").read_text())
+    failures = json.loads((out / FAILURES_NAME).read_text())
     assert failures and {entry["uid"] for entry in failures} == {"P01_01/2"}
     with pytest.raises(TooManyFailures, match="train images of round 1 could not be read"):
         finetune_detector(tiny(copy, tmp_path / "strict", max_failed_fraction=0.0, iterations=8, eval_every=8),
@@ -174,7 +185,7 @@ def test_an_init_checkpoint_drops_another_predictor_and_names_what_does_not_fit(
     out = tmp_path / "from-coco"
     finetune_detector(tiny(images, out, iterations=0, detector=f"{DETECTOR}:{tmp_path / 'coco.pt'}"),
                       log=lambda _: None)
-    assert "box predictor (91 classes) was dropped" in (out / "log.txt").read_text()
+    assert "box predictor (91 classes) was dropped" in (out / LOG_NAME).read_text()
     other, _ = build_detector("fasterrcnn_resnet50_fpn")
     other.save_checkpoint(tmp_path / "r50.pt")
     with pytest.raises(CheckpointError, match="unexpected|missing|shape"):
@@ -216,7 +227,7 @@ def test_done_when_mobilenet_learns_the_demo_objects(tmp_path: Path) -> None:
     assert metrics["map_50"] >= DONE_WHEN_MIN_MAP_50, metrics
 
     params = build_params(sample, tmp_path / "store", progress=False, workers=0)
-    params.update(detector=f"{DETECTOR}:{out / 'checkpoint.pt'}", boxes=None, det_min_size=320, det_max_size=427)
+    params.update(detector=f"{DETECTOR}:{out / CHECKPOINT_NAME}", boxes=None, det_min_size=320, det_max_size=427)
     build_store(make_build_config(params))
     hits, n_validation = moved_object_hits(tmp_path / "store", sample)
     assert hits / n_validation >= DONE_WHEN_MIN_HIT_FRACTION, (hits, n_validation)
@@ -230,8 +241,8 @@ def test_two_torchrun_processes_train_one_detector(images: Path, tmp_path: Path)
             "--eval-every", "2", "--batch-size", "4", "--lr", "0.01", "--warmup-iterations", "1", "--min-size", "64",
             "--max-size", "80", "--roi-batch-size", "16", "--rpn-proposals", "50", "--workers", "0", "--no-progress"]
     torchrun_cli("cli.featstore_cli", args)
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = json.loads((out / METRICS_NAME).read_text())
     assert metrics["complete"] and [entry["iteration"] for entry in metrics["history"]] == [2, 4]
     assert all(entry["map_50"] is not None for entry in metrics["history"])  # the main process validated
-    assert json.loads((out / "config.json").read_text())["settings"]["world_size"] == 2
-    build_detector(f"{DETECTOR}:{out / 'checkpoint.pt'}", min_size=64, max_size=80)
+    assert json.loads((out / CONFIG_NAME).read_text())["settings"]["world_size"] == 2
+    build_detector(f"{DETECTOR}:{out / CHECKPOINT_NAME}", min_size=64, max_size=80)

@@ -22,7 +22,18 @@ from tests.helpers.detection import moved_object_hits
 
 pytest.importorskip("detectron2")
 
-from finetune.detectron2_training import CHECKPOINT_NAME, STATE_NAME, finetune_detectron2  # noqa: E402
+from featstore.training.run_folder import (  # noqa: E402
+    CHECKPOINT_NAME,
+    CONFIG_NAME,
+    DETECTRON2_CONFIG_NAME,
+    FAILURES_NAME,
+    LOG_NAME,
+    METRICS_NAME,
+    PER_CLASS_AP_NAME,
+    PREDICTION_IMAGES_NAME,
+    RESUME_STATE_NAME,
+)
+from finetune.detectron2_training import finetune_detectron2  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -87,7 +98,7 @@ def tiny_config(out: Path, tiny: tuple[Path, Path], small_yaml: Path, **settings
 
 def test_an_existing_run_is_refused_and_a_missing_one_cannot_resume(tmp_path: Path, tiny, small_yaml) -> None:
     (tmp_path / "run").mkdir()
-    (tmp_path / "run" / "config.json").write_text("{}")
+    (tmp_path / "run" / CONFIG_NAME).write_text("{}")
     with pytest.raises(DetectorFinetuneError, match="already holds a run .*pass resume"):
         finetune_detectron2(tiny_config(tmp_path / "run", tiny, small_yaml))
     with pytest.raises(DetectorFinetuneError, match="nothing to resume .*no config.json"):
@@ -101,7 +112,7 @@ def test_unreadable_images_are_listed_and_too_many_stop_the_run(tmp_path: Path, 
     config = tiny_config(tmp_path / "run", tiny, small_yaml, images=tmp_path / "no_images")
     with pytest.raises(DetectorFinetuneError, match=r"9 of 9 images cannot be read .*max_failed_fraction"):
         finetune_detectron2(config, log=lambda line: None)
-    failures = json.loads((tmp_path / "run" / "failures.json").read_text())
+    failures = json.loads((tmp_path / "run" / FAILURES_NAME).read_text())
     assert len(failures) == 9 and {entry["phase"] for entry in failures} == {"train", "val"}
     assert "FileNotFoundError" in failures[0]["reason"]
 
@@ -133,21 +144,22 @@ def test_a_tiny_run_writes_the_run_folder_loads_in_build_and_resumes(tmp_path: P
     out = tmp_path / "run"
     lines: list[str] = []
     metrics = finetune_detectron2(tiny_config(out, tiny, small_yaml), log=lines.append)
-    for name in ("checkpoint.pth", "config.yaml", STATE_NAME, "config.json", "metrics.json", "per_class_ap.csv",
-                 "predictions.png", "failures.json", "log.txt"):
+    for name in (CHECKPOINT_NAME, DETECTRON2_CONFIG_NAME, RESUME_STATE_NAME, CONFIG_NAME, METRICS_NAME,
+                 PER_CLASS_AP_NAME, PREDICTION_IMAGES_NAME, FAILURES_NAME, LOG_NAME):
         assert (out / name).is_file(), name
     assert [entry["iteration"] for entry in metrics["history"]] == [1, 2]
     assert metrics["complete"] and 0.0 <= metrics["map_50"] <= 100.0 and metrics["map_50_95"] <= metrics["map_50"]
-    recorded = json.loads((out / "config.json").read_text())
+    recorded = json.loads((out / CONFIG_NAME).read_text())
     assert recorded["settings"]["iterations"] == 2 and recorded["recipe"] == "epic-train"
     assert recorded["warmup"] == {"kind": "linear", "iterations": 1, "factor": 0.001, "lr_at_0": pytest.approx(1e-5)}
     assert "NUM_CLASSES: 5" in recorded["detectron2_config"] and recorded["num_classes"] == 5
-    assert json.loads((out / "failures.json").read_text()) == []
-    assert "iteration 2: loss" in (out / "log.txt").read_text()
+    assert json.loads((out / FAILURES_NAME).read_text()) == []
+    assert "iteration 2: loss" in (out / LOG_NAME).read_text()
 
     stored = torch.load(out / CHECKPOINT_NAME, map_location="cpu", weights_only=True)
     assert stored["num_classes"] == 6 and stored["class_names"] == ["0", "1", "2", "3", "4"]
-    for spec in (f"detectron2:{out / CHECKPOINT_NAME}", f"detectron2:{out / 'config.yaml'}:{out / CHECKPOINT_NAME}"):
+    for spec in (f"detectron2:{out / CHECKPOINT_NAME}",
+                 f"detectron2:{out / DETECTRON2_CONFIG_NAME}:{out / CHECKPOINT_NAME}"):
         detector, _ = build_detector(spec, score_thresh=0.0)
         assert detector.class_names == ("0", "1", "2", "3", "4")
         assert detector.model.roi_heads.box_predictor.cls_score.out_features == 6
@@ -166,7 +178,7 @@ def test_a_tiny_run_writes_the_run_folder_loads_in_build_and_resumes(tmp_path: P
     # Resume to 3 iterations: continues at 3, the history grows by one.
     resumed = finetune_detectron2(tiny_config(out, tiny, small_yaml, iterations=3, resume=True), log=lines.append)
     assert [entry["iteration"] for entry in resumed["history"]] == [1, 2, 3]
-    assert "after 2 iterations" in (out / "log.txt").read_text()
+    assert "after 2 iterations" in (out / LOG_NAME).read_text()
     assert torch.load(out / CHECKPOINT_NAME, map_location="cpu", weights_only=True)["iteration"] == 3
 
 
@@ -227,8 +239,8 @@ def test_two_torchrun_ranks_train_one_run(tmp_path: Path, tiny, small_yaml) -> N
                                                           "DistNetworkError")):
         pytest.skip(f"torchrun could not start here: {output[-500:]}")
     assert run.returncode == 0, output[-3000:]
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = json.loads((out / METRICS_NAME).read_text())
     assert [entry["iteration"] for entry in metrics["history"]] == [1, 2] and metrics["complete"]
-    assert json.loads((out / "config.json").read_text())["settings"]["world_size"] == 2
+    assert json.loads((out / CONFIG_NAME).read_text())["settings"]["world_size"] == 2
     stored = torch.load(out / CHECKPOINT_NAME, map_location="cpu", weights_only=True)
     assert not any(key.startswith("module.") for key in stored["model"])

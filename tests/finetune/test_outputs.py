@@ -6,13 +6,15 @@ from pathlib import Path
 
 import torch
 
-from featstore.extract.service import BuildConfig, build_store
+from featstore.extract.config import BuildConfig
+from featstore.extract.service import build_store
 from featstore.models import build_backbone, read_state_dict
 from featstore.models.checkpoints import read_finetune_record
 from featstore.epic.sampling import SamplingConfig
 from featstore.store.reader import FeatureStore
 from finetune.model import build_video_classifier
-from finetune.outputs import RunLog, plot_curves, write_finetuned_checkpoint
+from featstore.training.run_folder import CHECKPOINT_NAME, CURVES_NAME
+from finetune.outputs import plot_curves, write_finetuned_checkpoint
 
 
 def finetuned(tmp_path: Path, name: str = "mc3_18", in_channels: int = 3) -> tuple[Path, torch.nn.Module, dict]:
@@ -23,7 +25,7 @@ def finetuned(tmp_path: Path, name: str = "mc3_18", in_channels: int = 3) -> tup
     record = {"format": 1, "run": str(tmp_path / "run"), "epoch": 2, "metrics": {"verb_top1": 40.0},
               "config": {"settings": {"backbone": name, "target": "verb", "recipe": "r50-3d", "lr": 0.003,
                                       "scale_range": (224, 288)}}}
-    path = write_finetuned_checkpoint(tmp_path / "checkpoint.pt", backbone=model.backbone.state_dict(),
+    path = write_finetuned_checkpoint(tmp_path / CHECKPOINT_NAME, backbone=model.backbone.state_dict(),
                                       classifier=model.classifier.state_dict(), record=record)
     return path, model, record
 
@@ -63,12 +65,8 @@ def test_a_store_built_from_it_records_the_run_next_to_the_checkpoint_hash(small
     assert "finetune" not in provenance["noun_backbone"]  # random weights: no run behind them
 
 
-def test_the_log_appends_across_runs_and_curves_are_written(tmp_path: Path) -> None:
-    log = RunLog(tmp_path / "log.txt", echo=lambda _: None)
-    log("first")
-    RunLog(tmp_path / "log.txt", echo=lambda _: None)("second")  # a resumed run appends
-    assert (tmp_path / "log.txt").read_text().splitlines() == ["first", "second"]
+def test_curves_are_written(tmp_path: Path) -> None:
     history = [{"epoch": 1, "loss": 2.0, "verb_top1": 10.0, "verb_top5": 50.0},
                {"epoch": 2, "loss": 1.5, "verb_top1": 20.0, "verb_top5": 60.0}]
-    png = plot_curves(history, tmp_path / "curves.png", target="verb", title="t")
+    png = plot_curves(history, tmp_path / CURVES_NAME, target="verb", title="t")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

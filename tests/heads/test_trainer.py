@@ -11,6 +11,14 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from featstore.training.run_folder import (
+    CONFIG_NAME,
+    HISTORY_NAME,
+    METRICS_NAME,
+    PREDICTIONS_NAME,
+    RUN_FILES,
+    run_folder_files,
+)
 from heads.models import MissingFieldsError
 from heads.trainer import (
     TrainConfig,
@@ -40,19 +48,17 @@ CLASS_KEYS = ("verb_precision", "verb_recall", "noun_precision", "noun_recall", 
 def test_run_directory_contract(planted_store: Path, tmp_path: Path) -> None:
     metrics = train(planted_store, tmp_path / "run", _config(), progress=False)
     run = tmp_path / "run"
-    for name in ("config.json", "metrics.json", "predictions.parquet", "history.json", "curves.png",
-                 "checkpoints/last.pt"):
-        assert (run / name).is_file(), name
-    assert json.loads((run / "metrics.json").read_text()) == metrics
+    assert run_folder_files(run) == RUN_FILES["heads"].expected(validated=True)  # exactly: no temporaries
+    assert json.loads((run / METRICS_NAME).read_text()) == metrics
     # No class has >100 training samples here, so there are no many-shot classes: top-k only.
     assert set(metrics) == set(TOPK_KEYS)
     assert all(0.0 <= metrics[key] <= 100.0 for key in TOPK_KEYS)
-    config = json.loads((run / "config.json").read_text())
+    config = json.loads((run / CONFIG_NAME).read_text())
     assert (config["n_train"], config["n_val"]) == (240, 240)
     assert config["store"] == str(planted_store.resolve()) and len(config["manifest_sha256"]) == 64
     assert config["model"] == "saoa" and config["data_mode"] == "preload"
     assert config["dims"] == {"verb_dim": 32, "noun_dim": 32, "det_dim": 32, "n_global": 60, "n_local": 40}
-    table = pq.read_table(run / "predictions.parquet")
+    table = pq.read_table(run / PREDICTIONS_NAME)
     assert table.column_names == ["uid", "verb_logits", "noun_logits"]
     assert table.num_rows == 240 and len(table.column("verb_logits")[0]) == 125
     assert len(table.column("noun_logits")[0]) == 352
@@ -63,7 +69,7 @@ def test_official_class_lists_give_the_class_aware_metrics(planted_store: Path, 
     metrics = train(planted_store, tmp_path / "run", _config(epochs=1, meta_dir=str(epic55_dir)), progress=False)
     assert set(metrics) == set(TOPK_KEYS) | set(CLASS_KEYS)
     assert all(0.0 <= metrics[key] <= 100.0 for key in CLASS_KEYS)
-    assert json.loads((tmp_path / "run" / "config.json").read_text())["class_lists"] == "official"
+    assert json.loads((tmp_path / "run" / CONFIG_NAME).read_text())["class_lists"] == "official"
 
 
 @pytest.mark.slow  # four trainings, one in a subprocess
@@ -83,13 +89,13 @@ def test_same_seed_same_result_and_resume_after_kill(planted_store: Path, tmp_pa
     )
     killed = subprocess.run([sys.executable, "-c", script], capture_output=True)
     assert killed.returncode == -signal.SIGKILL
-    assert json.loads((tmp_path / "c" / "history.json").read_text())[-1]["epoch"] == 2
+    assert json.loads((tmp_path / "c" / HISTORY_NAME).read_text())[-1]["epoch"] == 2
     with pytest.raises(TrainingError, match="--resume"):
         train(planted_store, tmp_path / "c", config, progress=False)
     resumed = train(planted_store, tmp_path / "c", config, resume=True, progress=False)
     assert resumed == straight
-    a = pq.read_table(tmp_path / "a" / "predictions.parquet").to_pydict()
-    c = pq.read_table(tmp_path / "c" / "predictions.parquet").to_pydict()
+    a = pq.read_table(tmp_path / "a" / PREDICTIONS_NAME).to_pydict()
+    c = pq.read_table(tmp_path / "c" / PREDICTIONS_NAME).to_pydict()
     assert a == c
 
 
@@ -124,7 +130,7 @@ def test_streaming_mode_gives_the_same_result_as_preloading(planted_store: Path,
     stream = train(planted_store, tmp_path / "s", _config(epochs=1, memory_budget_gb=1e-6), progress=False,
                    log=messages.append)
     assert any("stream mode" in m for m in messages)
-    assert json.loads((tmp_path / "s" / "config.json").read_text())["data_mode"] == "stream"
+    assert json.loads((tmp_path / "s" / CONFIG_NAME).read_text())["data_mode"] == "stream"
     for key in preload:
         assert stream[key] == pytest.approx(preload[key], abs=1e-6), key
 
@@ -138,6 +144,6 @@ def test_eval_and_predict_reproduce_the_run(planted_store: Path, tmp_path: Path)
     metrics = train(planted_store, tmp_path / "run", _config(epochs=1), progress=False)
     assert evaluate_run(tmp_path / "run") == pytest.approx(metrics)
     preds, labels = predict_selection(tmp_path / "run", where=VAL)
-    saved = pq.read_table(tmp_path / "run" / "predictions.parquet")
+    saved = pq.read_table(tmp_path / "run" / PREDICTIONS_NAME)
     assert list(preds.uids) == saved.column("uid").to_pylist()
     np.testing.assert_allclose(preds.verb_logits, np.array(saved.column("verb_logits").to_pylist()), atol=1e-5)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from featstore.extract.service import BuildConfig
+from featstore.extract.config import BuildConfig
 from featstore.samples.annotations import (
     SegmentLabel,
     write_epic55_annotations,

@@ -1,7 +1,7 @@
 """Readers in other processes while a writer appends; two writers pointed at one store by mistake.
 
 DataLoader workers reading a finished store with fork and spawn are covered by
-tests/featstore/store/test_reader.py::test_dataloader_workers_read_the_same_bytes_as_one_process; here
+tests/featstore/store/test_environments.py::test_dataloader_workers_read_the_same_bytes_as_one_process; here
 forked and spawned readers run *while* another process writes.
 """
 from __future__ import annotations
@@ -15,7 +15,8 @@ import pytest
 from featstore.samples.annotations import generate_segments, write_epic55_annotations
 from featstore.samples.features import write_feature_npzs
 from featstore.store.schema import FieldSpec
-from featstore.store.reader import FeatureStore, segment_checksum
+from featstore.store.reader import FeatureStore
+from featstore.store.writer import segment_checksum
 from tests.reliability import faults
 from tests.reliability.invariants import assert_store_consistent
 from tests.reliability.workloads import (

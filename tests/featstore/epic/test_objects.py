@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from featstore.epic.annotations import AnnotationError, read_class_list
-from featstore.extract.plan import BoxesFileError
+from featstore.epic.boxes import BoxesFileError
 from featstore.epic.frames import EpicJpegFrames
 from featstore.epic.objects import (
     EPIC_OBJECT_COLUMNS,

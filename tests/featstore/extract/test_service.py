@@ -4,7 +4,7 @@ video files, crash and resume, and a two-rank torchrun build equal to a one-proc
 Models are randomly initialised under a fixed seed (nothing is downloaded): r3d_18 for both
 backbones, the MobileNet Faster R-CNN with score threshold 0 (so random weights still detect) at a
 small input size, 8-frame clips, a 32-pixel short side (tests/helpers/tiny_build.py). The pure parts
-of a build (shards, schema, slots, boxes files) are tested in test_extraction_plan.py.
+of a build (shards, schema, slots) are tested in test_plan.py, boxes files in tests/featstore/epic/test_boxes.py.
 """
 from __future__ import annotations
 
@@ -19,26 +19,16 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
 
-from featstore.extract import service as extraction
 from featstore.epic.annotations import read_segments
-from featstore.extract.service import (
-    BuildConfig,
-    BuildError,
-    build_store,
-    distributed_env,
-    resize_frames,
-)
-from featstore.extract.plan import (
-    BoxesFileError,
-    PrecomputedBoxes,
-    input_size_for,
-    store_fields,
-)
+from featstore.extract import compute
+from featstore.extract.config import BuildError
+from featstore.extract.decode import resize_frames
+from featstore.extract.plan import input_size_for, store_fields
+from featstore.extract.service import build_store
 from featstore.epic.frames import EpicJpegFrames
 from featstore.models import backbone_map_shape, build_detector, get_backbone_record
 from featstore.samples.annotations import (
@@ -62,8 +52,8 @@ from tests.helpers.tiny_build import (
     tiny_build_flags,
 )
 
-REPO = Path(__file__).resolve().parents[2]
-SCRIPT = Path(__file__).with_name("torchrun_build.py")
+REPO = Path(__file__).resolve().parents[3]
+SCRIPT = REPO / "tests" / "featstore" / "torchrun_build.py"
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -82,7 +72,7 @@ def built(dataset, tmp_path_factory: pytest.TempPathFactory):
     """A store built once with the detector, counting the images each detector call gets."""
     frames, annotations = dataset
     calls: list[int] = []
-    real_build_detector = extraction.build_detector
+    real_build_detector = compute.build_detector
 
     def counting_build_detector(*args, **kwargs):
         detector, record = real_build_detector(*args, **kwargs)
@@ -99,62 +89,9 @@ def built(dataset, tmp_path_factory: pytest.TempPathFactory):
     # batch_size 1: one detector call per segment, so its image count is that segment's.
     config = small_config(store_path, annotations, frames, batch_size=1, det_batch_size=64)
     with pytest.MonkeyPatch.context() as patch, torch_threads(1):
-        patch.setattr(extraction, "build_detector", counting_build_detector)
+        patch.setattr(compute, "build_detector", counting_build_detector)
         report = build_store(config)
     return config, report, calls
-
-
-# ------------------------------------------------------------------------------------------------
-# configuration
-
-
-@pytest.mark.parametrize(
-    "row, message",
-    [
-        ("P01_01,0,0,0,5,5,0.5", r"row 3, column 'frame': must be a 1-based integer, got 0.0"),
-        ("P01_01,2,0,0,inf,5,0.5", r"row 3, column 'x2': non-finite value inf"),
-        ("P01_01,2,0,9,5,5,0.5", r"row 3, column 'y2': box \[0.0, 9.0, 5.0, 5.0\] has y2 <= y1"),
-        ("P01_01,2,0,0,5,5,", r"row 3, column 'score': empty value \(1 in all\)"),
-    ],
-)
-def test_boxes_file_errors_name_the_file_row_and_column(tmp_path: Path, row: str, message: str) -> None:
-    # Row numbers are the file's own, also when a video selection skips rows before the bad one.
-    path = tmp_path / "boxes.csv"
-    path.write_text(f"video_id,frame,x1,y1,x2,y2,score\nP02_01,1,0,0,5,5,0.5\nP01_01,1,0,0,5,5,0.5\n{row}\n")
-    with pytest.raises(BoxesFileError, match=message):
-        PrecomputedBoxes.read(path, coords="pixel", videos={"P01_01"})
-
-
-def test_boxes_file_frames_are_the_file_as_given(tmp_path: Path) -> None:
-    path = tmp_path / "boxes.parquet"
-    pq.write_table(pa.table({
-        "video_id": ["P02_01", "P01_01", "P01_01", "P01_01"], "frame": [5, 9, 3, 9],
-        "x1": [0.0, 1, 2, 3], "y1": [0.0, 0, 0, 0], "x2": [10.0, 11, 12, 200], "y2": [5.0, 5, 5, 5],
-        "score": [0.5, 0.2, 0.9, 0.8], "label": [1, None, 3, 4],
-    }), path)
-    frames = list(PrecomputedBoxes.read(path, coords="pixel").frames())
-    assert [(f.video_id, f.frame) for f in frames] == [("P01_01", 3), ("P01_01", 9), ("P02_01", 5)]
-    nine = frames[1]
-    assert nine.boxes.tolist() == [[3, 0, 200, 5], [1, 0, 11, 5]]  # best score first, not clipped
-    assert nine.labels.tolist() == [4, -1] and nine.file_rows.tolist() == [4, 2]
-
-
-def test_distributed_env() -> None:
-    assert distributed_env({}) == (0, 1, 0)
-    assert distributed_env({"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"}) == (1, 2, 1)
-    with pytest.raises(BuildError, match="RANK"):
-        distributed_env({"WORLD_SIZE": "2"})
-
-
-def test_config_refuses_what_cannot_work(tmp_path: Path) -> None:
-    with pytest.raises(BuildError, match="exactly one frame source"):
-        BuildConfig(store=tmp_path, annotations=tmp_path, verb_backbone="r3d_18", noun_backbone="r3d_18")
-    with pytest.raises(BuildError, match="detector"):
-        BuildConfig(store=tmp_path, annotations=tmp_path, verb_backbone="r3d_18", noun_backbone="r3d_18",
-                     frames_root=tmp_path, boxes=tmp_path / "b.csv")
-    with pytest.raises(BuildError, match="flow"):
-        BuildConfig(store=tmp_path, annotations=tmp_path, verb_backbone="r3d_18", noun_backbone="r3d_18",
-                     videos_dir=tmp_path, modality="flow")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -343,7 +280,7 @@ def test_stacked_flow_clip_is_the_planned_flow_frames_u_v_interleaved(dataset, t
     """What the flow TSN receives: per segment 5 consecutive flow files, channels u1, v1, ..., u5, v5."""
     frames, annotations = dataset
     received: list[torch.Tensor] = []
-    real_build_backbone = extraction.build_backbone
+    real_build_backbone = compute.build_backbone
 
     def recording_build_backbone(spec, *, in_channels):
         backbone, record = real_build_backbone(spec, in_channels=in_channels)
@@ -360,7 +297,7 @@ def test_stacked_flow_clip_is_the_planned_flow_frames_u_v_interleaved(dataset, t
                           modality="flow", detector=None, sampling=None, sampling_overrides={"size": 32},
                           limit=1, batch_size=1)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(extraction, "build_backbone", recording_build_backbone)
+        patch.setattr(compute, "build_backbone", recording_build_backbone)
         assert build_store(config).built == 1
     (clip,) = received  # (1, 10, 8, H, W)
     sampling = SamplingConfig.from_dict(FeatureStore.open(config.store).manifest["provenance"]["sampling"])

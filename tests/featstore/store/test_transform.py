@@ -162,6 +162,6 @@ def test_info_prints_bytes_per_field_and_the_map_alternatives(tmp_path: Path) ->
 
     text = _invoke("info", path).output
     assert "bytes per segment" in text and "--map none" in text and "--map full" in text
-    assert "verb.map" in text and "per stored segment" in text
+    assert "verb.map" in text and "per segment (index and journal included)" in text
     no_boxes = _store(tmp_path / "nb", 2, shapes={k: v for k, v in SHAPES.items() if not k.startswith("det.local")})
     assert json.loads(_invoke("info", no_boxes, "--json").output)["map_alternatives"]["none"] is None

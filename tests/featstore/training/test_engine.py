@@ -1,4 +1,5 @@
-"""The training engine on toy runs fed by DataLoaders: hook order, resume, divergence, groups."""
+"""The training engine and its hooks on toy runs fed by DataLoaders: hook order, resume, divergence, groups;
+the world's collectives over two processes."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,20 +11,18 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from featstore.training.engine import (
+from featstore.training.engine import Engine, Hook, RunState, TrainingError
+from featstore.training.hooks import (
     Checkpointer,
-    Engine,
     EpochCallback,
     HistoryFile,
-    Hook,
     LearningRate,
     LossCheck,
-    RunState,
     StepCallback,
-    TrainingError,
     Validation,
-    World,
 )
+from featstore.training.run_folder import HISTORY_NAME, RESUME_STATE_NAME
+from featstore.training.world import World
 
 
 # One thread, one reduction order: grouped and solo runs compare bit for bit.
@@ -117,7 +116,7 @@ class Recorder(Hook):
 
 def _hooks(run: ToyRun, out: Path, **checkpoint: Any) -> list[Hook]:
     return [LossCheck(), LearningRate(run.optimizer), Validation(run.accuracy),
-            Checkpointer(out / "last.pt", **checkpoint), HistoryFile(out / "history.json")]
+            Checkpointer(out / RESUME_STATE_NAME, **checkpoint), HistoryFile(out / HISTORY_NAME)]
 
 
 def _train(seed: int, out: Path, epochs: int = 3, **kwargs: Any) -> tuple[ToyRun, RunState]:
@@ -171,7 +170,7 @@ def test_a_dataloader_run_resumed_after_an_interruption_reaches_the_uninterrupte
     engine.add(first, name="toy", epochs=3, hooks=[*_hooks(first, tmp_path / "resumed"), EpochCallback(stop)])
     with pytest.raises(Interrupted):
         engine.train()
-    assert torch.load(tmp_path / "resumed" / "last.pt", weights_only=False)["epoch"] == 1
+    assert torch.load(tmp_path / "resumed" / RESUME_STATE_NAME, weights_only=False)["epoch"] == 1
 
     # A fresh process would rebuild the run (same seed) and resume: the checkpoint restores weights,
     # optimiser, history and the run's random stream (the shuffles, the noise, the dropout masks).
@@ -196,9 +195,9 @@ def test_resume_without_the_random_stream_would_not_be_identical(tmp_path: Path)
     engine = Engine()
     engine.add(first, name="toy", epochs=1, hooks=_hooks(first, tmp_path / "resumed"))
     engine.train()
-    checkpoint = torch.load(tmp_path / "resumed" / "last.pt", weights_only=False)
+    checkpoint = torch.load(tmp_path / "resumed" / RESUME_STATE_NAME, weights_only=False)
     del checkpoint["rng"]
-    torch.save(checkpoint, tmp_path / "resumed" / "last.pt")
+    torch.save(checkpoint, tmp_path / "resumed" / RESUME_STATE_NAME)
     again, _ = _train(5, tmp_path / "resumed")
     assert not _same_weights(again.model, straight.model)
 
@@ -207,9 +206,10 @@ def test_a_non_finite_loss_names_its_epoch_and_step_and_keeps_the_last_good_chec
     with pytest.raises(TrainingError, match=r"^loss is nan at epoch 2, step 4; check$"):
         toy = ToyRun(0, nan_at=(2, 4))
         engine = Engine()
-        engine.add(toy, name="toy", epochs=3, hooks=[LossCheck(hint="; check"), Checkpointer(tmp_path / "last.pt")])
+        engine.add(toy, name="toy", epochs=3, hooks=[LossCheck(hint="; check"),
+                                                     Checkpointer(tmp_path / RESUME_STATE_NAME)])
         engine.train()
-    assert torch.load(tmp_path / "last.pt", weights_only=False)["epoch"] == 1
+    assert torch.load(tmp_path / RESUME_STATE_NAME, weights_only=False)["epoch"] == 1
 
 
 def test_a_group_of_two_runs_equals_the_two_runs_trained_alone(tmp_path: Path) -> None:
@@ -244,7 +244,7 @@ def test_in_a_group_a_failed_run_leaves_and_the_others_go_on(tmp_path: Path) -> 
 
 
 def test_keep_going_is_refused_under_data_parallelism() -> None:
-    world = World.__new__(World)  # no process group needed: the engine refuses before using it
+    world = World(rank=0, size=2)  # no process group needed: the engine refuses before using it
     with pytest.raises(ValueError, match="data parallelism"):
         Engine(world=world, keep_going=True)
 
@@ -271,28 +271,35 @@ def test_a_periodic_loss_check_records_the_same_mean_as_the_check_after_the_epoc
     assert records[0] == records[1]
 
 
-def _world_collectives(rank: int, size: int, init_file: str, results: Any) -> None:
-    import torch.distributed as dist
+def _world_collectives(rank: int, size: int, port: int, results: Any) -> None:
+    import os
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=size)
+    # What torchrun sets: the world starts the one way every trainer starts it.
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    world = World.from_environment("cpu", size=size)
     try:
-        world = World("cpu")
+        assert world is not None and world.owns_group and (world.rank, world.size) == (rank, size)
         norm = nn.BatchNorm1d(2)
         norm.running_mean.fill_(float(rank))  # rank 0: 0, rank 1: 1
         world.average_buffers(norm)
         results.put((rank, world.gather({"rank": rank}), world.sum_counts([rank + 1, 10]),
                      norm.running_mean.tolist(), int(norm.num_batches_tracked)))
     finally:
-        dist.destroy_process_group()
+        world.close()
 
 
-def test_world_gathers_sums_and_averages_buffers_over_two_processes(tmp_path: Path) -> None:
+def test_world_gathers_sums_and_averages_buffers_over_two_processes() -> None:
+    import socket
+
     import torch.multiprocessing as mp
 
+    with socket.socket() as probe:  # a free port for the rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
     context = mp.get_context("spawn")
     results = context.Queue()
-    processes = [context.Process(target=_world_collectives, args=(rank, 2, str(tmp_path / "init"), results))
-                 for rank in range(2)]
+    processes = [context.Process(target=_world_collectives, args=(rank, 2, port, results)) for rank in range(2)]
     for process in processes:
         process.start()
     got = sorted(results.get(timeout=120) for _ in processes)
@@ -302,3 +309,12 @@ def test_world_gathers_sums_and_averages_buffers_over_two_processes(tmp_path: Pa
         assert gathered == [{"rank": 0}, {"rank": 1}]
         assert counts == [3.0, 20.0]
         assert running_mean == [0.5, 0.5] and tracked == 0  # integer buffers are left alone
+
+
+def test_one_process_has_no_world_and_a_broken_torchrun_environment_is_named() -> None:
+    assert World.from_environment("cpu", environ={}) is None
+    assert World.from_environment("cpu", environ={"WORLD_SIZE": "1"}) is None
+    with pytest.raises(ValueError, match="WORLD_SIZE is set but RANK is not"):
+        World.from_environment("cpu", environ={"WORLD_SIZE": "2"})
+    with pytest.raises(ValueError, match="the settings say 2"):
+        World.from_environment("cpu", size=2, environ={})

@@ -1,4 +1,4 @@
-"""featstore.extract.allocator: freed batch-sized blocks stay in the process on glibc instead of going back to
+"""featstore.io.allocator: freed batch-sized blocks stay in the process on glibc instead of going back to
 the kernel (run in fresh interpreters: the setting is process-wide)."""
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 PROBE = r"""
 import ctypes, sys
 import numpy as np
-from featstore.extract.allocator import keep_freed_memory
+from featstore.io.allocator import keep_freed_memory
 
 class MallInfo2(ctypes.Structure):
     _fields_ = [(n, ctypes.c_size_t) for n in
@@ -51,7 +51,7 @@ def test_a_freed_batch_stays_in_the_heap_only_when_tuned() -> None:
 
 
 def test_it_sets_both_settings_and_stops_at_a_refusal() -> None:
-    from featstore.extract import allocator
+    from featstore.io import allocator
 
     calls = []
     assert allocator.tune_malloc(lambda param, value: calls.append((param, value)) or True) is True
@@ -64,7 +64,7 @@ def test_it_sets_both_settings_and_stops_at_a_refusal() -> None:
 
 
 def test_it_sets_glibc_once_per_process(monkeypatch: pytest.MonkeyPatch) -> None:
-    from featstore.extract import allocator
+    from featstore.io import allocator
 
     calls = []
     monkeypatch.setattr(allocator, "glibc_mallopt", lambda param, value: calls.append((param, value)) or True)

@@ -1,0 +1,282 @@
+"""The run folder: the files every trainer writes, one name each, and how a run checks, opens and cleans it.
+
+Every trainer writes one folder, ``OUT``: `heads train` (and each run of `heads ablate`),
+`featstore finetune`, and `featstore finetune-detector` with a torchvision detector (on the engine)
+or a detectron2 one (detectron2's trainer)::
+
+    OUT/checkpoint.pt        stage 1: the weights `featstore build` loads (``NAME:OUT/checkpoint.pt``)
+    OUT/checkpoints/last.pt  what a resume continues from (model, optimiser, epoch or iteration, history)
+    OUT/config.json          every setting of the run, and the data it read
+    OUT/metrics.json         the final metrics (stage 1: also per epoch or round, and ``complete``)
+    OUT/history.json         heads: one record per epoch
+    OUT/predictions.parquet  heads: the validation logits
+    OUT/failures.json        stage 1: the segments or images that could not be read
+    OUT/curves.png           loss and validation metrics per epoch or round
+    OUT/log.txt              stage 1: what the run printed
+    OUT/per_class_ap.csv     detectors: per-class AP of the last validation
+    OUT/predictions.png      detectors: predictions on a few validation images
+    OUT/config.yaml          detectron2: the model's config, beside checkpoint.pt, where
+                             `featstore build`'s detectron2 adapter looks for it
+
+The names are the same for every backend: detectron2's adapter and its checkpointer read ``.pt`` as
+they read ``.pth``. Every file is written through `featstore.io.atomic` (a hidden ``.NAME.HEX.tmp``
+renamed into place), so a killed run leaves whole files and perhaps temporaries, which opening the
+folder again deletes (`remove_run_temporaries`).
+
+A trainer checks the folder before any work (`RunFolder.check`: a folder that holds a run is refused
+unless resuming) and opens it once its inputs are known good (`RunFolder.open`: the folder made, the
+temporaries of a killed predecessor removed, the log started), so a refused run leaves no trace.
+
+Torch-free: the commands' ``--help`` and the configs' resume checks read it without loading torch.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
+
+from featstore.io.atomic import atomic_write_text, remove_temporaries
+
+if TYPE_CHECKING:
+    from featstore.training.world import World
+
+__all__ = [
+    "CHECKPOINT_NAME",
+    "CONFIG_NAME",
+    "CURVES_NAME",
+    "DETECTRON2_CONFIG_NAME",
+    "FAILURES_NAME",
+    "HISTORY_NAME",
+    "LEGACY_NAMES",
+    "LOG_NAME",
+    "METRICS_NAME",
+    "PER_CLASS_AP_NAME",
+    "PREDICTIONS_NAME",
+    "PREDICTION_IMAGES_NAME",
+    "RESUME_STATE_NAME",
+    "RUN_FILES",
+    "RunFiles",
+    "RunFolder",
+    "RunLog",
+    "holds_run",
+    "remove_run_temporaries",
+    "run_folder_files",
+    "settings_differences",
+]
+
+CHECKPOINT_NAME = "checkpoint.pt"
+RESUME_STATE_NAME = "checkpoints/last.pt"
+CONFIG_NAME = "config.json"
+METRICS_NAME = "metrics.json"
+HISTORY_NAME = "history.json"
+PREDICTIONS_NAME = "predictions.parquet"
+FAILURES_NAME = "failures.json"
+CURVES_NAME = "curves.png"
+LOG_NAME = "log.txt"
+PER_CLASS_AP_NAME = "per_class_ap.csv"
+PREDICTION_IMAGES_NAME = "predictions.png"
+DETECTRON2_CONFIG_NAME = "config.yaml"  # = featstore.models.detectron2_rcnn.CONFIG_BESIDE_WEIGHTS
+
+# Names earlier versions gave the resume state and the detectron2 checkpoint. A folder that holds
+# them is renamed to the current names when its run resumes, so that it resumes as before.
+LEGACY_NAMES = {
+    "training_state.pt": RESUME_STATE_NAME,  # the torchvision detector's resume state
+    "checkpoints/last.pth": RESUME_STATE_NAME,  # detectron2's resume state
+    "checkpoint.pth": CHECKPOINT_NAME,  # detectron2's checkpoint for `featstore build`
+}
+# What makes a folder hold a run (a new run there is refused without resume).
+_RUN_MARKERS = (CONFIG_NAME, CHECKPOINT_NAME, RESUME_STATE_NAME, *LEGACY_NAMES)
+
+
+@dataclass(frozen=True)
+class RunFiles:
+    """The files a trainer's finished run folder holds, paths relative to it.
+
+    Attributes:
+        trainer: ``heads``, ``backbone``, ``detector`` or ``detectron2``.
+        always: written by every run.
+        validation: written only by a run that validates.
+    """
+
+    trainer: str
+    always: tuple[str, ...]
+    validation: tuple[str, ...] = ()
+
+    def expected(self, *, validated: bool) -> set[str]:
+        """The folder's files: ``always``, and ``validation`` when the run validated."""
+        return set(self.always) | (set(self.validation) if validated else set())
+
+
+_STAGE1 = (CHECKPOINT_NAME, RESUME_STATE_NAME, CONFIG_NAME, METRICS_NAME, FAILURES_NAME, LOG_NAME)
+RUN_FILES = {files.trainer: files for files in (
+    RunFiles("heads", (RESUME_STATE_NAME, CONFIG_NAME, METRICS_NAME, HISTORY_NAME, CURVES_NAME), (PREDICTIONS_NAME,)),
+    RunFiles("backbone", (*_STAGE1, CURVES_NAME)),
+    RunFiles("detector", (*_STAGE1, CURVES_NAME), (PER_CLASS_AP_NAME, PREDICTION_IMAGES_NAME)),
+    RunFiles("detectron2", (*_STAGE1, DETECTRON2_CONFIG_NAME), (PER_CLASS_AP_NAME, PREDICTION_IMAGES_NAME)),
+)}
+
+
+def run_folder_files(out: str | os.PathLike) -> set[str]:
+    """Every file below ``out`` (temporaries included), as paths relative to it with ``/``."""
+    out = Path(out)
+    return {path.relative_to(out).as_posix() for path in out.rglob("*") if path.is_file()}
+
+
+def holds_run(out: str | os.PathLike) -> bool:
+    """Whether ``out`` holds a run (its config, checkpoint or resume state): a new run there needs resume."""
+    return any((Path(out) / name).exists() for name in _RUN_MARKERS)
+
+
+def remove_run_temporaries(out: str | os.PathLike) -> list[Path]:
+    """Delete every temporary that killed writes left in the run folder ``out`` (checkpoints are large).
+
+    Every file of a run folder is written through `featstore.io.atomic`, so its temporaries are the
+    writer's hidden ``.NAME.HEX.tmp`` files, in ``out`` and beside the resume state.
+
+    Returns:
+        The paths removed.
+    """
+    out = Path(out)
+    removed = []
+    for folder in {out, (out / RESUME_STATE_NAME).parent}:
+        if folder.is_dir():
+            removed += remove_temporaries(folder)
+    return removed
+
+
+def settings_differences(now: Mapping[str, Any], recorded: Mapping[str, Any], resumable: Iterable[str], *,
+                         paths: Iterable[str] = ()) -> list[str]:
+    """What a resume may not change: ``"name: run has X, now Y"`` per setting that differs from the record.
+
+    Args:
+        now: the resuming call's settings (JSON types).
+        recorded: the settings the run recorded.
+        resumable: settings that may differ (how a run runs, not what it computes).
+        paths: settings that are paths: compared resolved (``runs/a`` and ``./runs/a`` are one folder).
+    Returns:
+        One line per differing setting; empty when the run may be resumed.
+    """
+    resumable, paths = set(resumable), set(paths)
+
+    def same(name: str) -> bool:
+        if name in paths and isinstance(now[name], str) and isinstance(recorded.get(name), str):
+            return Path(now[name]).resolve() == Path(recorded[name]).resolve()
+        return recorded.get(name) == now[name]
+
+    return [f"{name}: run has {json.dumps(recorded.get(name))}, now {json.dumps(now[name])}"
+            for name in now if name not in resumable and not same(name)]
+
+
+class RunLog:
+    """A run's log: each line goes to ``OUT/log.txt`` and to ``echo`` (stderr by default).
+
+    The file is rewritten whole and atomically for each line (a run logs a few lines per epoch); a
+    resumed run appends to what its predecessor wrote.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, echo: Callable[[str], None] | None = None) -> None:
+        """
+        Args:
+            path: the log file.
+            echo: also called with each line; None: print to stderr.
+        """
+        self.path = Path(path)
+        self.echo = echo if echo is not None else _to_stderr
+        self.lines: list[str] = self.path.read_text(encoding="utf-8").splitlines() if self.path.is_file() else []
+
+    def __call__(self, line: str) -> None:
+        self.echo(line)
+        self.lines.append(line)
+        atomic_write_text(self.path, "\n".join(self.lines) + "\n")
+
+
+def _to_stderr(line: str) -> None:
+    print(line, file=sys.stderr)
+
+
+def _quiet(_: str) -> None:
+    """The log of processes other than the main one (which alone writes the run folder)."""
+
+
+class RunFolder:
+    """One run's folder: its files by their contract names; checked before the run's work, opened when it starts.
+
+    Args:
+        path: the folder (``OUT``).
+        resume: the run continues what the folder holds.
+
+    Attributes:
+        main: this process writes the folder (the main process of a world); set by `open`.
+        log: the run's log once opened: ``log.txt`` and the echo on the main process, nothing elsewhere.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, resume: bool = False) -> None:
+        self.path = Path(path)
+        self.resume = resume
+        self.main = True
+        self.log: Callable[[str], None] = _to_stderr
+
+    @classmethod
+    def check(cls, path: str | os.PathLike, *, resume: bool, error: type[Exception]) -> RunFolder:
+        """The run's folder, refused when it holds a run and the run does not resume.
+
+        Nothing is written; a resumed folder's files of earlier names (`LEGACY_NAMES`) take their
+        current names, so that what the caller reads next (the resume state) is where it looks.
+
+        Raises:
+            error: ``path`` already holds a run and ``resume`` is False.
+        """
+        folder = cls(path, resume=resume)
+        if not resume and holds_run(folder.path):
+            raise error(f"{folder.path} already holds a run; pass --resume to continue it or choose another OUT")
+        if resume:
+            folder._adopt_legacy_names()
+        return folder
+
+    def open(self, *, world: World | None = None, echo: Callable[[str], None] | None = None,
+             log_file: bool = True) -> RunFolder:
+        """Start writing the folder: make it, take over files of earlier names, remove killed writers' temporaries.
+
+        Only the main process of ``world`` touches the folder; every other one gets a silent log.
+
+        Args:
+            world: the data-parallel world (`featstore.training.world.World.from_environment`), or None.
+            echo: where the log's lines go besides ``log.txt`` (default stderr).
+            log_file: keep ``log.txt``; False: the log is ``echo`` alone (``heads train``).
+        Returns:
+            The folder itself.
+        """
+        self.main = world is None or world.is_main
+        if not self.main:
+            self.log = _quiet
+            return self
+        self.path.mkdir(parents=True, exist_ok=True)
+        remove_run_temporaries(self.path)
+        echo = echo if echo is not None else _to_stderr
+        self.log = RunLog(self.path / LOG_NAME, echo=echo) if log_file else echo
+        return self
+
+    def _adopt_legacy_names(self) -> None:
+        for old, new in LEGACY_NAMES.items():
+            source, target = self.path / old, self.path / new
+            if source.is_file() and not target.exists():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    os.replace(source, target)
+                except FileNotFoundError:
+                    pass  # another rank of the same run renamed it first
+
+    def file(self, name: str) -> Path:
+        """``OUT/name``."""
+        return self.path / name
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.path / CHECKPOINT_NAME
+
+    @property
+    def resume_state(self) -> Path:
+        return self.path / RESUME_STATE_NAME
