@@ -53,7 +53,7 @@ from tests.helpers.tiny_build import (
 )
 
 REPO = Path(__file__).resolve().parents[3]
-SCRIPT = REPO / "tests" / "featstore" / "torchrun_build.py"
+SCRIPT = REPO / "tests" / "featstore" / "extract" / "torchrun_build.py"
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

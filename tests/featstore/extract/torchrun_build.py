@@ -1,7 +1,7 @@
 """Runs `featstore build` in a subprocess for the extraction tests.
 
-    python tests/featstore/torchrun_build.py [--kill-after N] -- BUILD_ARGS...
-    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/featstore/torchrun_build.py -- BUILD_ARGS...
+    python tests/featstore/extract/torchrun_build.py [--kill-after N] -- BUILD_ARGS...
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/featstore/extract/torchrun_build.py -- BUILD_ARGS...
 
 Without ``--kill-after`` it is exactly the `featstore build` command (each torchrun rank runs it).
 With ``--kill-after N`` the same options drive `build_store` directly, and the process SIGKILLs
@@ -14,7 +14,7 @@ import signal
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 

@@ -1,7 +1,7 @@
 """Local checkpoint files: model specs, reading the usual containers, checking keys and shapes before
 anything is copied, hashing, and the error that says weights are never downloaded.
 
-Small hand-made modules stand in for the backbones (tests/featstore/test_backbones.py loads real
+Small hand-made modules stand in for the backbones (tests/featstore/models/test_backbones.py loads real
 ones through `build_backbone`)."""
 from __future__ import annotations
 
