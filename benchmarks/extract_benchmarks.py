@@ -27,7 +27,7 @@ from benchmarks.common import (
     spread,
     synchronize,
 )
-from featstore.epic.annotations import NUM_CLASSES
+from featstore.epic.metadata import NUM_CLASSES
 from featstore.samples.annotations import (
     SegmentLabel,
     write_epic55_annotations,

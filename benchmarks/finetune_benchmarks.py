@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import Context, Result, compare, load_average, spread, synchronize
-from featstore.epic.annotations import NUM_CLASSES
+from featstore.epic.metadata import NUM_CLASSES
 from featstore.samples.annotations import SegmentLabel, write_epic55_annotations, write_video_info
 from featstore.samples.frames import write_jpeg_video
 

@@ -18,7 +18,7 @@ from featstore.store.importer import box_rows_from_arrays
 from featstore.store.local_pool import local_recipe
 from featstore.samples.annotations import generate_segments, write_epic55_annotations
 from featstore.samples.features import feature_shapes, random_boxes
-from featstore.epic.annotations import NUM_CLASSES
+from featstore.epic.metadata import NUM_CLASSES
 from featstore.store.schema import (
     BOX_SETS,
     DET_GLOBAL_FEAT,

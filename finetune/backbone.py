@@ -37,7 +37,8 @@ import torch.nn.functional as F
 from featstore.io.progress import progress_bar
 from featstore import __version__
 from featstore.io.allocator import keep_freed_memory
-from featstore.epic.annotations import detect_dataset, find_video_info, read_segments, read_video_info
+from featstore.epic.annotations import detect_dataset, read_segments
+from featstore.epic.metadata import find_video_info, read_video_info
 from featstore.io.atomic import atomic_write_json
 from featstore.epic.frames import FrameError, FrameSource, open_frame_source
 from featstore.models import file_sha256
@@ -59,7 +60,7 @@ from featstore.training.hooks import (
 )
 from featstore.training.run_folder import CONFIG_NAME, CURVES_NAME, FAILURES_NAME, METRICS_NAME, RunFolder
 from featstore.training.world import World
-from featstore.epic.annotations import NUM_CLASSES
+from featstore.epic.metadata import NUM_CLASSES
 from heads.metrics import topk_accuracy
 
 __all__ = ["BackboneTrainable", "Selection", "finetune", "select_training_data"]
@@ -551,28 +552,8 @@ def finetune(config: FinetuneConfig, *, log: Callable[[str], None] | None = None
     outputs = _BackboneRunOutputs(trainable, folder=folder, record=config_record,
                           majority_top1=_majority_top1(config, selection),
                           title=f"{config.backbone} {config.target} net ({config.recipe}) on {config.annotations.name}")
-    hooks: list[Hook] = [
-        LossCheck(hint=": lower --lr, check the init checkpoint, or use --amp bf16 instead of fp16",
-                  every=config.check_every, error=FinetuneError),
-        LearningRate(trainable.optimizer),
-        _EpochRecord(trainable),
-    ]
-    if selection.val:
-        hooks.append(Validation(lambda: trainable.validate(world), prefix=""))
-    hooks += [
-        # The resume state is written after the hooks that fill the epoch's record (its history is
-        # saved with it), and before the outputs that point at it.
-        Checkpointer(folder.resume_state, resume=config.resume, save=main,
-                     on_resume=lambda run: run_log(f"resuming {out} after epoch {run.epoch}")),
-        outputs,
-        EpochLog(run_log, lambda entry: _epoch_line(entry, config.target)),
-    ]
-    if config.progress and main:
-        share = len(selection.train) // config.world_size
-        hooks.append(ProgressBar(unit="clip", count=lambda batch: len(batch) + len(batch.failed),
-                                 total=lambda run: share))
-    if after_step is not None:
-        hooks.append(StepCallback(after_step))
+    hooks = _backbone_hooks(config, trainable, folder, outputs=outputs, validate=bool(selection.val),
+                            n_train=len(selection.train), world=world, after_step=after_step)
     # The run's torch stream starts from the seed, not from whatever the process drew before, so a
     # resumed run continues exactly the stream of the first one.
     run = train_one(trainable, name=str(out), epochs=config.epochs, hooks=hooks, world=world, seed=config.seed,
@@ -583,3 +564,33 @@ def finetune(config: FinetuneConfig, *, log: Callable[[str], None] | None = None
     run_log(f"finished {out}: " + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items())
             + f"; {len(failures.entries)} unreadable segment(s) skipped")
     return metrics
+
+
+def _backbone_hooks(config: FinetuneConfig, trainable: BackboneTrainable, folder: RunFolder, *, outputs: Hook,
+                    validate: bool, n_train: int, world: World | None,
+                    after_step: Callable[[int, int], None] | None) -> list[Hook]:
+    """The run's hooks, in the order the engine calls them after each epoch."""
+    out, main, run_log = Path(config.out), folder.main, folder.log
+    hooks: list[Hook] = [
+        LossCheck(hint=": lower --lr, check the init checkpoint, or use --amp bf16 instead of fp16",
+                  every=config.check_every, error=FinetuneError),
+        LearningRate(trainable.optimizer),
+        _EpochRecord(trainable),
+    ]
+    if validate:
+        hooks.append(Validation(lambda: trainable.validate(world), prefix=""))
+    hooks += [
+        # The resume state is written after the hooks that fill the epoch's record (its history is
+        # saved with it), and before the outputs that point at it.
+        Checkpointer(folder.resume_state, resume=config.resume, save=main,
+                     on_resume=lambda run: run_log(f"resuming {out} after epoch {run.epoch}")),
+        outputs,
+        EpochLog(run_log, lambda entry: _epoch_line(entry, config.target)),
+    ]
+    if config.progress and main:
+        share = n_train // config.world_size
+        hooks.append(ProgressBar(unit="clip", count=lambda batch: len(batch) + len(batch.failed),
+                                 total=lambda run: share))
+    if after_step is not None:
+        hooks.append(StepCallback(after_step))
+    return hooks

@@ -5,12 +5,10 @@ engine (`featstore.training.engine`): an engine "epoch" is a round of ``eval_eve
 which the hooks check the losses, validate (on the main rank only, on every held-out image), write
 the resume state and the run folder. The pieces:
 
-- `ObjectImageDataset`: one image and its boxes per key ``(iteration, index)``, decoded in DataLoader
-  workers; training flips it horizontally with a probability of 1/2 drawn from (seed, iteration,
-  index), so a resumed run draws what an uninterrupted one draws; an unreadable image becomes a
-  failure marker (`finetune.clips.FailureLog` counts it) instead of an exception;
-- `IterationBatchSampler`: the global batch of every iteration from seeded permutations of the
-  images (one per pass), this rank's share under torchrun;
+- the data (`finetune.detector_data`): `ObjectImageDataset`, one image and its boxes per key
+  ``(iteration, index)``, flipped from a seeded draw, decoded in DataLoader workers; and
+  `IterationBatchSampler`, the global batch of every iteration from seeded permutations, this rank's
+  share under torchrun;
 - `DetectorTrainable`: the engine's `Trainable`: the lr of each iteration (warm-up, then steps),
   SGD, AMP on CUDA, gradients averaged over a torchrun world (`featstore.training.world.World`);
 - `finetune_detector(config)`: checks and opens the run folder, builds it all and trains; a
@@ -27,14 +25,13 @@ from __future__ import annotations
 
 import contextlib
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 
-from featstore.epic.annotations import NUM_CLASSES
+from featstore.epic.metadata import NUM_CLASSES
 from featstore import __version__
 from featstore.io.atomic import atomic_write_json
 from featstore.epic.detection_metrics import ImagePredictions, detection_ap
@@ -42,6 +39,13 @@ from featstore.models import build_detector, file_sha256, read_state_dict
 from featstore.models.checkpoints import FINETUNE_RECORD_KEY, apply_state_dict
 from featstore.epic.objects import ImageLayout, ObjectImage, ObjectLabels, read_objects
 from finetune.clips import FailureLog
+from finetune.detector_data import (
+    DetectionBatch,
+    IterationBatchSampler,
+    ObjectImageDataset,
+    collate_detections,
+    read_image,
+)
 from finetune.detection_report import detection_entry, plot_predictions, write_per_class_ap
 from finetune.detector_config import (
     DetectorFinetuneConfig,
@@ -65,156 +69,14 @@ from featstore.training.run_folder import (
 from featstore.training.world import World
 
 __all__ = [
-    "DetectionBatch",
     "DetectorTrainable",
-    "IterationBatchSampler",
-    "ObjectImageDataset",
     "class_table",
     "finetune_detector",
-    "read_image",
 ]
 
 EPIC55_OBJECT_CLASSES = NUM_CLASSES["epic55"][1]  # EPIC-55's nouns, the classes of its object annotations
 _BOX_PREDICTOR = "roi_heads.box_predictor."
 _AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
-_FLIP_STREAM, _ORDER_STREAM = 0, 1
-
-
-# ------------------------------------------------------------------------------------------------
-# data
-
-
-def read_image(path: Path) -> np.ndarray:
-    """An image file as (H, W, 3) uint8 RGB.
-
-    Raises:
-        OSError: a missing, truncated or undecodable file (the message names it).
-    """
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as image:
-            return np.array(image.convert("RGB"))  # a writable copy (torch.from_numpy needs one)
-    except (UnidentifiedImageError, ValueError, SyntaxError) as err:  # PIL's ways of saying "corrupt"
-        raise OSError(f"cannot decode image {path}: {err}") from err
-
-
-@dataclass
-class _DetectionImage:
-    index: int
-    image: torch.Tensor | None = None  # (3, H, W) uint8
-    boxes: torch.Tensor | None = None  # (k, 4) float32 pixels
-    labels: torch.Tensor | None = None  # (k,) int64, 1..K (0: background)
-    error: str | None = None
-
-
-@dataclass
-class DetectionBatch:
-    """One step's images as the trainer gets them: the readable ones, and the failed ones named.
-
-    Attributes:
-        iteration: the 0-based iteration it belongs to.
-        images: (3, H, W) uint8 per readable image.
-        targets: ``{"boxes", "labels"}`` per readable image (labels 1..K).
-        indices: their image indices.
-        failed: (index, reason) of the unreadable ones.
-    """
-
-    iteration: int
-    images: list[torch.Tensor]
-    targets: list[dict[str, torch.Tensor]]
-    indices: list[int]
-    failed: list[tuple[int, str]] = field(default_factory=list)
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-
-def _collate(items: list[tuple[int, _DetectionImage]]) -> DetectionBatch:
-    iteration = items[0][0] if items else -1
-    good = [sample for _, sample in items if sample.error is None]
-    return DetectionBatch(
-        iteration=iteration,
-        images=[sample.image for sample in good],  # type: ignore[misc]
-        targets=[{"boxes": sample.boxes, "labels": sample.labels} for sample in good],  # type: ignore[dict-item]
-        indices=[sample.index for sample in good],
-        failed=[(sample.index, str(sample.error)) for _, sample in items if sample.error is not None],
-    )
-
-
-class ObjectImageDataset(torch.utils.data.Dataset):
-    """Images and their ground truth, indexed by ``(iteration, index)`` keys (picklable for workers).
-
-    Args:
-        images: the records (`featstore.epic.objects.ObjectImage`).
-        layout: where their files are.
-        train: flip horizontally with probability 1/2, drawn from (seed, iteration, index).
-        seed: the run's seed.
-    """
-
-    def __init__(self, images: Sequence[ObjectImage], *, layout: ImageLayout, train: bool, seed: int = 0) -> None:
-        self.images = list(images)
-        self.layout = layout
-        self.train = train
-        self.seed = seed
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, key: tuple[int, int]) -> tuple[int, _DetectionImage]:
-        iteration, index = key
-        record = self.images[index]
-        try:
-            pixels = read_image(self.layout.path(record))  # (H, W, 3)
-        except OSError as err:
-            return iteration, _DetectionImage(index=index, error=str(err))
-        image = torch.from_numpy(pixels).permute(2, 0, 1)  # (3, H, W) uint8
-        boxes = torch.from_numpy(np.asarray(record.boxes, dtype=np.float32).reshape(-1, 4)).clone()
-        width = image.shape[2]
-        boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
-        boxes[:, 1::2] = boxes[:, 1::2].clamp(0, image.shape[1])
-        if self.train and np.random.default_rng([self.seed, _FLIP_STREAM, iteration, index]).random() < 0.5:
-            image = image.flip(-1)
-            boxes = torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], dim=1)
-        labels = torch.as_tensor(np.asarray(record.labels, dtype=np.int64) + 1)  # 0 is background
-        return iteration, _DetectionImage(index=index, image=image.contiguous(), boxes=boxes, labels=labels)
-
-
-class IterationBatchSampler:
-    """The keys of iterations ``[start, stop)``: each global batch the next ``batch_size`` images of
-    seeded permutations (a new one per pass over the images), this rank's share of it.
-
-    The images of an iteration depend on (seed, iteration) only, so a resumed run, or one with
-    another number of processes, sees the same global batches.
-    """
-
-    def __init__(self, n: int, batch_size: int, *, seed: int, rank: int = 0, world_size: int = 1) -> None:
-        self.n, self.batch_size, self.seed = n, batch_size, seed
-        self.rank, self.world_size = rank, world_size
-        self.start = self.stop = 0
-        self._orders: dict[int, np.ndarray] = {}
-
-    def set_range(self, start: int, stop: int) -> None:
-        """Make the next iteration yield iterations ``start`` to ``stop - 1``."""
-        self.start, self.stop = start, stop
-
-    def order(self, epoch: int) -> np.ndarray:
-        """The permutation of pass ``epoch`` over the images."""
-        if epoch not in self._orders:
-            self._orders = {epoch: np.random.default_rng([self.seed, _ORDER_STREAM, epoch]).permutation(self.n)}
-        return self._orders[epoch]
-
-    def global_batch(self, iteration: int) -> list[int]:
-        """Image indices of one iteration's global batch."""
-        positions = range(iteration * self.batch_size, (iteration + 1) * self.batch_size)
-        return [int(self.order(p // self.n)[p % self.n]) for p in positions]
-
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        for iteration in range(self.start, self.stop):
-            yield [(iteration, index) for index in self.global_batch(iteration)[self.rank::self.world_size]]
-
-    def __len__(self) -> int:
-        return self.stop - self.start
 
 
 # ------------------------------------------------------------------------------------------------
@@ -228,7 +90,7 @@ def class_table(config: DetectorFinetuneConfig, labels: ObjectLabels) -> tuple[s
     Raises:
         DetectorFinetuneError: a ground-truth label outside the classes.
     """
-    from featstore.epic.annotations import read_class_list
+    from featstore.epic.metadata import read_class_list
 
     names: tuple[str, ...] | None = read_class_list(config.class_names) if config.class_names is not None else None
     largest = max(labels.class_counts(), default=-1)
@@ -305,7 +167,7 @@ class DetectorTrainable:
         self.model.train()
         workers = self.config.workers
         return torch.utils.data.DataLoader(self.train_data, batch_sampler=self.sampler, num_workers=workers,
-                                           collate_fn=_collate, pin_memory=self.device.type == "cuda",
+                                           collate_fn=collate_detections, pin_memory=self.device.type == "cuda",
                                            prefetch_factor=2 if workers > 0 else None)
 
     def train_step(self, batch: DetectionBatch, world: World | None) -> torch.Tensor:
@@ -526,12 +388,7 @@ def finetune_detector(config: DetectorFinetuneConfig, *, log: Callable[[str], No
         raise DetectorFinetuneError("--device cuda, but torch sees no CUDA device here (use --device cpu)")
     out = Path(config.out)
     folder = RunFolder.check(out, resume=config.resume, error=DetectorFinetuneError)
-    if config.resume and folder.resume_state.exists():
-        recorded = torch.load(folder.resume_state, map_location="cpu", weights_only=False).get("settings", {})
-        differences = detector_resume_differences(config, recorded)
-        if differences:
-            raise DetectorFinetuneError(f"{out} was trained with other settings, so resuming would not reproduce it "
-                                        f"({'; '.join(differences)}); rerun with the run's settings or use another OUT")
+    _check_detector_resume(config, folder)
 
     train, val = _read_labels(config)
     layout = ImageLayout(config.images, config.image_pattern)
@@ -544,7 +401,47 @@ def finetune_detector(config: DetectorFinetuneConfig, *, log: Callable[[str], No
     train_data = ObjectImageDataset(train.images, layout=layout, train=True, seed=config.seed)
     trainable = DetectorTrainable(config, model, train_data, failures=failures, log=run_log)
     classes = {"num_classes": len(names), "names": list(names), "background": 0, "label_offset": 1}
-    record = {
+    record = _detector_config_record(config, train, val, classes, init_line)
+    if main:
+        atomic_write_json(folder.file(CONFIG_NAME), record)
+        run_log(init_line)
+        run_log(f"{config.detector}, recipe {config.recipe}: {len(train)} training images ({train.n_boxes} boxes), "
+                f"{len(val)} validation images, {len(names)} classes, {config.iterations} iterations of "
+                f"{config.batch_size} images on {trainable.device}")
+
+    outputs = _DetectorRunOutputs(trainable, folder=folder, record=record, classes=classes, failures=failures,
+                          n_train=len(train), n_val=len(val))
+    validation = _DetectorValidation(trainable, val, layout, class_names=names, train_counts=train.class_counts(),
+                                     out=out, failures=failures, log=run_log)
+    hooks = _detector_hooks(config, trainable, folder, validation=validation, outputs=outputs, failures=failures,
+                            after_round=after_round)
+    # The run's torch stream (the RPN's and box head's proposal sampling draw from it) starts from the
+    # seed, not from whatever the process drew before, so that a resumed run retraces the first one.
+    run = train_one(trainable, name=str(out), epochs=config.epochs, hooks=hooks, world=world, seed=config.seed,
+                    log=run_log)
+    if not main:
+        return {}
+    metrics = outputs.write(run, complete=True)
+    run_log(f"finished {out}: " + (", ".join(f"{k} {v:.2f}" for k, v in metrics.items() if v is not None)
+                                   or "no validation") + f"; {len(failures.entries)} unreadable image(s) skipped")
+    return metrics
+
+
+def _check_detector_resume(config: DetectorFinetuneConfig, folder: RunFolder) -> None:
+    """Refuse a resume whose recorded settings differ from the run's."""
+    if config.resume and folder.resume_state.exists():
+        recorded = torch.load(folder.resume_state, map_location="cpu", weights_only=False).get("settings", {})
+        differences = detector_resume_differences(config, recorded)
+        if differences:
+            raise DetectorFinetuneError(f"{Path(config.out)} was trained with other settings, so resuming would not "
+                                        f"reproduce it ({'; '.join(differences)}); rerun with the run's settings or "
+                                        "use another OUT")
+
+
+def _detector_config_record(config: DetectorFinetuneConfig, train: ObjectLabels, val: ObjectLabels,
+                            classes: dict[str, Any], init_line: str) -> dict[str, Any]:
+    """What config.json holds: every setting, the recipe, the warm-up, the init, the data, the classes."""
+    return {
         "settings": config.to_json(),
         "recipe": get_detector_recipe(config.recipe).to_dict(),
         "warmup": f"warm-up: linear from {config.warmup_factor} x lr to lr over the first {config.warmup_iterations} iterations "
@@ -559,15 +456,13 @@ def finetune_detector(config: DetectorFinetuneConfig, *, log: Callable[[str], No
                         f"(short side {config.min_size}, long side at most {config.max_size})",
         "featstore_version": __version__, "torch_version": str(torch.__version__),
     }
-    if main:
-        atomic_write_json(folder.file(CONFIG_NAME), record)
-        run_log(init_line)
-        run_log(f"{config.detector}, recipe {config.recipe}: {len(train)} training images ({train.n_boxes} boxes), "
-                f"{len(val)} validation images, {len(names)} classes, {config.iterations} iterations of "
-                f"{config.batch_size} images on {trainable.device}")
 
-    outputs = _DetectorRunOutputs(trainable, folder=folder, record=record, classes=classes, failures=failures,
-                          n_train=len(train), n_val=len(val))
+
+def _detector_hooks(config: DetectorFinetuneConfig, trainable: DetectorTrainable, folder: RunFolder, *,
+                    validation: Hook, outputs: Hook, failures: FailureLog,
+                    after_round: Callable[[int], None] | None) -> list[Hook]:
+    """The run's hooks, in the order the engine calls them after each round."""
+    out, main, log = Path(config.out), folder.main, folder.log
     # The resume state is written after the hooks that fill the round's record (its history is saved
     # with it); it is loaded before any round, whatever its place.
     hooks: list[Hook] = [
@@ -576,26 +471,16 @@ def finetune_detector(config: DetectorFinetuneConfig, *, log: Callable[[str], No
                   error=DetectorFinetuneError, every=config.check_every),
         LearningRate(trainable.optimizer),
         _RoundRecord(config, failures),
-        _DetectorValidation(trainable, val, layout, class_names=names, train_counts=train.class_counts(), out=out,
-                    failures=failures, log=run_log),
+        validation,
         Checkpointer(folder.resume_state, resume=config.resume, save=main,
-                     on_resume=lambda run: run_log(f"resuming {out} after iteration "
-                                                   f"{min(run.epoch * config.eval_every, config.iterations)}")),
+                     on_resume=lambda run: log(f"resuming {out} after iteration "
+                                               f"{min(run.epoch * config.eval_every, config.iterations)}")),
         outputs,
-        EpochLog(run_log, _round_line),
+        EpochLog(log, _round_line),
     ]
     if config.progress and main:
         hooks.append(ProgressBar(unit="image", count=lambda batch: len(batch) + len(batch.failed)))
     if after_round is not None:
         hooks.append(EpochCallback(after_round))
-    # The run's torch stream (the RPN's and box head's proposal sampling draw from it) starts from the
-    # seed, not from whatever the process drew before, so that a resumed run retraces the first one.
-    run = train_one(trainable, name=str(out), epochs=config.epochs, hooks=hooks, world=world, seed=config.seed,
-                    log=run_log)
-    if not main:
-        return {}
-    metrics = outputs.write(run, complete=True)
-    run_log(f"finished {out}: " + (", ".join(f"{k} {v:.2f}" for k, v in metrics.items() if v is not None)
-                                   or "no validation") + f"; {len(failures.entries)} unreadable image(s) skipped")
-    return metrics
+    return hooks
 

@@ -4,7 +4,8 @@
 (`featstore.epic.objects.ObjectLabels`, split by ``config.val_where``) are registered as detectron2
 datasets (``DatasetCatalog`` / ``MetadataCatalog`` with ``thing_classes``), read by a
 ``DatasetMapper`` (ResizeShortestEdge to ``min_size`` / ``max_size``, random horizontal flip, the
-draws seeded from ``config.seed``) through ``build_detection_train_loader``, and trained by
+draws seeded from ``config.seed``) through ``build_detection_train_loader`` (all three in
+`finetune.detectron2_data`), and trained by
 detectron2's ``SimpleTrainer`` (``AMPTrainer`` on CUDA with AMP) with hooks for the learning rate
 (`DetectorFinetuneConfig.lr_at`: the recipe's steps and warm-up), progress, and every
 ``eval_every`` iterations a validation (pycocotools mAP, `featstore.epic.detection_metrics`) and a
@@ -44,14 +45,16 @@ import torch
 
 from featstore.io.progress import progress_bar
 from featstore import __version__
-from featstore.epic.annotations import AnnotationError, read_class_list
+from featstore.epic.annotations import AnnotationError
+from featstore.epic.metadata import read_class_list
 from featstore.io.atomic import atomic_write_json, atomic_write_text, atomic_write_torch
 from featstore.epic.detection_metrics import ImagePredictions, detection_ap
 from featstore.epic.boxes import BoxesFileError
 from featstore.models import CheckpointError, file_sha256
 from featstore.models.checkpoints import FINETUNE_RECORD_KEY
-from featstore.epic.objects import ImageLayout, ObjectImage, ObjectLabels, read_objects
+from featstore.epic.objects import ImageLayout, ObjectLabels, read_objects
 from finetune.detection_report import detection_entry, plot_predictions, write_per_class_ap
+from finetune.detectron2_data import dataset_dicts, readable_images, register_dataset, train_loader, unregister_datasets
 from finetune.detector_config import DetectorFinetuneConfig, DetectorFinetuneError, detector_resume_differences
 from featstore.training.run_folder import (
     CONFIG_NAME,
@@ -92,7 +95,7 @@ def _checkpointer(model: torch.nn.Module, state: Path | None = None, **checkpoin
 
 
 # ------------------------------------------------------------------------------------------------
-# data
+# classes
 
 
 def _class_names(config: DetectorFinetuneConfig, labels: ObjectLabels) -> tuple[str, ...]:
@@ -109,67 +112,6 @@ def _class_names(config: DetectorFinetuneConfig, labels: ObjectLabels) -> tuple[
     if n < top:
         raise DetectorFinetuneError(f"num_classes={n} but {config.objects} has class id {top - 1}")
     return tuple(str(i) for i in range(n))
-
-
-def _readable(layout: ImageLayout, images: Sequence[ObjectImage], phase: str, failures: list[dict[str, Any]]
-              ) -> list[tuple[ObjectImage, Path, int, int]]:
-    """The images whose files open, with their (height, width); the others go to ``failures``."""
-    from PIL import Image, UnidentifiedImageError
-
-    kept = []
-    for image in images:
-        path = layout.path(image)
-        try:
-            with Image.open(path) as handle:
-                width, height = handle.size
-        except (OSError, UnidentifiedImageError) as err:
-            failures.append({"file": str(path), "video_id": image.video_id, "frame": image.frame, "phase": phase,
-                             "reason": f"{type(err).__name__}: {err}"})
-            continue
-        kept.append((image, path, height, width))
-    return kept
-
-
-def _dataset_dicts(records: Sequence[tuple[ObjectImage, Path, int, int]]) -> list[dict[str, Any]]:
-    """detectron2's standard dataset dicts (boxes XYXY_ABS, ``category_id`` = the class id)."""
-    from detectron2.structures import BoxMode
-
-    return [
-        {"file_name": str(path), "height": height, "width": width, "image_id": f"{image.video_id}/{image.frame}",
-         "annotations": [{"bbox": [float(v) for v in box], "bbox_mode": BoxMode.XYXY_ABS, "category_id": int(label),
-                          "iscrowd": 0}
-                         for box, label in zip(image.boxes.tolist(), image.labels.tolist())]}
-        for image, path, height, width in records
-    ]
-
-
-def _register(name: str, dicts: list[dict[str, Any]], class_names: Sequence[str]) -> None:
-    from detectron2.data import DatasetCatalog, MetadataCatalog
-
-    DatasetCatalog.register(name, lambda: dicts)
-    MetadataCatalog.get(name).set(thing_classes=list(class_names))
-
-
-def _unregister(names: Sequence[str]) -> None:
-    from detectron2.data import DatasetCatalog, MetadataCatalog
-
-    for name in names:
-        if name in DatasetCatalog.list():
-            DatasetCatalog.remove(name)
-            MetadataCatalog.remove(name)
-
-
-class _SkippingMapper:
-    """A ``DatasetMapper`` that answers None for an image that fails to decode (the loader then draws another)."""
-
-    def __init__(self, mapper: Any) -> None:
-        self.mapper = mapper
-
-    def __call__(self, dataset_dict: dict[str, Any]) -> dict[str, Any] | None:
-        try:
-            return self.mapper(dataset_dict)
-        except OSError:
-            return None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -343,8 +285,8 @@ class _Run:
             val = None if val is None else ObjectLabels(val.images[:config.limit], val.source)
         self.train_counts = train.class_counts()
         layout = ImageLayout(config.images, config.image_pattern)
-        train_records = _readable(layout, train.images, "train", self.failures)
-        val_records = [] if val is None else _readable(layout, val.images, "val", self.failures)
+        train_records = readable_images(layout, train.images, "train", self.failures)
+        val_records = [] if val is None else readable_images(layout, val.images, "val", self.failures)
         total = len(train) + (0 if val is None else len(val))
         self._write_failures()
         if len(self.failures) > config.max_failed_fraction * total or not train_records:
@@ -353,29 +295,20 @@ class _Run:
                 f"{len(self.failures)} of {total} images cannot be read (more than max_failed_fraction="
                 f"{config.max_failed_fraction}); first: {first['file']}: {first['reason']} (all in failures.json)")
         self.val_truth = [record[0] for record in val_records]
-        self.train_dicts, self.val_dicts = _dataset_dicts(train_records), _dataset_dicts(val_records)
+        self.train_dicts, self.val_dicts = dataset_dicts(train_records), dataset_dicts(val_records)
         tag = uuid.uuid4().hex[:8]
         self.train_name, self.val_name = f"featstore_objects_{tag}_train", f"featstore_objects_{tag}_val"
-        _register(self.train_name, self.train_dicts, self.class_names)
-        _register(self.val_name, self.val_dicts, self.class_names)
+        register_dataset(self.train_name, self.train_dicts, self.class_names)
+        register_dataset(self.val_name, self.val_dicts, self.class_names)
         self.dataset_names = [self.train_name, self.val_name]
         self.log(f"objects: {len(train_records)} training images ({train.n_boxes} boxes), {len(val_records)} "
                  f"validation images, {len(self.class_names)} classes, {len(self.failures)} unreadable")
 
     def _loader(self) -> Any:
-        from detectron2.data import DatasetCatalog, DatasetMapper, build_detection_train_loader
-        from detectron2.data import transforms
-        from detectron2.data.samplers import TrainingSampler
-
         config = self.config
-        augmentations = [transforms.ResizeShortestEdge((config.min_size,), config.max_size, "choice"),
-                         transforms.RandomFlip(horizontal=True, vertical=False)]
-        mapper = DatasetMapper(is_train=True, augmentations=augmentations, image_format=self.cfg.INPUT.FORMAT)
-        dataset = DatasetCatalog.get(self.train_name)
-        return build_detection_train_loader(dataset=dataset, mapper=_SkippingMapper(mapper),
-                                            sampler=TrainingSampler(len(dataset), shuffle=True, seed=config.seed),
-                                            total_batch_size=config.batch_size, num_workers=config.workers,
-                                            aspect_ratio_grouping=False)
+        return train_loader(self.train_name, min_size=config.min_size, max_size=config.max_size,
+                            image_format=self.cfg.INPUT.FORMAT, batch_size=config.batch_size, workers=config.workers,
+                            seed=config.seed)
 
     # model --------------------------------------------------------------------------------------
     def build(self) -> None:
@@ -631,6 +564,6 @@ def finetune_detectron2(config: DetectorFinetuneConfig, *, log: Callable[[str], 
         return metrics
     finally:
         if run is not None:
-            _unregister(run.dataset_names)
+            unregister_datasets(run.dataset_names)
         if world is not None:
             world.close()

@@ -29,7 +29,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import pyarrow as pa
 
@@ -153,6 +153,35 @@ def run_grid(
     started = time.perf_counter()
     failed: dict[str, str] = {}
     seconds: dict[str, float | None] = {}
+    todo, skipped = _runs_to_train(store, grid, out, failed=failed, seconds=seconds, log=log)
+    if skipped:
+        log(f"{len(skipped)} of {len(grid.runs)} run(s) already finished; skipping them")
+
+    shared: dict = {}
+    trained: list[str] = []
+    pending = iter(todo)
+    while True:
+        # One engine per group of K: a failed run leaves it, the others go on (keep_going).
+        engine = Engine(keep_going=True, log=log)
+        members = _start_group(engine, store, pending, out, shared, parallel=parallel, failed=failed, log=log)
+        if not members:
+            break
+        log(f"training {', '.join(m.run.name for m in members)}")
+        engine.train()
+        for member in members:
+            trained.append(member.run.name)
+            _finish_member(member, failed=failed, seconds=seconds)
+        del members, engine
+    table = results_table(grid, out, failed=failed, seconds=seconds)
+    write_results(table, out)
+    log(f"grid done in {time.perf_counter() - started:.1f}s: {len(trained)} trained, {len(skipped)} skipped, "
+        f"{len(failed)} failed; results in {out / 'results.md'}")
+    return GridResults(table, tuple(trained), tuple(skipped), failed, out)
+
+
+def _runs_to_train(store: str | os.PathLike, grid: Grid, out: Path, *, failed: dict[str, str],
+                   seconds: dict[str, float | None], log: Callable[[str], None]) -> tuple[list[GridRun], list[str]]:
+    """The runs to train and the names of the finished ones; a run whose folder holds another run is failed."""
     skipped: list[str] = []
     todo: list[GridRun] = []
     for run in grid.runs:
@@ -166,47 +195,36 @@ def run_grid(
             seconds[run.name] = _history_seconds(run_dir)
         else:
             todo.append(run)
-    if skipped:
-        log(f"{len(skipped)} of {len(grid.runs)} run(s) already finished; skipping them")
+    return todo, skipped
 
-    shared: dict = {}
-    trained: list[str] = []
-    pending = iter(todo)
-    while True:
-        members: list[_Member] = []
-        # One engine per group of K: a failed run leaves it, the others go on (keep_going).
-        engine = Engine(keep_going=True, log=log)
-        # Fill the group to K with runs that could be prepared; a run that cannot start is recorded.
-        for run in pending:
-            try:
-                members.append(_add_member(engine, store, run, out / run.name, shared, log))
-            except Exception as err:  # noqa: BLE001 - recorded; the other runs go on
-                failed[run.name] = describe_error(err)
-                log(f"{run.name}: cannot start: {failed[run.name]}")
-                continue
-            if len(members) == parallel:
-                break
-        if not members:
+
+def _start_group(engine: Engine, store: str | os.PathLike, pending: Iterator[GridRun], out: Path, shared: dict, *,
+                 parallel: int, failed: dict[str, str], log: Callable[[str], None]) -> list[_Member]:
+    """Up to ``parallel`` runs from ``pending`` added to ``engine``; a run that cannot start goes to ``failed``."""
+    members: list[_Member] = []
+    for run in pending:
+        try:
+            members.append(_add_member(engine, store, run, out / run.name, shared, log))
+        except Exception as err:  # noqa: BLE001 - recorded; the other runs go on
+            failed[run.name] = describe_error(err)
+            log(f"{run.name}: cannot start: {failed[run.name]}")
+            continue
+        if len(members) == parallel:
             break
-        log(f"training {', '.join(m.run.name for m in members)}")
-        engine.train()
-        for member in members:
-            trained.append(member.run.name)
-            if member.state.error is not None:
-                failed[member.run.name] = describe_error(member.state.error)
-                continue
-            try:
-                finish(member.out, member.prepared, member.head.model, member.state.history)
-            except Exception as err:  # noqa: BLE001
-                failed[member.run.name] = describe_error(err)
-                continue
-            seconds[member.run.name] = _history_seconds(member.out)
-        del members, engine
-    table = results_table(grid, out, failed=failed, seconds=seconds)
-    write_results(table, out)
-    log(f"grid done in {time.perf_counter() - started:.1f}s: {len(trained)} trained, {len(skipped)} skipped, "
-        f"{len(failed)} failed; results in {out / 'results.md'}")
-    return GridResults(table, tuple(trained), tuple(skipped), failed, out)
+    return members
+
+
+def _finish_member(member: _Member, *, failed: dict[str, str], seconds: dict[str, float | None]) -> None:
+    """After its group trained: a run's folder finished (its time to ``seconds``), or its error to ``failed``."""
+    if member.state.error is not None:
+        failed[member.run.name] = describe_error(member.state.error)
+        return
+    try:
+        finish(member.out, member.prepared, member.head.model, member.state.history)
+    except Exception as err:  # noqa: BLE001
+        failed[member.run.name] = describe_error(err)
+        return
+    seconds[member.run.name] = _history_seconds(member.out)
 
 
 def ablate(

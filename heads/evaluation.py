@@ -18,7 +18,7 @@ from typing import Any, Collection, Iterable
 
 import numpy as np
 
-from featstore.epic.annotations import NUM_CLASSES
+from featstore.epic.metadata import NUM_CLASSES
 from heads.actions import lfb_action_prior
 from heads.metrics import epic55_metrics, epic100_metrics
 
@@ -63,7 +63,7 @@ def load_class_sets(meta_dir: str | os.PathLike | None, dataset: str):
     """The official lists from ``meta_dir`` (an ``EpicMeta``), or None when that folder lacks them."""
     if meta_dir is None or not Path(meta_dir).is_dir():
         return None
-    from featstore.epic.annotations import load_meta
+    from featstore.epic.metadata import load_meta
 
     try:
         return load_meta(meta_dir, dataset)

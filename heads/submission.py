@@ -40,7 +40,7 @@ from typing import Sequence
 
 import numpy as np
 
-from featstore.epic.annotations import NUM_CLASSES
+from featstore.epic.metadata import NUM_CLASSES
 from featstore.io.atomic import atomic_write
 from heads.actions import action_scores, lfb_action_prior, softmax
 from heads.evaluation import ScoringError, labels_from_file

@@ -389,12 +389,12 @@ def test_the_private_name_check_sees_each_kind_of_reach(tmp_path: Path, source: 
 
 def spelled_constants(m: str) -> list[str]:
     """Where module ``m`` spells out a constant that has a home elsewhere."""
-    from featstore.epic.annotations import NUM_CLASSES
+    from featstore.epic.metadata import NUM_CLASSES
     from featstore.epic.frames import MODALITY_CHANNELS
     from featstore.store.schema import BOX_SETS, CANONICAL_FIELDS
 
     homes = {"field name": "featstore.store.schema", "box sets": "featstore.store.schema",
-             "class counts": "featstore.epic.annotations", "modality channels": "featstore.epic.frames"}
+             "class counts": "featstore.epic.metadata", "modality channels": "featstore.epic.frames"}
     found = []
     for node in ast.walk(tree(m)):
         what = None

@@ -215,7 +215,7 @@ def read_epic_object_labels(
 
     Args:
         path: the CSV (columns `EPIC_OBJECT_COLUMNS`).
-        class_names: the class table (e.g. `featstore.epic.annotations.read_class_list` of
+        class_names: the class table (e.g. `featstore.epic.metadata.read_class_list` of
             ``EPIC_noun_classes.csv``); when given, every ``noun_class`` must index it.
     Returns:
         The images, sorted by video and frame; boxes converted from (top, left, height, width) to

@@ -27,7 +27,8 @@ import torch
 
 from featstore.io.progress import progress_bar
 from featstore import __version__
-from featstore.epic.annotations import find_video_info, read_segments, read_video_info
+from featstore.epic.annotations import read_segments
+from featstore.epic.metadata import find_video_info, read_video_info
 from featstore.epic.boxes import PrecomputedBoxes, describe_box_file
 from featstore.epic.frames import MODALITY_CHANNELS, EpicJpegFrames, FrameSource, open_frame_source
 from featstore.epic.sampling import SamplingConfig

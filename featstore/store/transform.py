@@ -150,6 +150,25 @@ def derive_field(
     if others:
         raise DeriveError(f"{store.path}: {', '.join(others)} is still being derived; finish that first "
                           f"(`featstore derive {store.path} --field {others[0]}`)")
+    source, complete = _field_source(store, name, pool=pool, output_size=output_size)
+    report.source = source
+    if complete:
+        report.complete = True
+        report.already = len(store.uids())
+        report.seconds = time.perf_counter() - started
+        return report
+    runs = list(store.manifest.get("provenance", {}).get("derive_runs", []))
+    runs.append({"field": name, "command": command, "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    store.update_provenance(derive_runs=runs)
+    _derive_shards(store, name, source, report, pool=pool, output_size=output_size, batch_size=batch_size,
+                   device=torch.device(device), flush_every=flush_every, progress=progress, on_segment=on_segment)
+    report.complete = _finish(store, name) if not report.failed else False
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _field_source(store: FeatureStore, name: str, *, pool: str, output_size: int) -> tuple[tuple[str, ...], bool]:
+    """The fields ``name`` is made from, and whether every segment has it; a new field joins the schema here."""
     if name in store.fields:
         recipe = store.derived.get(name)
         if recipe is None:
@@ -158,31 +177,28 @@ def derive_field(
         check_local_recipe(recipe, pool=pool, output_size=output_size, where=str(store.path))
         source = tuple(recipe["from"])
         if recipe.get("complete", True):
-            report.source, report.complete = source, True
-            report.already = len(store.uids())
-            report.seconds = time.perf_counter() - started
-            return report
+            return source, True
         if not set(source) <= set(store.complete_fields):
             raise DeriveError(f"{store.path}: {name} was being derived from {' + '.join(source)}, "
                               f"which the store no longer holds")
-    else:
-        found = local_source(store.complete_fields)
-        if found is None:
-            raise DeriveError(
-                f"{store.path} cannot give {name}: it needs verb.map (or verb.map_tmean) and det.local.box; "
-                f"the store holds {', '.join(sorted(store.complete_fields))}")
-        source = found
-        map_spec = store.fields[source[0]]
-        spec = FieldSpec(default_dtype(name), (int(store.fields[source[1]].shape[0]), int(map_spec.shape[0])))
-        store.add_derived_field(name, spec, local_recipe(pool=pool, output_size=output_size, source=source[0],
-                                                         source_shape=map_spec.shape))
-    report.source = source
-    runs = list(store.manifest.get("provenance", {}).get("derive_runs", []))
-    runs.append({"field": name, "command": command, "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-    store.update_provenance(derive_runs=runs)
-    fields = list(store.complete_fields)
-    torch_device = torch.device(device)
+        return source, False
+    found = local_source(store.complete_fields)
+    if found is None:
+        raise DeriveError(
+            f"{store.path} cannot give {name}: it needs verb.map (or verb.map_tmean) and det.local.box; "
+            f"the store holds {', '.join(sorted(store.complete_fields))}")
+    map_spec = store.fields[found[0]]
+    spec = FieldSpec(default_dtype(name), (int(store.fields[found[1]].shape[0]), int(map_spec.shape[0])))
+    store.add_derived_field(name, spec, local_recipe(pool=pool, output_size=output_size, source=found[0],
+                                                     source_shape=map_spec.shape))
+    return found, False
 
+
+def _derive_shards(store: FeatureStore, name: str, source: Sequence[str], report: DeriveReport, *, pool: str,
+                   output_size: int, batch_size: int, device: torch.device, flush_every: int, progress: bool,
+                   on_segment: Callable[[str], None] | None) -> None:
+    """Derive ``name`` for every stored segment lacking it, shard by shard, counting into ``report``."""
+    fields = list(store.complete_fields)
     by_shard = _stored_by_shard(store)
     bar = progress_bar(total=sum(len(rows) for rows in by_shard.values()), desc=f"derive {name}", unit="seg",
                        enabled=progress)
@@ -201,14 +217,11 @@ def derive_field(
                     box_rows = _box_columns(store.boxes([row["uid"] for row in block]))
                     for start in range(0, len(block), batch_size):
                         chunk = block[start:start + batch_size]
-                        _derive_chunk(store, writer, chunk, fields, source, name, pool, output_size, torch_device,
+                        _derive_chunk(store, writer, chunk, fields, source, name, pool, output_size, device,
                                       box_rows, report, on_segment)
                         bar.update(len(chunk))
     finally:
         bar.close()
-    report.complete = _finish(store, name) if not report.failed else False
-    report.seconds = time.perf_counter() - started
-    return report
 
 
 def _derive_chunk(store: FeatureStore, writer, chunk: Sequence[Mapping[str, Any]], fields: Sequence[str],
@@ -322,6 +335,26 @@ def copy_store(
                           f"it holds {', '.join(sorted(source.fields))}")
     copied_from = {"path": str(source.path.resolve()), "manifest_sha256": source.manifest_hash,
                    "fields": sorted(kept), "where": where}
+    derived = {name: {k: v for k, v in recipe.items() if k not in ("complete", "completed_at")}
+               for name, recipe in source.derived.items() if name in kept}
+    target = _open_target(target_path, {f: source.fields[f] for f in kept},
+                          _copy_provenance(source, copied_from, command), derived, copied_from)
+    report = CopyReport(source=source.path, target=target.path, fields=tuple(sorted(kept)))
+    wanted = source.segments(where)
+    report.not_copied_failed = sum(status == STATUS_FAILED for status in wanted.column("status").to_pylist())
+    rows = [row for row in wanted.to_pylist() if row["status"] == STATUS_OK]
+    copied = _copy_segments(source, target, rows, kept, report, batch_size=batch_size, flush_every=flush_every,
+                            progress=progress, on_segment=on_segment)
+    bad = target.verify(copied)
+    if bad:
+        raise DeriveError(f"{target.path}: {len(bad)} copied segments do not verify (first: {bad[0][0]}: {bad[0][1]})")
+    report.verified = len(copied)
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _copy_provenance(source: FeatureStore, copied_from: Mapping[str, Any], command: str | None) -> dict[str, Any]:
+    """The copy's provenance: the source's, where it was copied from, and the verb map's shape."""
     provenance = {**source.manifest.get("provenance", {}), "copied_from": copied_from,
                   "copy_command": command}
     if "verb_map_shape" not in provenance:
@@ -330,15 +363,14 @@ def copy_store(
         shape = verb_map_shape(source.fields, source.manifest)
         if shape is not None:
             provenance["verb_map_shape"] = list(shape)  # so that the copy can still size its --map choices
-    derived = {name: {k: v for k, v in recipe.items() if k not in ("complete", "completed_at")}
-               for name, recipe in source.derived.items() if name in kept}
-    target = _open_target(target_path, {f: source.fields[f] for f in kept}, provenance, derived, copied_from)
-    report = CopyReport(source=source.path, target=target.path, fields=tuple(sorted(kept)))
-    wanted = source.segments(where)
-    report.not_copied_failed = sum(status == STATUS_FAILED for status in wanted.column("status").to_pylist())
-    rows = [row for row in wanted.to_pylist() if row["status"] == STATUS_OK]
-    all_fields = sorted(source.fields)
+    return provenance
 
+
+def _copy_segments(source: FeatureStore, target: FeatureStore, rows: Sequence[Mapping[str, Any]],
+                   kept: Sequence[str], report: CopyReport, *, batch_size: int, flush_every: int, progress: bool,
+                   on_segment: Callable[[str], None] | None) -> list[str]:
+    """Copy the ``kept`` fields of the intact ``rows`` not copied yet; returns the uids this call copied."""
+    all_fields = sorted(source.fields)
     copied: list[str] = []
     bulk = source.share_of_files(len(rows), all_fields) >= 0.5  # most of the source: read it with readahead
     with source.read_ahead(bulk), target.writer("0", flush_every=flush_every) as writer:
@@ -364,12 +396,7 @@ def copy_store(
                         on_segment(row["uid"])
                 bar.update(len(chunk))
         bar.close()
-    bad = target.verify(copied)
-    if bad:
-        raise DeriveError(f"{target.path}: {len(bad)} copied segments do not verify (first: {bad[0][0]}: {bad[0][1]})")
-    report.verified = len(copied)
-    report.seconds = time.perf_counter() - started
-    return report
+    return copied
 
 
 def _open_target(path: Path, fields: Mapping[str, FieldSpec], provenance: Mapping[str, Any],

@@ -67,7 +67,7 @@ def test_the_full_training_file_as_prior_equals_the_prior_of_p01_to_p25(
 
     # What the defect did: the prior counted on every row of the file (the scored ones included)
     # lifts the action accuracy of these predictions. The equality above would catch it coming back.
-    from featstore.epic.annotations import load_meta
+    from featstore.epic.metadata import load_meta
 
     table = read_segments(full)
     all_verbs, all_nouns = table.column("verb_class").to_numpy(), table.column("noun_class").to_numpy()
@@ -94,7 +94,7 @@ def test_the_prior_leaves_out_scored_rows_and_refuses_a_file_of_nothing_else(
     assert mixed["action_prior"] == {"from": str(plus_scored.resolve()), "excluded_scored_segments": 600, "counted": 23191}
 
     # The same numbers straight from the pure functions, with the official lists and the P01-P25 prior.
-    from featstore.epic.annotations import load_meta
+    from featstore.epic.metadata import load_meta
 
     train = read_segments(train_only)
     train_verbs, train_nouns = train.column("verb_class").to_numpy(), train.column("noun_class").to_numpy()
@@ -113,7 +113,7 @@ def test_without_a_prior_file_there_is_no_prior_and_no_record(epic55_dir: Path, 
     scored = predictions.subset(predictions.uids[:600])
     metrics = score_file(scored, epic55_dir / TRAIN_FILE)
     assert "action_prior" not in metrics
-    from featstore.epic.annotations import load_meta
+    from featstore.epic.metadata import load_meta
 
     plain = epic55_metrics(scored.verb_logits, scored.noun_logits, verbs[:600], nouns[:600],
                            meta=load_meta(epic55_dir, "epic55"))

@@ -10,7 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from featstore.epic.annotations import AnnotationError, read_class_list
+from featstore.epic.annotations import AnnotationError
+from featstore.epic.metadata import read_class_list
 from featstore.epic.boxes import BoxesFileError
 from featstore.epic.frames import EpicJpegFrames
 from featstore.epic.objects import (
