@@ -536,72 +536,69 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> DemoR
     if config.device not in ("cpu", "cuda"):
         raise DemoError(f"device must be 'cpu' or 'cuda', got {config.device!r}")
     out = config.out
-    progress = _DemoSteps(out, prepare_out(config, log), log)
+    steps = _DemoSteps(out, prepare_out(config, log), log)
     seconds: dict[str, float] = {}
-    spec = config.spec
 
-    # 1. the sample
     started = time.perf_counter()
-    sample = sample_paths(out / "sample")
-    n_frames = spec.n_segments * SHOT_FRAMES
-    if "sample" in progress.done and sample.annotations.is_file():
-        progress.reused.append("sample")
-        log(f"[1/5] sample: reusing {sample.root}")
-    else:
-        if sample.root.exists():
-            shutil.rmtree(sample.root)
-        log(f"[1/5] sample: {spec.n_segments} segments ({len(VERBS)} verbs x {len(NOUNS)} nouns, "
-            f"{len(spec.participants)} participants, motions at {spec.motion:.0%} of their travel), "
-            f"{n_frames} JPEG frames -> {sample.root}")
-        sample = generate_sample(sample.root, spec, seed=config.seed)
-        progress.mark("sample")
+    sample = _sample_step(config, steps)
     plots = [plot_sample(sample, out / "plots" / "sample.png")]
     seconds["sample"] = time.perf_counter() - started
 
-    # 2. stage 1: the verb net (and the detector with --train-detector)
+    # Stage 1: the verb net (and the detector with --train-detector).
     started = time.perf_counter()
     verbnet = out / VERBNET
-    verbnet_metrics = _stage1_verbnet(config, sample, verbnet, progress)
+    verbnet_metrics = _stage1_verbnet(config, sample, verbnet, steps)
     seconds["verbnet"] = time.perf_counter() - started
     detector = None
     if config.train_detector:
         started = time.perf_counter()
-        detector = _stage1_detector(config, sample, out / "detector", progress)
+        detector = _stage1_detector(config, sample, out / "detector", steps)
         seconds["detector"] = time.perf_counter() - started
 
-    # 3. stage 2: the two stores
+    # Stage 2: the two stores, then the heads on each.
     started = time.perf_counter()
-    stores: dict[str, Path] = {}
+    stores = {store.folder: out / store.folder for store in STORES}
     for store in STORES:
-        stores[store.folder] = out / store.folder
-        _build(config, sample, stores[store.folder], verbnet if store.stage1 else None, detector, progress)
+        _build(config, sample, stores[store.folder], verbnet if store.stage1 else None, detector, steps)
     seconds["build"] = time.perf_counter() - started
-
-    # 4. the heads on each store
     started = time.perf_counter()
-    runs: dict[str, Path] = {}
-    metrics: dict[str, dict[str, float]] = {}
-    for store in STORES:
-        for head in HEADS:
-            name = head.name + store.key
-            runs[name] = out / "runs" / name
-            metrics[name] = _train_head(config, head, stores[store.folder], runs[name], progress)
+    runs = {head.name + store.key: out / "runs" / (head.name + store.key) for store in STORES for head in HEADS}
+    metrics = {head.name + store.key: _train_head(config, head, stores[store.folder], runs[head.name + store.key], steps)
+               for store in STORES for head in HEADS}
     metrics[VERBNET] = verbnet_metrics
     seconds["train"] = time.perf_counter() - started
 
-    # 5. results, plots, the grid for `heads ablate`
+    # Results, plots, the grid for `heads ablate`.
     chance = chance_metrics(len(VERBS), len(NOUNS), len(VERBS) * len(NOUNS))
     plots.append(plot_results(metrics, chance, out / "plots" / "results.png"))
-    plots.append(verbnet / CURVES_NAME)
-    plots.extend(run / CURVES_NAME for run in runs.values())
+    plots += [verbnet / CURVES_NAME, *(run / CURVES_NAME for run in runs.values())]
     grid = write_grid(out / "grid.toml", store=stores["store"], out=out, seed=config.seed,
                       epochs=3 if config.quick else 25)
+    spec = config.spec
     n_val = len(spec.val_participants) * spec.videos_per_participant * spec.segments_per_video
-    progress.record(metrics=metrics, chance=chance, seconds=seconds, n_val=n_val)
+    steps.record(metrics=metrics, chance=chance, seconds=seconds, n_val=n_val)
     log(f"[5/5] plots: {', '.join(str(p) for p in plots[:2])}")
     return DemoReport(out=out, sample=sample, verbnet=verbnet, stores=stores, runs=runs, metrics=metrics,
-                      chance=chance, plots=plots, grid=grid, commands=progress.commands, seconds=seconds,
-                      reused=progress.reused, n_val=n_val)
+                      chance=chance, plots=plots, grid=grid, commands=steps.commands, seconds=seconds,
+                      reused=steps.reused, n_val=n_val)
+
+
+def _sample_step(config: DemoConfig, steps: _DemoSteps) -> Sample:
+    """[1/5]: generate the sample, or reuse the one an earlier demo of these settings finished."""
+    spec = config.spec
+    sample = sample_paths(config.out / "sample")
+    if "sample" in steps.done and sample.annotations.is_file():
+        steps.reused.append("sample")
+        steps.log(f"[1/5] sample: reusing {sample.root}")
+        return sample
+    if sample.root.exists():
+        shutil.rmtree(sample.root)
+    steps.log(f"[1/5] sample: {spec.n_segments} segments ({len(VERBS)} verbs x {len(NOUNS)} nouns, "
+              f"{len(spec.participants)} participants, motions at {spec.motion:.0%} of their travel), "
+              f"{spec.n_segments * SHOT_FRAMES} JPEG frames -> {sample.root}")
+    sample = generate_sample(sample.root, spec, seed=config.seed)
+    steps.mark("sample")
+    return sample
 
 
 @dataclass
@@ -638,7 +635,7 @@ class _DemoSteps:
         return False
 
 
-def _stage1_verbnet(config: DemoConfig, sample: Sample, run: Path, progress: _DemoSteps) -> dict[str, float]:
+def _stage1_verbnet(config: DemoConfig, sample: Sample, run: Path, steps: _DemoSteps) -> dict[str, float]:
     """Fine-tune the demo's verb net into ``run`` (or reuse a finished run); its verb metrics."""
     from cli.featstore_finetune import make_finetune_config
     from finetune.backbone import finetune
@@ -646,20 +643,20 @@ def _stage1_verbnet(config: DemoConfig, sample: Sample, run: Path, progress: _De
     params = verbnet_params(sample, run, quick=config.quick, seed=config.seed, device=config.device,
                             progress=config.progress)
     command = verbnet_command(params)
-    if not progress.finished("[2/5] stage 1", VERBNET, run, command, name=VERBNET):
+    if not steps.finished("[2/5] stage 1", VERBNET, run, command, name=VERBNET):
         started = time.perf_counter()
         resume = holds_run(run)
         finetune(make_finetune_config({**params, "resume": resume}, command=command), log=lambda _line: None)
-        progress.mark(VERBNET)
-        progress.log(f"      {params['epochs']} epochs in {time.perf_counter() - started:.1f} s")
+        steps.mark(VERBNET)
+        steps.log(f"      {params['epochs']} epochs in {time.perf_counter() - started:.1f} s")
     recorded = json.loads((run / METRICS_NAME).read_text())
     metrics = {k: recorded[k] for k in ("verb_top1", "verb_top5") if k in recorded}
-    progress.log(f"      the verb net alone: verb top-1 {metrics.get('verb_top1', float('nan')):.1f} % on the held-out "
+    steps.log(f"      the verb net alone: verb top-1 {metrics.get('verb_top1', float('nan')):.1f} % on the held-out "
         f"participants (chance {100 / len(VERBS):.1f} %)")
     return metrics
 
 
-def _stage1_detector(config: DemoConfig, sample: Sample, run: Path, progress: _DemoSteps) -> Path:
+def _stage1_detector(config: DemoConfig, sample: Sample, run: Path, steps: _DemoSteps) -> Path:
     """Fine-tune the demo's detector into ``run`` (or reuse a finished run); its checkpoint."""
     from cli.featstore_finetune_detector import finetune_detector as detector_command
     from cli.featstore_finetune_detector import make_detector_finetune_config
@@ -668,19 +665,19 @@ def _stage1_detector(config: DemoConfig, sample: Sample, run: Path, progress: _D
     params = detector_params(sample, run, quick=config.quick, seed=config.seed, device=config.device,
                              progress=config.progress, workers=config.workers)
     command = format_command("featstore finetune-detector", detector_command, params)
-    if not progress.finished("[2/5] detector", "detector", run, command, name="detector"):
+    if not steps.finished("[2/5] detector", "detector", run, command, name="detector"):
         started = time.perf_counter()
         resume = holds_run(run)
         metrics = finetune_detector(make_detector_finetune_config({**params, "resume": resume}, command=command),
                                     log=lambda _line: None)
-        progress.mark("detector")
-        progress.log(f"      {params['iterations']} iterations in {time.perf_counter() - started:.1f} s: "
+        steps.mark("detector")
+        steps.log(f"      {params['iterations']} iterations in {time.perf_counter() - started:.1f} s: "
             f"mAP@0.5 {metrics.get('map_50', 0):.1f} on the held-out participants")
     return run / CHECKPOINT_NAME
 
 
 def _build(config: DemoConfig, sample: Sample, store: Path, verbnet: Path | None, detector: Path | None,
-           progress: _DemoSteps) -> None:
+           steps: _DemoSteps) -> None:
     """Build (or finish) one demo store: with the stage-1 verb net when given, else random weights."""
     from cli.featstore_build import make_build_config
     from featstore.extract.config import RANDOM_WEIGHTS_NOTE
@@ -693,8 +690,8 @@ def _build(config: DemoConfig, sample: Sample, store: Path, verbnet: Path | None
         params.update(detector=f"{TRAINED_DETECTOR}:{detector}", boxes=None,
                       det_min_size=TRAINED_DETECTOR_SIZE[0], det_max_size=TRAINED_DETECTOR_SIZE[1])
     command = build_command(params)
-    progress.commands.append(command)
-    log = progress.log
+    steps.commands.append(command)
+    log = steps.log
     log(f"[3/5] build: {command}")
     report = build_store(make_build_config(params, command=command))
     random = [w for w in report.warnings if RANDOM_WEIGHTS_NOTE in w]
@@ -709,10 +706,10 @@ def _build(config: DemoConfig, sample: Sample, store: Path, verbnet: Path | None
     if report.failed:
         raise DemoError(f"{len(report.failed)} segment(s) failed to build; rerun the demo to retry them")
     if report.skipped == report.selected:
-        progress.reused.append(store.name)
+        steps.reused.append(store.name)
 
 
-def _train_head(config: DemoConfig, head: DemoHead, store: Path, run: Path, progress: _DemoSteps) -> dict[str, float]:
+def _train_head(config: DemoConfig, head: DemoHead, store: Path, run: Path, steps: _DemoSteps) -> dict[str, float]:
     """Train (or reuse, or resume) one head run on ``store``; its Table 1 metrics."""
     from cli.heads_cli import make_train_config
     from heads.trainer import train
@@ -721,12 +718,12 @@ def _train_head(config: DemoConfig, head: DemoHead, store: Path, run: Path, prog
                          quick=config.quick)
     command = train_command(params)
     stage = f"run:{run.name}"
-    if not progress.finished("[4/5] train", stage, run, command, name=f"runs/{run.name}"):
+    if not steps.finished("[4/5] train", stage, run, command, name=f"runs/{run.name}"):
         started = time.perf_counter()
         resume = holds_run(run)
         with _head_threads(config.device):
             train(params["store"], params["out"], make_train_config(params), resume=resume,
                   progress=params["progress"], log=lambda _line: None)
-        progress.mark(stage)
-        progress.log(f"      {params['epochs']} epochs in {time.perf_counter() - started:.1f} s")
+        steps.mark(stage)
+        steps.log(f"      {params['epochs']} epochs in {time.perf_counter() - started:.1f} s")
     return {k: v for k, v in json.loads((run / METRICS_NAME).read_text()).items() if k in METRICS}
