@@ -17,9 +17,9 @@ import numpy as np
 import torch
 
 from benchmarks.common import (
+    Context,
     GiB,
     MiB,
-    Context,
     Result,
     available_memory,
     compare,

@@ -131,8 +131,8 @@ def make_dataset(root: Path, setup: ExtractSetup, *, processes: int = 1) -> Data
 
 
 def build_config(setup: ExtractSetup, data: Dataset, store: Path):
-    from featstore.extract.config import BuildConfig
     from featstore.epic.sampling import SamplingConfig
+    from featstore.extract.config import BuildConfig
 
     return BuildConfig(
         store=store, annotations=data.annotations, frames_root=data.frames, verb_backbone=setup.backbone,
@@ -213,9 +213,9 @@ def predecode(setup: ExtractSetup, store_path: Path, data: Dataset, detector: An
     are kept, as the service does.
     """
     from featstore.epic.boxes import PrecomputedBoxes
-    from featstore.extract.decode import resize_frames
     from featstore.epic.frames import open_frame_source
     from featstore.epic.sampling import SamplingConfig, plan_segment
+    from featstore.extract.decode import resize_frames
 
     store = FeatureStore.open(store_path)
     input_size = tuple(int(v) for v in store.manifest["provenance"]["input_size"])

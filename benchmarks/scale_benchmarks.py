@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks.common import GiB, MiB, Context, Result, available_memory, compare, interleaved, load_average, spread
+from benchmarks.common import Context, GiB, MiB, Result, available_memory, compare, interleaved, load_average, spread
 from benchmarks.stores import NUM_NOUNS, NUM_VERBS, PARTICIPANTS, FeaturePool, build_store, segment_arrays
 from featstore.store.reader import FeatureStore
 from featstore.store.schema import DET_GLOBAL_BOX, VERB_LOCAL, VERB_MAP
@@ -388,9 +388,9 @@ print(json.dumps({"preload_s": preload, "train_s": train, "steps": len(losses), 
 
 def epic55_full_size(ctx: Context, wanted: set[str]) -> list[Result]:
     """28,472 SAOA-ready segments at C=2048, Cd=1024: import, bytes, preload, peak memory, 200 saoa steps."""
-    from featstore.store.importer import import_npz
     from featstore.samples.annotations import generate_segments, write_epic55_annotations
     from featstore.samples.features import feature_shapes
+    from featstore.store.importer import import_npz
 
     quick = ctx.sizes.quick
     n = 600 if quick else EPIC55_TRAIN

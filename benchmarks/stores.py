@@ -14,11 +14,12 @@ from typing import Callable, Sequence
 import numpy as np
 
 from featstore.epic.annotations import read_segments
-from featstore.store.importer import box_rows_from_arrays
-from featstore.store.local_pool import local_recipe
+from featstore.epic.metadata import NUM_CLASSES
 from featstore.samples.annotations import generate_segments, write_epic55_annotations
 from featstore.samples.features import feature_shapes, random_boxes
-from featstore.epic.metadata import NUM_CLASSES
+from featstore.store.importer import box_rows_from_arrays
+from featstore.store.local_pool import local_recipe
+from featstore.store.reader import FeatureStore
 from featstore.store.schema import (
     BOX_SETS,
     DET_GLOBAL_FEAT,
@@ -30,7 +31,6 @@ from featstore.store.schema import (
     default_dtype,
     det_field,
 )
-from featstore.store.reader import FeatureStore
 
 # EPIC-55 class counts; participants split 3 : 1 into train (P01-P03) and validation (P26).
 NUM_VERBS, NUM_NOUNS = NUM_CLASSES["epic55"]

@@ -9,10 +9,10 @@ import click
 from cli.common import command_line, domain_errors
 from cli.featstore_build import build
 from cli.featstore_demo import demo
-from cli.featstore_info import info
-from cli.featstore_transform import copy_cmd, derive
 from cli.featstore_finetune import finetune
 from cli.featstore_finetune_detector import finetune_detector
+from cli.featstore_info import info
+from cli.featstore_transform import copy_cmd, derive
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

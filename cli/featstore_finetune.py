@@ -109,8 +109,8 @@ def finetune(**params: Any) -> None:
             --train epic55-lfb-train --val epic55-lfb-val --device cuda
         featstore build STORE ... --verb-backbone r3d_50:runs/verb-r50/checkpoint.pt
     """
-    from finetune.backbone import finetune as run_finetune
     from featstore.training.run_folder import CHECKPOINT_NAME
+    from finetune.backbone import finetune as run_finetune
     from finetune.config import FinetuneError
 
     try:

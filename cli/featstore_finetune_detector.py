@@ -101,8 +101,8 @@ def finetune_detector(**params: Any) -> None:
             --recipe epic-trainval --class-names EPIC_noun_classes.csv --device cuda
         featstore build STORE ... --detector fasterrcnn_resnet50_fpn:runs/det/checkpoint.pt
     """
-    from finetune.detector import finetune_detector as run_finetune
     from featstore.training.run_folder import CHECKPOINT_NAME
+    from finetune.detector import finetune_detector as run_finetune
     from finetune.detector_config import DetectorFinetuneError
 
     try:

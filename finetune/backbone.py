@@ -34,20 +34,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from featstore.io.progress import progress_bar
 from featstore import __version__
-from featstore.io.allocator import keep_freed_memory
 from featstore.epic.annotations import detect_dataset, read_segments
-from featstore.epic.metadata import find_video_info, read_video_info
-from featstore.io.atomic import atomic_write_json
 from featstore.epic.frames import FrameError, FrameSource, open_frame_source
-from featstore.models import file_sha256
+from featstore.epic.metadata import NUM_CLASSES, find_video_info, read_video_info
 from featstore.epic.splits import resolve_selection, select_segments
-from finetune.clips import ClipBatch, ClipDataset, EpochBatchSampler, FailureLog, collate_clips
-from finetune.config import FinetuneConfig, FinetuneError, resume_differences
-from finetune.model import InitReport, VideoClassifier, build_video_classifier
-from finetune.outputs import load_training_state, plot_curves, write_finetuned_checkpoint
-from finetune.recipes import get_recipe
+from featstore.io.allocator import keep_freed_memory
+from featstore.io.atomic import atomic_write_json
+from featstore.io.progress import progress_bar
+from featstore.models import file_sha256
 from featstore.training.engine import Hook, RunState, train_one
 from featstore.training.hooks import (
     Checkpointer,
@@ -60,7 +55,11 @@ from featstore.training.hooks import (
 )
 from featstore.training.run_folder import CONFIG_NAME, CURVES_NAME, FAILURES_NAME, METRICS_NAME, RunFolder
 from featstore.training.world import World
-from featstore.epic.metadata import NUM_CLASSES
+from finetune.clips import ClipBatch, ClipDataset, EpochBatchSampler, FailureLog, collate_clips
+from finetune.config import FinetuneConfig, FinetuneError, resume_differences
+from finetune.model import InitReport, VideoClassifier, build_video_classifier
+from finetune.outputs import load_training_state, plot_curves, write_finetuned_checkpoint
+from finetune.recipes import get_recipe
 from heads.metrics import topk_accuracy
 
 __all__ = ["BackboneTrainable", "Selection", "finetune", "select_training_data"]

@@ -9,8 +9,8 @@ from typing import Any, Mapping
 
 from featstore.epic.frames import MODALITY_CHANNELS
 from featstore.models import UnknownModelError, get_backbone_record, parse_model_spec
-from finetune.recipes import Recipe, get_recipe, list_recipes, recipe_for_backbone
 from featstore.training.run_folder import settings_differences
+from finetune.recipes import Recipe, get_recipe, list_recipes, recipe_for_backbone
 from finetune.settings import check_run_settings, path_settings
 
 __all__ = ["FinetuneConfig", "FinetuneError", "RECIPE_FIELDS", "TARGETS", "make_config", "resume_differences"]

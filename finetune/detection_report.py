@@ -15,10 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from featstore.io.atomic import atomic_write_csv
 from featstore.epic.detection_metrics import DetectionAP, ImagePredictions
-from featstore.io.figures import pyplot, save_figure
 from featstore.epic.objects import ObjectImage
+from featstore.io.atomic import atomic_write_csv
+from featstore.io.figures import pyplot, save_figure
 
 __all__ = ["PER_CLASS_COLUMNS", "detection_entry", "plot_predictions", "write_per_class_ap"]
 

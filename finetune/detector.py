@@ -31,30 +31,13 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from featstore.epic.metadata import NUM_CLASSES
 from featstore import __version__
-from featstore.io.atomic import atomic_write_json
 from featstore.epic.detection_metrics import ImagePredictions, detection_ap
+from featstore.epic.metadata import NUM_CLASSES
+from featstore.epic.objects import ImageLayout, ObjectImage, ObjectLabels, read_objects
+from featstore.io.atomic import atomic_write_json, atomic_write_torch
 from featstore.models import build_detector, file_sha256, read_state_dict
 from featstore.models.checkpoints import FINETUNE_RECORD_KEY, apply_state_dict
-from featstore.epic.objects import ImageLayout, ObjectImage, ObjectLabels, read_objects
-from finetune.clips import FailureLog
-from finetune.detector_data import (
-    DetectionBatch,
-    IterationBatchSampler,
-    ObjectImageDataset,
-    collate_detections,
-    read_image,
-)
-from finetune.detection_report import detection_entry, plot_predictions, write_per_class_ap
-from finetune.detector_config import (
-    DetectorFinetuneConfig,
-    DetectorFinetuneError,
-    detector_resume_differences,
-    get_detector_recipe,
-)
-from finetune.outputs import plot_curves
-from featstore.io.atomic import atomic_write_torch
 from featstore.training.engine import Hook, RunState, train_one
 from featstore.training.hooks import Checkpointer, EpochCallback, EpochLog, LearningRate, LossCheck, ProgressBar
 from featstore.training.run_folder import (
@@ -67,6 +50,22 @@ from featstore.training.run_folder import (
     RunFolder,
 )
 from featstore.training.world import World
+from finetune.clips import FailureLog
+from finetune.detection_report import detection_entry, plot_predictions, write_per_class_ap
+from finetune.detector_config import (
+    DetectorFinetuneConfig,
+    DetectorFinetuneError,
+    detector_resume_differences,
+    get_detector_recipe,
+)
+from finetune.detector_data import (
+    DetectionBatch,
+    IterationBatchSampler,
+    ObjectImageDataset,
+    collate_detections,
+    read_image,
+)
+from finetune.outputs import plot_curves
 
 __all__ = [
     "DetectorTrainable",

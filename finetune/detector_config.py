@@ -26,8 +26,8 @@ from typing import Any
 
 from featstore.epic.objects import HELD_OUT_PARTICIPANTS, IMAGE_LAYOUTS
 from featstore.training.run_folder import settings_differences
-from finetune.settings import check_run_settings, path_settings
 from finetune.recipes import RecipeBook, UnknownRecipeError
+from finetune.settings import check_run_settings, path_settings
 
 __all__ = [
     "DETECTOR_RECIPE_FIELDS",

@@ -103,8 +103,7 @@ def train_loader(dataset_name: str, *, min_size: int, max_size: int, image_forma
     Returns:
         The loader ``build_detection_train_loader`` makes: lists of detectron2 input dicts.
     """
-    from detectron2.data import DatasetCatalog, DatasetMapper, build_detection_train_loader
-    from detectron2.data import transforms
+    from detectron2.data import DatasetCatalog, DatasetMapper, build_detection_train_loader, transforms
     from detectron2.data.samplers import TrainingSampler
 
     augmentations = [transforms.ResizeShortestEdge((min_size,), max_size, "choice"),

@@ -43,19 +43,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from featstore.io.progress import progress_bar
 from featstore import __version__
 from featstore.epic.annotations import AnnotationError
-from featstore.epic.metadata import read_class_list
-from featstore.io.atomic import atomic_write_json, atomic_write_text, atomic_write_torch
-from featstore.epic.detection_metrics import ImagePredictions, detection_ap
 from featstore.epic.boxes import BoxesFileError
+from featstore.epic.detection_metrics import ImagePredictions, detection_ap
+from featstore.epic.metadata import read_class_list
+from featstore.epic.objects import ImageLayout, ObjectLabels, read_objects
+from featstore.io.atomic import atomic_write_json, atomic_write_text, atomic_write_torch
+from featstore.io.progress import progress_bar
 from featstore.models import CheckpointError, file_sha256
 from featstore.models.checkpoints import FINETUNE_RECORD_KEY
-from featstore.epic.objects import ImageLayout, ObjectLabels, read_objects
-from finetune.detection_report import detection_entry, plot_predictions, write_per_class_ap
-from finetune.detectron2_data import dataset_dicts, readable_images, register_dataset, train_loader, unregister_datasets
-from finetune.detector_config import DetectorFinetuneConfig, DetectorFinetuneError, detector_resume_differences
 from featstore.training.run_folder import (
     CONFIG_NAME,
     DETECTRON2_CONFIG_NAME,
@@ -68,6 +65,9 @@ from featstore.training.run_folder import (
     holds_run,
 )
 from featstore.training.world import World
+from finetune.detection_report import detection_entry, plot_predictions, write_per_class_ap
+from finetune.detector_config import DetectorFinetuneConfig, DetectorFinetuneError, detector_resume_differences
+from finetune.detectron2_data import dataset_dicts, readable_images, register_dataset, train_loader, unregister_datasets
 
 __all__ = ["finetune_detectron2"]
 
@@ -122,6 +122,7 @@ def _detectron2_cfg(config: DetectorFinetuneConfig, num_classes: int) -> Any:
     """The detectron2 config of the run: the named file, the class count, the resize, the solver."""
     import yaml
     from detectron2.config import get_cfg
+
     from featstore.models.detectron2_rcnn import resolve_detectron2_config
 
     name = config.detector.split(":", 1)[1] if ":" in config.detector else ""

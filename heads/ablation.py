@@ -33,9 +33,9 @@ from typing import Any, Callable, Iterator
 
 import pyarrow as pa
 
-from heads import data as head_data
 from featstore.training.engine import Engine, RunState, describe_error
 from featstore.training.run_folder import CONFIG_NAME, HISTORY_NAME, METRICS_NAME
+from heads import data as head_data
 from heads.grid import Grid, GridError, GridRun, load_grid
 from heads.results import results_table, write_results
 from heads.trainer import HeadTrainable, PreparedRun, TrainConfig, finish, prepare, run_hooks, write_config

@@ -29,15 +29,6 @@ import pyarrow as pa
 import torch
 
 from featstore.io.allocator import keep_freed_memory
-from featstore.store.schema import (
-    DET_GLOBAL_FEAT,
-    DET_GLOBAL_SCORE,
-    DET_LOCAL_FEAT,
-    DET_LOCAL_SCORE,
-    NOUN_GLOBAL,
-    STATUS_OK,
-    VERB_GLOBAL,
-)
 from featstore.store.local_pool import (
     LOCAL_BOXES,
     LOCAL_FIELD,
@@ -49,6 +40,15 @@ from featstore.store.local_pool import (
     pool_local_verb_features,
 )
 from featstore.store.reader import FeatureStore
+from featstore.store.schema import (
+    DET_GLOBAL_FEAT,
+    DET_GLOBAL_SCORE,
+    DET_LOCAL_FEAT,
+    DET_LOCAL_SCORE,
+    NOUN_GLOBAL,
+    STATUS_OK,
+    VERB_GLOBAL,
+)
 
 # Store field -> batch key the heads read.
 FIELD_KEYS = {

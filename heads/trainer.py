@@ -25,11 +25,10 @@ from typing import Any, Callable, Iterator, Mapping, NamedTuple, Sequence
 import numpy as np
 import torch
 
-from featstore.io.atomic import atomic_write_json
-from featstore.store.schema import DET_GLOBAL_FEAT, DET_LOCAL_FEAT, NOUN_GLOBAL, VERB_GLOBAL
 from featstore.epic.splits import resolve_selection
+from featstore.io.atomic import atomic_write_json
 from featstore.store.reader import FeatureStore
-from heads import data as head_data
+from featstore.store.schema import DET_GLOBAL_FEAT, DET_LOCAL_FEAT, NOUN_GLOBAL, VERB_GLOBAL
 from featstore.training.engine import Hook, TrainingError, train_one
 from featstore.training.hooks import (
     Checkpointer,
@@ -52,6 +51,7 @@ from featstore.training.run_folder import (
     remove_run_temporaries,
 )
 from featstore.training.world import World
+from heads import data as head_data
 from heads.evaluation import NUM_CLASSES, ScoringContext, TrainingLabels, scoring_context
 from heads.metric_registry import epoch_line
 from heads.models import FeatureDims, build_head, check_fields, get_head, head_loss

@@ -14,8 +14,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from featstore.models import BackboneRecord, backbone_map_shape
 from featstore.epic.sampling import SamplingConfig
+from featstore.models import BackboneRecord, backbone_map_shape
 from featstore.store.schema import (
     NOUN_GLOBAL,
     NOUN_MAP,

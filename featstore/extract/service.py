@@ -25,15 +25,13 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from featstore.io.progress import progress_bar
 from featstore import __version__
 from featstore.epic.annotations import read_segments
-from featstore.epic.metadata import find_video_info, read_video_info
 from featstore.epic.boxes import PrecomputedBoxes, describe_box_file
 from featstore.epic.frames import MODALITY_CHANNELS, EpicJpegFrames, FrameSource, open_frame_source
+from featstore.epic.metadata import find_video_info, read_video_info
 from featstore.epic.sampling import SamplingConfig
 from featstore.epic.splits import resolve_selection, select_segments
-from featstore.io.allocator import keep_freed_memory
 from featstore.extract.compute import (
     BuiltModels,
     apply_map_choice,
@@ -46,6 +44,8 @@ from featstore.extract.compute import (
 from featstore.extract.config import RANDOM_WEIGHTS_NOTE, BuildConfig, BuildError, BuildReport
 from featstore.extract.decode import DecodedBatch, SegmentFrames, decoded_batches, probe_input_size
 from featstore.extract.plan import ResolvedSampling, resolve_sampling, shard_uids, store_fields
+from featstore.io.allocator import keep_freed_memory
+from featstore.io.progress import progress_bar
 from featstore.models import backbone_map_shape, file_sha256, get_backbone_record, parse_model_spec
 from featstore.store.local_pool import local_recipe
 from featstore.store.reader import FeatureStore

@@ -14,10 +14,10 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from featstore.io.progress import progress_bar
 from featstore.epic.annotations import read_segments
-from featstore.store.schema import BOX_SETS, STATUS_FAILED, STATUS_OK, FieldSpec, StoreError, default_dtype, det_field
+from featstore.io.progress import progress_bar
 from featstore.store.reader import FeatureStore
+from featstore.store.schema import BOX_SETS, STATUS_FAILED, STATUS_OK, FieldSpec, StoreError, default_dtype, det_field
 
 
 class ImportFailure(StoreError):

@@ -32,8 +32,8 @@ from featstore.store.local_pool import (
     local_source,
     pool_local_verb_features,
 )
-from featstore.store.schema import STATUS_FAILED, STATUS_OK, FieldSpec, StoreError, default_dtype
 from featstore.store.reader import FeatureStore
+from featstore.store.schema import STATUS_FAILED, STATUS_OK, FieldSpec, StoreError, default_dtype
 from featstore.store.writer import segment_checksum
 
 __all__ = ["DERIVABLE_FIELDS", "DeriveError", "DeriveReport", "CopyReport", "derive_field", "copy_store"]

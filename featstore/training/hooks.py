@@ -21,8 +21,8 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from featstore.io.progress import progress_bar
 from featstore.io.atomic import atomic_write_json, atomic_write_torch
+from featstore.io.progress import progress_bar
 from featstore.training.engine import Hook, RunState, TrainingError
 
 __all__ = [
