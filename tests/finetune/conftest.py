@@ -7,9 +7,14 @@ from typing import Any
 
 import pytest
 
-from featstore.samples.annotations import SegmentLabel, write_epic55_annotations, write_video_info
+from featstore.samples.annotations import (
+    SegmentLabel,
+    write_epic55_annotations,
+    write_video_info,
+)
 from featstore.samples.frames import write_jpeg_video
 from finetune.config import FinetuneConfig, make_config
+from tests.helpers.detection import write_object_images
 
 HEIGHT, WIDTH = 48, 64  # generated frames: short side 48
 N_FRAMES = 100
@@ -72,3 +77,11 @@ def small_epic(tmp_path_factory: pytest.TempPathFactory) -> SmallEpic:
 def _every_test_on_one_thread(one_thread: None) -> None:
     """Every stage-1 test runs on one thread (tests/conftest.py `one_thread`): the same thread count in
     every run keeps CPU results comparable (resume == uninterrupted), and the cores are shared."""
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    """`write_object_images` once per module."""
+    root = tmp_path_factory.mktemp("images")
+    write_object_images(root)
+    return root

@@ -14,7 +14,6 @@ import torch
 
 from featstore.models import build_backbone
 from featstore.samples.damage import corrupt_jpeg
-from finetune.backbone import finetune, select_training_data
 from featstore.training.run_folder import (
     CHECKPOINT_NAME,
     CONFIG_NAME,
@@ -24,8 +23,8 @@ from featstore.training.run_folder import (
     RUN_FILES,
     run_folder_files,
 )
+from finetune.backbone import finetune, select_training_data
 from finetune.config import FinetuneError
-
 from tests.finetune.conftest import make_small_epic, small_config
 from tests.helpers.threads import torch_threads
 from tests.helpers.torchrun import torchrun_cli

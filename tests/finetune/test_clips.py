@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from featstore.epic.frames import EpicJpegFrames
-from featstore.samples.damage import corrupt_jpeg
 from featstore.epic.sampling import SamplingConfig, plan_segment
+from featstore.samples.damage import corrupt_jpeg
 from finetune.clips import (
     ClipDataset,
     EpochBatchSampler,
@@ -22,7 +22,6 @@ from finetune.clips import (
     training_centre,
     training_snippet_frames,
 )
-
 from tests.finetune.conftest import make_small_epic
 
 

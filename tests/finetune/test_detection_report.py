@@ -8,7 +8,12 @@ import numpy as np
 
 from featstore.epic.detection_metrics import ClassAP, DetectionAP, ImagePredictions
 from featstore.epic.objects import ObjectImage
-from finetune.detection_report import PER_CLASS_COLUMNS, detection_entry, plot_predictions, write_per_class_ap
+from finetune.detection_report import (
+    PER_CLASS_COLUMNS,
+    detection_entry,
+    plot_predictions,
+    write_per_class_ap,
+)
 
 
 def result() -> DetectionAP:

@@ -1,16 +1,14 @@
-"""Detector stage 1 (torchvision): data, sampler, a tiny run's folder, resume, failures, bad inputs."""
+"""Detector stage 1 (torchvision): data, sampler, a tiny run's folder and golden loss, resume, failures,
+bad inputs, torchrun, and the "Done when" on the demo sample."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from featstore.models import CheckpointError, build_detector, read_state_dict
-from featstore.epic.objects import ImageLayout, ObjectImage
 from featstore.training.run_folder import (
     CHECKPOINT_NAME,
     CONFIG_NAME,
@@ -24,42 +22,13 @@ from featstore.training.run_folder import (
 )
 from finetune.clips import TooManyFailures
 from finetune.detector import finetune_detector
-from finetune.detector_data import IterationBatchSampler, ObjectImageDataset
 from finetune.detector_config import DetectorFinetuneError, make_detector_config
-
+from tests.helpers.detection import OBJECT_IMAGE_PATTERN as PATTERN
 from tests.helpers.detection import moved_object_hits
 from tests.helpers.threads import torch_threads
 from tests.helpers.torchrun import torchrun_cli
 
 DETECTOR = "fasterrcnn_mobilenet_v3_large_320_fpn"
-PATTERN = "{video_id}/{frame:04d}.jpg"
-
-
-def write_images(root: Path) -> Path:
-    """Eight 64 x 80 images per video (P01_01, P02_01 train; P26_01 val), one red square of class 1 and
-    one blue of class 2 each, moving with the frame; a boxes CSV of them."""
-    rows = ["video_id,frame,x1,y1,x2,y2,score,label"]
-    rng = np.random.default_rng(0)
-    for video in ("P01_01", "P02_01", "P26_01"):
-        (root / video).mkdir(parents=True, exist_ok=True)
-        for frame in range(1, 9):
-            image = (rng.integers(0, 40, size=(64, 80, 3))).astype(np.uint8)
-            red = (4 + 3 * frame, 6, 24 + 3 * frame, 26)
-            blue = (40, 30 + frame, 70, 60 + frame)
-            for (x1, y1, x2, y2), colour in ((red, (220, 20, 20)), (blue, (20, 20, 220))):
-                image[y1:y2, x1:x2] = colour
-            Image.fromarray(image).save(root / video / f"{frame:04d}.jpg", quality=95)
-            rows += [f"{video},{frame},{red[0]},{red[1]},{red[2]},{red[3]},1,1",
-                     f"{video},{frame},{blue[0]},{blue[1]},{blue[2]},{blue[3]},1,2"]
-    (root / "boxes.csv").write_text("\n".join(rows) + "\n")
-    return root / "boxes.csv"
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("images")
-    write_images(root)
-    return root
 
 
 def tiny(images: Path, out: Path, **settings):
@@ -69,49 +38,6 @@ def tiny(images: Path, out: Path, **settings):
                   num_classes=3)
     values.update(settings)
     return make_detector_config(**values)
-
-
-def test_sampler_takes_seeded_passes_and_ranks_share_each_batch() -> None:
-    sampler = IterationBatchSampler(5, 2, seed=3)
-    first_pass = sampler.global_batch(0) + sampler.global_batch(1) + sampler.global_batch(2)[:1]
-    assert sorted(first_pass) == [0, 1, 2, 3, 4]  # 5 images: iterations 0-2 start with one whole pass
-    assert IterationBatchSampler(5, 2, seed=3).global_batch(7) == sampler.global_batch(7)
-    assert IterationBatchSampler(5, 2, seed=4).global_batch(0) != sampler.global_batch(0) or \
-        IterationBatchSampler(5, 2, seed=4).global_batch(1) != sampler.global_batch(1)
-    halves = [IterationBatchSampler(5, 2, seed=3, rank=r, world_size=2) for r in (0, 1)]
-    for half in halves:
-        half.set_range(4, 6)
-    assert len(halves[0]) == 2
-    shares = [list(half) for half in halves]
-    for it in range(2):
-        assert sorted(k for share in shares for k in share[it]) == sorted((4 + it, i) for i in sampler.global_batch(4 + it))
-
-
-def test_training_images_flip_with_their_boxes_seeded_by_iteration(images: Path) -> None:
-    record = ObjectImage("P01", "P01_01", 3, np.array([[13, 6, 33, 26]], np.float32), np.array([0]))
-    layout = ImageLayout(images, PATTERN)
-    plain = ObjectImageDataset([record], layout=layout, train=False)[(0, 0)][1]
-    assert plain.image.shape == (3, 64, 80) and plain.labels.tolist() == [1]  # 0 is background
-    train = ObjectImageDataset([record], layout=layout, train=True, seed=0)
-    flips = 0
-    for iteration in range(12):
-        sample = train[(iteration, 0)][1]
-        assert torch.equal(sample.image, train[(iteration, 0)][1].image)  # a function of the key
-        if torch.equal(sample.image, plain.image):
-            assert sample.boxes.tolist() == [[13, 6, 33, 26]]
-        else:
-            flips += 1
-            assert torch.equal(sample.image, plain.image.flip(-1))
-            assert sample.boxes.tolist() == [[80 - 33, 6, 80 - 13, 26]]
-    assert 0 < flips < 12
-
-
-def test_an_unreadable_image_is_a_failure_marker(tmp_path: Path) -> None:
-    (tmp_path / "P01_01").mkdir()
-    (tmp_path / "P01_01" / "0001.jpg").write_bytes(b"\xff\xd8 not a jpeg")
-    record = ObjectImage("P01", "P01_01", 1, np.zeros((0, 4), np.float32), np.zeros(0, np.int64))
-    sample = ObjectImageDataset([record], layout=ImageLayout(tmp_path, PATTERN), train=True)[(0, 0)][1]
-    assert sample.image is None and "0001.jpg" in sample.error
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +60,6 @@ def test_golden_loss_of_the_tiny_seeded_run(uninterrupted: Path) -> None:
     assert [entry["loss"] for entry in history] == pytest.approx(GOLDEN_ROUND_LOSSES, rel=1e-4)
 
 
-@pytest.mark.slow
 def test_a_run_writes_its_folder_and_build_loads_the_checkpoint(uninterrupted: Path) -> None:
     for name in (CHECKPOINT_NAME, RESUME_STATE_NAME, CONFIG_NAME, METRICS_NAME, PER_CLASS_AP_NAME,
                  PREDICTION_IMAGES_NAME, CURVES_NAME, FAILURES_NAME, LOG_NAME):

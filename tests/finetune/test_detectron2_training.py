@@ -18,7 +18,6 @@ import pytest
 import torch
 
 from finetune.detector_config import DetectorFinetuneError, make_detector_config
-
 from tests.helpers.detection import moved_object_hits
 
 pytest.importorskip("detectron2")

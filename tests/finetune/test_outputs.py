@@ -6,14 +6,14 @@ from pathlib import Path
 
 import torch
 
+from featstore.epic.sampling import SamplingConfig
 from featstore.extract.config import BuildConfig
 from featstore.extract.service import build_store
 from featstore.models import build_backbone, read_state_dict
 from featstore.models.checkpoints import read_finetune_record
-from featstore.epic.sampling import SamplingConfig
 from featstore.store.reader import FeatureStore
-from finetune.model import build_video_classifier
 from featstore.training.run_folder import CHECKPOINT_NAME, CURVES_NAME
+from finetune.model import build_video_classifier
 from finetune.outputs import plot_curves, write_finetuned_checkpoint
 
 

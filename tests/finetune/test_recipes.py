@@ -8,7 +8,12 @@ from click.testing import CliRunner
 
 from cli.featstore_cli import main as featstore_main
 from finetune.config import RECIPE_FIELDS, FinetuneError, make_config
-from finetune.recipes import UnknownRecipeError, get_recipe, list_recipes, recipe_for_backbone
+from finetune.recipes import (
+    UnknownRecipeError,
+    get_recipe,
+    list_recipes,
+    recipe_for_backbone,
+)
 
 FRAMES = Path("/nonexistent/frames")  # the config does not touch the file system
 

@@ -20,7 +20,7 @@ from cli import demo
 from cli.featstore_cli import main
 from featstore.samples.kitchens import VERBS
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]  # about 3.5 min on a 2-core CPU
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]  # about 100 s on an idle 2-core CPU
 
 CHANCE = 100.0 / len(VERBS)
 SEGMENT = 100.0 / 48  # one held-out segment of the full sample, in %

@@ -5,7 +5,10 @@ the demo's sampling would detect on), as the build runs it; no store is built.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+from PIL import Image
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -56,3 +59,26 @@ def moved_object_hits(detector, sample) -> tuple[int, int]:
             hit |= bool((iou(detected, active[["x1", "y1", "x2", "y2"]].to_numpy(np.float64)[0]) >= 0.5).any())
         hits += hit
     return hits, len(validation)
+
+
+OBJECT_IMAGE_PATTERN = "{video_id}/{frame:04d}.jpg"  # the images' --image-pattern
+
+
+def write_object_images(root: Path) -> Path:
+    """Eight 64 x 80 images per video (P01_01, P02_01 train; P26_01 val), one red square of class 1 and
+    one blue of class 2 each, moving with the frame; a boxes CSV of them."""
+    rows = ["video_id,frame,x1,y1,x2,y2,score,label"]
+    rng = np.random.default_rng(0)
+    for video in ("P01_01", "P02_01", "P26_01"):
+        (root / video).mkdir(parents=True, exist_ok=True)
+        for frame in range(1, 9):
+            image = (rng.integers(0, 40, size=(64, 80, 3))).astype(np.uint8)
+            red = (4 + 3 * frame, 6, 24 + 3 * frame, 26)
+            blue = (40, 30 + frame, 70, 60 + frame)
+            for (x1, y1, x2, y2), colour in ((red, (220, 20, 20)), (blue, (20, 20, 220))):
+                image[y1:y2, x1:x2] = colour
+            Image.fromarray(image).save(root / video / f"{frame:04d}.jpg", quality=95)
+            rows += [f"{video},{frame},{red[0]},{red[1]},{red[2]},{red[3]},1,1",
+                     f"{video},{frame},{blue[0]},{blue[1]},{blue[2]},{blue[3]},1,2"]
+    (root / "boxes.csv").write_text("\n".join(rows) + "\n")
+    return root / "boxes.csv"
