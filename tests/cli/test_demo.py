@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from cli import demo
+from cli import demo, demo_recipe, demo_results
 from cli.featstore_build import build, make_build_config
 from cli.featstore_cli import main
 from cli.featstore_finetune import finetune, make_finetune_config
@@ -40,9 +40,9 @@ def test_quick_demo_writes_sample_store_runs_and_plots(quick_demo: QuickDemo) ->
         kitchens.QUICK_SAMPLE.segments_per_video * kitchens.SHOT_FRAMES
 
     # Stage 1: the verb net's run, complete, with the checkpoint the store below was built from.
-    verbnet = out / demo.VERBNET
+    verbnet = out / demo_recipe.VERBNET
     recorded = json.loads((verbnet / "metrics.json").read_text())
-    assert recorded["complete"] and recorded["epochs_done"] == demo.VERBNET_EPOCHS[True]
+    assert recorded["complete"] and recorded["epochs_done"] == demo_recipe.VERBNET_EPOCHS[True]
     assert (verbnet / "curves.png").stat().st_size > 0
 
     for folder, stage1 in (("store", True), ("store-random", False)):
@@ -52,7 +52,7 @@ def test_quick_demo_writes_sample_store_runs_and_plots(quick_demo: QuickDemo) ->
         assert {"verb.global", "verb.local", "noun.global", "det.global.feat", "det.local.box"} <= set(info["fields"])
         assert store.verify() == []
         provenance = info["manifest"]["provenance"]
-        assert provenance["detector"]["name"] == demo.DETECTOR
+        assert provenance["detector"]["name"] == demo_recipe.DETECTOR
         assert provenance["command"].startswith("featstore build ")
         verb = provenance["verb_backbone"]
         if stage1:  # the manifest records the fine-tune run beside the checkpoint's digest
@@ -65,7 +65,7 @@ def test_quick_demo_writes_sample_store_runs_and_plots(quick_demo: QuickDemo) ->
     for head in ("saoa", "global", "saoa-random", "global-random"):
         run = out / "runs" / head
         metrics = json.loads((run / "metrics.json").read_text())
-        assert set(demo.METRICS) <= set(metrics)
+        assert set(demo_recipe.METRICS) <= set(metrics)
         assert (run / "predictions.parquet").is_file()
         assert (run / "curves.png").stat().st_size > 0
     for plot in ("sample.png", "results.png"):
@@ -106,10 +106,10 @@ def test_quick_demo_is_above_chance(quick_demo: QuickDemo) -> None:
     # tests/finetune/test_two_stages.py holds that on the full demo.
     recorded = _recorded(quick_demo.out)
     metrics, chance = recorded["metrics"], recorded["chance"]
-    assert metrics[demo.VERBNET]["verb_top1"] >= chance["verb_top1"] + 25, metrics[demo.VERBNET]
+    assert metrics[demo_recipe.VERBNET]["verb_top1"] >= chance["verb_top1"] + 25, metrics[demo_recipe.VERBNET]
     for head in ("saoa", "global", "saoa-random", "global-random"):
         assert metrics[head]["verb_top1"] >= chance["verb_top1"] + 25, (head, metrics[head])
-    heads = [m for name, m in metrics.items() if name != demo.VERBNET]
+    heads = [m for name, m in metrics.items() if name != demo_recipe.VERBNET]
     assert max(m["noun_top1"] for m in heads) >= chance["noun_top1"] + 25, metrics
     assert max(m["action_top1"] for m in heads) >= chance["action_top1"] + 15, metrics
 
@@ -167,7 +167,7 @@ def test_the_sample_is_reproducible_and_balanced(tmp_path: Path) -> None:
 
 
 def test_chance_is_a_uniform_guess_among_the_classes() -> None:
-    chance = demo.chance_metrics(4, 6, 24)
+    chance = demo_results.chance_metrics(4, 6, 24)
     assert chance["verb_top1"] == 25.0 and chance["verb_top5"] == 100.0
     assert chance["noun_top5"] == pytest.approx(500 / 6)
     assert chance["action_top5"] == pytest.approx(500 / 24)
@@ -185,18 +185,20 @@ def test_printed_commands_are_the_real_commands_of_the_params_the_demo_ran(quick
     # Parsing each printed line with the real command (an unknown flag would be refused) gives the
     # very parameters, and so the very config, the demo ran with.
     [printed_finetune] = _printed(quick_demo.output, "featstore finetune")
-    finetune_params = demo.verbnet_params(sample, out / demo.VERBNET, quick=True, progress=False)
+    finetune_params = demo_recipe.verbnet_params(sample, out / demo_recipe.VERBNET, quick=True, progress=False)
     parsed = finetune.make_context("finetune", list(printed_finetune)).params
     assert parsed == finetune_params
     assert make_finetune_config(dict(parsed)) == make_finetune_config(dict(finetune_params))
-    config = json.loads((out / demo.VERBNET / "config.json").read_text())
+    config = json.loads((out / demo_recipe.VERBNET / "config.json").read_text())
     assert shlex.split(config["settings"]["command"])[2:] == printed_finetune
 
     printed_builds = _printed(quick_demo.output, "featstore build")
-    assert len(printed_builds) == len(demo.STORES)
-    for store, printed_build in zip(demo.STORES, printed_builds):
-        verb = f"{demo.VERB_BACKBONE}:{out / demo.VERBNET / 'checkpoint.pt'}" if store.stage1 else demo.VERB_BACKBONE
-        build_params = demo.build_params(sample, out / store.folder, verb_backbone=verb, progress=False)
+    assert len(printed_builds) == len(demo_recipe.STORES)
+    for store, printed_build in zip(demo_recipe.STORES, printed_builds):
+        verb = demo_recipe.VERB_BACKBONE
+        if store.stage1:
+            verb = f"{verb}:{out / demo_recipe.VERBNET / 'checkpoint.pt'}"
+        build_params = demo_recipe.build_params(sample, out / store.folder, verb_backbone=verb, progress=False)
         parsed = build.make_context("build", list(printed_build)).params
         assert parsed == build_params
         assert make_build_config(parsed, command="c") == make_build_config(build_params, command="c")
@@ -204,7 +206,7 @@ def test_printed_commands_are_the_real_commands_of_the_params_the_demo_ran(quick
         assert shlex.split(manifest["provenance"]["command"])[2:] == printed_build
 
     printed_train = _printed(quick_demo.output, "heads train")
-    runs = [(store, head) for store in demo.STORES for head in demo.HEADS]
+    runs = [(store, head) for store in demo_recipe.STORES for head in demo_recipe.HEADS]
     assert len(printed_train) == len(runs)
     for (store, head), argv in zip(runs, printed_train):
         run = out / "runs" / (head.name + store.key)
@@ -229,16 +231,16 @@ def test_train_detector_runs_stage_1_and_builds_without_the_boxes(quick_demo: Qu
 
     from cli.featstore_finetune_detector import finetune_detector, make_detector_finetune_config
 
-    monkeypatch.setitem(demo.DETECTOR_ITERATIONS, True, 2)
-    monkeypatch.setattr(demo, "TRAINED_DETECTOR_SIZE", (96, 128))
+    monkeypatch.setitem(demo_recipe.DETECTOR_ITERATIONS, True, 2)
+    monkeypatch.setattr(demo_recipe, "TRAINED_DETECTOR_SIZE", (96, 128))
     for name, value in dict(min_size=96, max_size=128, batch_size=2, warmup_iterations=1, roi_batch_size=16,
                             rpn_proposals=50).items():
-        monkeypatch.setitem(demo.DETECTOR_STAGE1, name, value)
+        monkeypatch.setitem(demo_recipe.DETECTOR_STAGE1, name, value)
     out = tmp_path / "demo"
-    for stage in ("sample", demo.VERBNET):
+    for stage in ("sample", demo_recipe.VERBNET):
         shutil.copytree(quick_demo.out / stage, out / stage)
     key = demo.DemoConfig(out=out, quick=True, train_detector=True).key()
-    (out / demo.MARKER).write_text(json.dumps({"key": key, "done": ["sample", demo.VERBNET]}))
+    (out / demo.MARKER).write_text(json.dumps({"key": key, "done": ["sample", demo_recipe.VERBNET]}))
 
     with torch_threads(1):  # as the quick demo: the test machines' cores are shared
         result = CliRunner().invoke(main, ["demo", str(out), "--quick", "--train-detector", "--no-progress"],
@@ -250,15 +252,15 @@ def test_train_detector_runs_stage_1_and_builds_without_the_boxes(quick_demo: Qu
     assert metrics["complete"] and metrics["iterations_done"] == 2
     [printed] = _printed(result.output, "featstore finetune-detector")
     sample = kitchens.sample_paths(out / "sample")
-    params = demo.detector_params(sample, run, quick=True, progress=False)
+    params = demo_recipe.detector_params(sample, run, quick=True, progress=False)
     parsed = finetune_detector.make_context("finetune-detector", list(printed)).params
     assert parsed == params
     assert make_detector_finetune_config(dict(parsed)) == make_detector_finetune_config(dict(params))
     printed_builds = _printed(result.output, "featstore build")
-    assert len(printed_builds) == len(demo.STORES)
+    assert len(printed_builds) == len(demo_recipe.STORES)
     for printed_build in printed_builds:  # both stores take the stage-1 detector
         assert "--boxes" not in printed_build
-        assert f"{demo.TRAINED_DETECTOR}:{run / 'checkpoint.pt'}" in printed_build
+        assert f"{demo_recipe.TRAINED_DETECTOR}:{run / 'checkpoint.pt'}" in printed_build
     detector = json.loads((out / "store" / "manifest.json").read_text())["provenance"]["detector"]
     assert detector["finetune"]["kind"] == "detector" and detector["classes"]["num_classes"] >= 24
     assert FeatureStore.open(out / "store").boxes().num_rows > 0

@@ -35,7 +35,7 @@ def moved_object_hits(detector, sample) -> tuple[int, int]:
     import torch
     from PIL import Image
 
-    from cli.demo import SAMPLING
+    from cli.demo_recipe import SAMPLING
     from featstore.epic.sampling import SamplingConfig, plan_segment
     from featstore.samples.kitchens import FPS, FRAME_HEIGHT, FRAME_WIDTH
 
