@@ -24,7 +24,7 @@ SHARED_DATA = Path(os.environ.get("FEATSTORE_SHARED_DATA", REPO.parent / "shared
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Tests on the quick demo are slow: the demo builds a store and trains two heads first
-    (about a minute on two cores). The fast loop (``-m "not slow"``) skips them; CI runs them."""
+    (about 30 s on two cores). The fast loop (``-m "not slow"``) skips them; CI runs them."""
     for item in items:
         if "quick_demo" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slow)
