@@ -1,5 +1,6 @@
 """How the tests are laid out: what they share lives in conftest.py files (fixtures) and helper
-modules (tests/helpers/, tests/reliability/{faults,invariants,workloads}.py), never in a test module;
+modules (tests/helpers/, tests/reliability/{faults,forkserver,invariants,store_processes,workloads}.py),
+never in a test module;
 and torch's thread count is set by the `one_thread` fixture, not by each module."""
 from __future__ import annotations
 

@@ -2,19 +2,19 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from click.testing import CliRunner
 
+from cli.heads_cli import main as heads_main
 from tests.helpers.torchrun import torchrun_cli
 
-# Two trainings in subprocesses, one under torchrun (CI runs it).
-pytestmark = pytest.mark.slow
+# A training under torchrun, in subprocesses (CI runs it). The one-process reference trains here, on
+# one thread like each rank (`one_thread`): a third process would only add its imports.
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 TRAIN = "participant_id <= 'P25'"
 VAL = "participant_id > 'P25'"
@@ -26,10 +26,8 @@ def _train_args(store: Path, out: Path) -> list[str]:
 
 
 def test_two_process_torchrun_matches_one_process(planted_store: Path, tmp_path: Path) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    single = subprocess.run([sys.executable, "-m", "cli.heads_cli", *_train_args(planted_store, tmp_path / "one")],
-                            capture_output=True, text=True, env=env, timeout=300)
-    assert single.returncode == 0, single.stderr
+    single = CliRunner().invoke(heads_main, _train_args(planted_store, tmp_path / "one"))
+    assert single.exit_code == 0, single.output
     torchrun_cli("cli.heads_cli", _train_args(planted_store, tmp_path / "two"), timeout=300)
     one = json.loads((tmp_path / "one" / "metrics.json").read_text())
     two = json.loads((tmp_path / "two" / "metrics.json").read_text())

@@ -38,7 +38,9 @@ Two halves:
   for LMDB, Parquet and torch alike: the closest thing to a full disk that needs no privileges.
 
 * **The harness** (functions imported by the tests): run a command under the shim, or kill it from
-  the outside after a seeded delay, and the checks every crash test makes afterwards.
+  the outside after a seeded delay, and the checks every crash test makes afterwards. Commands
+  are forked from a warm interpreter that has torch and co. imported (`forkserver`: seconds saved
+  per command); ``FEATSTORE_TEST_FRESH_PROCESSES=1`` starts each one fresh instead.
 """
 from __future__ import annotations
 
@@ -54,12 +56,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from tests.reliability import forkserver
+
 REPO = Path(__file__).resolve().parents[2]
 SHIM = Path(__file__).resolve()
 FAULT_ENV = "FEATSTORE_FAULT"
 SEED_ENV = "FEATSTORE_FAULT_SEED"
 FSIZE_ENV = "FEATSTORE_FSIZE_LIMIT"
 POINTS = ("lmdb.commit", "parquet.write", "os.replace", "torch.save")
+# Read when a command runs, not when a library is imported: a command forked from the warm server
+# may set them (`forkserver`).
+RUN_TIME_ENV = (FAULT_ENV, SEED_ENV, FSIZE_ENV, "PYTEST_CURRENT_TEST")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -277,6 +284,18 @@ def command(script: str, *args: Any) -> list[str]:
     return [sys.executable, str(SHIM), script, *(str(a) for a in args)]
 
 
+def _launch(argv: Sequence[str], extra: dict[str, str], *, new_session: bool = False) -> Any:
+    """Start ``argv``: forked from the warm server (`forkserver`) when it is one of `command`'s."""
+    return forkserver.launch(argv, subprocess_env(**extra), shim=SHIM, base_env=subprocess_env(),
+                             variable=RUN_TIME_ENV, cwd=REPO, new_session=new_session)
+
+
+def warm_up() -> None:
+    """Start the fork server now (if commands are forked), so that timing a command leaves its start out."""
+    if os.environ.get(forkserver.FRESH_ENV) != "1":
+        forkserver.server(SHIM, subprocess_env(), REPO, RUN_TIME_ENV)
+
+
 def run(argv: Sequence[str], *, fault: str | None = None, seed: int = 0, fsize_limit: int | None = None,
         timeout: float = 300) -> subprocess.CompletedProcess:
     """Run ``argv`` (from `command`) to completion, with an optional fault."""
@@ -285,27 +304,35 @@ def run(argv: Sequence[str], *, fault: str | None = None, seed: int = 0, fsize_l
         extra[FAULT_ENV] = fault
     if fsize_limit is not None:
         extra[FSIZE_ENV] = str(fsize_limit)
-    return subprocess.run(list(argv), cwd=REPO, env=subprocess_env(**extra), capture_output=True, text=True,
-                          timeout=timeout)
+    process = _launch(argv, extra)
+    try:
+        out, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.communicate()
+        raise
+    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
 
 
-def start(argv: Sequence[str], *, fault: str | None = None, seed: int = 0) -> subprocess.Popen:
-    """Start ``argv`` (from `command`) in the background, with an optional fault (e.g. a pause)."""
+def start(argv: Sequence[str], *, fault: str | None = None, seed: int = 0) -> Any:
+    """Start ``argv`` (from `command`) in the background, with an optional fault (e.g. a pause);
+    returns a `subprocess.Popen` or its look-alike `forkserver.ForkedProcess`."""
     extra = {SEED_ENV: str(seed)}
     if fault:
         extra[FAULT_ENV] = fault
-    return subprocess.Popen(list(argv), cwd=REPO, env=subprocess_env(**extra), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return _launch(argv, extra)
 
 
 def run_killed_after(argv: Sequence[str], delay_s: float, *, timeout: float = 300) -> subprocess.CompletedProcess:
     """Start ``argv`` and SIGKILL it from the outside after ``delay_s`` (if it is still running)."""
-    process = subprocess.Popen(list(argv), cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    process = _launch(argv, {}, new_session=True)
     try:
         process.wait(timeout=delay_s)
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)  # the command and any decode workers it forked
+        try:
+            os.killpg(process.pid, signal.SIGKILL)  # the command and any decode workers it forked
+        except ProcessLookupError:  # it ended in between
+            pass
     out, err = process.communicate(timeout=timeout)
     return subprocess.CompletedProcess(process.args, process.returncode, out, err)
 
@@ -327,5 +354,10 @@ def wait_for(path: Path, timeout: float = 120.0) -> None:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:] == [forkserver.SERVE_FLAG]:
+        # Returns only in a forked child, set up as the fresh process it stands for: run its command.
+        script, *args = forkserver.serve()["argv"]
+        install()
+        forkserver.run_as_script(lambda: _run_console_script(script, args))
     install()
     _run_console_script(sys.argv[1], sys.argv[2:])

@@ -9,16 +9,14 @@ from __future__ import annotations
 import multiprocessing as mp
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from featstore.samples.annotations import generate_segments, write_epic55_annotations
 from featstore.samples.features import write_feature_npzs
-from featstore.store.schema import FieldSpec
 from featstore.store.reader import FeatureStore
-from featstore.store.writer import segment_checksum
 from tests.reliability import faults
 from tests.reliability.invariants import assert_store_consistent
+from tests.reliability.store_processes import APPEND_FIELDS, N_APPENDED, append_with_pauses, read_until
 from tests.reliability.workloads import (
     BUILD_BOXES_PER_SEGMENT,
     BUILD_FIELDS,
@@ -31,81 +29,18 @@ from tests.reliability.workloads import (
 # Writers and readers in several processes: over a minute in all (CI runs them).
 pytestmark = pytest.mark.slow
 
-FIELDS = {"verb.global": FieldSpec("float16", (64,)), "verb.map": FieldSpec("float16", (16, 64))}
-N_WRITTEN = 500
-PAUSES = (100, 250, 400)  # the writer waits here until every reader has read the store as it is
-
-
-def _row(i: int) -> dict:
-    return {"uid": f"u{i:05d}", "participant_id": "P01", "video_id": "P01_01", "start_frame": i + 1,
-            "stop_frame": i + 2, "verb_class": i % 5, "noun_class": i % 7}
-
-
-def _tensors(i: int) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(i)
-    return {name: rng.standard_normal(spec.shape).astype(np.float16) for name, spec in FIELDS.items()}
-
-
-def _write(path: str, everyone_ready, n: int, rounds) -> None:
-    store = FeatureStore.open(path)
-    # A 64 KiB map: it doubles about eight times while the readers read.
-    with store.writer(flush_every=3, map_size=1 << 16) as writer:
-        everyone_ready.wait()
-        for i in range(n):
-            if i in PAUSES:
-                _wait_for_reads(rounds)
-            writer.put(_row(i), _tensors(i))
-
-
-def _wait_for_reads(rounds, timeout: float = 60.0) -> None:
-    """Wait until every reader has finished a round that started after now, so that the reads overlap
-    the writes however loaded the machine is (on a busy one the writer can otherwise finish first)."""
-    import time
-
-    wanted = [count + 2 for count in rounds[:]]  # the round under way may have started before the pause
-    deadline = time.monotonic() + timeout
-    while any(count < want for count, want in zip(rounds[:], wanted)) and time.monotonic() < deadline:
-        time.sleep(0.01)
-
-
-def _read_until(path: str, everyone_ready, done, results, shared_rounds, slot: int) -> None:
-    """Read everything the index lists as stored, over and over, until the writer is done
-    (``shared_rounds[slot]`` counts the finished rounds)."""
-    store = FeatureStore.open(path)
-    store.uids()
-    everyone_ready.wait()
-    rounds, seen, problems = 0, [], []
-    while True:
-        finished = done.is_set()
-        try:
-            uids = store.uids()
-            seen.append(len(uids))
-            problems += store.verify(uids)  # one read transaction over all listed segments
-            for uid in uids[-5:]:  # the newest ones, each in its own transaction
-                i = int(uid[1:])
-                arrays = store.read(uid)
-                if segment_checksum(arrays) != segment_checksum(_tensors(i)):
-                    problems.append((uid, "bytes differ from what was written"))
-        except Exception as err:  # noqa: BLE001 - reported to the test, which fails on it
-            problems.append(("?", repr(err)))
-        rounds += 1
-        shared_rounds[slot] = rounds
-        if finished:
-            break
-    results.put({"rounds": rounds, "seen": seen, "problems": problems[:10], "n_problems": len(problems)})
-
 
 def test_readers_in_other_processes_see_only_complete_segments_while_a_writer_appends(tmp_path: Path) -> None:
     path = str(tmp_path / "store")
-    FeatureStore.create(path, fields=FIELDS)
+    FeatureStore.create(path, fields=APPEND_FIELDS)
     FeatureStore.open(path).uids()  # the parent has used the store before forking its readers
     spawn, fork = mp.get_context("spawn"), mp.get_context("fork")
     # Spawn-context synchronisation objects work in forked children too.
     everyone_ready, done, results = spawn.Barrier(3, timeout=120), spawn.Event(), spawn.Queue()
     rounds = spawn.Array("i", 2)
-    readers = [spawn.Process(target=_read_until, args=(path, everyone_ready, done, results, rounds, 0)),
-               fork.Process(target=_read_until, args=(path, everyone_ready, done, results, rounds, 1))]
-    writer = spawn.Process(target=_write, args=(path, everyone_ready, N_WRITTEN, rounds))
+    readers = [spawn.Process(target=read_until, args=(path, everyone_ready, done, results, rounds, 0)),
+               fork.Process(target=read_until, args=(path, everyone_ready, done, results, rounds, 1))]
+    writer = spawn.Process(target=append_with_pauses, args=(path, everyone_ready, N_APPENDED, rounds))
     for process in (*readers, writer):
         process.start()
     writer.join(300)
@@ -118,7 +53,7 @@ def test_readers_in_other_processes_see_only_complete_segments_while_a_writer_ap
         assert report["n_problems"] == 0, report["problems"]
         assert report["seen"] == sorted(report["seen"]), "a reader saw stored segments disappear"
         assert len(set(report["seen"])) >= 3, f"the reads did not overlap the writes: {report['seen']}"
-        assert report["seen"][-1] == N_WRITTEN
+        assert report["seen"][-1] == N_APPENDED
     store = FeatureStore.open(path)
     assert store.verify() == []
 

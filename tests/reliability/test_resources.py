@@ -25,7 +25,6 @@ from cli.featstore_cli import main as featstore_main
 from cli.heads_cli import main as heads_main
 from featstore.samples.annotations import generate_segments, write_epic55_annotations
 from featstore.samples.features import write_feature_npzs
-from featstore.store.schema import FieldSpec
 from featstore.store.reader import FeatureStore
 from tests.reliability import faults
 from tests.reliability.invariants import (
@@ -34,6 +33,7 @@ from tests.reliability.invariants import (
     assert_store_consistent,
     leftover_temporaries,
 )
+from tests.reliability.store_processes import MAP_FIELDS, N_BIG, map_row, read_all_after_growth
 from tests.reliability.workloads import (
     IMPORT_BOXES_PER_SEGMENT,
     IMPORT_SHAPES,
@@ -47,23 +47,6 @@ from tests.reliability.workloads import (
 # heads train runs in this process too: one thread.
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
-MAP_FIELDS = {"verb.map": FieldSpec("float16", (64, 32, 32))}  # 128 KiB a segment
-N_BIG = 160  # 20 MiB of tensors into a 64 KiB map: 320 times its size
-
-
-def _row(i: int) -> dict:
-    return {"uid": f"{i:04d}", "participant_id": "P01", "video_id": "P01_01", "start_frame": 1, "stop_frame": 2}
-
-
-def _read_all_after_growth(path: str, opened, grown, results) -> None:
-    store = FeatureStore.open(path)
-    store.read("0000")  # its environment is mapped at the map's first size
-    opened.set()
-    grown.wait(300)
-    uids = store.uids()
-    values = store.read_field(uids, "verb.map")
-    results.put((len(uids), [float(v[0, 0, 0]) for v in values], store.verify()))
-
 
 def test_a_store_outgrows_its_lmdb_map_hundreds_of_times_while_a_reader_holds_it_open(tmp_path: Path) -> None:
     path = str(tmp_path / "store")
@@ -71,13 +54,13 @@ def test_a_store_outgrows_its_lmdb_map_hundreds_of_times_while_a_reader_holds_it
     spawn = mp.get_context("spawn")
     opened, grown, results = spawn.Event(), spawn.Event(), spawn.Queue()
     with store.writer(map_size=1 << 16, flush_every=16) as writer:
-        writer.put(_row(0), {"verb.map": np.zeros((64, 32, 32))})
+        writer.put(map_row(0), {"verb.map": np.zeros((64, 32, 32))})
         writer.flush()
-        reader = spawn.Process(target=_read_all_after_growth, args=(path, opened, grown, results))
+        reader = spawn.Process(target=read_all_after_growth, args=(path, opened, grown, results))
         reader.start()
         assert opened.wait(120)
         for i in range(1, N_BIG):
-            writer.put(_row(i), {"verb.map": np.full((64, 32, 32), i % 2048)})
+            writer.put(map_row(i), {"verb.map": np.full((64, 32, 32), i % 2048)})
         assert writer.map_grows >= 8
         map_size = writer.env.info()["map_size"]
     grown.set()
