@@ -61,7 +61,7 @@ class PlainProgress:
         self.marks = [m for m in marks or () if total and initial < m * total]
         self.quiet_seconds = quiet_seconds
         self.last_line = self.start
-        self.closed = quiet_seconds is not None  # a slow loop's end is its own line
+        self.closed = False
         if marks is not None and quiet_seconds is None:
             self.print(f"{initial}/{total}" if total else "started")
 
@@ -88,8 +88,10 @@ class PlainProgress:
         self.postfix = ", ".join(f"{k}={v}" for k, v in values.items())
 
     def close(self) -> None:
-        if not self.closed:
-            self.closed = True
+        if self.closed:
+            return
+        self.closed = True
+        if self.quiet_seconds is None:  # a slow loop's end is a line of its own (the epoch's)
             self.print(f"{self.count}/{self.total} done" if self.total else f"{self.count} done")
 
 
