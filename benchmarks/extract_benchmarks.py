@@ -2,7 +2,8 @@
 
 Inputs are generated EPIC-layout JPEG folders (``featstore.samples.frames.write_jpeg_video``) at EPIC's
 released frame size, an EPIC-55 annotation file, the video info file, and (``--boxes``) a boxes file
-with five boxes on every frame. Segments follow each other within a video, as in EPIC, so the
+with five boxes on every frame. The transformer rows (Omnivore's Swin-B, AVION's ViT) run backbones
+only, no detector. Segments follow each other within a video, as in EPIC, so the
 detection windows of neighbouring segments share frames (the service detects a shared frame once;
 the reference runs exactly the frames the service ran).
 """
@@ -48,7 +49,7 @@ class ExtractSetup:
     videos: int
     frame_hw: tuple[int, int]
     backbone: str
-    detector: str
+    detector: str | None  # None: backbones only
     use_boxes: bool
     clip_frames: int
     clip_stride: int
@@ -59,13 +60,23 @@ class ExtractSetup:
     det_max_size: int | None
     repeats: int
     device: str
+    noun_backbone: str | None = None  # None: the verb backbone's spec (its outputs are reused)
+    clip_sampling: str = "centred"
+    amp: str = "fp16"  # autocast dtype on CUDA (BuildConfig.amp)
+    verb_map: str | None = None  # --map; None: the build's default
 
     def describe(self) -> str:
         h, w = self.frame_hw
         boxes = "--boxes (given boxes, no proposals)" if self.use_boxes else "detecting"
-        return (f"{self.segments} segments in {self.videos} videos of {h}x{w} JPEG frames, {self.backbone} "
-                f"{self.clip_frames}x{self.size} (stride {self.clip_stride}) as verb and noun backbone, "
-                f"{self.detector} {boxes}, batch {self.batch_size}, {self.workers} decode workers, device {self.device}")
+        detector = f"{self.detector} {boxes}" if self.detector else "no detector"
+        backbones = (f"{self.backbone} as verb and noun backbone" if self.noun_backbone is None
+                     else f"{self.backbone} as verb and {self.noun_backbone} as noun backbone")
+        sampling = "segments" if self.clip_sampling == "segments" else f"stride {self.clip_stride}"
+        map_mode = f", --map {self.verb_map}" if self.verb_map else ""
+        amp = f", {self.amp} autocast" if self.device == "cuda" else ""
+        return (f"{self.segments} segments in {self.videos} videos of {h}x{w} JPEG frames, "
+                f"{self.clip_frames}x{self.size} clips ({sampling}), {backbones}, {detector}{map_mode}, "
+                f"batch {self.batch_size}, {self.workers} decode workers, device {self.device}{amp}")
 
 
 @dataclass(frozen=True)
@@ -131,16 +142,22 @@ def make_dataset(root: Path, setup: ExtractSetup, *, processes: int = 1) -> Data
 
 
 def build_config(setup: ExtractSetup, data: Dataset, store: Path):
-    from featstore.epic.sampling import SamplingConfig
     from featstore.extract.config import BuildConfig
 
     return BuildConfig(
         store=store, annotations=data.annotations, frames_root=data.frames, verb_backbone=setup.backbone,
-        noun_backbone=setup.backbone, detector=setup.detector, boxes=data.boxes, boxes_coords="normalized",
-        det_score_thresh=0.0, det_min_size=setup.det_min_size, det_max_size=setup.det_max_size,
-        sampling=SamplingConfig(clip_frames=setup.clip_frames, clip_stride=setup.clip_stride, size=setup.size),
+        noun_backbone=setup.noun_backbone or setup.backbone, detector=setup.detector, boxes=data.boxes,
+        boxes_coords="normalized", det_score_thresh=0.0, det_min_size=setup.det_min_size,
+        det_max_size=setup.det_max_size, sampling=_sampling(setup), verb_map=setup.verb_map, amp=setup.amp,
         batch_size=setup.batch_size, workers=setup.workers, device=setup.device, progress=False,
     )
+
+
+def _sampling(setup: ExtractSetup):
+    from featstore.epic.sampling import SamplingConfig
+
+    return SamplingConfig(clip_frames=setup.clip_frames, clip_stride=setup.clip_stride, size=setup.size,
+                          clip_sampling=setup.clip_sampling)
 
 
 class ComputeTimer:
@@ -214,16 +231,16 @@ def predecode(setup: ExtractSetup, store_path: Path, data: Dataset, detector: An
     """
     from featstore.epic.boxes import PrecomputedBoxes
     from featstore.epic.frames import open_frame_source
-    from featstore.epic.sampling import SamplingConfig, plan_segment
+    from featstore.epic.sampling import plan_segment
     from featstore.extract.decode import resize_frames
 
     store = FeatureStore.open(store_path)
     input_size = tuple(int(v) for v in store.manifest["provenance"]["input_size"])
-    sampling = SamplingConfig(clip_frames=setup.clip_frames, clip_stride=setup.clip_stride, size=setup.size)
+    sampling = _sampling(setup)
     source = open_frame_source(frames_root=data.frames, fps_by_video={r.video_id: FPS for r in data.rows})
     given = (PrecomputedBoxes.read(data.boxes, coords="normalized", videos={r.video_id for r in data.rows})
              if data.boxes is not None else None)
-    image_hw = _detector_image_size(setup, detector)
+    image_hw = _detector_image_size(setup, detector) if detector is not None else None
     ordered = sorted(data.rows, key=lambda r: (r.video_id, r.start_frame, r.uid))  # the service's order
 
     # The service's layouts: its clips are stacked (B, T, H, W, C) uint8 and permuted to
@@ -244,7 +261,7 @@ def predecode(setup: ExtractSetup, store_path: Path, data: Dataset, detector: An
             plan = plan_segment(row.start_frame, row.stop_frame, fps=FPS, n_frames=data.n_frames, config=sampling)
             clip = source.read(row.participant_id, row.video_id, list(plan.clip_frames))
             clips.append(resize_frames(clip, *input_size))
-            for frame in plan.detection_frames:
+            for frame in plan.detection_frames if detector is not None else ():
                 if (row.video_id, frame) in seen:
                     continue
                 found = None
@@ -289,24 +306,32 @@ def pure_forward(setup: ExtractSetup, store_path: Path, data: Dataset) -> tuple[
     from featstore.models import build_backbone, build_detector
 
     device = torch.device(setup.device)
+    noun_backbone = detector = None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         backbone, _ = build_backbone(setup.backbone)
-        torch.manual_seed(0)
-        detector, _ = build_detector(setup.detector, score_thresh=0.0, min_size=setup.det_min_size,
-                                     max_size=setup.det_max_size)
-    backbone.to(device).eval()
-    detector.to(device).eval()
+        if setup.noun_backbone is not None and setup.noun_backbone != setup.backbone:
+            torch.manual_seed(0)
+            noun_backbone, _ = build_backbone(setup.noun_backbone)
+        if setup.detector is not None:
+            torch.manual_seed(0)
+            detector, _ = build_detector(setup.detector, score_thresh=0.0, min_size=setup.det_min_size,
+                                         max_size=setup.det_max_size)
+    for model in (backbone, noun_backbone, detector):
+        if model is not None:
+            model.to(device).eval()
     batches = predecode(setup, store_path, data, detector, device)
     det_chunk = 16  # BuildConfig.det_batch_size default
     sync = synchronize(device)
 
     def forward_all() -> None:
-        autocast = (torch.autocast(device_type="cuda", dtype=AMP_DTYPES["fp16"]) if device.type == "cuda"
+        autocast = (torch.autocast(device_type="cuda", dtype=AMP_DTYPES[setup.amp]) if device.type == "cuda"
                     else contextlib.nullcontext())
         with torch.inference_mode(), autocast:
             for batch in batches:
                 backbone(batch.clips)
+                if noun_backbone is not None:
+                    noun_backbone(batch.clips)
                 for lo in range(0, len(batch.images), det_chunk):
                     if setup.use_boxes:
                         detector.features_at(batch.images[lo:lo + det_chunk], batch.boxes[lo:lo + det_chunk])
@@ -318,8 +343,10 @@ def pure_forward(setup: ExtractSetup, store_path: Path, data: Dataset) -> tuple[
     total = sum(len(b.clips) for b in batches)
     frames = sum(len(b.images) for b in batches)
     _, _, _, height, width = batches[0].clips.shape
-    detail = (f"{len(batches)} batches, {frames} distinct detection frames ({frames / total:.1f} per segment), "
-              f"clip input {height}x{width}")
+    detail = f"{len(batches)} batches, "
+    if detector is not None:
+        detail += f"{frames} distinct detection frames ({frames / total:.1f} per segment), "
+    detail += f"clip input {height}x{width}"
     return forward_all, total, detail
 
 
@@ -335,7 +362,8 @@ def extract_pipeline(ctx: Context, wanted: set[str]) -> list[Result]:
     return [_extract(ctx, setup, goal=">= 0.85")]
 
 
-def _extract(ctx: Context, setup: ExtractSetup, *, goal: str, processes: int = 1) -> Result:
+def _extract(ctx: Context, setup: ExtractSetup, *, goal: str, processes: int = 1,
+             unit: str = "segments/s") -> Result:
     """A warm-up build and forward pass, then builds and forward passes in turns (shared-machine drift
     hits both alike); every build goes into a fresh store."""
     root = ctx.workspace.path(setup.name)
@@ -343,7 +371,7 @@ def _extract(ctx: Context, setup: ExtractSetup, *, goal: str, processes: int = 1
     try:
         data = make_dataset(root / "data", setup, processes=processes)
         rate, wall, _ = run_build(setup, data, root / "store-warmup")
-        ctx.log(f"  build warm-up: {rate:.2f} segments/s (wall {wall:.1f} s)")
+        ctx.log(f"  build warm-up: {rate:.2f} {unit} (wall {wall:.1f} s)")
         forward_all, total, detail = pure_forward(setup, root / "store-warmup", data)
         forward_all()  # warm-up
         for repeat in range(setup.repeats):
@@ -356,21 +384,21 @@ def _extract(ctx: Context, setup: ExtractSetup, *, goal: str, processes: int = 1
             ref_rates.append(ref_rate)
             if share is not None:
                 shares.append(share)
-            ctx.log(f"  round {repeat + 1}: build {rate:.2f} segments/s (wall {wall:.1f} s), "
-                    f"forward only {ref_rate:.2f} segments/s")
+            ctx.log(f"  round {repeat + 1}: build {rate:.2f} {unit} (wall {wall:.1f} s), "
+                    f"forward only {ref_rate:.2f} {unit}")
     finally:
         ctx.workspace.remove(setup.name)
     ours, ref = float(np.median(rates)), float(np.median(ref_rates))
     waits = (f"; the main process is inside model calls {100 * float(np.median(shares)):.0f} % of the loop, so the "
              f"{'GPU' if setup.device == 'cuda' else 'compute'} waits ~{100 * (1 - float(np.median(shares))):.0f} %"
              if shares else "")
-    notes = (f"{setup.describe()}; {detail}; ours = the service's segments/s (BuildReport: decode, models, "
+    notes = (f"{setup.describe()}; {detail}; ours = the service's {unit} (BuildReport: decode, models, "
              f"slots, LMDB writes), into a fresh store each time; reference = the same models (same seed) on the "
              f"same frames, decoded beforehand and already on the device as float tensors in the service's "
              f"layout, in the same batches; a warm-up of each, then {setup.repeats} rounds of one build and one "
              f"forward pass, medians; samples ours {spread(rates)}, reference {spread(ref_rates)}{waits}; "
              f"torch threads {torch.get_num_threads()}; load average {load_average()}")
-    return compare(setup.name, ours, ref, unit="segments/s", goal=goal, notes=notes)
+    return compare(setup.name, ours, ref, unit=unit, goal=goal, notes=notes)
 
 
 def gpu_extract(ctx: Context, wanted: set[str]) -> list[Result]:
@@ -390,3 +418,49 @@ def gpu_extract(ctx: Context, wanted: set[str]) -> list[Result]:
         repeats=1 if quick else 2, device=ctx.device,
     )
     return [_extract(ctx, setup, goal="report", processes=1 if quick else min(cores, setup.videos))]
+
+
+def extract_transformers(ctx: Context, wanted: set[str]) -> list[Result]:
+    """`featstore build` with both transformer families at a tiny size on the CPU: Omnivore's Swin-B as the
+    verb backbone and AVION's ViT-B as the noun backbone (both run on each clip), no detector."""
+    sizes = ctx.sizes
+    setup = ExtractSetup(
+        name="extract_transformers_vs_forward", segments=sizes.extract_segments, videos=2, frame_hw=sizes.frame_hw,
+        backbone="omnivore_swinb_epic", noun_backbone="avion_vitb", detector=None, use_boxes=False,
+        clip_frames=sizes.clip_frames, clip_stride=4, size=32,
+        batch_size=sizes.extract_batch, workers=sizes.extract_workers, det_min_size=None, det_max_size=None,
+        repeats=sizes.extract_repeats, device="cpu", verb_map="time-mean",
+    )
+    return [_extract(ctx, setup, goal=">= 0.95", unit="clips/s")]
+
+
+def _gpu_transformer_setup(ctx: Context, name: str, backbone: str, *, clip_frames: int, clip_stride: int,
+                           clip_sampling: str, batch_size: int) -> ExtractSetup:
+    """A CUDA transformer row in bf16 (`--gpu-smoke`: tiny, on the CPU). Batches of 32 clips fit 78 GB
+    with room to spare by estimate (inference keeps one block's activations, well under 1 GB a clip;
+    attention runs in torch's memory-efficient / flash kernels); unmeasured: no GPU was lent."""
+    import os
+
+    quick = ctx.sizes.quick
+    cores = os.cpu_count() or 4
+    return ExtractSetup(
+        name=name, segments=4 if quick else 192, videos=2 if quick else 4, frame_hw=(90, 160) if quick else (256, 456),
+        backbone=backbone, detector=None, use_boxes=False, clip_frames=8 if quick else clip_frames,
+        clip_stride=clip_stride, size=32 if quick else 224, batch_size=2 if quick else batch_size,
+        workers=1 if quick else max(2, cores - 2), det_min_size=None, det_max_size=None, repeats=1 if quick else 2,
+        device=ctx.device, clip_sampling=clip_sampling, amp="bf16", verb_map="time-mean",
+    )
+
+
+def gpu_extract_omnivore(ctx: Context, wanted: set[str]) -> list[Result]:
+    """`featstore build` with Omnivore's Swin-B (its record: 32 frames, stride 4, short side 224) on CUDA, bf16."""
+    setup = _gpu_transformer_setup(ctx, "gpu_extract_omnivore_swinb", "omnivore_swinb_epic", clip_frames=32,
+                                   clip_stride=4, clip_sampling="centred", batch_size=32)
+    return [_extract(ctx, setup, goal=">= 0.95", unit="clips/s", processes=1 if ctx.sizes.quick else 4)]
+
+
+def gpu_extract_avion(ctx: Context, wanted: set[str]) -> list[Result]:
+    """`featstore build` with AVION's ViT-L/14 (its record: 16 segments, short side 224) on CUDA, bf16."""
+    setup = _gpu_transformer_setup(ctx, "gpu_extract_avion_vitl", "avion_vitl", clip_frames=16, clip_stride=2,
+                                   clip_sampling="segments", batch_size=32)
+    return [_extract(ctx, setup, goal=">= 0.95", unit="clips/s", processes=1 if ctx.sizes.quick else 4)]

@@ -96,6 +96,15 @@ def _finetune(name: str) -> Callable[[Context, set[str]], list[Result]]:
     return run
 
 
+def _import(name: str) -> Callable[[Context, set[str]], list[Result]]:
+    def run(ctx: Context, wanted: set[str]) -> list[Result]:
+        from benchmarks import import_benchmarks
+
+        return getattr(import_benchmarks, name)(ctx, wanted)
+
+    return run
+
+
 BENCHMARKS: tuple[Benchmark, ...] = (
     Benchmark(("train_data_path_vs_npy", "train_data_path_vs_memory"), _data("train_data_path"),
               ("batches/s", "batches/s"), (">= 10", ">= 0.8")),
@@ -110,11 +119,17 @@ BENCHMARKS: tuple[Benchmark, ...] = (
               ("batches/s", "batches/s"), (">= 0.5", "report")),
     Benchmark(("query_boxes_vs_pandas",), _scale("query_boxes"), ("s",), ("<= 0.5",)),
     Benchmark(("finetune_loop_vs_step",), _finetune("finetune_loop"), ("clips/s",), (">= 0.85",)),
+    Benchmark(("import_rulstm_vs_lmdb_scan", "import_rulstm_peak_rss"), _import("import_rulstm"),
+              ("bytes/s", "bytes"), (">= 0.5", "<= 1"), alias="import_rulstm"),
+    Benchmark(("extract_transformers_vs_forward",), _extract("extract_transformers"), ("clips/s",), (">= 0.95",)),
     Benchmark(("epic55_full_size",), _scale("epic55_full_size"), ("bytes",), ("report",), explicit=True),
     Benchmark(("gpu_saoa_15_epochs_epic55",), _heads("gpu_saoa"), ("s",), ("<= 1",), gpu=True),
     Benchmark(("gpu_extract_r3d50_frcnn",), _extract("gpu_extract"), ("segments/s",), ("report",), gpu=True),
     Benchmark(("gpu_parallel_heads_vs_sequential",), _heads("gpu_parallel_heads"), ("s",), ("<= 0.35",), gpu=True),
     Benchmark(("gpu_finetune_r3d50_loop_vs_step",), _finetune("gpu_finetune"), ("clips/s",), (">= 0.85",), gpu=True),
+    Benchmark(("gpu_extract_omnivore_swinb",), _extract("gpu_extract_omnivore"), ("clips/s",), (">= 0.95",),
+              gpu=True),
+    Benchmark(("gpu_extract_avion_vitl",), _extract("gpu_extract_avion"), ("clips/s",), (">= 0.95",), gpu=True),
 )
 ALL_NAMES = tuple(n for b in BENCHMARKS for n in b.names)
 GPU_NAMES = tuple(n for b in BENCHMARKS if b.gpu for n in b.names)

@@ -108,6 +108,11 @@ model = "saoa"
 no_relation = true
 
 [[run]]
+name = "saoa-unnormalised-relation"   # the relation over the gated rows as they are (docs/method.md)
+model = "saoa"
+relation_norm = "none"
+
+[[run]]
 name = "global"
 model = "global"
 lr = {global_lr}

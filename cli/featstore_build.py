@@ -11,14 +11,23 @@ from typing import Any
 
 import click
 
-from cli.common import command_line, domain_errors
+from cli.common import (
+    AMP_RULE,
+    COUNT,
+    FRACTION,
+    POSITIVE,
+    SEED,
+    command_line,
+    domain_errors,
+    removed_on_early_failure,
+)
 
 _EXISTING_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
 _EXISTING_DIR = click.Path(exists=True, file_okay=False, path_type=Path)
 # Options that set a SamplingConfig field; unset ones come from the verb backbone's record (clip) or the
 # paper's defaults (detection windows), and the manifest's sampling_sources says which.
-SAMPLING_OPTIONS = ("clip_frames", "clip_stride", "size", "clip_sampling", "snippet_frames", "det_fps",
-                    "det_global_seconds", "det_local_seconds", "det_topk")
+SAMPLING_OPTIONS = ("clip_frames", "clip_stride", "size", "resize", "clip_sampling", "snippet_frames", "resample_fps",
+                    "det_fps", "det_global_seconds", "det_local_seconds", "det_topk")
 
 
 def make_build_config(params: dict[str, Any], *, command: str | None = None):
@@ -55,6 +64,7 @@ def make_build_config(params: dict[str, Any], *, command: str | None = None):
         det_min_size=params["det_min_size"],
         det_max_size=params["det_max_size"],
         det_batch_size=params["det_batch_size"],
+        det_feature=params["det_feature"],
         noun_map=params["noun_map"],
         sampling_overrides={name: params[name] for name in SAMPLING_OPTIONS if params.get(name) is not None},
         verb_map=params["verb_map"],
@@ -64,6 +74,8 @@ def make_build_config(params: dict[str, Any], *, command: str | None = None):
         split=params["split"],
         where=params["where"],
         limit=params["limit"],
+        views=params["views"],
+        views_where=params["views_where"],
         device=params["device"],
         amp=params["amp"],
         batch_size=params["batch_size"],
@@ -107,41 +119,62 @@ def make_build_config(params: dict[str, Any], *, command: str | None = None):
                    "features at these boxes (no proposals).")
 @click.option("--boxes-coords", type=click.Choice(["pixel", "normalized"]), default="pixel", show_default=True,
               help="Units of the --boxes coordinates.")
-@click.option("--det-score-thresh", type=float, default=0.05, show_default=True,
+@click.option("--det-score-thresh", type=FRACTION, default=0.05, show_default=True,
               help="Minimum score of a detection (detector path; --boxes are pooled as given).")
-@click.option("--det-min-size", type=int, help="Detector input short side (default: the model's).")
-@click.option("--det-max-size", type=int, help="Detector input long-side cap (default: the model's).")
-@click.option("--det-batch-size", type=int, default=16, show_default=True, help="Frames per detector forward.")
-@click.option("--clip-frames", type=int,
+@click.option("--det-min-size", type=COUNT, help="Detector input short side (default: the model's).")
+@click.option("--det-max-size", type=COUNT, help="Detector input long-side cap (default: the model's).")
+@click.option("--det-batch-size", type=COUNT, default=16, show_default=True, help="Frames per detector forward.")
+@click.option("--det-feature", type=click.Choice(["box-head", "roi"]), default="box-head", show_default=True,
+              help="Per-box feature: box-head (the box head's representation; C4 models: res5 averaged over the "
+                   "box) or roi (the box pooler's RoIAlign output averaged over its bins; C4: before res5). "
+                   "In the manifest.")
+@click.option("--clip-frames", type=COUNT,
               help="Clip samples (TSN / TSM: segments) [default: the verb backbone's record, e.g. 64 for r3d_50].")
-@click.option("--clip-stride", type=int,
+@click.option("--clip-stride", type=COUNT,
               help="Frames between clip samples; with segment sampling, between a snippet's frames "
                    "[default: the verb backbone's record].")
-@click.option("--size", type=int, help="Short side of the clip frames, no crop [default: the verb backbone's record].")
+@click.option("--size", type=COUNT, help="Short side of the clip frames, no crop [default: the verb backbone's record].")
+@click.option("--resize", type=click.Choice(["short-side", "square"]),
+              help="short-side: the short side to --size, aspect kept; square: --size x --size without cropping "
+                   "(the report's R(2+1)D-34 input, 128 x 128) [default: short-side].")
 @click.option("--clip-sampling", type=click.Choice(["centred", "segments"]),
               help="centred: consecutive frames around the segment centre (3D CNNs); segments: the middle "
                    "of each of N equal parts (TSN / TSM) [default: the verb backbone's record].")
-@click.option("--snippet-frames", type=int,
+@click.option("--snippet-frames", type=COUNT,
               help="Frames stacked as channels per sample (5 for TSN / TSM flow) [default: the verb "
                    "backbone's record for the modality].")
-@click.option("--det-fps", type=float, help="Detection frames per second [default: 2].")
-@click.option("--det-global-seconds", type=float, help="Global detection window, s [default: 6].")
-@click.option("--det-local-seconds", type=float, help="Local detection window, s [default: 4].")
-@click.option("--det-topk", type=int, help="Detections kept per frame [default: 5].")
-@click.option("--fps", type=float, help="Frame rate when neither the video info file nor the container has one.")
+@click.option("--resample-fps", type=POSITIVE,
+              help="Take the clip's frames by time, as if each video were decoded at this rate (the report: "
+                   "60), so a 64 x 2 clip spans the same seconds whatever the video's rate [default: the "
+                   "video's own frames].")
+@click.option("--det-fps", type=POSITIVE, help="Detection frames per second [default: 2].")
+@click.option("--det-global-seconds", type=POSITIVE, help="Global detection window, s [default: 6].")
+@click.option("--det-local-seconds", type=POSITIVE, help="Local detection window, s [default: 4].")
+@click.option("--det-topk", type=COUNT, help="Detections kept per frame [default: 5].")
+@click.option("--fps", type=POSITIVE, help="Frame rate when neither the video info file nor the container has one.")
 @click.option("--video-info", type=_EXISTING_FILE,
               help="EPIC_video_info.csv / EPIC_100_video_info.csv (default: found beside --annotations).")
 @click.option("--split", help="A named split (e.g. epic55-lfb-val).")
 @click.option("--where", help="DuckDB WHERE over the annotation columns, e.g. \"participant_id = 'P01'\".")
-@click.option("--limit", type=int, help="Only the first N selected segments.")
+@click.option("--limit", type=COUNT, help="Only the first N selected segments.")
+@click.option("--views", type=COUNT, default=1, show_default=True,
+              help="Temporal views per training segment (docs/views.md): view 0 the centre clip, the others "
+                   "clips centred on frames drawn inside the segment (seeded by --seed, uid and view), each with "
+                   "its own detection windows; the heads draw one per epoch. 1: one centre clip per segment.")
+@click.option("--views-where", metavar="SQL",
+              help="DuckDB WHERE over the annotation columns: the segments that get --views views, the others "
+                   "one [default: the validation protocols' training halves, i.e. EPIC-55 P01-P25 and "
+                   "EPIC-100's training file: not the held-out participants, validation or test].")
+@click.option("--dry-run", is_flag=True,
+              help="Print what the build would store (segments, views, fields, bytes per view and in all) and exit.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="Where the backbones and the detector run (under torchrun: the rank's local GPU).")
 @click.option("--amp", type=click.Choice(["fp16", "bf16", "off"]), default="fp16", show_default=True,
-              help="Autocast dtype on CUDA (CPU runs fp32).")
-@click.option("--batch-size", type=int, default=8, show_default=True, help="Segments per backbone forward.")
-@click.option("--workers", type=int, default=4, show_default=True, help="Decode worker processes (0: none).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of randomly initialised models.")
-@click.option("--flush-every", type=int, default=256, show_default=True, help="Segments between Parquet exports.")
+              help=f"Autocast dtype on CUDA. {AMP_RULE}")
+@click.option("--batch-size", type=COUNT, default=8, show_default=True, help="Segments per backbone forward.")
+@click.option("--workers", type=click.IntRange(min=0), default=4, show_default=True, help="Decode worker processes (0: none).")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of randomly initialised models.")
+@click.option("--flush-every", type=COUNT, default=256, show_default=True, help="Segments between Parquet exports.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
 @domain_errors
 def build(**params: Any) -> None:
@@ -149,7 +182,7 @@ def build(**params: Any) -> None:
 
     Per segment: verb.global, noun.global, det.{global,local}.{feat,box,score} and verb.local (the
     verb map averaged over time and RoI-pooled at the det.local boxes), plus verb.map with --map
-    full or its time mean verb.map_tmean with --map time-mean (DESIGN section 3). Clip length,
+    full or its time mean verb.map_tmean with --map time-mean (README.md, "The store"). Clip length,
     stride, input size, sampling mode and normalisation come from the verb backbone's record
     unless a flag sets them (the manifest's sampling_sources says which); the noun backbone runs on
     the same clip. A rerun skips stored segments and retries failed ones; a bad input fails its
@@ -162,10 +195,15 @@ def build(**params: Any) -> None:
             --detector fasterrcnn_resnet50_fpn:frcnn.pth --device cuda
         torchrun --nproc_per_node 8 --no-python featstore build STORE ...   # a shard per GPU
     """
-    from featstore.extract.service import build_store
+    from featstore.extract.service import build_store, estimate_build
 
+    dry_run = params.pop("dry_run", False)
     config = make_build_config(params, command=command_line())
-    report = build_store(config)
+    if dry_run:
+        click.echo(estimate_build(config).summary())
+        return
+    with removed_on_early_failure(config.store, "store"):
+        report = build_store(config)
     for warning in report.warnings:
         click.echo(f"WARNING: {warning}", err=True)
     click.echo(report.summary())

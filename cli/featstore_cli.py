@@ -6,46 +6,25 @@ from pathlib import Path
 
 import click
 
-from cli.common import command_line, domain_errors
+from cli.common import GuardedGroup, debug_option, domain_errors
 from cli.featstore_build import build
 from cli.featstore_demo import demo
+from cli.featstore_export import export_cmd
 from cli.featstore_finetune import finetune
 from cli.featstore_finetune_detector import finetune_detector
+from cli.featstore_import import import_cmd
 from cli.featstore_info import info
 from cli.featstore_transform import copy_cmd, derive
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(name="featstore", cls=GuardedGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="featstore")
-def main() -> None:
+@debug_option
+def main(debug: bool) -> None:
     """Feature stores for egocentric action recognition: extract once, train heads many times.
 
     A store is a directory of LMDB tensors, a Parquet index and a manifest (see `featstore info`).
     """
-
-
-@main.command("import")
-@click.argument("store", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--annotations", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="EPIC-55 / EPIC-100 annotation file (CSV or pkl); gives labels and metadata.")
-@click.option("--from", "from_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="Folder of <uid>.npz files whose arrays are named by field (verb.global, det.global.feat, ...).")
-@click.option("--shard", default="0", show_default=True, help="LMDB shard to write (one writer per shard).")
-@click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
-@domain_errors
-def import_cmd(store: Path, annotations: Path, from_dir: Path, shard: str, progress: bool) -> None:
-    """Import features computed elsewhere: one <uid>.npz per segment.
-
-    Resumable: a rerun skips segments already stored. Example:
-
-        featstore import STORE --annotations EPIC_train_action_labels.csv --from feats/
-    """
-    from featstore.store.importer import import_npz
-
-    report = import_npz(store, annotations, from_dir, shard=shard, progress=progress, command=command_line())
-    click.echo(report.summary())
-    if report.failed:
-        sys.exit(1)
 
 
 @main.command()
@@ -59,6 +38,7 @@ def query(store: Path, sql: str, fmt: str) -> None:
 
     Nothing can be written and no file outside the store can be read. Example:
 
+    \b
         featstore query STORE "select verb_class, count(*) n from segments group by 1 order by n desc limit 5"
     """
     from featstore.store.query import format_result, run_query
@@ -72,13 +52,22 @@ def query(store: Path, sql: str, fmt: str) -> None:
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
 @domain_errors
 def verify(store: Path, progress: bool) -> None:
-    """Recompute every stored segment's checksum; exit 1 and list the uids that differ."""
+    """Recompute every stored segment's checksum; exit 1 and list the uids that differ.
+
+    Example:
+
+    \b
+        featstore verify demo-out/store
+    """
     from featstore.io.progress import progress_bar
     from featstore.store.reader import FeatureStore
 
     opened = FeatureStore.open(store)
-    n = opened.info()["segments"]["ok"]
-    bar = progress_bar(total=n, desc="verify", unit="seg", enabled=progress)
+    summary = opened.info()
+    n, views = summary["segments"]["ok"], summary["views"]["total"]
+    # A store with temporal views checks every view (docs/views.md); the count says both.
+    counted = f"{n} segments" if views == n else f"{n} segments ({views} views)"
+    bar = progress_bar(total=views, desc="verify", unit="view" if views != n else "seg", enabled=progress)
     try:
         bad = opened.verify(progress=bar.update)
     finally:
@@ -86,9 +75,9 @@ def verify(store: Path, progress: bool) -> None:
     if bad:
         for uid, reason in bad:
             click.echo(f"{uid}\t{reason}")
-        click.echo(f"{len(bad)} of {n} segments failed verification", err=True)
+        click.echo(f"{len(bad)} of {counted} failed verification", err=True)
         sys.exit(1)
-    click.echo(f"{n} segments verified, all checksums match")
+    click.echo(f"{counted} verified, all checksums match")
 
 
 @main.command("convert-checkpoint")
@@ -99,11 +88,12 @@ def convert_checkpoint_cmd(source: Path, target: Path) -> None:
     """Extract the state dict of a checkpoint that also pickles Python objects into TARGET.
 
     For published files that `featstore build` refuses to read because they keep objects besides
-    their tensors (EPIC-55 action-models: an argparse.Namespace under 'args'; Lightning .ckpt
-    hyper-parameters). Only an allow-list of classes is rebuilt (tensors, plain containers,
-    argparse.Namespace, numpy scalars; omegaconf / Lightning configuration as inert data); a file
-    naming anything else is refused, so nothing in it runs. Example:
+    their tensors (EPIC-55 action-models and AVION: an argparse.Namespace under 'args'; Lightning
+    .ckpt hyper-parameters). Only an allow-list of classes is rebuilt (tensors, plain containers,
+    argparse.Namespace, numpy scalars; omegaconf / Lightning configuration and pandas tables as
+    inert data); a file naming anything else is refused, so nothing in it runs. Example:
 
+    \b
         featstore convert-checkpoint tsn_rgb_epic55.pth.tar tsn_rgb_epic55.pt
     """
     from featstore.models import convert_checkpoint
@@ -116,7 +106,7 @@ def convert_checkpoint_cmd(source: Path, target: Path) -> None:
 
 
 # Commands of their own modules (imported above: a misspelt or broken module is an error).
-for command in (build, copy_cmd, demo, derive, finetune, finetune_detector, info):
+for command in (build, copy_cmd, demo, derive, export_cmd, finetune, finetune_detector, import_cmd, info):
     main.add_command(command)
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from cli.common import domain_errors
+from cli.common import SEED, domain_errors
 
 
 @click.command("demo")
@@ -20,7 +20,7 @@ from cli.common import domain_errors
               help="A smaller sample (64 segments) and shorter schedules, for tests: faster, coarser accuracies.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="Device of the build and of the heads.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sample, the models and the heads.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the sample, the models and the heads.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bars on stderr.")
 @click.option("--train-detector", is_flag=True,
               help="First fine-tune the detector on the sample's boxes (featstore finetune-detector: MobileNetV3, "
@@ -40,9 +40,11 @@ def demo(ctx: click.Context, out: Path, quick: bool, device: str, seed: int, pro
     default ./demo-out). Under 3 minutes on a 2-core CPU; --quick under one.
 
     A rerun into its own DIR reuses what is finished (seconds); a demo of other settings there
-    (--quick, --seed) is replaced; any other non-empty DIR is refused. Example:
+    (--quick, --seed) is replaced; any other non-empty DIR is refused. Examples:
 
+    \b
         featstore demo demo-out
+        featstore demo demo-quick --quick
     """
     from cli.demo import DemoConfig, run_demo
     from cli.featstore_info import info

@@ -12,7 +12,16 @@ from typing import Any
 
 import click
 
-from cli.common import command_line, domain_errors, stage1_run_options
+from cli.common import (
+    LEARNING_RATE,
+    MOMENTUM,
+    POSITIVE,
+    WEIGHT_DECAY,
+    command_line,
+    domain_errors,
+    removed_on_early_failure,
+    stage1_run_options,
+)
 from finetune.recipes import list_recipes, recipes_help
 
 _EXISTING_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
@@ -77,10 +86,10 @@ def make_finetune_config(params: dict[str, Any], *, command: str | None = None):
 @click.option("--val-where", help="DuckDB WHERE selecting validation segments (none: no validation).")
 @click.option("--limit", type=click.IntRange(min=1), help="Only the first N segments of each selection.")
 @click.option("--epochs", type=click.IntRange(min=0), help="[recipe]")
-@click.option("--lr", type=float, help="Initial learning rate.  [recipe]")
+@click.option("--lr", type=LEARNING_RATE, help="Initial learning rate.  [recipe]")
 @click.option("--lr-steps", metavar="E1,E2", help="1-based epochs at whose start the lr drops x0.1.  [recipe]")
-@click.option("--momentum", type=float, help="SGD momentum.  [recipe]")
-@click.option("--weight-decay", type=float, help="SGD weight decay.  [recipe]")
+@click.option("--momentum", type=MOMENTUM, help="SGD momentum.  [recipe]")
+@click.option("--weight-decay", type=WEIGHT_DECAY, help="SGD weight decay.  [recipe]")
 @click.option("--batch-size", type=click.IntRange(min=1), help="Clips per step, over all processes.  [recipe]")
 @click.option("--clip-frames", type=click.IntRange(min=1), help="Frames per clip.  [recipe]")
 @click.option("--clip-stride", type=click.IntRange(min=1), help="Frames between clip frames.  [recipe]")
@@ -88,7 +97,7 @@ def make_finetune_config(params: dict[str, Any], *, command: str | None = None):
 @click.option("--scale-range", metavar="LOW,HIGH", help="Training short side, drawn uniformly.  [recipe]")
 @click.option("--test-size", type=click.IntRange(min=1), help="Validation short side before the centre crop.  [recipe]")
 @click.option("--num-classes", type=click.IntRange(min=1), help="Classifier outputs (default: the dataset's).")
-@click.option("--fps", type=float, help="Frame rate when neither the video info file nor the container has one.")
+@click.option("--fps", type=POSITIVE, help="Frame rate when neither the video info file nor the container has one.")
 @click.option("--video-info", type=_EXISTING_FILE,
               help="EPIC_video_info.csv / EPIC_100_video_info.csv (default: found beside --annotations).")
 @click.option("--channels-last/--no-channels-last", default=None,
@@ -115,7 +124,8 @@ def finetune(**params: Any) -> None:
 
     try:
         config = make_finetune_config(params, command=command_line())
-        metrics = run_finetune(config)
+        with removed_on_early_failure(config.out, "run"):
+            metrics = run_finetune(config)
     except FinetuneError as err:
         raise click.ClickException(str(err)) from err
     click.echo(json.dumps(metrics, indent=2))

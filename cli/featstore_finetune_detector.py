@@ -13,7 +13,16 @@ from typing import Any
 
 import click
 
-from cli.common import command_line, domain_errors, stage1_run_options
+from cli.common import (
+    LEARNING_RATE,
+    MOMENTUM,
+    WEIGHT_DECAY,
+    FiniteFloatRange,
+    command_line,
+    domain_errors,
+    removed_on_early_failure,
+    stage1_run_options,
+)
 from finetune.detector_config import detector_recipes_help, list_detector_recipes
 
 _EXISTING_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
@@ -68,13 +77,13 @@ def make_detector_finetune_config(params: dict[str, Any], *, command: str | None
                                   "participant_id >= 'P26' for epic-train, none for epic-trainval]")
 @click.option("--limit", type=click.IntRange(min=1), help="Only the first N images of training and of validation.")
 @click.option("--iterations", type=click.IntRange(min=0), help="Optimiser steps.  [recipe]")
-@click.option("--lr", type=float, help="Base learning rate.  [recipe]")
+@click.option("--lr", type=LEARNING_RATE, help="Base learning rate.  [recipe]")
 @click.option("--lr-steps", metavar="I1,I2", help="1-based iterations from which the lr is x0.1 per step.  [recipe]")
 @click.option("--batch-size", type=click.IntRange(min=1), help="Images per step over all processes.  [recipe]")
-@click.option("--momentum", type=float, help="SGD momentum.  [recipe]")
-@click.option("--weight-decay", type=float, help="SGD weight decay.  [recipe]")
+@click.option("--momentum", type=MOMENTUM, help="SGD momentum.  [recipe]")
+@click.option("--weight-decay", type=WEIGHT_DECAY, help="SGD weight decay.  [recipe]")
 @click.option("--warmup-iterations", type=click.IntRange(min=0), help="Linear warm-up steps.  [recipe]")
-@click.option("--warmup-factor", type=float, help="lr at iteration 0 as a fraction of --lr.  [recipe]")
+@click.option("--warmup-factor", type=FiniteFloatRange(min=0, max=1, min_open=True), help="lr at iteration 0 as a fraction of --lr.  [recipe]")
 @click.option("--eval-every", type=click.IntRange(min=1), default=5000, show_default=True,
               help="Iterations between validations and checkpoints.")
 @click.option("--min-size", type=click.IntRange(min=1), default=800, show_default=True,
@@ -107,7 +116,8 @@ def finetune_detector(**params: Any) -> None:
 
     try:
         config = make_detector_finetune_config(params, command=command_line())
-        metrics = run_finetune(config)
+        with removed_on_early_failure(config.out, "run"):
+            metrics = run_finetune(config)
     except DetectorFinetuneError as err:
         raise click.ClickException(str(err)) from err
     click.echo(json.dumps(metrics, indent=2))

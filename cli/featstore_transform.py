@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from cli.common import command_line, domain_errors
+from cli.common import COUNT, command_line, domain_errors, removed_on_early_failure
 from featstore.store.schema import VERB_LOCAL
 
 
@@ -16,7 +16,7 @@ from featstore.store.schema import VERB_LOCAL
               type=click.Choice([VERB_LOCAL]), help="The field to derive from the store's own fields.")
 @click.option("--local-pool", type=click.Choice(["avg", "max"]), default="avg", show_default=True,
               help="Pooling of the RoIAlign bins (ours: avg; SlowFast/LFB: max); recorded in the manifest.")
-@click.option("--batch-size", type=int, default=16, show_default=True, help="Segments pooled at once.")
+@click.option("--batch-size", type=COUNT, default=16, show_default=True, help="Segments pooled at once.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="Device the RoIAlign pooling runs on.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
@@ -28,6 +28,7 @@ def derive(store: Path, field_name: str, local_pool: str, batch_size: int, devic
     det.local boxes and pooled: what SAOA reads, so that the map can then be dropped (featstore
     copy --fields). Resumable: an interrupted run loses nothing and a rerun continues. Example:
 
+    \b
         featstore derive STORE --field verb.local
     """
     from featstore.store.transform import derive_field
@@ -53,9 +54,11 @@ def copy_cmd(source: Path, target: Path, fields_csv: str | None, drop_csv: str |
     """Write a new store TARGET with some fields and/or segments of SOURCE.
 
     Each source segment's checksum is checked before it is copied, and the copy's checksums are
-    verified after; SOURCE is only read. A rerun continues an interrupted copy. Example:
+    verified after; SOURCE is only read. A rerun continues an interrupted copy. Examples:
 
+    \b
         featstore copy STORE SMALL --drop verb.map
+        featstore copy STORE P01 --fields verb.global,noun.global --where "participant_id = 'P01'"
     """
     from featstore.store.reader import FeatureStore
     from featstore.store.transform import copy_store
@@ -70,7 +73,8 @@ def copy_cmd(source: Path, target: Path, fields_csv: str | None, drop_csv: str |
         if unknown:
             raise click.UsageError(f"--drop {', '.join(unknown)}: not a field of the copy ({', '.join(held)})")
         fields = [f for f in held if f not in dropped]
-    report = copy_store(source, target, fields=fields, where=where, progress=progress, command=command_line())
+    with removed_on_early_failure(target, "store"):
+        report = copy_store(source, target, fields=fields, where=where, progress=progress, command=command_line())
     click.echo(report.summary())
     if report.damaged:
         sys.exit(1)

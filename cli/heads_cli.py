@@ -7,7 +7,18 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 import click
 
-from cli.common import IntList, domain_errors
+from cli.common import (
+    LEARNING_RATE,
+    MOMENTUM,
+    POSITIVE,
+    SEED,
+    WEIGHT_DECAY,
+    GuardedGroup,
+    IntList,
+    debug_option,
+    domain_errors,
+    removed_on_early_failure,
+)
 from cli.heads_experiments import ablate, fuse, submit
 
 if TYPE_CHECKING:
@@ -72,9 +83,10 @@ def switches_from(kwargs: dict[str, Any]) -> dict[str, Any]:
     return {name: value for name, value in given.items() if value is not None}
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(name="heads", cls=GuardedGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="featstore")
-def main() -> None:
+@debug_option
+def main(debug: bool) -> None:
     """Train and compare SAOA / SAP / baseline heads on a feature store, in seconds."""
 
 
@@ -108,32 +120,41 @@ def make_train_config(params: Mapping[str, Any]) -> TrainConfig:
 @click.option("--val-where", help="DuckDB WHERE over segments selecting validation segments.")
 @click.option("--epochs", default=15, show_default=True, type=click.IntRange(min=0), help="Passes over the training set.")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1), help="Segments per step.")
-@click.option("--lr", default=1e-4, show_default=True, type=float, help="SGD learning rate (before --lr-steps).")
+@click.option("--lr", default=1e-4, show_default=True, type=LEARNING_RATE, help="SGD learning rate (before --lr-steps).")
 @click.option("--lr-steps", default="", type=IntList(),
               help="Comma-separated epochs at which the lr drops x0.1 (e.g. 11).")
-@click.option("--momentum", default=0.9, show_default=True, type=float, help="SGD momentum.")
-@click.option("--weight-decay", default=1e-4, show_default=True, type=float, help="SGD weight decay.")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the head's weights and the batch order.")
+@click.option("--momentum", default=0.9, show_default=True, type=MOMENTUM, help="SGD momentum.")
+@click.option("--weight-decay", default=1e-4, show_default=True, type=WEIGHT_DECAY, help="SGD weight decay.")
+@click.option("--seed", default=0, show_default=True, type=SEED, help="Seed of the head's weights and the batch order.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")
 @click.option("--action-prior", type=click.Choice(["lfb", "none"]), default="lfb", show_default=True,
               help="Action re-weighting by P(noun | verb) counted on the training selection.")
 @click.option("--dataset", type=click.Choice(["epic55", "epic100"]), help="Default: from the store.")
 @click.option("--meta-dir", type=click.Path(exists=True, file_okay=False), help="Class / many-shot / tail lists.")
-@click.option("--memory-budget-gb", type=float, help="Stream from LMDB when preloading would need more.")
+@click.option("--memory-budget-gb", type=POSITIVE, help="Stream from LMDB when preloading would need more.")
+@click.option("--views", type=click.Choice(["random", "first"]),
+              help="Temporal views of a store built with --views K (docs/views.md): random reads one view of each "
+                   "training segment per epoch, drawn from (seed, epoch, uid); first reads view 0 only (the store "
+                   "as without views). Validation reads view 0 either way [default: random on a store with views].")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bars on stderr.")
 @domain_errors
 def train(**params: Any) -> None:
     """Train one head on a store and write a run directory.
 
-    --model and the head switches (--gating/--no-gating, ...) come from the head registry.
+    --model and the head switches (--gating/--no-gating, ...) come from the head registry. Examples:
 
+    \b
         heads train STORE --model saoa --train epic55-lfb-train --val epic55-lfb-val --out runs/saoa
+        heads train STORE --model saoa --no-gating --train epic55-lfb-train --val epic55-lfb-val --out runs/saoa-no-gating
+        torchrun --nproc_per_node 2 --no-python heads train STORE --model saoa --train epic55-lfb-train --out runs/saoa-ddp
     """
     from heads.trainer import train as train_run
 
     config = make_train_config(params)
-    metrics = train_run(params["store"], params["out"], config, resume=params["resume"], progress=params["progress"])
+    with removed_on_early_failure(params["out"], "run"):
+        metrics = train_run(params["store"], params["out"], config, resume=params["resume"],
+                            progress=params["progress"])
     click.echo(json.dumps(metrics, indent=2))
     click.echo(f"run written to {params['out']}", err=True)
 
@@ -145,7 +166,14 @@ def train(**params: Any) -> None:
 @click.option("--device", help="Default: the run's device.")
 @domain_errors
 def eval_cmd(run: Path, where: str | None, split: str | None, device: str | None) -> None:
-    """Evaluate a trained run on a selection of its store; prints the metrics as JSON."""
+    """Evaluate a trained run on a selection of its store; prints the metrics as JSON.
+
+    Examples:
+
+    \b
+        heads eval runs/saoa
+        heads eval runs/saoa --where "participant_id = 'P30'"
+    """
     from heads.trainer import evaluate_run
 
     click.echo(json.dumps(evaluate_run(run, where=where, split=split, device=device), indent=2))
@@ -163,6 +191,9 @@ def eval_cmd(run: Path, where: str | None, split: str | None, device: str | None
 def predict(run: Path, store: Path | None, where: str | None, split: str | None, out: Path, device: str | None) -> None:
     """Write a trained run's logits for any selection (unlabelled test sets included).
 
+    Example:
+
+    \b
         heads predict runs/saoa --store test_store --split epic55-test-s1 --out s1.parquet
     """
     from heads.predictions import write_predictions
@@ -183,17 +214,31 @@ def predict(run: Path, store: Path | None, where: str | None, split: str | None,
 @click.option("--action-prior-from", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Training annotations to count the LFB action prior on; the scored segments' rows are "
                    "left out (a segment never informs its own prior).")
+@click.option("--train", "train_split",
+              help="Named training split of --annotations the predictions' model was trained on (e.g. "
+                   "epic55-lfb-train): many-shot actions are restricted to its pairs (default: a run "
+                   "directory's own training selection; none for a bare predictions file).")
+@click.option("--train-where", help="DuckDB WHERE over the --annotations columns selecting that training split.")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics.json object.")
 @domain_errors
 def score(predictions: Path, annotations: Path, dataset: str | None, meta_dir: Path | None,
-          action_prior_from: Path | None, as_json: bool) -> None:
-    """Score any predictions Parquet (uid, verb_logits, noun_logits) on the segments it contains."""
+          action_prior_from: Path | None, train_split: str | None, train_where: str | None, as_json: bool) -> None:
+    """Score any predictions Parquet (uid, verb_logits, noun_logits) on the segments it contains.
+
+    Many-shot actions are the official list intersected with the pairs of the training split when it
+    is known (--train / --train-where, or PREDICTIONS being a run directory); metrics.json's
+    many_shot_actions says which list was used. Examples:
+
+    \b
+        heads score runs/saoa/predictions.parquet --annotations EPIC_train_action_labels.csv
+        heads score val.parquet --annotations EPIC_train_action_labels.csv --train epic55-lfb-train --json
+    """
     from heads.evaluation import prior_note
     from heads.metric_registry import get_metric, metric_values
     from heads.scoring import score_file
 
     metrics = score_file(predictions, annotations, dataset=dataset, meta_dir=meta_dir,
-                         action_prior_from=action_prior_from)
+                         action_prior_from=action_prior_from, train_split=train_split, train_where=train_where)
     if as_json:
         click.echo(json.dumps(metrics, indent=2))
     else:

@@ -30,8 +30,9 @@ def ablate(store: Path, grid_file: Path, out: Path, parallel: int, device: str |
     """Train a grid of runs on STORE and tabulate them like the report's Table 1.
 
     Finished runs (with metrics.json) are skipped on a rerun; a failed run is recorded and the others
-    go on; the exit status is 1 when any run failed.
+    go on; the exit status is 1 when any run failed. Example:
 
+    \b
         heads ablate STORE --grid grid.toml --out runs/ablation --parallel 4
     """
     from heads.ablation import ablate as run_ablation
@@ -59,17 +60,27 @@ def ablate(store: Path, grid_file: Path, out: Path, parallel: int, device: str |
               help="Class, many-shot, tail and unseen lists for --annotations (default: its folder).")
 @click.option("--action-prior-from", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Training annotations to count the LFB action prior on; the fused segments' rows are left out.")
+@click.option("--train", "train_split",
+              help="Named training split of --annotations the inputs were trained on (e.g. epic55-lfb-train): many-shot "
+                   "actions are restricted to its pairs (default: the first input run's training selection).")
+@click.option("--train-where", help="DuckDB WHERE over the --annotations columns selecting that training split.")
 @domain_errors
 def fuse(inputs: tuple[Path, ...], out: Path, weights: str | None, how: str, annotations: Path | None,
-         dataset: str | None, meta_dir: Path | None, action_prior_from: Path | None) -> None:
+         dataset: str | None, meta_dir: Path | None, action_prior_from: Path | None, train_split: str | None,
+         train_where: str | None) -> None:
     """Late-fuse runs or predictions files over the segments they share.
 
+    Examples:
+
+    \b
         heads fuse runs/saoa-rgb runs/saoa-flow --out runs/saoa-2stream --weights 1,1
+        heads fuse s1/rgb.parquet s1/flow.parquet --out s1/2stream --how logits
     """
     from heads.fusion import fuse as fuse_inputs
 
     result = fuse_inputs(inputs, out, weights=weights, how=how, annotations=annotations, dataset=dataset,
-                         meta_dir=meta_dir, action_prior_from=action_prior_from, log=_echo_log)
+                         meta_dir=meta_dir, action_prior_from=action_prior_from, train_split=train_split,
+                         train_where=train_where, log=_echo_log)
     if result.metrics is not None:
         click.echo(json.dumps(result.metrics, indent=2))
     click.echo(f"{len(result.predictions.uids)} fused predictions written to {out}", err=True)
@@ -98,7 +109,11 @@ def submit(fmt: str, seen: Path | None, unseen: Path | None, test: Path | None, 
            action_prior_from: Path | None, scores: str | None, sls_pt: int, sls_tl: int, sls_td: int) -> None:
     """Write a leaderboard zip, checked against the test timestamp files.
 
+    Examples:
+
+    \b
         heads submit --format epic55 --seen s1.parquet --unseen s2.parquet --meta-dir epic55/ --out sub.zip
+        heads submit --format epic100 --test test.parquet --meta-dir epic100/ --out sub100.zip
     """
     from heads.submission import epic55_submission, epic100_submission
 

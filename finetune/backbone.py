@@ -47,20 +47,30 @@ from featstore.training.engine import Hook, RunState, train_one
 from featstore.training.hooks import (
     Checkpointer,
     EpochLog,
+    HistoryCSV,
     LearningRate,
     LossCheck,
     ProgressBar,
     StepCallback,
+    TensorBoard,
     Validation,
+    require_tensorboard,
 )
-from featstore.training.run_folder import CONFIG_NAME, CURVES_NAME, FAILURES_NAME, METRICS_NAME, RunFolder
+from featstore.training.run_folder import (
+    CONFIG_NAME,
+    CURVES_NAME,
+    FAILURES_NAME,
+    HISTORY_CSV_NAME,
+    METRICS_NAME,
+    RunFolder,
+)
 from featstore.training.world import World
 from finetune.clips import ClipBatch, ClipDataset, EpochBatchSampler, FailureLog, collate_clips
 from finetune.config import FinetuneConfig, FinetuneError, resume_differences
 from finetune.model import InitReport, VideoClassifier, build_video_classifier
 from finetune.outputs import load_training_state, plot_curves, write_finetuned_checkpoint
 from finetune.recipes import get_recipe
-from heads.metrics import topk_accuracy
+from heads.metrics import chance_top1, topk_accuracy
 
 __all__ = ["BackboneTrainable", "Selection", "finetune", "select_training_data"]
 
@@ -408,9 +418,13 @@ class _BackboneRunOutputs(Hook):
         self.write(run, complete=run.epoch + 1 >= run.epochs)
         plot_curves(run.history, self.folder.file(CURVES_NAME), target=self.trainable.config.target, title=self.title)
 
-    def write(self, run: RunState, *, complete: bool) -> dict[str, Any]:
+    def write(self, run: RunState, *, complete: bool, warnings: Sequence[str] = ()) -> dict[str, Any]:
         """``checkpoint.pt``, ``metrics.json`` and ``failures.json`` as of the last finished epoch.
 
+        Args:
+            run: the run.
+            complete: the run finished.
+            warnings: what looks wrong about the run (metrics.json's ``warnings``).
         Returns:
             The latest validation top-1 / top-5 (empty without validation).
         """
@@ -421,11 +435,12 @@ class _BackboneRunOutputs(Hook):
         write_finetuned_checkpoint(self.folder.checkpoint, backbone=trainable.model.backbone.state_dict(),
                                    classifier=trainable.model.classifier.state_dict(), record={
                                        "format": RECORD_FORMAT, "run": str(self.folder.path.resolve()),
-                                       "epoch": epochs_done, "metrics": metrics, "config": self.record})
+                                       "epoch": epochs_done, "metrics": metrics, "config": self.record},
+                                   half=trainable.config.half_checkpoint)
         atomic_write_json(self.folder.file(METRICS_NAME), {
             **metrics, "target": target, "complete": complete, "epochs_done": epochs_done,
             "n_train": len(trainable.train_data), "n_val": len(trainable.val_data),
-            "majority_top1": self.majority_top1, "history": run.history})
+            "majority_top1": self.majority_top1, "warnings": list(warnings), "history": run.history})
         atomic_write_json(self.folder.file(FAILURES_NAME), trainable.failures.entries)
         return metrics
 
@@ -453,6 +468,21 @@ def _check_resume_settings(config: FinetuneConfig, out: Path) -> None:
         if differences:
             raise FinetuneError(f"{out} was trained with other settings, so resuming would not reproduce it "
                                 f"({'; '.join(differences)}); rerun with the run's settings or use another OUT")
+
+
+def _chance_warnings(config: FinetuneConfig, selection: Selection, metrics: Mapping[str, Any]) -> list[str]:
+    """A run whose validation top-1 is at or below chance (`heads.metrics.chance_top1`) learnt nothing."""
+    top1 = metrics.get(f"{config.target}_top1")
+    if top1 is None or not selection.val:
+        return []
+    column = f"{config.target}_class"
+    chance = chance_top1(np.array([int(row[column]) for row in selection.train]),
+                         np.array([int(row[column]) for row in selection.val]))
+    if top1 > chance + 1e-6:
+        return []
+    return [f"{config.target} top-1 {top1:.1f} % is at chance ({chance:.1f} %: always the most frequent training "
+            f"class, or a uniform guess): the {config.target} net learnt nothing; check the lr, the epochs, the "
+            "labels and the clips (curves.png)"]
 
 
 def _majority_top1(config: FinetuneConfig, selection: Selection) -> float | None:
@@ -523,6 +553,8 @@ def finetune(config: FinetuneConfig, *, log: Callable[[str], None] | None = None
     out = Path(config.out)
     if config.device == "cuda" and not torch.cuda.is_available():
         raise FinetuneError("--device cuda, but torch sees no CUDA device here (use --device cpu)")
+    if config.tensorboard is not None:
+        require_tensorboard(FinetuneError)  # before anything is written
     folder = RunFolder.check(out, resume=config.resume, error=FinetuneError)
     _check_resume_settings(config, out)
     selection = select_training_data(config)
@@ -559,9 +591,15 @@ def finetune(config: FinetuneConfig, *, log: Callable[[str], None] | None = None
                     log=run_log)
     if not main:
         return {}
-    metrics = outputs.write(run, complete=True)  # also with epochs = 0: the init weights
+    last = run.history[-1] if run.history else {}
+    warnings = _chance_warnings(config, selection, last)
+    metrics = outputs.write(run, complete=True, warnings=warnings)  # also with epochs = 0: the init weights
     run_log(f"finished {out}: " + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items())
             + f"; {len(failures.entries)} unreadable segment(s) skipped")
+    for warning in warnings:
+        run_log(f"WARNING: {warning}")
+    if not config.keep_resume_state:
+        folder.drop_resume_state()
     return metrics
 
 
@@ -586,6 +624,10 @@ def _backbone_hooks(config: FinetuneConfig, trainable: BackboneTrainable, folder
         outputs,
         EpochLog(run_log, lambda entry: _epoch_line(entry, config.target)),
     ]
+    if main:
+        hooks.insert(-1, HistoryCSV(folder.file(HISTORY_CSV_NAME)))
+        if config.tensorboard is not None:
+            hooks.insert(-1, TensorBoard(config.tensorboard, error=FinetuneError))
     if config.progress and main:
         share = n_train // config.world_size
         hooks.append(ProgressBar(unit="clip", count=lambda batch: len(batch) + len(batch.failed),

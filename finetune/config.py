@@ -22,7 +22,7 @@ RECIPE_FIELDS = ("modality", "clip_frames", "clip_stride", "crop", "scale_range"
 # What may differ between a run and its resumption: how it runs, not what it computes (``epochs``:
 # a finished run may be continued for more epochs).
 _RESUMABLE_CHANGES = ("resume", "progress", "workers", "command", "epochs", "compile", "check_every", "device",
-                      "rank", "world_size", "local_rank")
+                      "rank", "world_size", "local_rank", "tensorboard", "half_checkpoint", "keep_resume_state")
 
 
 class FinetuneError(Exception):
@@ -77,6 +77,9 @@ class FinetuneConfig:
     local_rank: int = 0
     progress: bool = True  # tqdm bars on stderr (clips/s, ETA)
     command: str | None = None  # the command line, for config.json
+    tensorboard: Path | None = None  # also write each epoch's scalars there (TensorBoard events); None: not
+    half_checkpoint: bool = False  # checkpoint.pt's weights in float16 (half the size)
+    keep_resume_state: bool = False  # keep checkpoints/last.pt when the run finishes (to extend it later)
 
     def __post_init__(self) -> None:
         def fail(message: str) -> None:

@@ -20,7 +20,8 @@ from featstore.epic.objects import ObjectImage
 from featstore.io.atomic import atomic_write_csv
 from featstore.io.figures import pyplot, save_figure
 
-__all__ = ["PER_CLASS_COLUMNS", "detection_entry", "plot_predictions", "write_per_class_ap"]
+__all__ = ["PER_CLASS_COLUMNS", "detection_entry", "plot_predictions", "predictions_caption", "shown_predictions",
+           "write_per_class_ap"]
 
 PER_CLASS_COLUMNS = ("class_id", "name", "n_ground_truth", "n_train_boxes", "ap_50", "ap_50_95")
 
@@ -59,10 +60,26 @@ def write_per_class_ap(path: str | os.PathLike, result: DetectionAP, *, class_na
         for class_id, ap in rows))
 
 
+def shown_predictions(predicted: ImagePredictions, *, min_score: float, max_boxes: int) -> list[int]:
+    """Which of an image's predictions a picture draws: the best ``max_boxes`` at or above ``min_score``."""
+    scores = np.asarray(predicted.scores, dtype=np.float64)
+    return [i for i in np.argsort(-scores)[:max_boxes].tolist() if scores[i] >= min_score]
+
+
+def predictions_caption(n_drawn: int, *, min_score: float) -> str:
+    """What ``predictions.png`` shows, honestly: a picture without a single prediction says so."""
+    if n_drawn == 0:
+        return f"ground truth (dashed); no predictions above the score threshold {min_score:g}"
+    return f"ground truth (dashed) and predictions (score >= {min_score:g})"
+
+
 def plot_predictions(path: str | os.PathLike, images: Sequence[np.ndarray], truths: Sequence[ObjectImage],
                      predictions: Sequence[ImagePredictions], *, class_names: Sequence[str] | None = None,
                      min_score: float = 0.3, max_boxes: int = 5, title: str = "") -> Path:
     """``predictions.png``: validation images with ground truth (green, dashed) and predictions (orange).
+
+    The title says what is drawn (`predictions_caption`): when no prediction reaches ``min_score`` it
+    says there are none, rather than promising predictions the picture does not hold.
 
     Args:
         path: the PNG.
@@ -72,9 +89,10 @@ def plot_predictions(path: str | os.PathLike, images: Sequence[np.ndarray], trut
         class_names: for the labels drawn; None: class ids.
         min_score: predictions below it are not drawn.
         max_boxes: at most this many predictions per image, best first.
-        title: the figure's title.
+        title: put before the caption (e.g. ``iteration 500``).
     """
     plt = pyplot()
+    drawn = 0
 
     def label(class_id: int) -> str:
         if class_names is not None and 0 <= class_id < len(class_names):
@@ -93,17 +111,15 @@ def plot_predictions(path: str | os.PathLike, images: Sequence[np.ndarray], trut
             ax.add_patch(plt.Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor="limegreen",
                                        linestyle="--", linewidth=1.5))
             ax.text(x1, y2, label(int(class_id)), color="limegreen", fontsize=6, va="top")
-        order = np.argsort(-np.asarray(predicted.scores, dtype=np.float64))[:max_boxes]
-        for index in order.tolist():
+        for index in shown_predictions(predicted, min_score=min_score, max_boxes=max_boxes):
             score = float(predicted.scores[index])
-            if score < min_score:
-                continue
+            drawn += 1
             x1, y1, x2, y2 = np.asarray(predicted.boxes[index], dtype=np.float64).tolist()
             ax.add_patch(plt.Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor="orange", linewidth=1.2))
             ax.text(x1, y1, f"{label(int(predicted.labels[index]))} {score:.2f}", color="orange", fontsize=6,
                     va="bottom")
         ax.set_title(f"{truth.video_id} frame {truth.frame}", fontsize=7)
-    if title:
-        fig.suptitle(title, fontsize=9)
+    caption = predictions_caption(drawn, min_score=min_score)
+    fig.suptitle(f"{title}: {caption}" if title else caption, fontsize=9)
     fig.tight_layout()
     return save_figure(fig, path)

@@ -39,11 +39,23 @@ from featstore.io.atomic import atomic_write_json, atomic_write_torch
 from featstore.models import build_detector, file_sha256, read_state_dict
 from featstore.models.checkpoints import FINETUNE_RECORD_KEY, apply_state_dict
 from featstore.training.engine import Hook, RunState, train_one
-from featstore.training.hooks import Checkpointer, EpochCallback, EpochLog, LearningRate, LossCheck, ProgressBar
+from featstore.training.hooks import (
+    Checkpointer,
+    EpochCallback,
+    EpochLog,
+    HistoryCSV,
+    LearningRate,
+    LossCheck,
+    ProgressBar,
+    TensorBoard,
+    refuse_non_finite,
+    require_tensorboard,
+)
 from featstore.training.run_folder import (
     CONFIG_NAME,
     CURVES_NAME,
     FAILURES_NAME,
+    HISTORY_CSV_NAME,
     METRICS_NAME,
     PER_CLASS_AP_NAME,
     PREDICTION_IMAGES_NAME,
@@ -65,9 +77,11 @@ from finetune.detector_data import (
     collate_detections,
     read_image,
 )
-from finetune.outputs import plot_curves
+from finetune.outputs import half_weights, plot_curves
 
 __all__ = [
+    "MIN_MAP_50",
+    "detector_warnings",
     "DetectorTrainable",
     "class_table",
     "finetune_detector",
@@ -277,7 +291,7 @@ class _DetectorValidation(Hook):
         shown = [i for i, truth in enumerate(self.truths) if len(truth)][:8] or list(range(min(8, len(self.truths))))
         plot_predictions(self.out / PREDICTION_IMAGES_NAME, [self.images[i] for i in shown], [self.truths[i] for i in shown],
                          [predictions[i] for i in shown], class_names=self.class_names,
-                         title=f"iteration {run.record['iteration']}: ground truth (dashed) and predictions")
+                         title=f"iteration {run.record['iteration']}")
 
 
 class _RoundRecord(Hook):
@@ -302,21 +316,24 @@ class _DetectorRunOutputs(Hook):
         self.trainable, self.folder, self.record, self.classes = trainable, folder, record, classes
         self.failures, self.n_train, self.n_val = failures, n_train, n_val
 
-    def write(self, run: RunState, *, complete: bool) -> dict[str, Any]:
+    def write(self, run: RunState, *, complete: bool, warnings: Sequence[str] = ()) -> dict[str, Any]:
         last = run.history[-1] if run.history else {}
         metrics = {key: last[key] for key in ("map_50", "map_50_95") if key in last}
+        weights = {key: value.detach().cpu() for key, value in self.trainable.model.state_dict().items()}
         payload = {
-            "model": {key: value.detach().cpu() for key, value in self.trainable.model.state_dict().items()},
+            "model": half_weights(weights) if self.trainable.config.half_checkpoint else weights,
             "classes": self.classes,
             FINETUNE_RECORD_KEY: json.loads(json.dumps({
                 "format": 1, "kind": "detector", "run": str(self.folder.path.resolve()),
                 "iteration": last.get("iteration", 0), "metrics": metrics, "classes": self.classes,
                 "config": {key: value for key, value in self.record.items() if key != "classes"}}, default=str)),
         }
+        refuse_non_finite(payload["model"], what=f"for {self.folder.checkpoint}")
         atomic_write_torch(self.folder.checkpoint, payload)
         atomic_write_json(self.folder.file(METRICS_NAME), {
             **metrics, "complete": complete, "iterations_done": last.get("iteration", 0),
-            "n_train_images": self.n_train, "n_val_images": self.n_val, "history": run.history})
+            "n_train_images": self.n_train, "n_val_images": self.n_val, "warnings": list(warnings),
+            "history": run.history})
         atomic_write_json(self.folder.file(FAILURES_NAME), self.failures.entries)
         return metrics
 
@@ -327,6 +344,20 @@ class _DetectorRunOutputs(Hook):
         plot_curves(run.history, self.folder.file(CURVES_NAME), target="detector", x="iteration", ylabel="mAP (%)",
                     metrics=[("map_50", "mAP@0.5"), ("map_50_95", "mAP@[.5:.95]")],
                     title=f"{self.record['settings']['detector']} on {Path(self.record['settings']['objects']).name}")
+
+
+MIN_MAP_50 = 1.0  # mAP@0.5 (%) under which a detector finds (almost) nothing
+
+
+def detector_warnings(metrics: Mapping[str, Any], *, n_val: int) -> list[str]:
+    """A detector that finds (almost) nothing on the held-out images: the stores built with it have
+    empty box slots, and the heads' object branches learn nothing (say so before that happens)."""
+    map_50 = metrics.get("map_50")
+    if not n_val or map_50 is None or map_50 >= MIN_MAP_50:
+        return []
+    return [f"mAP@0.5 is {map_50:.2f} % on the {n_val} held-out images (under {MIN_MAP_50:.0f} %): the detector "
+            "finds (almost) nothing, and a store built with it will hold (almost) no valid boxes; train longer, "
+            "start from a pretrained checkpoint, or build with a --boxes file"]
 
 
 def _round_line(entry: Mapping[str, Any]) -> str:
@@ -386,6 +417,8 @@ def finetune_detector(config: DetectorFinetuneConfig, *, log: Callable[[str], No
     if config.device == "cuda" and not torch.cuda.is_available():
         raise DetectorFinetuneError("--device cuda, but torch sees no CUDA device here (use --device cpu)")
     out = Path(config.out)
+    if config.tensorboard is not None:
+        require_tensorboard(DetectorFinetuneError)  # before anything is written
     folder = RunFolder.check(out, resume=config.resume, error=DetectorFinetuneError)
     _check_detector_resume(config, folder)
 
@@ -420,9 +453,14 @@ def finetune_detector(config: DetectorFinetuneConfig, *, log: Callable[[str], No
                     log=run_log)
     if not main:
         return {}
-    metrics = outputs.write(run, complete=True)
+    warnings = detector_warnings(run.history[-1] if run.history else {}, n_val=len(val))
+    metrics = outputs.write(run, complete=True, warnings=warnings)
     run_log(f"finished {out}: " + (", ".join(f"{k} {v:.2f}" for k, v in metrics.items() if v is not None)
                                    or "no validation") + f"; {len(failures.entries)} unreadable image(s) skipped")
+    for warning in warnings:
+        run_log(f"WARNING: {warning}")
+    if not config.keep_resume_state:
+        folder.drop_resume_state()
     return metrics
 
 
@@ -477,6 +515,10 @@ def _detector_hooks(config: DetectorFinetuneConfig, trainable: DetectorTrainable
         outputs,
         EpochLog(log, _round_line),
     ]
+    if main:
+        hooks.insert(-1, HistoryCSV(folder.file(HISTORY_CSV_NAME)))
+        if config.tensorboard is not None:
+            hooks.insert(-1, TensorBoard(config.tensorboard, step="iteration", error=DetectorFinetuneError))
     if config.progress and main:
         hooks.append(ProgressBar(unit="image", count=lambda batch: len(batch) + len(batch.failed)))
     if after_round is not None:

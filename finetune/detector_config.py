@@ -123,7 +123,7 @@ def detector_recipes_help() -> str:
 
 # What may differ between a run and its resumption: how it runs, not what it computes.
 _RESUMABLE_CHANGES = ("resume", "progress", "workers", "command", "iterations", "device", "rank", "world_size",
-                      "local_rank", "check_every")
+                      "local_rank", "check_every", "tensorboard", "half_checkpoint", "keep_resume_state")
 
 
 @dataclass(frozen=True)
@@ -169,6 +169,9 @@ class DetectorFinetuneConfig:
     local_rank: int = 0
     progress: bool = True  # tqdm bars on stderr (images/s, ETA)
     command: str | None = None  # the command line, for config.json
+    tensorboard: Path | None = None  # also write each round's scalars there (TensorBoard events); None: not
+    half_checkpoint: bool = False  # checkpoint.pt's weights in float16 (half the size)
+    keep_resume_state: bool = False  # keep checkpoints/last.pt when the run finishes (to extend it later)
 
     def __post_init__(self) -> None:
         def fail(message: str) -> None:

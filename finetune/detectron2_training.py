@@ -53,6 +53,7 @@ from featstore.io.atomic import atomic_write_json, atomic_write_text, atomic_wri
 from featstore.io.progress import progress_bar
 from featstore.models import CheckpointError, file_sha256
 from featstore.models.checkpoints import FINETUNE_RECORD_KEY
+from featstore.training.hooks import refuse_non_finite
 from featstore.training.run_folder import (
     CONFIG_NAME,
     DETECTRON2_CONFIG_NAME,
@@ -418,6 +419,7 @@ class _Run:
                 "class_names": list(self.class_names), "num_classes": len(self.class_names) + 1,
                 "metrics": self.history[-1] if self.history else None, "out": str(self.out)}, default=str)),
         }
+        refuse_non_finite(payload["model"], what=f"at iteration {iteration}")
         path = atomic_write_torch(self.folder.checkpoint, payload)
         atomic_write_text(self.folder.file(DETECTRON2_CONFIG_NAME), self.cfg.dump())
         return path

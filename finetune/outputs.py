@@ -4,9 +4,13 @@
 
     OUT/checkpoint.pt        what `featstore build --verb-backbone NAME:OUT/checkpoint.pt` loads:
                              {"state_dict": backbone, "classifier": linear layer, "finetune": run record}
-    OUT/checkpoints/last.pt  everything a resume needs (model, optimiser, scaler, history, failures)
+                             (float16 with --half-checkpoint)
+    OUT/checkpoints/last.pt  everything a resume needs (model, optimiser, scaler, history, failures);
+                             deleted when the run finishes unless --keep-resume-state
     OUT/config.json          every setting, the recipe, the init checkpoint's sha256, the data
-    OUT/metrics.json         top-1 / top-5 of the target on the validation selection, per epoch and final
+    OUT/metrics.json         top-1 / top-5 of the target on the validation selection, per epoch and final;
+                             ``warnings`` (a run that ends at chance)
+    OUT/history.csv          one row per epoch (loss, lr, speed, validation)
     OUT/failures.json        the segments that could not be read: uid, epoch, phase, reason
     OUT/curves.png           loss and validation accuracy per epoch
     OUT/log.txt              what the run printed
@@ -26,9 +30,11 @@ import torch
 from featstore.io.atomic import atomic_write_torch
 from featstore.io.figures import pyplot, save_figure
 from featstore.models.checkpoints import FINETUNE_RECORD_KEY
+from featstore.training.hooks import refuse_non_finite
 from featstore.training.run_folder import RESUME_STATE_NAME
 
 __all__ = [
+    "half_weights",
     "load_training_state",
     "plot_curves",
     "write_finetuned_checkpoint",
@@ -40,8 +46,15 @@ def _json_types(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
+def half_weights(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict's floating tensors in float16 (others as they are), on the CPU, detached."""
+    return {key: value.detach().cpu().half() if value.is_floating_point() else value.detach().cpu()
+            for key, value in state.items()}
+
+
 def write_finetuned_checkpoint(path: str | os.PathLike, *, backbone: Mapping[str, torch.Tensor],
-                               classifier: Mapping[str, torch.Tensor], record: Mapping[str, Any]) -> Path:
+                               classifier: Mapping[str, torch.Tensor], record: Mapping[str, Any],
+                               half: bool = False) -> Path:
     """Write the checkpoint `featstore build` loads: the backbone strictly, the rest beside it.
 
     Args:
@@ -50,13 +63,16 @@ def write_finetuned_checkpoint(path: str | os.PathLike, *, backbone: Mapping[str
         classifier: the linear classifier's state dict (``weight`` (K, C), ``bias`` (K,)).
         record: the run record (settings, epoch, metrics); `featstore build` copies it into the
             store's provenance.
+        half: the weights in float16 (half the file; a model loading them casts them back).
     Returns:
         ``path``.
     """
     path = Path(path)
+    refuse_non_finite({"backbone": backbone, "classifier": classifier}, what=f"for {path}")
+    weights = half_weights if half else (lambda state: {key: value.detach().cpu() for key, value in state.items()})
     atomic_write_torch(path, {
-        "state_dict": {key: value.detach().cpu() for key, value in backbone.items()},
-        "classifier": {key: value.detach().cpu() for key, value in classifier.items()},
+        "state_dict": weights(backbone),
+        "classifier": weights(classifier),
         FINETUNE_RECORD_KEY: _json_types(record),
     })
     return path

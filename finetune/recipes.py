@@ -1,4 +1,5 @@
-"""The report's stage-1 recipes (section 3.1) as frozen records, one per backbone and modality.
+"""The report's stage-1 recipes (section 3.1) as frozen records, one per backbone and modality, and
+the publishers' own for backbones the report does not train.
 
 ResNet50-3D and I3D: initialised from Kinetics weights; 64 successive frames at stride 2, the clip's
 centre drawn uniformly inside the segment; a random 224 x 224 crop of frames whose short side is
@@ -15,6 +16,16 @@ Flow: the same recipes on the 2-channel (u, v) stacks that ``featstore build --m
 Learning-rate steps are 1-based epochs at whose start the lr drops x0.1, as ``heads train
 --lr-steps`` reads them: "0.0003 for the last 5 of 35" is step 31, "after 9 and 18" is 10 and 19.
 Every value is a default that a flag of ``featstore finetune`` overrides.
+
+Backbones the report does not train get their publisher's fine-tuning recipe where it publishes one,
+marked as theirs (``source``). AVION (``scripts/main_lavila_finetune_cls.py`` and the EK-100 command
+of ``docs/MODEL_ZOO.md``): 16 segments of the action, RandomResizedCrop(224, scale 0.5-1) in training
+(here: short side in [224, 316], 224 / 316 = sqrt(0.5), and a random 224 crop), short side 224 and a
+centre crop for testing, SGD momentum 0.9, weight decay 4e-5, lr 3e-3 per 128 clips (1.5e-3 at
+their per-GPU batch of 64), 100 epochs. Ours, where featstore's stage-1 trainer has no equivalent:
+their cosine decay after 2 warm-up epochs becomes x0.1 at epochs 76 and 96; their mixup / cutmix,
+label smoothing 0.1 and classifier dropout 0.5 are left out. Omnivore publishes no EPIC
+fine-tuning recipe: ``--recipe`` and flags set one for ``omnivore_swinb_epic``.
 """
 from __future__ import annotations
 
@@ -45,6 +56,7 @@ class Recipe:
         weight_decay: SGD weight decay.
         batch_size: clips per optimiser step (over all processes).
         description: one line for ``--help``.
+        source: whose recipe it is: ``"report"`` (section 3.1) or the publisher's script it transcribes.
     """
 
     name: str
@@ -63,6 +75,7 @@ class Recipe:
     weight_decay: float = 1e-4
     batch_size: int = 32
     description: str = ""
+    source: str = "report"
 
     def to_dict(self) -> dict[str, Any]:
         """The record as JSON types (for config.json)."""
@@ -141,6 +154,22 @@ _register(Recipe(name="r2plus1d-34", backbone="r2plus1d_34", init="IG-65M (ig65m
                  clip_frames=32, clip_stride=4, crop=112, scale_range=(112, 144), test_size=128, epochs=20, lr=2e-4,
                  lr_steps=(10, 19),
                  description="R(2+1)D-34 RGB: 32x4 clips, 112 crops of [112, 144], 20 epochs, lr 2e-4 x0.1 at 10, 19"))
+
+
+# The publishers' own recipes (see the module docstring for what is theirs and what is ours).
+_AVION_SOURCE = ("AVION scripts/main_lavila_finetune_cls.py + docs/MODEL_ZOO.md (EK-100 CLS); ours: x0.1 at "
+                 "epochs 76 and 96 for their cosine schedule, no mixup / cutmix / label smoothing / dropout")
+_AVION_EK100 = dict(modality="rgb", clip_frames=16, clip_stride=2, crop=224, scale_range=(224, 316), test_size=224,
+                    epochs=100, lr=1.5e-3, lr_steps=(76, 96), momentum=0.9, weight_decay=4e-5, batch_size=64,
+                    source=_AVION_SOURCE)
+_AVION_INIT = ("LaViLa's Ego4D dual-encoder in their runs (--pretrain-model); featstore reads AVION's EK-100 "
+               "checkpoints (after featstore convert-checkpoint)")
+_register(Recipe(name="avion-vitb", backbone="avion_vitb", init=_AVION_INIT,
+                 description="AVION ViT-B/16 RGB (theirs): 16 segments, 224 crops of [224, 316], SGD lr 1.5e-3 at "
+                             "batch 64, wd 4e-5, 100 epochs, x0.1 at 76, 96",
+                 **_AVION_EK100))
+_register(Recipe(name="avion-vitl", backbone="avion_vitl", init=_AVION_INIT,
+                 description="AVION ViT-L/14 RGB (theirs): as avion-vitb", **_AVION_EK100))
 
 
 def list_recipes() -> list[str]:

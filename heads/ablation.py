@@ -33,12 +33,24 @@ from typing import Any, Callable, Iterator
 
 import pyarrow as pa
 
+from featstore.store.reader import FeatureStore
+from featstore.store.schema import StoreError
 from featstore.training.engine import Engine, RunState, describe_error
 from featstore.training.run_folder import CONFIG_NAME, HISTORY_NAME, METRICS_NAME
 from heads import data as head_data
 from heads.grid import Grid, GridError, GridRun, load_grid
 from heads.results import results_table, write_results
-from heads.trainer import HeadTrainable, PreparedRun, TrainConfig, finish, prepare, run_hooks, write_config
+from heads.switches import recorded_switches, resolve_switches
+from heads.trainer import (
+    HeadTrainable,
+    PreparedRun,
+    TrainConfig,
+    finish,
+    prepare,
+    run_hooks,
+    run_store,
+    write_config,
+)
 
 __all__ = ["GridResults", "run_grid", "ablate"]
 
@@ -72,17 +84,33 @@ def _comparable(config: dict[str, Any]) -> dict[str, Any]:
     return values
 
 
-def _recorded_mismatch(out: Path, config: TrainConfig, store: str | os.PathLike) -> str | None:
-    """Why the run directory ``out`` holds a different run than ``config`` on ``store``, or None."""
+def _effective_switches(config: TrainConfig, manifest: dict[str, Any] | None) -> dict[str, Any]:
+    """The switches ``config``'s run trains with on a store of ``manifest`` (as config.json records them)."""
+    if manifest is None:
+        return dict(config.switches)
+    try:
+        return resolve_switches(config.model, config.switches, manifest).values
+    except (KeyError, TypeError):  # an unknown head or switch: that run fails when it starts
+        return dict(config.switches)
+
+
+def _recorded_mismatch(out: Path, config: TrainConfig, store: str | os.PathLike,
+                       manifest: dict[str, Any] | None = None) -> str | None:
+    """Why the run directory ``out`` holds a different run than ``config`` on ``store``, or None.
+
+    Switches compare by their effective values (config.json records every one; the grid names some).
+    """
     path = out / CONFIG_NAME
     if not path.is_file():
         return None
     try:
         raw = json.loads(path.read_text())
-        recorded = {**_comparable(raw), "store": raw.get("store")}
+        recorded = {**_comparable(raw), "switches": recorded_switches(raw),
+                    "store": str(run_store(out, raw).resolve()) if raw.get("store") else None}
     except (ValueError, TypeError) as err:
         return f"{path} is unreadable ({err})"
-    wanted = {**_comparable(config.to_json()), "store": str(Path(store).resolve())}
+    wanted = {**_comparable(config.to_json()), "switches": _effective_switches(config, manifest),
+              "store": str(Path(store).resolve())}
     # config.json records the dataset the trainer resolved from the store when the config left it None.
     derived = {"dataset"} if wanted.get("dataset") is None else set()
     differ = sorted(k for k in wanted if k not in derived and recorded.get(k) != wanted[k])
@@ -184,9 +212,13 @@ def _runs_to_train(store: str | os.PathLike, grid: Grid, out: Path, *, failed: d
     """The runs to train and the names of the finished ones; a run whose folder holds another run is failed."""
     skipped: list[str] = []
     todo: list[GridRun] = []
+    try:
+        manifest = FeatureStore.open(store).manifest
+    except (OSError, StoreError):  # each run then fails with the store's own message
+        manifest = None
     for run in grid.runs:
         run_dir = out / run.name
-        mismatch = _recorded_mismatch(run_dir, run.config, store)
+        mismatch = _recorded_mismatch(run_dir, run.config, store, manifest)
         if mismatch is not None:
             failed[run.name] = f"GridError: {mismatch}"
             log(f"{run.name}: {mismatch}")

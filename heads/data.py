@@ -7,7 +7,15 @@ heads that need the local-alignment features ``verb_local``, the store's ``verb.
 it, else ``verb.map`` (or ``verb.map_tmean``) RoI-pooled at the ``det.local`` boxes by the same
 function that made ``verb.local`` (``featstore.store.local_pool``). A stored ``verb.local`` pooled
 otherwise than the run asks (``pool``) is not used silently: the map is pooled instead when the
-store has one, and the run is refused when it has not (``plan_local``).
+store has one, and the run is refused when it has not (``plan_local``). A field that is not one of
+the store's canonical fields (an imported set's ``rulstm.rgb``, ``actionformer.slowfast``) is read as
+it is, under its own name as the batch key (``named_fields``), for heads that name their fields.
+
+Temporal views (docs/views.md): with ``views=True`` the features hold every stored view of each
+segment, segment-major (``ViewIndex``: segment i's views are rows ``first[i] .. first[i] + count[i] - 1``),
+and a batch is a gather of the rows the trainer drew (``ViewIndex.rows``): a view is read by its
+index, never copied into a per-epoch array. Without, a segment is its view 0, one row each, as a
+store without views.
 
 When the selection does not fit the memory budget, ``StreamingFeatures`` reads each batch from
 LMDB instead (same batches, same order), by reader threads running several batches ahead of the
@@ -41,6 +49,7 @@ from featstore.store.local_pool import (
 )
 from featstore.store.reader import FeatureStore
 from featstore.store.schema import (
+    CANONICAL_FIELDS,
     DET_GLOBAL_FEAT,
     DET_GLOBAL_SCORE,
     DET_LOCAL_FEAT,
@@ -48,6 +57,7 @@ from featstore.store.schema import (
     NOUN_GLOBAL,
     STATUS_OK,
     VERB_GLOBAL,
+    view_key,
 )
 
 # Store field -> batch key the heads read.
@@ -81,6 +91,43 @@ class SegmentLabels:
         return bool((self.verb >= 0).all() and (self.noun >= 0).all())
 
 
+@dataclass(frozen=True)
+class ViewIndex:
+    """Where each segment's temporal views lie among a feature set's rows (segment-major).
+
+    Attributes:
+        first: (N,) int64, the row of each segment's view 0.
+        counts: (N,) int64, its number of views (all 1 without views).
+        keys: the store key of every row (``view_key(uid, view)``).
+    """
+
+    first: torch.Tensor
+    counts: torch.Tensor
+    keys: tuple[str, ...]
+
+    @classmethod
+    def of(cls, store: FeatureStore, uids: Sequence[str], *, views: bool) -> "ViewIndex":
+        """Every stored view of ``uids`` (``views=True``), or their view 0 only."""
+        counts = store.view_counts(uids) if views else [1] * len(uids)
+        keys = tuple(view_key(uid, view) for uid, count in zip(uids, counts) for view in range(count))
+        counts_t = torch.tensor(counts, dtype=torch.long)
+        first = torch.cumsum(counts_t, 0) - counts_t
+        return cls(first, counts_t, keys)
+
+    @property
+    def rows(self) -> int:
+        return len(self.keys)
+
+    def rows_of(self, segments: torch.Tensor, views: torch.Tensor | None = None) -> torch.Tensor:
+        """The rows of ``views`` (default: view 0) of ``segments`` (both (B,) int64)."""
+        first = self.first.index_select(0, segments)
+        return first if views is None else first + views
+
+    def per_row(self, values: torch.Tensor) -> torch.Tensor:
+        """A per-segment tensor (labels) repeated for each of its views' rows."""
+        return values if len(self.keys) == len(values) else values.repeat_interleave(self.counts, dim=0)
+
+
 def selection_labels(store: FeatureStore, where: str | None) -> SegmentLabels:
     """The stored (ok) segments matching ``where``, in uid order, with their labels."""
     table = store.segments(where, status=STATUS_OK)
@@ -99,6 +146,18 @@ def _needs(fields: Iterable[str]) -> set[str]:
     return needs
 
 
+def named_fields(fields: Iterable[str]) -> list[str]:
+    """The declared fields read as they are, under their own names as batch keys: every field that
+    is not a canonical one (imported sets' fields, e.g. ``rulstm.rgb``), for heads that name them."""
+    return sorted(f for f in set(fields) if f not in CANONICAL_FIELDS)
+
+
+def batch_key(field: str) -> str:
+    """The batch key of a store field a head reads as it is: ``verb_global`` for ``verb.global``, the
+    field's own name for a non-canonical one."""
+    return FIELD_KEYS.get(field, field)
+
+
 def batch_keys(fields: Iterable[str]) -> list[str]:
     """The batch keys a head gets for the store fields it declared."""
     fields = _needs(fields)
@@ -106,7 +165,7 @@ def batch_keys(fields: Iterable[str]) -> list[str]:
     keys += [DERIVED[f] for f in DERIVED if f in fields]
     if LOCAL_FIELD in fields:
         keys.append(LOCAL_KEY)
-    return keys
+    return keys + named_fields(fields)
 
 
 @dataclass(frozen=True)
@@ -176,6 +235,7 @@ def estimate_bytes(store: FeatureStore, fields: Iterable[str], n: int) -> int:
             total += 2 * math.prod(store.fields[field].shape)
         elif field in DERIVED:
             total += math.prod(store.fields[field].shape)
+    total += sum(2 * math.prod(store.fields[field].shape) for field in named_fields(fields))
     if LOCAL_FIELD in fields:
         total += _local_bytes(store)
     return total * n
@@ -183,7 +243,8 @@ def estimate_bytes(store: FeatureStore, fields: Iterable[str], n: int) -> int:
 
 def _stored_fields(needs: set[str], local: LocalPlan | None) -> list[str]:
     """The store fields a selection's batches are read from."""
-    return [f for f in (*FIELD_KEYS, *DERIVED) if f in needs] + list(local.fields if local is not None else ())
+    return ([f for f in (*FIELD_KEYS, *DERIVED) if f in needs] + named_fields(needs)
+            + list(local.fields if local is not None else ()))
 
 
 def _segment_tensors(store: FeatureStore, uids: Sequence[str], fields: set[str], *, pool: str,
@@ -197,7 +258,7 @@ def _segment_tensors(store: FeatureStore, uids: Sequence[str], fields: set[str],
             small shuffled batch); otherwise field after field (``read_field``: the preload, one
             long pass per field, with a map to pool read in chunks).
     """
-    base = [f for f in (*FIELD_KEYS, *DERIVED) if f in fields]
+    base = [f for f in (*FIELD_KEYS, *DERIVED) if f in fields] + named_fields(fields)
     pooled = local is not None and not local.stored
     if together:
         arrays = store.read_fields(uids, _stored_fields(fields, local))
@@ -205,9 +266,8 @@ def _segment_tensors(store: FeatureStore, uids: Sequence[str], fields: set[str],
         arrays = {f: store.read_field(uids, f) for f in base + ([LOCAL_FIELD] if local is not None and local.stored
                                                                else [])}
     out: dict[str, torch.Tensor] = {}
-    for field, key in FIELD_KEYS.items():
-        if field in fields:
-            out[key] = torch.from_numpy(arrays[field].astype(np.float16, copy=False))
+    for field in [*(f for f in FIELD_KEYS if f in fields), *named_fields(fields)]:
+        out[batch_key(field)] = torch.from_numpy(arrays[field].astype(np.float16, copy=False))
     for field, key in DERIVED.items():
         if field in fields:
             # Padded slots carry score 0 (DESIGN section 3): that is the mask.
@@ -241,29 +301,32 @@ class PreloadedFeatures:
     mode = "preload"
 
     def __init__(self, store: FeatureStore, labels: SegmentLabels, fields: Iterable[str], *,
-                 device: torch.device | str = "cpu", pool: str = "avg", output_size: int = 7):
+                 device: torch.device | str = "cpu", pool: str = "avg", output_size: int = 7, views: bool = False):
         self.labels = labels
         self.device = torch.device(device)
         if self.device.type == "cpu":
             keep_freed_memory()  # every batch is a fresh CPU allocation: see featstore/io/allocator.py
         needs = _needs(fields)
         self.local = plan_local(store, pool=pool, output_size=output_size) if LOCAL_FIELD in needs else None
+        self.views = ViewIndex.of(store, labels.uids, views=views)
         read = _stored_fields(needs, self.local)
         # Reading most of the store's bytes: with readahead, a cold page cache reads at disk speed
         # (reading a small part, e.g. verb.local of a store that keeps the full map, it would read
         # the map too).
-        with store.read_ahead(store.share_of_files(len(labels.uids), read) >= READ_AHEAD_SHARE):
-            cpu = _segment_tensors(store, list(labels.uids), needs, pool=pool, output_size=output_size,
+        with store.read_ahead(store.share_of_files(self.views.rows, read) >= READ_AHEAD_SHARE):
+            cpu = _segment_tensors(store, list(self.views.keys), needs, pool=pool, output_size=output_size,
                                    local=self.local)
         self.tensors = {k: v.to(self.device) for k, v in cpu.items()}
-        self.verb = labels.verb.to(self.device)
-        self.noun = labels.noun.to(self.device)
+        self.verb = self.views.per_row(labels.verb).to(self.device)
+        self.noun = self.views.per_row(labels.noun).to(self.device)
 
     def __len__(self) -> int:
+        """Segments (not rows: with views a segment has several)."""
         return len(self.labels.uids)
 
     def batch(self, index: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
-        """Gather rows ``index`` (on any device); features come back float32."""
+        """Gather rows ``index`` (on any device; rows of ``self.views``: a segment's number without views);
+        features come back float32."""
         index = index.to(self.device)
         # index_select, not v[index]: advanced indexing goes through a generic gather kernel that is
         # several times slower on CPU for these wide rows (benchmarks/README.md, train_data_path).
@@ -318,13 +381,16 @@ class StreamingFeatures:
     READ_AHEAD = 2  # batches in flight per reader thread
 
     def __init__(self, store: FeatureStore, labels: SegmentLabels, fields: Iterable[str], *,
-                 device: torch.device | str = "cpu", pool: str = "avg", output_size: int = 7, workers: int = 4):
+                 device: torch.device | str = "cpu", pool: str = "avg", output_size: int = 7, workers: int = 4,
+                 views: bool = False):
         self.labels = labels
         self.device = torch.device(device)
         needs = _needs(fields)
         self.local = plan_local(store, pool=pool, output_size=output_size) if LOCAL_FIELD in needs else None
         store.load_index()  # once, here, rather than raced for by the first reads of every thread
-        self.reader = _BatchReader(store, labels.uids, needs, pool, output_size, self.local)
+        self.views = ViewIndex.of(store, labels.uids, views=views)
+        self.verb, self.noun = self.views.per_row(labels.verb), self.views.per_row(labels.noun)
+        self.reader = _BatchReader(store, self.views.keys, needs, pool, output_size, self.local)
         self.workers = workers
 
     def __len__(self) -> int:
@@ -360,26 +426,32 @@ class StreamingFeatures:
             index = torch.tensor(rows, dtype=torch.long)
             batch = {k: (v.to(self.device).float() if v.dtype == torch.float16 else v.to(self.device))
                      for k, v in tensors.items()}
-            yield batch, self.labels.verb[index].to(self.device), self.labels.noun[index].to(self.device)
+            yield batch, self.verb[index].to(self.device), self.noun[index].to(self.device)
 
 
 def load_features(store: FeatureStore, labels: SegmentLabels, fields: Iterable[str], *,
                   device: torch.device | str = "cpu", memory_budget: int | None = None, pool: str = "avg",
-                  output_size: int = 7, workers: int = 4, log=None):
+                  output_size: int = 7, workers: int = 4, log=None, views: bool = False):
     """Preload when the selection fits ``memory_budget`` bytes (None: always), else stream.
 
+    Args:
+        views: hold every stored temporal view of each segment (training with ``--views random``);
+            otherwise each segment's view 0.
     Returns:
         ``PreloadedFeatures`` or ``StreamingFeatures``; ``.mode`` says which.
     """
     fields = list(fields)
-    need = estimate_bytes(store, fields, len(labels.uids))
+    rows = sum(store.view_counts(labels.uids)) if views else len(labels.uids)
+    need = estimate_bytes(store, fields, rows)
     if memory_budget is not None and need > memory_budget:
         features = StreamingFeatures(store, labels, fields, device=device, pool=pool, output_size=output_size,
-                                     workers=workers)
+                                     workers=workers, views=views)
     else:
-        features = PreloadedFeatures(store, labels, fields, device=device, pool=pool, output_size=output_size)
+        features = PreloadedFeatures(store, labels, fields, device=device, pool=pool, output_size=output_size,
+                                     views=views)
     if log is not None:
-        log(f"data: {features.mode} mode for {len(labels.uids)} segments "
+        held = f" ({rows} views)" if rows != len(labels.uids) else ""
+        log(f"data: {features.mode} mode for {len(labels.uids)} segments{held} "
             f"({need / 2**20:.1f} MiB of features{'' if memory_budget is None else f', budget {memory_budget / 2**20:.0f} MiB'})")
         if features.local is not None:
             log(f"data: {features.local.note}")

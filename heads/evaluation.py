@@ -2,7 +2,14 @@
 
 ``scoring_context`` is the one place that assembles what scoring needs besides the predictions and
 their labels (the dataset's class counts, the class lists, the LFB action prior and the training
-pairs). `heads score` calls it directly; `heads train` (each epoch), `heads eval` and `heads fuse`
+pairs).
+
+Many-shot actions have one definition for every command, whatever the prior: the official list
+(``EPIC_many_shot_actions.csv``; counted lists where a folder lacks it) intersected with the
+(verb, noun) pairs of the training split in use whenever that split is known (a run's training
+selection; `heads score` / `heads fuse` with ``--train`` / ``--train-where``, or a run directory as
+input). The prior may be counted elsewhere (``--action-prior-from``) without changing that list.
+``ScoringContext.records`` says which list was used (``many_shot_actions`` in metrics.json). `heads score` calls it directly; `heads train` (each epoch), `heads eval` and `heads fuse`
 through ``heads.trainer.run_scoring``, which adds a run's store and settings. `heads submit` scores
 nothing: it only takes its prior's training labels from ``labels_from_file``, which reads them
 from an annotation file and leaves out the segments being scored (a segment never informs its own
@@ -158,7 +165,8 @@ def prior_note(record: dict[str, Any]) -> str:
             f"{record['excluded_scored_segments']} scored segment(s) left out (a segment never informs its own prior)")
 
 
-def labels_from_file(path: str | os.PathLike, *, scored: Collection[str] = ()) -> TrainingLabels:
+def labels_from_file(path: str | os.PathLike, *, scored: Collection[str] = (), where: str | None = None,
+                     purpose: str = "the action prior") -> TrainingLabels:
     """Training labels from an annotation file, without the rows of segments being scored.
 
     Scored segments must never inform their own prior: scoring EPIC-55's validation participants
@@ -167,14 +175,26 @@ def labels_from_file(path: str | os.PathLike, *, scored: Collection[str] = ()) -
     Args:
         path: an annotation file (``featstore.epic.annotations.read_segments`` formats).
         scored: uids of the segments being scored; their rows are left out.
+        where: a DuckDB ``WHERE`` over the file's segment columns selecting the training split
+            (``featstore.epic.splits.resolve_selection``), or None for every row.
+        purpose: what the labels are for, in messages.
     Returns:
-        The remaining labels, with how many rows were left out.
+        The remaining labels, with how many rows were left out; ``source`` names the file (and the
+        selection).
     Raises:
-        ScoringError: a remaining row has no label (a test file), or no row remains.
+        ScoringError: a remaining row has no label (a test file), no row remains, or a bad ``where``.
     """
     from featstore.epic.annotations import read_segments
+    from featstore.epic.splits import select_segments
 
     table = read_segments(path)
+    if where is not None:
+        try:
+            table = select_segments(table, where)
+        except ValueError as err:
+            raise ScoringError(f"{path}: {err}") from err
+        if table.num_rows == 0:
+            raise ScoringError(f"{path}: the training split ({where}) selects no segment")
     uids = table.column("uid").to_pylist()
     scored = set(scored)
     keep = np.array([u not in scored for u in uids], dtype=bool)
@@ -182,14 +202,15 @@ def labels_from_file(path: str | os.PathLike, *, scored: Collection[str] = ()) -
     verbs = np.asarray(table.column("verb_class").to_numpy(zero_copy_only=False), dtype=float)[keep]
     nouns = np.asarray(table.column("noun_class").to_numpy(zero_copy_only=False), dtype=float)[keep]
     if np.isnan(verbs).any() or np.isnan(nouns).any():
-        raise ScoringError(f"{path} has segments without verb/noun labels (a test file?); the action prior "
+        raise ScoringError(f"{path} has segments without verb/noun labels (a test file?); {purpose} "
                            "needs training labels")
     if not keep.any():
         raise ScoringError(
-            f"{path}: every one of its {len(uids)} segments is being scored, so none is left to count the "
-            "action prior on (scored segments never inform their own prior); give the training annotations "
+            f"{path}: every one of its {len(uids)} segments is being scored, so none is left to count "
+            f"{purpose} on (scored segments never inform their own prior); give the training annotations "
             "of other segments, or no action prior")
-    return TrainingLabels(verbs.astype(np.int64), nouns.astype(np.int64), str(Path(path).resolve()), excluded)
+    source = str(Path(path).resolve()) + ("" if where is None else f" where {where}")
+    return TrainingLabels(verbs.astype(np.int64), nouns.astype(np.int64), source, excluded)
 
 
 @dataclass(frozen=True)
@@ -202,8 +223,9 @@ class ScoringContext:
         num_nouns: Nn.
         class_sets: ``EpicMeta`` (official lists) or ``ClassSets`` (counted).
         prior: (V, Nn) action prior, or None.
-        train_pairs: (verb, noun) pairs of the training labels, or None when there are none.
-        training: the labels the prior (and any counted class lists) came from, or None.
+        train_pairs: (verb, noun) pairs of the training split in use, or None when it is not known.
+        training: the training split's labels (the pairs, and any counted class lists), or None.
+        prior_labels: the labels the prior was counted on when not the training split's, or None.
     """
 
     dataset: str
@@ -213,6 +235,32 @@ class ScoringContext:
     prior: np.ndarray | None = None
     train_pairs: frozenset[tuple[int, int]] | None = None
     training: TrainingLabels | None = None
+    prior_labels: TrainingLabels | None = None
+
+    def many_shot_actions(self) -> frozenset[tuple[int, int]]:
+        """The many-shot actions scoring uses: the class list's, restricted to the training pairs when known."""
+        listed = frozenset(getattr(self.class_sets, "many_shot_actions", frozenset()))
+        return listed if self.train_pairs is None else listed & self.train_pairs
+
+    def records(self) -> dict[str, Any]:
+        """What metrics.json records about this scoring besides the numbers.
+
+        Returns:
+            For EPIC-55, ``many_shot_actions``: ``size`` (actions in the list used), ``listed`` (in the
+            class list before the restriction), ``source`` (the list's), ``restricted_to`` (the
+            training split whose pairs it was intersected with, or None when unknown). Empty for
+            EPIC-100 (no many-shot metrics).
+        """
+        if self.dataset != "epic55":
+            return {}
+        source = getattr(self.class_sets, "source", None)
+        if source is None:  # an EpicMeta: the official lists
+            source = "official EPIC_many_shot_actions.csv"
+        listed = frozenset(getattr(self.class_sets, "many_shot_actions", frozenset()))
+        return {"many_shot_actions": {
+            "size": len(self.many_shot_actions()), "listed": len(listed), "source": source,
+            "restricted_to": None if self.train_pairs is None or self.training is None else
+            f"the {len(self.train_pairs)} (verb, noun) pairs of {self.training.source}"}}
 
     def score(self, verb_logits: np.ndarray, noun_logits: np.ndarray, verb_labels: np.ndarray,
               noun_labels: np.ndarray, participants: Iterable[str] | None = None) -> dict[str, float]:
@@ -232,26 +280,32 @@ def scoring_context(
     num_nouns: int | None = None,
     scored_verbs: np.ndarray | None = None,
     scored_nouns: np.ndarray | None = None,
+    prior_labels: TrainingLabels | None = None,
 ) -> ScoringContext:
     """Assemble the class lists, the action prior and the training pairs of a scoring.
 
     Rules, the same for every command:
 
     - class lists: the official ones in ``meta_dir`` when it has them; else many-shot classes counted
-      on ``training``; else (no training labels) counted on the scored labels;
+      on ``training``; else (no training split) counted on the scored labels;
+    - many-shot actions: the list's, restricted to the pairs of ``training`` when given (never to
+      the prior's labels: the definition does not depend on where the prior was counted);
     - class counts: ``num_verbs`` / ``num_nouns`` when given (the predictions' widths), else the
       official lists', else the dataset's (``NUM_CLASSES``);
-    - prior: ``action_prior`` (``lfb`` or ``none``) counted on ``training``; no training labels, no prior.
+    - prior: ``action_prior`` (``lfb`` or ``none``) counted on ``training``; ``prior_labels``, when
+      given, are counted instead (with ``lfb``); no labels, no prior.
 
     Args:
         dataset: ``epic55`` or ``epic100``.
         meta_dir: folder of the class / many-shot / tail / unseen lists, or None.
-        training: the training labels (``labels_from_file`` or a training selection), or None.
+        training: the training split in use (a run's training selection, or ``labels_from_file``
+            with its selection), or None when it is not known.
         action_prior: ``lfb`` or ``none``.
         num_verbs: V of the predictions, if known.
         num_nouns: Nn of the predictions, if known.
         scored_verbs: (N,) labels being scored, for counted class lists without training labels.
         scored_nouns: (N,).
+        prior_labels: labels to count the prior on instead of ``training`` (``--action-prior-from``).
     Returns:
         The context.
     """
@@ -268,12 +322,16 @@ def scoring_context(
     else:
         class_sets = many_shot_from_training(np.asarray(scored_verbs if scored_verbs is not None else []),
                                              np.asarray(scored_nouns if scored_nouns is not None else []), dataset)
-    if training is None:
+    train_pairs = None if training is None else training.pairs
+    counted_on = prior_labels if prior_labels is not None else training
+    if prior_labels is not None:
+        action_prior = "lfb"
+    if counted_on is None:
         if action_prior not in ("lfb", "none"):
             raise ScoringError(f"unknown action prior {action_prior!r}; use 'lfb' or 'none'")
-        return ScoringContext(dataset, num_verbs, num_nouns, class_sets)
+        return ScoringContext(dataset, num_verbs, num_nouns, class_sets, None, train_pairs, training)
     try:
-        prior = action_prior_for(action_prior, training.verbs, training.nouns, num_verbs, num_nouns)
+        prior = action_prior_for(action_prior, counted_on.verbs, counted_on.nouns, num_verbs, num_nouns)
     except ValueError as err:
-        raise ScoringError(f"action prior from {training.source}: {err}") from err
-    return ScoringContext(dataset, num_verbs, num_nouns, class_sets, prior, training.pairs, training)
+        raise ScoringError(f"action prior from {counted_on.source}: {err}") from err
+    return ScoringContext(dataset, num_verbs, num_nouns, class_sets, prior, train_pairs, training, prior_labels)

@@ -21,6 +21,10 @@ came from) and, where labels exist, ``metrics.json`` with the keys a run's has. 
 ``annotations`` when given (scored like ``heads score``), else from the first input that is a run
 directory: its store, dataset, class lists and action prior (counted on its training selection), so
 the metrics of a run fused with itself equal the run's own. A fused folder can itself be an input.
+
+Many-shot actions are restricted to the pairs of the training split whenever it is known: the one
+``train_split`` / ``train_where`` select from ``annotations``, else the first input run's training
+selection; the prior option never changes them (``heads.evaluation``).
 """
 from __future__ import annotations
 
@@ -178,11 +182,11 @@ def score_like_run(predictions: Predictions, run_dir: str | os.PathLike, *,
         some predicted segment is not in the run's store or has no label there (a test set).
     """
     from featstore.store.reader import FeatureStore
-    from heads.trainer import TrainConfig, run_scoring
+    from heads.trainer import TrainConfig, run_scoring, run_store
 
     recorded = json.loads((Path(run_dir) / "config.json").read_text())
     config = TrainConfig.from_json(recorded)
-    store = FeatureStore.open(recorded["store"])
+    store = FeatureStore.open(run_store(run_dir, recorded))
     labels = head_data.selection_labels(store, None)
     rows = {uid: i for i, uid in enumerate(labels.uids)}
     if any(u not in rows for u in predictions.uids):
@@ -200,6 +204,7 @@ def score_like_run(predictions: Predictions, run_dir: str | os.PathLike, *,
         raise FusionError(f"{run_dir}: {err}") from err
     metrics: dict[str, Any] = context.score(predictions.verb_logits, predictions.noun_logits, verbs, nouns,
                                             participants=participants)
+    metrics.update(context.records())
     if training is not None:
         metrics["action_prior"] = training.record()
     return metrics
@@ -215,6 +220,8 @@ def fuse(
     dataset: str | None = None,
     meta_dir: str | os.PathLike | None = None,
     action_prior_from: str | os.PathLike | None = None,
+    train_split: str | None = None,
+    train_where: str | None = None,
     log: Callable[[str], None] = head_data.default_log,
 ) -> FusionResult:
     """``heads fuse`` as a Python call: fuse run directories or predictions files into ``out``.
@@ -228,6 +235,9 @@ def fuse(
         dataset: epic55 | epic100 for ``annotations`` (default: from the file).
         meta_dir: class / many-shot / tail lists for ``annotations`` (default: its folder).
         action_prior_from: training annotations to count the LFB action prior on.
+        train_split: the named training split of ``annotations`` the inputs were trained on (its pairs
+            restrict the many-shot actions); default: the first input run's training selection.
+        train_where: a DuckDB WHERE over the annotation columns selecting that split.
         log: one-line messages.
     Returns:
         The fused predictions and metrics (None without labels).
@@ -246,13 +256,17 @@ def fuse(
     metrics: dict[str, Any] | None = None
     source: dict[str, Any] | None = None
     if annotations is not None:
-        from heads.scoring import score_file
+        from heads.scoring import run_training_split, score_file
 
         source = {"kind": "annotations", "path": str(Path(annotations).resolve()), "dataset": dataset,
                   "meta_dir": None if meta_dir is None else str(Path(meta_dir).resolve()),
-                  "action_prior_from": None if action_prior_from is None else str(Path(action_prior_from).resolve())}
+                  "action_prior_from": None if action_prior_from is None else str(Path(action_prior_from).resolve()),
+                  "train_split": train_split, "train_where": train_where}
+        runs = [s["path"] for s in (_label_source(p) for p in paths) if s is not None and s["kind"] == "run"]
+        training = run_training_split(runs[0]) if runs and train_split is None and train_where is None else None
         metrics = score_file(fused, annotations, dataset=dataset, meta_dir=meta_dir,
-                             action_prior_from=action_prior_from)
+                             action_prior_from=action_prior_from, train_split=train_split, train_where=train_where,
+                             training=training)
     else:
         source = next((s for s in (_label_source(p) for p in paths) if s is not None), None)
         if source is not None and source["kind"] == "run":
@@ -261,7 +275,9 @@ def fuse(
             from heads.scoring import score_file
 
             metrics = score_file(fused, source["path"], dataset=source.get("dataset"), meta_dir=source.get("meta_dir"),
-                                 action_prior_from=action_prior_from or source.get("action_prior_from"))
+                                 action_prior_from=action_prior_from or source.get("action_prior_from"),
+                                 train_split=train_split or source.get("train_split"),
+                                 train_where=train_where or source.get("train_where"))
     metrics_path = out / "metrics.json"
     if metrics is not None and "action_prior" in metrics:
         log(prior_note(metrics["action_prior"]))

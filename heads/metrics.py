@@ -25,7 +25,7 @@ these functions return NaN.
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, Protocol
+from typing import Any, Iterable, Protocol, Sequence
 
 import numpy as np
 
@@ -38,6 +38,11 @@ __all__ = [
     "class_precision_recall",
     "epic55_metrics",
     "epic100_metrics",
+    "chance_top1",
+    "confusion_matrix",
+    "per_class_accuracy",
+    "mean_class_accuracy",
+    "group_top1",
 ]
 
 
@@ -268,4 +273,100 @@ def epic100_metrics(
     out["unseen_verb_top1"] = _percent(verb_hits[unseen_mask, 0])
     out["unseen_noun_top1"] = _percent(noun_hits[unseen_mask, 0])
     out["unseen_action_top1"] = _percent(action_hits[unseen_mask, 0])
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# what a paper reports besides Table 1, and the floor a run must beat
+
+
+def chance_top1(train_labels: np.ndarray, eval_labels: np.ndarray) -> float:
+    """Top-1 (%) a classifier reaches without looking at its input: the better of always answering the
+    training labels' most frequent class and a uniform guess among the training classes.
+
+    A run at or below it has learnt nothing (a head over empty detections, a diverged stage 1).
+
+    Args:
+        train_labels: `(M,)` training classes.
+        eval_labels: `(N,)` classes of the evaluated segments.
+    Returns:
+        Percent; NaN when either is empty.
+    """
+    train_labels = np.asarray(train_labels, dtype=np.int64).reshape(-1)
+    eval_labels = np.asarray(eval_labels, dtype=np.int64).reshape(-1)
+    if not train_labels.size or not eval_labels.size:
+        return float("nan")
+    classes, counts = np.unique(train_labels, return_counts=True)
+    majority = classes[np.flatnonzero(counts == counts.max())]  # every class tied for most frequent
+    best_constant = max(_percent(eval_labels == c) for c in majority)
+    return max(best_constant, 100.0 / len(classes))
+
+
+def confusion_matrix(predicted: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """`(K, K)` int64 counts: row = true class, column = top-1 predicted class.
+
+    Args:
+        predicted: `(N,)` predicted classes in ``[0, K)``.
+        labels: `(N,)` true classes in ``[0, K)``.
+        num_classes: K.
+    """
+    predicted = np.asarray(predicted, dtype=np.int64).reshape(-1)
+    labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+    if predicted.shape != labels.shape:
+        raise ValueError(f"predicted {predicted.shape} and labels {labels.shape} differ in length")
+    flat = np.bincount(labels * num_classes + predicted, minlength=num_classes * num_classes)
+    return flat.reshape(num_classes, num_classes)
+
+
+def per_class_accuracy(scores: np.ndarray, labels: np.ndarray, ks: Iterable[int] = (1, 5)) -> dict[int, tuple[int, ...]]:
+    """Per true class: its segment count and its top-k hits (the numerators of per-class recall@k).
+
+    Args:
+        scores: `(N, K)` class scores.
+        labels: `(N,)` true classes.
+        ks: the k values.
+    Returns:
+        class -> ``(n, hits@k1, hits@k2, ...)`` for each class present in ``labels``, in class order.
+    """
+    labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+    ks = tuple(int(k) for k in ks)
+    ranks = rank_classes(np.asarray(scores))[:, : max(ks)]  # (N, maxk)
+    hits = ranks == labels[:, None]
+    out: dict[int, tuple[int, ...]] = {}
+    for cls in np.unique(labels).tolist():
+        rows = labels == cls
+        out[int(cls)] = (int(rows.sum()), *(int(hits[rows, :k].any(axis=1).sum()) for k in ks))
+    return out
+
+
+def mean_class_accuracy(scores: np.ndarray, labels: np.ndarray, k: int = 1) -> float:
+    """Mean over the classes present in ``labels`` of each class's top-k accuracy (%): every class
+    counts once however many segments it has (EPIC-100's anticipation reports its top-5 form).
+
+    Returns:
+        Percent; NaN for an empty input.
+    """
+    counts = per_class_accuracy(scores, labels, (k,))
+    if not counts:
+        return float("nan")
+    return float(np.mean([hits / n for n, hits in counts.values()]) * 100.0)
+
+
+def group_top1(predicted: np.ndarray, labels: np.ndarray, groups: Sequence[Any]) -> dict[Any, tuple[int, float]]:
+    """Top-1 accuracy per group (a participant, a video): ``group -> (segments, percent)``, groups sorted.
+
+    Args:
+        predicted: `(N,)` top-1 predictions (class ids, or action ids).
+        labels: `(N,)` true ids.
+        groups: `(N,)` the group of each segment.
+    """
+    predicted = np.asarray(predicted).reshape(-1)
+    labels = np.asarray(labels).reshape(-1)
+    groups = np.asarray(list(groups), dtype=object)
+    if not (len(predicted) == len(labels) == len(groups)):
+        raise ValueError(f"{len(predicted)} predictions, {len(labels)} labels and {len(groups)} groups")
+    out = {}
+    for group in sorted(set(groups.tolist()), key=str):
+        rows = groups == group
+        out[group] = (int(rows.sum()), _percent(predicted[rows] == labels[rows]))
     return out

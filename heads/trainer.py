@@ -11,7 +11,20 @@ line, progress), the same for `heads train` and for the runs `heads ablate` trai
 
 Run directory (DESIGN section 6; names from `featstore.training.run_folder`): ``config.json``,
 ``metrics.json``, ``predictions.parquet`` (with a validation selection), ``history.json``,
-``checkpoints/last.pt``, ``curves.png``.
+``history.csv``, ``checkpoint.pt`` (the weights, written when the run finishes; half precision on
+request), ``checkpoints/last.pt`` (the resume state, deleted when the run finishes unless kept),
+``curves.png``.
+
+config.json records the store relative to the run when both lie in one project folder
+(`featstore.training.run_folder.record_path`), so a project moved whole still evaluates; `run_store`
+reads it back (an absolute path as before, ``--store`` overriding). metrics.json's ``warnings`` list
+what looks wrong about the finished run (`run_warnings`: a head at chance, a store without detections);
+the run also prints them.
+
+config.json records every head switch with its effective value and where it came from
+(``switch_sources``: the user, the store, the head's default; ``heads.switches``). metrics.json
+holds, besides the metrics, ``normalize`` (the I3D scheme's value and why) for heads that have the
+switch, and ``many_shot_actions`` (EPIC-55: the list the class-aware action metrics used).
 """
 from __future__ import annotations
 
@@ -26,36 +39,55 @@ import numpy as np
 import torch
 
 from featstore.epic.splits import resolve_selection
-from featstore.io.atomic import atomic_write_json
+from featstore.io.atomic import atomic_write_json, atomic_write_torch
 from featstore.store.reader import FeatureStore
-from featstore.store.schema import DET_GLOBAL_FEAT, DET_LOCAL_FEAT, NOUN_GLOBAL, VERB_GLOBAL
+from featstore.store.health import coverage_warning, detection_coverage
+from featstore.store.schema import (
+    BOX_PARTS,
+    BOX_SETS,
+    DET_GLOBAL_FEAT,
+    DET_LOCAL_FEAT,
+    NOUN_GLOBAL,
+    VERB_GLOBAL,
+    det_field,
+)
 from featstore.training.engine import Hook, TrainingError, train_one
 from featstore.training.hooks import (
     Checkpointer,
     EpochCallback,
     EpochLog,
+    HistoryCSV,
     HistoryFile,
     LearningRate,
     LossCheck,
     ProgressBar,
+    TensorBoard,
     Validation,
+    require_tensorboard,
 )
 from featstore.training.run_folder import (
+    CHECKPOINT_NAME,
     CONFIG_NAME,
     CURVES_NAME,
+    HISTORY_CSV_NAME,
     HISTORY_NAME,
     METRICS_NAME,
     PREDICTIONS_NAME,
     RESUME_STATE_NAME,
     RunFolder,
+    record_path,
     remove_run_temporaries,
+    resolve_recorded_path,
 )
 from featstore.training.world import World
 from heads import data as head_data
 from heads.evaluation import NUM_CLASSES, ScoringContext, TrainingLabels, scoring_context
 from heads.metric_registry import epoch_line
+from heads.metrics import chance_top1
 from heads.models import FeatureDims, build_head, check_fields, get_head, head_loss
 from heads.predictions import Predictions, write_predictions
+from heads.switches import ResolvedSwitches, recorded_switches, resolve_switches
+from heads.views import TrainingViews, resolve_view_mode
 
 __all__ = [
     "TrainingError",
@@ -66,6 +98,8 @@ __all__ = [
     "default_meta_dir",
     "PreparedRun",
     "training_labels",
+    "run_training_labels",
+    "run_store",
     "run_scoring",
     "prepare",
     "predict",
@@ -75,9 +109,14 @@ __all__ = [
     "run_hooks",
     "train",
     "write_config",
+    "uses_detections",
+    "run_warnings",
+    "write_weights",
     "finish",
     "load_run",
     "predict_selection",
+    "RunEvaluation",
+    "run_evaluation",
     "evaluate_run",
 ]
 
@@ -105,6 +144,9 @@ class TrainConfig:
     meta_dir: str | None = None  # class / many-shot / tail lists; the annotation file's folder when None
     memory_budget_gb: float | None = None  # above it, stream from LMDB; None: half the device's free memory
     pool: str = "avg"  # local alignment pooling after RoIAlign (ours: avg; SlowFast/LFB: max)
+    # Temporal views (docs/views.md): 'random' reads one view of each training segment per epoch,
+    # 'first' view 0 only; None: 'random' on a store with views. Evaluation always reads view 0.
+    views: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -136,6 +178,7 @@ def feature_dims(store: FeatureStore) -> FeatureDims:
         verb_dim=dim(VERB_GLOBAL, 0), noun_dim=dim(NOUN_GLOBAL, 0),
         det_dim=dim(DET_GLOBAL_FEAT, -1, dim(DET_LOCAL_FEAT, -1)),
         n_global=dim(DET_GLOBAL_FEAT, 0, 60), n_local=dim(DET_LOCAL_FEAT, 0, 40),
+        field_shapes=tuple((name, spec.shape) for name, spec in sorted(fields.items())),
     )
 
 
@@ -166,6 +209,7 @@ class PreparedRun:
         train: the training features (``PreloadedFeatures`` or ``StreamingFeatures``).
         val: the validation features, or None.
         scoring: dataset, class counts and lists, prior and training pairs (``scoring_context``).
+        switches: every switch's effective value and source (``config.switches`` holds the values).
     """
 
     config: TrainConfig
@@ -175,6 +219,8 @@ class PreparedRun:
     train: Any  # PreloadedFeatures | StreamingFeatures
     val: Any | None
     scoring: ScoringContext
+    switches: ResolvedSwitches | None = None
+    views: TrainingViews | None = None  # the training segments' view draws (heads.views)
 
     @property
     def dataset(self) -> str:
@@ -204,15 +250,58 @@ def training_labels(store: FeatureStore, config: TrainConfig) -> head_data.Segme
     return labels
 
 
+def _split_labels(store: FeatureStore, config: TrainConfig, labels: head_data.SegmentLabels) -> TrainingLabels:
+    where = resolve_selection(config.train_split, config.train_where)
+    return TrainingLabels(labels.verb.numpy(), labels.noun.numpy(),
+                          f"the training selection ({where or 'all segments'}) of {store.path}")
+
+
+def run_store(run_dir: str | os.PathLike, recorded: Mapping[str, Any] | None = None, *,
+              store: str | os.PathLike | None = None) -> Path:
+    """The store a recorded run trained on, where it is now.
+
+    Args:
+        run_dir: the run folder.
+        recorded: its config.json (read when None).
+        store: an override (``--store``): the store moved on its own, or a copy of it.
+    Returns:
+        ``store`` when given; else the recorded path, taken from the run folder when relative (a
+        project moved whole), else as recorded (runs recorded before relative paths: absolute).
+    """
+    if store is not None:
+        return Path(store)
+    if recorded is None:
+        recorded = json.loads((Path(run_dir) / CONFIG_NAME).read_text())
+    return resolve_recorded_path(recorded["store"], run_dir, fallback=recorded.get("store_resolved"))
+
+
+def run_training_labels(run_dir: str | os.PathLike, *, store_path: str | os.PathLike | None = None) -> TrainingLabels:
+    """The training split of a recorded run: its store's labels of its training selection.
+
+    Args:
+        run_dir: the run folder.
+        store_path: the run's store when it is not where the run recorded it.
+    Raises:
+        StoreError: the run's store cannot be opened; TrainingError: its selection is empty there.
+    """
+    recorded = json.loads((Path(run_dir) / CONFIG_NAME).read_text())
+    store = FeatureStore.open(run_store(run_dir, recorded, store=store_path))
+    config = TrainConfig.from_json(recorded)
+    return _split_labels(store, config, training_labels(store, config))
+
+
 def run_scoring(store: FeatureStore, config: TrainConfig, *, train_labels: head_data.SegmentLabels | None = None,
                 dataset: str | None = None, training: TrainingLabels | None = None,
                 num_verbs: int | None = None, num_nouns: int | None = None) -> ScoringContext:
-    """How a run scores: its dataset and class lists, and the prior counted on its training selection.
+    """How a run scores: its dataset and class lists, its training split's pairs, and the prior.
+
+    The many-shot actions are always restricted to the pairs of the run's training selection; the
+    prior is counted on that selection, or on ``training`` when given.
 
     Args:
         store: the run's store.
         config: the run's settings (``dataset``, ``meta_dir``, ``action_prior``, the training selection).
-        train_labels: its training selection's labels when already read (else read here if needed).
+        train_labels: its training selection's labels when already read (else read here).
         dataset: the dataset when already resolved (a run's config.json); else from config / store.
         training: count the prior on these labels instead (``--action-prior-from``; kind ``lfb``).
         num_verbs: V of the predictions when known.
@@ -223,14 +312,11 @@ def run_scoring(store: FeatureStore, config: TrainConfig, *, train_labels: head_
     dataset = dataset or config.dataset or store_dataset(store)
     if dataset not in NUM_CLASSES:
         raise TrainingError(f"unknown dataset {dataset!r}; use epic55 or epic100")
-    kind = config.action_prior
-    if training is None:
-        train_labels = train_labels if train_labels is not None else training_labels(store, config)
-        training = TrainingLabels(train_labels.verb.numpy(), train_labels.noun.numpy())
-    else:
-        kind = "lfb"
-    return scoring_context(dataset, meta_dir=config.meta_dir or default_meta_dir(store), training=training,
-                           action_prior=kind, num_verbs=num_verbs, num_nouns=num_nouns)
+    train_labels = train_labels if train_labels is not None else training_labels(store, config)
+    split = _split_labels(store, config, train_labels)
+    return scoring_context(dataset, meta_dir=config.meta_dir or default_meta_dir(store), training=split,
+                           action_prior=config.action_prior, num_verbs=num_verbs, num_nouns=num_nouns,
+                           prior_labels=training)
 
 
 def prepare(store_path: str | os.PathLike, config: TrainConfig, *, log: Callable[[str], None] = head_data.default_log,
@@ -239,9 +325,12 @@ def prepare(store_path: str | os.PathLike, config: TrainConfig, *, log: Callable
     store = FeatureStore.open(store_path)
     try:
         record = get_head(config.model)
-        record.check_switches(config.switches)
+        switches = resolve_switches(record, config.switches, store.manifest)
     except (KeyError, TypeError) as err:  # the registry's own messages name the head and switches
         raise TrainingError(err.args[0]) from err
+    for note in switches.notes.values():
+        log(note)
+    config = dataclasses.replace(config, switches=switches.values)
     check_fields(config.model, store.fields, **config.switches)
     fields = record.required_fields(**config.switches)
     dataset = config.dataset or store_dataset(store)
@@ -253,24 +342,30 @@ def prepare(store_path: str | os.PathLike, config: TrainConfig, *, log: Callable
     if val_labels is not None and not val_labels.uids:
         raise TrainingError(f"the validation selection ({val_where}) holds no stored segments")
     shared = {} if shared is None else shared
+    try:
+        view_mode = resolve_view_mode(config.views, store.max_views)
+    except ValueError as err:
+        raise TrainingError(str(err)) from err
 
-    def features(labels):
+    def features(labels, views=False):
         # Keyed by the budget as configured, not as computed: the default (half the free memory)
         # shrinks once the first run's features are loaded, and a key holding it made every later
         # run of a grid load its features again.
         key = (str(store.path), labels.uids, tuple(sorted(fields)), config.pool, config.device,
-               config.memory_budget_gb)
+               config.memory_budget_gb, views)
         if key not in shared:
             budget = (head_data.default_memory_budget(config.device) if config.memory_budget_gb is None
                       else int(config.memory_budget_gb * 2**30))
             shared[key] = head_data.load_features(store, labels, fields, device=config.device, memory_budget=budget,
-                                                  pool=config.pool, log=log)
+                                                  pool=config.pool, log=log, views=views)
         return shared[key]
 
-    train = features(train_labels)
+    train = features(train_labels, views=view_mode == "random")
+    views = TrainingViews.of(train_labels.uids, train.views.counts, mode=view_mode, seed=config.seed,
+                             store_views=store.max_views)
     val = features(val_labels) if val_labels is not None else None
     scoring = run_scoring(store, config, train_labels=train_labels, dataset=dataset)
-    return PreparedRun(config, store, feature_dims(store), tuple(fields), train, val, scoring)
+    return PreparedRun(config, store, feature_dims(store), tuple(fields), train, val, scoring, switches, views)
 
 
 @torch.no_grad()
@@ -340,7 +435,8 @@ class HeadTrainable:
                                          weight_decay=config.weight_decay)
 
     def epoch_batches(self, epoch: int, world: World | None) -> EpochBatches:
-        """Set epoch ``epoch``'s lr and return its batches: a permutation seeded by (seed, epoch).
+        """Set epoch ``epoch``'s lr and return its batches: a permutation seeded by (seed, epoch), each
+        segment read at the view drawn for it this epoch (``heads.views``; view 0 without views).
 
         Under data parallelism every rank cuts the same batches and takes its share of each one.
         """
@@ -349,6 +445,9 @@ class HeadTrainable:
             group["lr"] = lr_at(config, epoch)
         generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
         order = torch.randperm(len(self.run.train), generator=generator)
+        if self.run.views is not None and self.run.views.mode == "random":
+            # The features' rows of this epoch's views: an index into the stored views, no copy.
+            order = self.run.train.views.rows_of(order, self.run.views.draw(epoch).index_select(0, order))
         self.model.train()
         chunks = head_data.chunk_order(order, config.batch_size)
         rows = [len(c) for c in chunks]
@@ -395,8 +494,10 @@ DIVERGED_HINT = ": lower --lr, or check the store for extreme values (featstore 
 
 def run_hooks(run: PreparedRun, head: HeadTrainable, out: Path, *, resume: bool, log: Callable[[str], None],
               label: str = "", progress: bool = False, main_process: bool = True,
-              after_epoch: Callable[[int], None] | None = None) -> list[Hook]:
-    """The hooks of a head run, in order: progress, loss check, lr, validation, checkpoint, history, log.
+              after_epoch: Callable[[int], None] | None = None,
+              tensorboard: str | os.PathLike | None = None) -> list[Hook]:
+    """The hooks of a head run, in order: progress, loss check, lr, validation, checkpoint, history
+    (JSON and CSV), TensorBoard, log.
 
     Files are written and validation runs on the main process only; every process resumes.
 
@@ -410,6 +511,7 @@ def run_hooks(run: PreparedRun, head: HeadTrainable, out: Path, *, resume: bool,
         progress: a progress bar per epoch.
         main_process: this process validates and writes.
         after_epoch: called with the number of finished epochs, last (tests kill here).
+        tensorboard: also write each epoch's scalars there (TensorBoard event files), or None.
     Returns:
         The hooks.
     """
@@ -423,7 +525,10 @@ def run_hooks(run: PreparedRun, head: HeadTrainable, out: Path, *, resume: bool,
                               on_resume=lambda state: log(f"{label}resuming {'' if label else f'{out} '}after "
                                                           f"epoch {state.epoch}")))
     if main_process:
-        hooks += [HistoryFile(out / HISTORY_NAME), EpochLog(log, epoch_line, prefix=label)]
+        hooks += [HistoryFile(out / HISTORY_NAME), HistoryCSV(out / HISTORY_CSV_NAME)]
+        if tensorboard is not None:
+            hooks.append(TensorBoard(tensorboard, error=TrainingError))
+        hooks.append(EpochLog(log, epoch_line, prefix=label))
     if after_epoch is not None:
         hooks.append(EpochCallback(after_epoch))
     return hooks
@@ -438,7 +543,10 @@ def train(
     progress: bool = True,
     log: Callable[[str], None] = head_data.default_log,
     after_epoch: Callable[[int], None] | None = None,
-) -> dict[str, float]:
+    tensorboard: str | os.PathLike | None = None,
+    half_checkpoint: bool = False,
+    keep_resume_state: bool = False,
+) -> dict[str, Any]:
     """Train one head and write its run directory.
 
     Args:
@@ -449,10 +557,16 @@ def train(
         progress: progress bars on stderr.
         log: where one-line messages go.
         after_epoch: called with the number of finished epochs after each checkpoint (tests kill here).
+        tensorboard: also write each epoch's scalars to this folder as TensorBoard events.
+        half_checkpoint: write ``checkpoint.pt``'s floating weights in half precision.
+        keep_resume_state: keep ``checkpoints/last.pt`` when the run finishes (to extend it later).
     Returns:
-        The final metrics (also in metrics.json).
+        The metrics.json object: the final metrics, the run's records (`run_records`) and its
+        ``warnings`` (empty when nothing looks wrong).
     """
     out = Path(out_dir)
+    if tensorboard is not None:
+        require_tensorboard(TrainingError)  # before anything is written
     folder = RunFolder.check(out, resume=resume, error=TrainingError)
     # Under torchrun every rank trains on its share of each batch; rank 0 alone writes the run.
     world = World.from_environment(config.device)
@@ -466,16 +580,20 @@ def train(
     head = HeadTrainable(run)
     state = train_one(head, name=str(out), epochs=config.epochs, world=world, log=log,
                       hooks=run_hooks(run, head, out, resume=resume, log=log, progress=progress,
-                                      main_process=main_process, after_epoch=after_epoch))
+                                      main_process=main_process, after_epoch=after_epoch, tensorboard=tensorboard))
     if not main_process:
         return {}
-    return finish(out, run, head.model, state.history)
+    return finish(out, run, head.model, state.history, half_checkpoint=half_checkpoint,
+                  keep_resume_state=keep_resume_state, log=log)
 
 
 def write_config(out: Path, run: PreparedRun) -> None:
     atomic_write_json(out / CONFIG_NAME, {
         **run.config.to_json(),
-        "store": str(run.store.path.resolve()),
+        # Relative to the run inside one project folder (moved whole, it still opens); the absolute
+        # path too, for a run moved without its store.
+        "store": record_path(run.store.path, out),
+        "store_resolved": str(run.store.path.resolve()),
         "manifest_sha256": run.store.manifest_hash,
         "n_train": len(run.train),
         "n_val": len(run.val) if run.val is not None else 0,
@@ -486,45 +604,129 @@ def write_config(out: Path, run: PreparedRun) -> None:
         "fields": list(run.fields),
         "dims": dataclasses.asdict(run.dims),
         "class_lists": getattr(run.scoring.class_sets, "source", "official"),
+        "switch_sources": {} if run.switches is None else run.switches.sources,
     })
 
 
-def finish(out: Path, run: PreparedRun, model: torch.nn.Module, history: Sequence[dict[str, Any]]) -> dict[str, float]:
-    """Write predictions, metrics and curves of a finished run.
+def run_records(run: PreparedRun) -> dict[str, Any]:
+    """metrics.json's entries besides the metrics: ``normalize`` (value, source, why; heads with the
+    switch) and ``many_shot_actions`` (EPIC-55: the list used, its size and source)."""
+    records: dict[str, Any] = dict(run.scoring.records())
+    normalize = None if run.switches is None else run.switches.record("normalize")
+    if normalize is not None:
+        records["normalize"] = normalize
+    if run.views is not None and (run.views.store_views > 1 or run.config.views is not None):
+        records["views"] = run.views.record(run.config.epochs)  # stores without views: as before
+    return records
+
+
+def uses_detections(fields: Sequence[str]) -> bool:
+    """Whether a head reading ``fields`` reads the detector's boxes (its object branches)."""
+    detection_fields = {det_field(box_set, part) for box_set in BOX_SETS for part in BOX_PARTS}
+    return any(field in detection_fields for field in fields)
+
+
+def run_warnings(run: PreparedRun, metrics: Mapping[str, Any], preds: Predictions | None) -> list[str]:
+    """What looks wrong about a finished run, one line each (metrics.json's ``warnings``).
+
+    - a store whose detection slots are almost all empty, for a head that reads them
+      (`featstore.store.health.coverage_warning`);
+    - a verb or noun top-1 at or below chance (`heads.metrics.chance_top1`: the better of always
+      answering the most frequent training class and a uniform guess), and a head that answers one
+      class for every validation segment.
+    """
+    warnings = []
+    if uses_detections(run.fields):
+        empty = coverage_warning(detection_coverage(run.store), where=f"store {run.store.path}")
+        if empty is not None:
+            warnings.append(empty)
+    if preds is None or not run.val.labels.labelled:
+        return warnings
+    for task, logits in (("verb", preds.verb_logits), ("noun", preds.noun_logits)):
+        top1 = metrics.get(f"{task}_top1")
+        chance = chance_top1(getattr(run.train.labels, task).numpy(), getattr(run.val.labels, task).numpy())
+        if top1 is not None and top1 <= chance + 1e-6:
+            warnings.append(f"{task} top-1 {top1:.1f} % is at chance ({chance:.1f} %: always the most frequent "
+                            "training class, or a uniform guess): the head learnt nothing usable")
+        answered = np.unique(logits.argmax(axis=1)) if len(logits) > 1 else None
+        if answered is not None and len(answered) == 1:
+            warnings.append(f"the head answers {task} class {int(answered[0])} for all {len(logits)} validation "
+                            "segments")
+    return warnings
+
+
+def write_weights(path: str | os.PathLike, model: torch.nn.Module, *, half: bool = False) -> Path:
+    """``checkpoint.pt``: the head's weights only (``{"model": state_dict}``), what `load_run` reads.
+
+    Args:
+        path: the file.
+        model: the trained head.
+        half: floating tensors in float16 (half the size; loading casts them back to the model's dtype).
+    """
+    state = {key: value.detach().cpu() for key, value in model.state_dict().items()}
+    if half:
+        state = {key: value.half() if value.is_floating_point() else value for key, value in state.items()}
+    return atomic_write_torch(path, {"model": state, "half": half})
+
+
+def finish(out: Path, run: PreparedRun, model: torch.nn.Module, history: Sequence[dict[str, Any]], *,
+           half_checkpoint: bool = False, keep_resume_state: bool = False,
+           log: Callable[[str], None] = head_data.default_log) -> dict[str, Any]:
+    """Write predictions, metrics, curves and weights of a finished run; delete its resume state.
 
     Args:
         out: the run directory.
         run: the prepared run.
         model: the trained head.
         history: one record per epoch (``RunState.history``).
+        half_checkpoint: ``checkpoint.pt`` in half precision.
+        keep_resume_state: keep ``checkpoints/last.pt`` (else deleted once ``checkpoint.pt`` is written).
+        log: where the run's warnings are printed.
     Returns:
-        The metrics (also in metrics.json).
+        The metrics.json object: the metrics, the run's records (`run_records`) and ``warnings``.
     """
-    metrics: dict[str, float] = {}
+    metrics: dict[str, Any] = {}
+    preds = None
     try:
         if run.val is not None:
             preds, metrics = evaluate(run, model)
-            write_predictions(out / PREDICTIONS_NAME, preds)
+            labels = run.val.labels
+            write_predictions(out / PREDICTIONS_NAME, preds, verb_labels=labels.verb.numpy(),
+                              noun_labels=labels.noun.numpy(), prior=run.scoring.prior)
+        warnings = run_warnings(run, metrics, preds)
+        metrics = {**metrics, **run_records(run), "warnings": warnings}
         atomic_write_json(out / METRICS_NAME, metrics)
         from heads.plots import plot_training_curves
 
         plot_training_curves(history, out / CURVES_NAME, title=f"{run.config.model} on {run.store.path.name}")
+        write_weights(out / CHECKPOINT_NAME, model, half=half_checkpoint)
     except BaseException:
         remove_run_temporaries(out)  # predictions and curves write their own temporaries
         raise
+    for warning in warnings:
+        log(f"WARNING: {out}: {warning}")
+    if not keep_resume_state:
+        RunFolder(out).drop_resume_state()
     return metrics
 
 
 def load_run(run_dir: str | os.PathLike, *, device: str | None = None) -> tuple[dict[str, Any], torch.nn.Module]:
-    """A finished (or checkpointed) run's recorded config and its model, ready for inference."""
+    """A finished (or checkpointed) run's recorded config and its model, ready for inference.
+
+    The weights are ``checkpoint.pt``'s (a finished run), else the resume state's (a run not
+    finished yet, or recorded before runs wrote ``checkpoint.pt``).
+    """
     run_dir = Path(run_dir)
-    config_path, checkpoint = run_dir / CONFIG_NAME, run_dir / RESUME_STATE_NAME
-    if not config_path.is_file() or not checkpoint.is_file():
-        raise TrainingError(f"{run_dir} is not a run directory ({CONFIG_NAME} and {RESUME_STATE_NAME} expected)")
+    config_path = run_dir / CONFIG_NAME
+    checkpoint = next((run_dir / name for name in (CHECKPOINT_NAME, RESUME_STATE_NAME) if (run_dir / name).is_file()),
+                      None)
+    if not config_path.is_file() or checkpoint is None:
+        raise TrainingError(f"{run_dir} is not a run directory ({CONFIG_NAME} and {CHECKPOINT_NAME} or "
+                            f"{RESUME_STATE_NAME} expected)")
     recorded = json.loads(config_path.read_text())
     config = TrainConfig.from_json(recorded)
     model = build_head(config.model, dims=FeatureDims(**recorded["dims"]), num_verbs=recorded["num_verbs"],
-                       num_nouns=recorded["num_nouns"], **config.switches)
+                       num_nouns=recorded["num_nouns"], **recorded_switches(recorded))
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
     model.load_state_dict(state["model"])
     return recorded, model.to(device or config.device).eval()
@@ -539,8 +741,8 @@ def predict_selection(run_dir: str | os.PathLike, *, store_path: str | os.PathLi
         (predictions, the selection's ``SegmentLabels``).
     """
     recorded, model = load_run(run_dir, device=device)
-    store = FeatureStore.open(store_path or recorded["store"])
-    check_fields(recorded["model"], store.fields, **recorded["switches"])
+    store = FeatureStore.open(run_store(run_dir, recorded, store=store_path))
+    check_fields(recorded["model"], store.fields, **recorded_switches(recorded))
     labels = head_data.selection_labels(store, resolve_selection(split, where))
     if not labels.uids:
         raise TrainingError(f"the selection ({where or split or 'all'}) holds no stored segments of {store.path}")
@@ -550,15 +752,54 @@ def predict_selection(run_dir: str | os.PathLike, *, store_path: str | os.PathLi
     return Predictions(labels.uids, verb_logits, noun_logits), labels
 
 
-def evaluate_run(run_dir: str | os.PathLike, *, where: str | None = None, split: str | None = None,
-                 device: str | None = None, log: Callable[[str], None] = head_data.default_log) -> dict[str, float]:
-    """Metrics of a trained run on a selection of its store (the run's validation selection by default)."""
+@dataclass(frozen=True)
+class RunEvaluation:
+    """A trained run evaluated on a selection: what `heads eval` prints and its ``--per-class`` report reads.
+
+    Attributes:
+        metrics: metric -> percent.
+        predictions: the logits of the selection's segments.
+        labels: their ``SegmentLabels`` (verb, noun, participants).
+        scoring: how they were scored (dataset, class lists, prior).
+        meta_dir: the folder of the class lists the run scored with, or None.
+    """
+
+    metrics: dict[str, float]
+    predictions: Predictions
+    labels: Any
+    scoring: ScoringContext
+    meta_dir: str | None
+
+
+def run_evaluation(run_dir: str | os.PathLike, *, where: str | None = None, split: str | None = None,
+                   device: str | None = None, store_path: str | os.PathLike | None = None,
+                   log: Callable[[str], None] = head_data.default_log) -> RunEvaluation:
+    """A trained run on a selection of its store (the run's validation selection by default).
+
+    Args:
+        run_dir: the run folder.
+        where: a DuckDB WHERE over the store's segments.
+        split: a named split instead.
+        device: default the run's.
+        store_path: the run's store when it is not where the run recorded it (``--store``).
+        log: one-line messages.
+    """
     recorded = json.loads((Path(run_dir) / CONFIG_NAME).read_text())
     if where is None and split is None:
         split, where = recorded.get("val_split"), recorded.get("val_where")
-    config = TrainConfig.from_json({**recorded, "val_split": split, "val_where": where, "epochs": 0})
-    run = prepare(recorded["store"], config, log=log)
+    config = TrainConfig.from_json({**recorded, "val_split": split, "val_where": where, "epochs": 0,
+                                    "switches": recorded_switches(recorded)})
+    run = prepare(run_store(run_dir, recorded, store=store_path), config, log=log)
     _, model = load_run(run_dir, device=device)
     if run.val is None:
         raise TrainingError("no evaluation selection: pass --where or --split")
-    return evaluate(run, model)[1]
+    preds, metrics = evaluate(run, model)
+    return RunEvaluation(metrics, preds, run.val.labels, run.scoring, config.meta_dir or default_meta_dir(run.store))
+
+
+def evaluate_run(run_dir: str | os.PathLike, *, where: str | None = None, split: str | None = None,
+                 device: str | None = None, store_path: str | os.PathLike | None = None,
+                 log: Callable[[str], None] = head_data.default_log) -> dict[str, float]:
+    """Metrics of a trained run on a selection of its store (the run's validation selection by default);
+    ``store_path`` overrides where the run recorded its store."""
+    return run_evaluation(run_dir, where=where, split=split, device=device, store_path=store_path, log=log).metrics

@@ -12,6 +12,7 @@ from typing import Iterator
 
 import pytest
 from click.testing import CliRunner
+from hypothesis import HealthCheck, settings
 
 from cli.featstore_cli import main as featstore_main
 from tests.helpers.stores import make_planted_store
@@ -20,6 +21,15 @@ from tests.helpers.threads import torch_threads
 REPO = Path(__file__).resolve().parents[1]
 # CI lays ../shared beside the checkout; a user's clone may not have it.
 SHARED_DATA = Path(os.environ.get("FEATSTORE_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+# Property-based tests: bounded for CI (a test that sets its own max_examples keeps it);
+# `pytest --hypothesis-profile=long` tries twenty times as many inputs.
+settings.register_profile("default", max_examples=40, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("long", max_examples=800, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("default")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

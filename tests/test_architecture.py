@@ -31,7 +31,10 @@ STORE = EPIC | {"featstore.store"}
 MODELS = EPIC | {"featstore.models"}
 TRAINING = IO | {"featstore.training"}
 EXTRACT = STORE | MODELS | {"featstore.extract"}
-LIBRARY = EXTRACT | TRAINING  # all of featstore but the samples
+IMPORTS = STORE | {"featstore.imports"}
+EXPORTS = IMPORTS | {"featstore.exports"}
+DATA = STORE | {"featstore.data"}
+LIBRARY = EXTRACT | TRAINING | EXPORTS | DATA  # all of featstore but the samples
 # The layer units (featstore's subpackages, and the packages above it), and which units each may
 # import besides itself: docs/architecture.md draws the same picture.
 ALLOWED = {
@@ -42,6 +45,9 @@ ALLOWED = {
     "featstore.models": EPIC,
     "featstore.training": IO,
     "featstore.extract": STORE | MODELS,
+    "featstore.imports": STORE,
+    "featstore.exports": IMPORTS,  # the inverse of the imports: their key schemes and clocks
+    "featstore.data": STORE,
     "featstore.samples": STORE | MODELS,
     "heads": LIBRARY,
     "finetune": LIBRARY | {"heads.metrics"},  # the metric definitions Table 1 uses; nothing else of heads
@@ -187,6 +193,12 @@ def test_every_featstore_subpackage_is_a_layer_unit() -> None:
     ("featstore.epic.objects", "featstore.extract.plan", False),
     ("featstore.training.engine", "featstore.store.reader", False),
     ("featstore.models.backbones", "featstore.store.schema", False),
+    ("featstore.imports.rulstm", "featstore.store.writer", True),
+    ("featstore.store.importer", "featstore.imports.registry", False),
+    ("featstore.exports.formats", "featstore.imports.rulstm", True),
+    ("featstore.imports.rulstm", "featstore.exports.formats", False),
+    ("featstore.data.dataset", "featstore.store.reader", True),
+    ("featstore.data.dataset", "featstore.extract.plan", False),
     ("finetune.backbone", "heads.metrics", True),
     ("finetune.backbone", "heads.evaluation", False),
     ("heads.trainer", "featstore.training.engine", True),

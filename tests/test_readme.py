@@ -5,6 +5,8 @@
   built in a temporary folder (the `quick_demo` fixture of tests/conftest.py, shared per session).
 - Every `featstore` / `heads` subcommand the README names anywhere exists (`--help` works), and
   every `--option` written after one is an option of that subcommand.
+- The Python blocks of "From Python" run (the `StoreDataset` linear probe, the store's own calls)
+  against a small store where the demo's would be.
 """
 from __future__ import annotations
 
@@ -17,15 +19,18 @@ import sys
 from pathlib import Path
 
 import click
+import pytest
 from click.testing import CliRunner
 
 from cli.featstore_cli import main as featstore_main
 from cli.heads_cli import main as heads_main
 from tests.conftest import QuickDemo
+from tests.helpers.stores import make_small_store
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
 DEMO_SECTION = "## Try it on the demo store"
+PYTHON_SECTION = "## From Python"
 GROUPS: dict[str, click.Group] = {"featstore": featstore_main, "heads": heads_main}
 SHELL_OPERATORS = {"&&", "||", ";", "|"}
 
@@ -131,7 +136,8 @@ def test_the_first_commands_set_up_and_run_the_demo_and_the_tests() -> None:
     assert commands == [
         "python3 -m venv --system-site-packages .venv && .venv/bin/pip install -q -e . && .venv/bin/featstore demo",
         'python3 -m venv --system-site-packages .venv && .venv/bin/pip install -q -e ".[test]" '
-        "$(ls ../shared/wheels/detectron2-*.whl 2>/dev/null) && .venv/bin/python -m pytest -q",
+        "$(ls ../shared/wheels/detectron2-*.whl 2>/dev/null) && .venv/bin/python .ci/newest_dependencies.py "
+        "&& .venv/bin/python -m pytest -q",
     ]
     ci = (REPO / ".ci" / "run").read_text().splitlines()
     assert commands[1] in ci, ".ci/run must run the README's test command verbatim"
@@ -205,3 +211,21 @@ def test_every_subcommand_and_option_in_the_readme_exists() -> None:
             option = arg.split("=", 1)[0]
             assert re.search(rf"(?<![\w-]){re.escape(option)}(?![\w-])", helps[program, sub]), (
                 f"README passes {option} to `{program} {sub}`, which has no such option:\n  {source}")
+
+
+# ------------------------------------------------------------------------------------------------
+# the Python blocks run
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_the_from_python_blocks_run_on_a_small_store(tmp_path: Path, monkeypatch, capsys) -> None:
+    # The heads' trainer block needs a store of SAOA's fields; heads/trainer.py's tests train from Python.
+    blocks = [body for language, body in fenced_blocks(section(README.read_text(), PYTHON_SECTION))
+              if language == "python" and "from heads" not in body]
+    assert len(blocks) >= 2 and "StoreDataset" in blocks[0], f"{PYTHON_SECTION!r} should open with the probe"
+    make_small_store(tmp_path / "demo-out", 48)  # demo-out/store, as the blocks name it
+    monkeypatch.chdir(tmp_path)
+    for block in blocks:
+        exec(compile(block, f"README.md, {PYTHON_SECTION}", "exec"), {"__name__": "readme_block"})  # noqa: S102
+    printed = capsys.readouterr().out
+    assert re.search(r"linear probe on verb.global: verb top-1 \d+\.\d% on 24 segments", printed), printed

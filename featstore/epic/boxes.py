@@ -163,6 +163,9 @@ def _box_rows(path: Path, videos: Iterable[str] | None) -> tuple[pa.Table, np.nd
             f"{path}: column(s) {', '.join(missing)} missing; a boxes file has "
             f"{', '.join(_BOX_FILE_COLUMNS)}[, label] (has {', '.join(table.column_names)})"
         )
+    if table.num_rows == 0:
+        raise BoxesFileError(f"{path}: no rows, only a header; a boxes file has one row per box "
+                             f"({', '.join(_BOX_FILE_COLUMNS)}[, label])")
     has_label = "label" in table.column_names
     table = table.select(list(_BOX_FILE_COLUMNS) + (["label"] if has_label else []))
     file_rows = np.arange(1, table.num_rows + 1, dtype=np.int64)  # 1-based data rows, as messages count

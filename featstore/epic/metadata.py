@@ -24,6 +24,7 @@ __all__ = [
     "find_video_info",
     "load_meta",
     "read_class_list",
+    "read_class_names",
     "read_video_info",
 ]
 
@@ -160,6 +161,25 @@ def read_class_list(path: str | os.PathLike) -> tuple[str, ...]:
         raise AnnotationError(path, None, id_column, f"{len(ids)} {what} classes, expected {expected} for {dataset}")
     keys = frame[key_column].astype("string").to_numpy(dtype=object)
     return tuple(str(keys[i]) for i in np.argsort(ids))
+
+
+def read_class_names(meta_dir: str | os.PathLike | None, dataset: str) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
+    """The verb and noun class keys of ``dataset`` from ``meta_dir``'s class lists, for readable tables.
+
+    Unlike `load_meta` it needs the two class lists only (not the evaluation subsets).
+
+    Returns:
+        (verb keys, noun keys), index -> key; None when ``meta_dir`` is None or lacks either list.
+    Raises:
+        AnnotationError: a malformed class list.
+    """
+    if meta_dir is None or dataset not in _CLASS_FILES:
+        return None
+    meta_dir = Path(meta_dir)
+    paths = [meta_dir / _CLASS_FILES[dataset][what][0] for what in ("verb", "noun")]
+    if not all(path.is_file() for path in paths):
+        return None
+    return read_class_list(paths[0]), read_class_list(paths[1])
 
 
 def load_meta(meta_dir: str | os.PathLike, dataset: str | None = None) -> EpicMeta:

@@ -12,6 +12,11 @@ Two ways to take a backbone's clip (``SamplingConfig.clip_sampling``):
   ``clip_stride`` apart, later stacked as channels: the EPIC flow TSN / TSM take 5 consecutive flow
   frames (2 RGB frames apart, flow being at half the RGB rate) as 10 channels.
 
+Frame rates: clip strides count the video's own frames, unless ``resample_fps`` is set (the
+report: "The videos are decoded at 60 FPS"): the clip's samples are then taken by time, as if the
+video were decoded at that rate, each at the nearest frame of the video (a 30 fps video repeats its
+frames), so a 64 x 2 clip spans 126 / 60 s in every video. Detection windows are in seconds already.
+
 One rounding rule is used everywhere a time falls between two frames: the nearest frame, halves
 rounded up (``floor(x + 0.5)``). Python's ``round`` rounds halves to even, which would make the
 spacing of a detection grid alternate (e.g. 12 and 13 frames at 25 fps steps of 12.5); rounding
@@ -23,9 +28,11 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
-__all__ = ["CLIP_SAMPLINGS", "SamplingConfig", "SegmentPlan", "plan_segment"]
+__all__ = ["CLIP_SAMPLINGS", "RESIZE_MODES", "SamplingConfig", "SegmentPlan", "plan_segment"]
 
 CLIP_SAMPLINGS = ("centred", "segments")
+# How clip frames are resized: the short side to `size` (aspect kept), or to size x size without a crop.
+RESIZE_MODES = ("short-side", "square")
 
 # Times are products of small integers and float frame rates (59.94, 29.97...); a half that comes
 # out as 0.49999999999 must still round up, so the rule is floor(x + 0.5 + eps).
@@ -48,12 +55,15 @@ class SamplingConfig:
     clip_stride: int = 2  # frames between clip samples, in the video's own frames (4 for R(2+1)D-34);
     # with clip_sampling 'segments': frames between the frames of one snippet
     size: int = 256  # short side after resizing, no crop (128 for R(2+1)D-34)
+    resize: str = "short-side"  # 'short-side' (aspect kept) | 'square' (size x size, no crop: R(2+1)D-34's stage 2)
     clip_sampling: str = "centred"  # 'centred' (around the segment centre) | 'segments' (TSN)
     snippet_frames: int = 1  # frames per clip sample, stacked as channels (5 for TSN / TSM flow)
     det_fps: float = 2.0  # detection frames per second of video
     det_global_seconds: float = 6.0  # global window (noun branch) around the clip centre
     det_local_seconds: float = 4.0  # local window (verb branch) around the clip centre
     det_topk: int = 5  # detections kept per detection frame
+    # Clip samples taken by time as if decoded at this rate (the report: 60); None: the video's own frames.
+    resample_fps: float | None = None
 
     def __post_init__(self) -> None:
         if self.clip_frames < 1:
@@ -77,6 +87,14 @@ class SamplingConfig:
             )
         if self.det_topk < 1:
             raise ValueError(f"det_topk must be >= 1, got {self.det_topk}")
+        if self.resize not in RESIZE_MODES:
+            raise ValueError(f"resize must be one of {', '.join(RESIZE_MODES)}, got {self.resize!r}")
+        if self.resample_fps is not None:
+            if not self.resample_fps > 0:
+                raise ValueError(f"resample_fps must be > 0, got {self.resample_fps}")
+            if self.clip_sampling != "centred":
+                raise ValueError("resample_fps applies to centred clips (segment sampling already takes "
+                                 "fractions of the segment)")
 
     @property
     def n_global_frames(self) -> int:
@@ -125,9 +143,17 @@ class SegmentPlan:
 
     clip_frames: tuple[int, ...]  # (clip_frames * snippet_frames,) backbone clip, sample-major, clamped
     # into the video (edges repeat)
-    clip_center: int  # frame the clip and both detection windows are centred on
+    clip_center: int  # frame the clip is centred on (and both detection windows, unless window_center says)
     global_frames: tuple[int | None, ...]  # (n_global_frames,) None = outside the video: padded, masked
     local_frames: tuple[int | None, ...]  # (n_local_frames,) None = outside the video: padded, masked
+    # The frame the detection windows are centred on, when not clip_center: a temporal view's windows
+    # stay on the segment's detection grid (`plan_segment`'s window_steps).
+    window_center: int | None = None
+
+    @property
+    def windows_center(self) -> int:
+        """The frame both detection windows are centred on."""
+        return self.clip_center if self.window_center is None else self.window_center
 
     @property
     def detection_frames(self) -> tuple[int, ...]:
@@ -167,14 +193,19 @@ def plan_segment(
     fps: float,
     n_frames: int | None,
     config: SamplingConfig,
+    clip_center: int | None = None,
+    window_steps: int | None = None,
 ) -> SegmentPlan:
     """Plan the clip and detection frames of one segment.
 
     Rules:
-      * Centre: the segment centre ``(start + stop) / 2`` rounded to a frame (halves up).
+      * Centre: the segment centre ``(start + stop) / 2`` rounded to a frame (halves up), unless
+        ``clip_center`` gives another frame (a temporal view, `featstore.epic.views`).
       * Clip, ``clip_sampling="centred"``: ``clip_frames`` frames ``clip_stride`` apart, symmetric
         about the centre (the j-th at ``centre + (j - (N-1)/2) * stride``, rounded halves up when the
-        span is odd).
+        span is odd). With ``resample_fps`` R the stride is in frames of an R fps decoding: the j-th
+        at ``centre + (j - (N-1)/2) * stride * fps / R`` rounded halves up (exactly the rule above
+        when fps == R).
       * Clip, ``clip_sampling="segments"`` (TSN's test-time rule, ``TsnDataset._get_test_indices``):
         with n = stop - start + 1 frames, a snippet spanning L = (snippet_frames - 1) * clip_stride + 1
         frames and S = clip_frames segments, ``tick = (n - L + 1) / S``; snippet k starts at
@@ -201,6 +232,13 @@ def plan_segment(
         stop_frame: last frame of the segment (1-based, inclusive), >= start_frame.
         fps: frame rate of the video (frames per second), > 0.
         n_frames: number of frames in the video, or None when unknown.
+        clip_center: the frame to centre the clip on instead of the segment centre (``centred``
+            clips only; the build's temporal views draw it inside the segment).
+        window_steps: None: both detection windows are centred on the clip. An integer: they are
+            centred this many detection steps (1 / det_fps s) from the segment centre, on the
+            segment's own grid: the k-th frame is at
+            ``centre + (offset_k + 2 * window_steps) * fps / (2 det_fps)`` half steps, rounded as
+            above, so a temporal view's windows share their frames with the centre view's.
         config: the sampling configuration.
 
     Returns:
@@ -225,10 +263,18 @@ def plan_segment(
     last_frame = n_frames if n_frames is not None else math.inf
 
     # (start + stop) / 2 rounded halves up == (start + stop + 1) // 2, exactly, in integers.
-    clip_center = (start_frame + stop_frame + 1) // 2
+    segment_center = (start_frame + stop_frame + 1) // 2
+    if clip_center is None:
+        clip_center = segment_center
+    elif config.clip_sampling != "centred":
+        raise ValueError("clip_center moves a centred clip; segment sampling takes the whole segment")
 
     if config.clip_sampling == "segments":
         raw_clip = _segment_snippets(start_frame, stop_frame, config)
+    elif config.resample_fps is not None and fps != config.resample_fps:
+        frames_per_half_sample = config.clip_stride * fps / (2.0 * config.resample_fps)
+        raw_clip = [clip_center + _round_half_up((2 * j - (config.clip_frames - 1)) * frames_per_half_sample)
+                    for j in range(config.clip_frames)]
     else:
         raw_clip = []
         for j in range(config.clip_frames):
@@ -243,16 +289,21 @@ def plan_segment(
     local_offsets = _detection_offsets(n_local, parity_shift if n_local <= n_global else 0)
     frames_per_half_step = fps / (2.0 * config.det_fps)
 
+    # Without window_steps the windows are centred on the clip (the segment centre, or the given one).
+    origin, shift = (clip_center, 0) if window_steps is None else (segment_center, 2 * int(window_steps))
+
     def window(offsets: list[int]) -> tuple[int | None, ...]:
         out: list[int | None] = []
         for offset in offsets:
-            frame = clip_center + _round_half_up(offset * frames_per_half_step)
+            frame = origin + _round_half_up((offset + shift) * frames_per_half_step)
             out.append(frame if 1 <= frame <= last_frame else None)
         return tuple(out)
 
+    window_center = origin + _round_half_up(shift * frames_per_half_step)
     return SegmentPlan(
         clip_frames=tuple(clip),
         clip_center=clip_center,
         global_frames=window(global_offsets),
         local_frames=window(local_offsets),
+        window_center=None if window_center == clip_center else window_center,
     )

@@ -11,7 +11,9 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
-__all__ = ["NAMED_SPLITS", "resolve_selection", "select_segments"]
+from featstore.epic.selection import SelectionError, parse_selection
+
+__all__ = ["NAMED_SPLITS", "TRAINING_SPLITS", "resolve_selection", "select_segments", "training_selection"]
 
 _EPIC55_TRAIN = "source = 'EPIC_train_action_labels'"
 
@@ -29,6 +31,18 @@ NAMED_SPLITS: dict[str, str] = {
     "epic100-validation": "source = 'EPIC_100_validation'",
     "epic100-test": "source = 'EPIC_100_test_timestamps'",
 }
+
+# The training halves of the validation protocols: the segments a head trains on when its numbers are
+# reported on the held-out participants (EPIC-55) or the validation file (EPIC-100). What
+# `featstore build --views` gives temporal views by default (docs/views.md).
+TRAINING_SPLITS = ("epic55-lfb-train", "epic100-train")
+
+
+def training_selection() -> str:
+    """The ``WHERE`` expression of the `TRAINING_SPLITS` together: P01-P25 of EPIC-55's training labels,
+    and EPIC-100's training file; not the held-out participants, validation or test segments."""
+    return " OR ".join(f"({NAMED_SPLITS[name]})" for name in TRAINING_SPLITS)
+
 
 # Added to the table to restore file order; a name no annotation column will have.
 _ROW_COLUMN = "__featstore_row__"
@@ -70,25 +84,23 @@ def select_segments(table: pa.Table, where: str | None) -> pa.Table:
     Returns:
         The selected rows, in the table's order, with the table's schema.
     Raises:
-        ValueError: DuckDB rejects the expression (its message is included).
+        SelectionError: (a ValueError) not one boolean expression over the table's columns, or
+            DuckDB rejects it (its message is included).
     """
     if where is None or not where.strip():
         return table
+    expression = parse_selection(where, table.column_names)
     indexed = table.append_column(_ROW_COLUMN, pa.array(np.arange(table.num_rows, dtype=np.int64)))
-    # An explicit in-memory connection per call (never the shared global one), without file access:
-    # the expression is user text, and selecting rows should not be able to read or write files.
+    # An explicit in-memory connection per call (never the shared global one), without file access;
+    # the selection is bound as the relation's filter, never pasted into a statement.
     connection = duckdb.connect(":memory:")
     try:
-        connection.register("segments", indexed)
         connection.execute("SET enable_external_access = false")
-        query = f'SELECT "{_ROW_COLUMN}" FROM segments WHERE ({where}) ORDER BY "{_ROW_COLUMN}"'
         try:
-            # A ';' could smuggle a second statement after the expression; one statement or nothing.
-            if len(connection.extract_statements(query)) != 1:
-                raise ValueError(f"bad selection {where!r}: not a single boolean expression")
-            rows = connection.execute(query).fetchnumpy()[_ROW_COLUMN]
-        except duckdb.Error as err:
-            raise ValueError(f"bad selection {where!r}: {err}") from None
+            relation = connection.from_arrow(indexed).filter(expression).project(f'"{_ROW_COLUMN}"')
+            rows = relation.order(f'"{_ROW_COLUMN}"').fetchnumpy()[_ROW_COLUMN]
+        except duckdb.Error as err:  # binding (a table function as a value) or running (a bad cast)
+            raise SelectionError(f"bad selection {where!r}: {str(err).strip().splitlines()[0]}") from None
     finally:
         connection.close()
     return table.take(pa.array(np.asarray(rows, dtype=np.int64)))

@@ -5,7 +5,8 @@ so that every process and every rerun gets the same weights; the manifest says "
 loudly) and records their provenance. Per batch, `run_backbones` runs the VerbNet and NounNet on the
 same clip (ours: one clip, two models, as the paper's backbones share their sampling) and
 `run_detector` runs the detector once per distinct frame, under fp16 / bf16 autocast on CUDA;
-`segment_outputs` cuts one segment's tensors and box rows out of those, and `apply_map_choice`
+`segment_outputs` cuts one segment's tensors and box rows (of one temporal view: its clip's row, its
+own windows' slots from the shared frame detections) out of those, and `apply_map_choice`
 turns its ``verb.map`` into the fields ``--map`` keeps.
 """
 from __future__ import annotations
@@ -101,6 +102,7 @@ def build_models(config: BuildConfig, sampling: ResolvedSampling) -> BuiltModels
             score_thresh=config.det_score_thresh,
             min_size=config.det_min_size,
             max_size=config.det_max_size,
+            feature=config.det_feature,
         ))
     device = config.torch_device
     for module in (verb, noun, detector):
@@ -139,7 +141,7 @@ def _models_provenance(
         entry, warning = _model_provenance("detector", config.detector, detector_record.name,
                                            detector_record.feature_dim, detector.checkpoint)
         entry.update(score_thresh=config.det_score_thresh, min_size=config.det_min_size,
-                     max_size=config.det_max_size,
+                     max_size=config.det_max_size, feature=detector.feature,
                      input="rgb frames" if config.modality == "rgb" else "rgb frames of the same videos (flow store)")
         provenance["detector"] = entry
         if warning:
@@ -191,14 +193,23 @@ def _autocast(config: BuildConfig) -> contextlib.AbstractContextManager:
 
 
 def run_backbones(models: BuiltModels, clips: Tensor, config: BuildConfig) -> dict[str, np.ndarray]:
-    """Backbone features of a batch of clips.
+    """Backbone features of a batch of clips, ``config.batch_size`` clips per forward.
 
     Args:
-        clips: uint8 (B, T, H, W, C) on the CPU.
+        clips: uint8 (B, T, H, W, C) on the CPU (with temporal views, B counts the distinct clips
+            of the batch's segments, which may exceed the batch size).
     Returns:
         ``verb.global`` (B, Cv), ``verb.map`` (B, Cv, T', H', W'), ``noun.global`` (B, Cn) and, when
         configured, ``noun.map``; float32 numpy.
     """
+    if len(clips) <= config.batch_size:
+        return _run_backbones(models, clips, config)
+    chunks = [_run_backbones(models, clips[lo:lo + config.batch_size], config)
+              for lo in range(0, len(clips), config.batch_size)]
+    return {name: np.concatenate([chunk[name] for chunk in chunks]) for name in chunks[0]}
+
+
+def _run_backbones(models: BuiltModels, clips: Tensor, config: BuildConfig) -> dict[str, np.ndarray]:
     device = config.torch_device
     # uint8 crosses to the device (4x less than float); the conversion runs there.
     x = clips.to(device, non_blocking=True).permute(0, 4, 1, 2, 3).float().div_(255.0)  # (B, C, T, H, W)
@@ -291,16 +302,27 @@ def segment_outputs(
     detections: Mapping[tuple[str, int], FrameDetections] | None,
     models: BuiltModels,
     config: BuildConfig,
+    view: int = 0,
 ) -> tuple[dict[str, np.ndarray], dict[str, list] | None]:
-    """The tensors and box rows of one segment, from the batch outputs (``at``: its row there)."""
-    tensors = {name: values[at] for name, values in backbone.items()}
+    """The tensors and box rows of one segment's view, from the batch outputs.
+
+    Args:
+        at: the row of the segment's first clip in the batch outputs (its view's clip is
+            ``at + item.clip_rows[view]``).
+        detections: the batch's detections per (video, frame): a frame several views (or segments)
+            share was detected once, and each view fills its own windows' slots from it.
+        view: the temporal view (0 without views).
+    """
+    row_at = at + item.clip_rows[view]
+    tensors = {name: values[row_at] for name, values in backbone.items()}
     if detections is None or models.detector_record is None:
         return tensors, None
     video = str(row["video_id"])
     by_frame = {frame: detections[(video, frame)] for frame in item.det_frames if (video, frame) in detections}
     parts = []
-    assert item.plan is not None
-    for box_set, frames in zip(BOX_SETS, (item.plan.global_frames, item.plan.local_frames)):
+    plan = item.plans[view] if item.plans else item.plan
+    assert plan is not None
+    for box_set, frames in zip(BOX_SETS, (plan.global_frames, plan.local_frames)):
         slots, rows = detection_slots(box_set, frames, by_frame, topk=config.sampling.det_topk,
                                       feature_dim=models.detector_record.feature_dim)
         tensors.update(slots)

@@ -14,10 +14,12 @@ import torch
 
 from featstore.epic.frames import MODALITY_CHANNELS
 from featstore.epic.sampling import SamplingConfig
+from featstore.models.detectors import BOX_HEAD, DET_FEATURES
 from featstore.store.local_pool import LOCAL_POOLS
 from featstore.store.schema import STATUS_FAILED
 
-__all__ = ["AMP_DTYPES", "RANDOM_WEIGHTS_NOTE", "BuildConfig", "BuildError", "BuildReport", "distributed_env"]
+__all__ = ["AMP_DTYPES", "RANDOM_WEIGHTS_NOTE", "BuildConfig", "BuildError", "BuildEstimate", "BuildReport",
+           "distributed_env"]
 
 AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}  # BuildConfig.amp -> autocast dtype on CUDA
 RANDOM_WEIGHTS_NOTE = "RANDOM WEIGHTS"  # marks a model without a checkpoint in the manifest and warnings
@@ -45,6 +47,7 @@ class BuildConfig:
     det_min_size: int | None = None  # detector's resize short side (None: the model's default)
     det_max_size: int | None = None  # detector's cap on the long side
     det_batch_size: int = 16  # frames per detector forward
+    det_feature: str = BOX_HEAD  # per-box feature: 'box-head' (representation) or 'roi' (RoIAlign output, averaged)
     noun_map: bool = False  # also store noun.map (optional in DESIGN section 3)
     # verb.map kept as 'full' [C, T, H, W], 'time-mean' (verb.map_tmean [C, H, W]) or 'none'; verb.local
     # [N, C] is stored whenever there are det.local boxes. None: 'none' with a detector (the smallest
@@ -61,6 +64,12 @@ class BuildConfig:
     split: str | None = None  # a named split (featstore.epic.splits.NAMED_SPLITS)
     where: str | None = None  # DuckDB WHERE over the annotation columns
     limit: int | None = None  # first N selected segments (file order), before sharding
+    # Temporal views (docs/views.md): the segments of views_where get `views` clips each (view 0 the
+    # centre one, the others centred on frames drawn under `seed`), every other segment one. 1: one
+    # clip per segment, the store as without views. views_where None: the training halves of the
+    # validation protocols (featstore.epic.splits.training_selection).
+    views: int = 1
+    views_where: str | None = None
     device: str = "cpu"  # 'cpu' or 'cuda' (a rank uses cuda:LOCAL_RANK)
     amp: str = "fp16"  # autocast dtype on CUDA: 'fp16', 'bf16' or 'off'; CPU always runs fp32
     batch_size: int = 8  # segments per backbone forward
@@ -88,6 +97,8 @@ class BuildConfig:
                 "precomputed boxes need a detector spec too: its box head pools the features at the "
                 "given boxes (e.g. --detector fasterrcnn_resnet50_fpn:/path/model.pth --boxes FILE)"
             )
+        if self.det_feature not in DET_FEATURES:
+            raise BuildError(f"det_feature must be one of {', '.join(DET_FEATURES)}, got {self.det_feature!r}")
         if self.boxes_coords not in ("pixel", "normalized"):
             raise BuildError(f"boxes_coords must be 'pixel' or 'normalized', got {self.boxes_coords!r}")
         if self.device not in ("cpu", "cuda"):
@@ -99,6 +110,13 @@ class BuildConfig:
                 raise BuildError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.workers < 0:
             raise BuildError(f"workers must be >= 0, got {self.workers}")
+        if self.views < 1:
+            raise BuildError(f"views must be >= 1, got {self.views}")
+        if self.views_where is not None and self.views == 1:
+            raise BuildError("--views-where selects the segments that get --views K views; give --views K > 1 too")
+        if self.views > 1 and self.sampling is not None and self.sampling.clip_sampling != "centred":
+            raise BuildError("temporal views move a centred clip (3D CNNs); segment sampling (TSN / TSM) "
+                             "has no centre to move: build it without --views")
         if self.limit is not None and self.limit < 0:
             raise BuildError(f"limit must be >= 0, got {self.limit}")
         if self.fps is not None and not self.fps > 0:
@@ -113,6 +131,17 @@ class BuildConfig:
             raise BuildError(
                 "--map none keeps only verb.local, which is the verb map pooled at the det.local boxes: a build "
                 "without --detector has none. Give a detector, or --map full / time-mean")
+
+    @property
+    def views_selection(self) -> str | None:
+        """The WHERE expression of the segments that get ``views`` views (None without views)."""
+        if self.views == 1:
+            return None
+        if self.views_where is not None:
+            return self.views_where
+        from featstore.epic.splits import training_selection
+
+        return training_selection()
 
     @property
     def map_mode(self) -> str:
@@ -146,6 +175,7 @@ class BuildReport:
     world_size: int = 1
     selected: int = 0  # segments of this rank's share of the selection
     built: int = 0  # stored now
+    views: int = 0  # temporal views stored now (== built without views)
     skipped: int = 0  # already stored by an earlier run
     failed: list[tuple[str, str]] = field(default_factory=list)  # (uid, reason), this run
     seconds: float = 0.0  # wall time of the decode + compute + write loop
@@ -159,8 +189,9 @@ class BuildReport:
     def summary(self) -> str:
         """A few lines for the terminal: counts, rate, and the failed segments with their reasons."""
         who = f" (rank {self.rank} of {self.world_size}, shard {self.shard})" if self.world_size > 1 else ""
+        views = f" ({self.views} views)" if self.views != self.built else ""
         lines = [
-            f"built {self.built}, already stored {self.skipped}, failed {len(self.failed)} "
+            f"built {self.built}{views}, already stored {self.skipped}, failed {len(self.failed)} "
             f"of {self.selected} segments{who} in {self.seconds:.1f} s ({self.segments_per_second:.2f} segments/s)",
         ]
         for uid, reason in self.failed[:20]:
@@ -170,6 +201,64 @@ class BuildReport:
                          f"from segments where status = '{STATUS_FAILED}'\")")
         if self.failed:
             lines.append("rerun the same command to retry the failed segments (stored ones are skipped)")
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class BuildEstimate:
+    """What a build would store, before it runs (`featstore build --dry-run`): counts and bytes.
+
+    Attributes:
+        segments: segments of the selection (this rank's share not taken: the whole build).
+        with_views: those that get ``views`` temporal views; the others get one.
+        views: views per segment of ``views_where`` (1 without views).
+        views_where: the views' selection, or None.
+        fields: field -> (dtype, shape) the store holds.
+        bytes_per_view: field -> bytes of one view as LMDB lays it out (`featstore.store.sizes`).
+        stored: segments the store holds already (a resumed build skips them), or 0.
+    """
+
+    segments: int
+    with_views: int
+    views: int
+    views_where: str | None
+    fields: dict[str, tuple[str, tuple[int, ...]]]
+    bytes_per_view: dict[str, int]
+    stored: int = 0
+
+    @property
+    def total_views(self) -> int:
+        return self.segments - self.with_views + self.with_views * self.views
+
+    @property
+    def view_bytes(self) -> int:
+        """Bytes of one view (every field) in LMDB."""
+        return sum(self.bytes_per_view.values())
+
+    @property
+    def total_bytes(self) -> int:
+        """Every view's fields in LMDB: the store's size, less its index and journal (a few KiB a view)."""
+        return self.total_views * self.view_bytes
+
+    def to_json(self) -> dict[str, Any]:
+        return {"segments": self.segments, "with_views": self.with_views, "views": self.views,
+                "views_where": self.views_where, "total_views": self.total_views,
+                "fields": {name: {"dtype": dtype, "shape": list(shape)} for name, (dtype, shape) in self.fields.items()},
+                "bytes_per_view": dict(self.bytes_per_view), "view_bytes": self.view_bytes,
+                "total_bytes": self.total_bytes, "stored": self.stored}
+
+    def summary(self) -> str:
+        """The lines `featstore build --dry-run` prints."""
+        lines = [f"segments    {self.segments} selected"
+                 + (f" ({self.stored} stored already)" if self.stored else "")]
+        if self.views > 1:
+            lines.append(f"views       {self.views} for the {self.with_views} segments where {self.views_where}, 1 for "
+                         f"the other {self.segments - self.with_views}: {self.total_views} views")
+        lines.append(f"{'fields':<23}{'dtype':<9}{'shape':<16}bytes per view in LMDB")
+        for name, (dtype, shape) in self.fields.items():
+            lines.append(f"  {name:<20} {dtype:<8} {str(list(shape)):<15} {self.bytes_per_view[name] / 1024:>10,.1f} KiB")
+        lines.append(f"size        {self.view_bytes / 1024:,.1f} KiB per view x {self.total_views} views = "
+                     f"{self.total_bytes / 2**20:,.1f} MiB, plus a few KiB per view of index and journal")
         return "\n".join(lines)
 
 

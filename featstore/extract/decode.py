@@ -1,8 +1,10 @@
 """Decoding a build's segments (DataLoader workers): plan the frames, read them, resize the clip.
 
-`SegmentFrames` decodes one segment per item: its sampling plan (`featstore.epic.sampling.plan_segment`),
-the clip and the detection frames read in one pass over the video, the clip resized to the store's
-input size. A bad input becomes a failed item (`DecodedSegment.error`), not an exception, so one
+`SegmentFrames` decodes one segment per item: its sampling plan (`featstore.epic.sampling.plan_segment`,
+or one plan per temporal view, `featstore.epic.views.plan_views`), the clips and the detection frames
+read in one pass over the video (each distinct frame decoded and resized once), the clips resized to
+the store's input size. The views of a segment share most frames: a clip two views have in common is
+kept once (`DecodedSegment.clip_rows`), and the detection frames are the union of the views' windows. A bad input becomes a failed item (`DecodedSegment.error`), not an exception, so one
 corrupt JPEG costs one segment. `collate_segments` stacks a batch's clips in the worker.
 """
 from __future__ import annotations
@@ -15,11 +17,12 @@ import torch
 from torch import Tensor
 
 from featstore.epic.frames import FrameError, FrameSource, stack_snippets
-from featstore.epic.sampling import SamplingConfig, SegmentPlan, plan_segment
+from featstore.epic.sampling import SamplingConfig, SegmentPlan
+from featstore.epic.views import plan_views
 from featstore.extract.config import BuildError
-from featstore.extract.plan import input_size_for
+from featstore.extract.plan import input_size_for, store_input_size
 
-__all__ = ["DecodedBatch", "DecodedSegment", "SegmentFrames", "collate_segments", "decoded_batches",
+__all__ = ["DecodedBatch", "DecodedSegment", "SegmentFrames", "clip_batches", "collate_segments", "decoded_batches",
            "probe_input_size", "resize_frames"]
 
 
@@ -29,10 +32,13 @@ class DecodedSegment:
 
     Attributes:
         index: position in the build's to-do list.
-        plan: the sampling plan (None when planning failed).
-        clip: uint8 (T, H, W, C) at the store's input size; with stacked frames (TSN / TSM flow) T
-            is the number of samples and C = snippet frames x channels.
-        det_frames: the distinct detection frames, ascending.
+        plan: the sampling plan of view 0 (None when planning failed).
+        clip: uint8 (D, T, H, W, C): the segment's D distinct clips at the store's input size (D = 1
+            without views); with stacked frames (TSN / TSM flow) T is the number of samples and C =
+            snippet frames x channels.
+        plans: the plan of each view (``plans[0] is plan``).
+        clip_rows: for each view, its clip's row in ``clip`` (views with the same frames share one).
+        det_frames: the distinct detection frames of every view, ascending.
         det_images: uint8 (F, h, w, 3) RGB frames for the detector, F = len(det_frames).
         source_size: (H, W) of the video's source RGB frames (to normalise pixel boxes).
         error: why the segment failed, or None.
@@ -41,6 +47,8 @@ class DecodedSegment:
     index: int
     plan: SegmentPlan | None = None
     clip: Tensor | None = None
+    plans: tuple[SegmentPlan, ...] = ()
+    clip_rows: tuple[int, ...] = (0,)
     det_frames: tuple[int, ...] = ()
     det_images: Tensor | None = None
     source_size: tuple[int, int] | None = None
@@ -78,8 +86,17 @@ class SegmentFrames(torch.utils.data.Dataset):
         fallback_fps: float | None,
         input_size: tuple[int, int],
         det_short_side: int | None,
+        views: Sequence[int] | None = None,
+        views_seed: int = 0,
     ) -> None:
+        """Args: the segments (to-do order), the frame sources, the sampling, the store's input size,
+        the detector's short side; ``views``: each row's number of temporal views (None: one each),
+        their centres drawn under ``views_seed`` (`featstore.epic.views.view_centres`)."""
         self.rows = [dict(row) for row in rows]
+        self.views = [1] * len(self.rows) if views is None else [int(v) for v in views]
+        if len(self.views) != len(self.rows):
+            raise ValueError(f"{len(self.rows)} rows but {len(self.views)} view counts")
+        self.views_seed = views_seed
         self.source = source
         self.det_source = det_source  # None: no detection frames are read
         self.sampling = sampling
@@ -111,23 +128,34 @@ class SegmentFrames(torch.utils.data.Dataset):
             # Flow clips, RGB detections: plan within what both can deliver.
             n_frames = min(n_frames, self.det_source.n_frames(participant, video))
         try:
-            plan = plan_segment(int(row["start_frame"]), int(row["stop_frame"]), fps=float(fps),
-                                n_frames=n_frames, config=self.sampling)
+            plans = plan_views(int(row["start_frame"]), int(row["stop_frame"]), fps=float(fps), n_frames=n_frames,
+                               config=self.sampling, count=self.views[index], seed=self.views_seed,
+                               uid=str(row["uid"]))
         except ValueError as err:  # e.g. a segment that starts past the video's last frame
             return DecodedSegment(index=index, error=f"cannot sample video {video}: {err}")
-        det_frames = plan.detection_frames if self.det_source is not None else ()
-        n_clip = len(plan.clip_frames)
+        plan = plans[0]
+        # Views whose clips have the same frames share one clip (and one backbone pass).
+        distinct: dict[tuple[int, ...], int] = {}
+        clip_rows = tuple(distinct.setdefault(p.clip_frames, len(distinct)) for p in plans)
+        det_frames = (tuple(sorted({f for p in plans for f in p.detection_frames}))
+                      if self.det_source is not None else ())
+        # Every distinct clip frame once: decoded once by the source, resized once here.
+        clip_frames = sorted({f for frames in distinct for f in frames})
+        n_clip = len(clip_frames)
         det_images = None
         if self.det_source is self.source:
-            # One read: a video file is decoded in one forward pass over the clip and both windows.
-            frames = self.source.read(participant, video, list(plan.clip_frames) + list(det_frames))
-            clip, det_images = frames[:n_clip], frames[n_clip:]
+            # One read: a video file is decoded in one forward pass over the clips and all windows.
+            frames = self.source.read(participant, video, clip_frames + list(det_frames))
+            unique, det_images = frames[:n_clip], frames[n_clip:]
         else:
-            clip = self.source.read(participant, video, list(plan.clip_frames))
+            unique = self.source.read(participant, video, clip_frames)
             if det_frames:
                 det_images = self.det_source.read(participant, video, list(det_frames))
-        source_size = tuple(int(s) for s in (det_images if det_images is not None and len(det_images) else clip).shape[1:3])
-        clip = stack_snippets(resize_frames(clip, *self.input_size), self.sampling.snippet_frames)
+        source_size = tuple(int(s) for s in (det_images if det_images is not None and len(det_images) else unique).shape[1:3])
+        unique = resize_frames(unique, *self.input_size)
+        at = {frame: i for i, frame in enumerate(clip_frames)}
+        clip = np.stack([stack_snippets(unique[[at[f] for f in frames]], self.sampling.snippet_frames)
+                         for frames in distinct])  # (D, T, H, W, C)
         det_tensor = None
         if det_images is not None and len(det_images):
             if self.det_short_side is not None and min(source_size) > self.det_short_side:
@@ -137,6 +165,8 @@ class SegmentFrames(torch.utils.data.Dataset):
             index=index,
             plan=plan,
             clip=torch.from_numpy(np.ascontiguousarray(clip)),
+            plans=tuple(plans),
+            clip_rows=clip_rows,
             det_frames=tuple(det_frames),
             det_images=det_tensor,
             source_size=source_size,  # type: ignore[arg-type]
@@ -150,11 +180,14 @@ class DecodedBatch:
     Attributes:
         items: every segment of the batch, in to-do order; failed ones carry their error. The
             readable ones' clips have moved into ``clips`` (their ``clip`` is None).
-        clips: uint8 (B, T, H, W, C) of the items without an error, in item order; None when all failed.
+        clips: uint8 (B, T, H, W, C): the distinct clips of the items without an error, item after
+            item; None when all failed.
+        first_rows: for each readable item (by its ``index``), the row of its first clip in ``clips``.
     """
 
     items: list[DecodedSegment]
     clips: Tensor | None
+    first_rows: dict[int, int] | None = None
 
     def pin_memory(self) -> "DecodedBatch":
         # Called by the DataLoader's pin thread (CUDA builds): page-locked buffers make the copies
@@ -162,16 +195,44 @@ class DecodedBatch:
         for item in self.items:
             if item.det_images is not None:
                 item.det_images = item.det_images.pin_memory()
-        return DecodedBatch(items=self.items, clips=None if self.clips is None else self.clips.pin_memory())
+        return DecodedBatch(items=self.items, clips=None if self.clips is None else self.clips.pin_memory(),
+                            first_rows=self.first_rows)
 
 
 def collate_segments(items: list[DecodedSegment]) -> DecodedBatch:
     """Stack the clips of a batch (in the worker, so the main process receives one tensor)."""
     good = [item for item in items if item.error is None]
-    clips = torch.stack([item.clip for item in good]) if good else None  # type: ignore[misc]
+    clips = torch.cat([item.clip for item in good]) if good else None  # type: ignore[misc]
+    first_rows, row = {}, 0
     for item in good:
+        first_rows[item.index] = row
+        row += int(item.clip.shape[0])  # type: ignore[union-attr]
         item.clip = None
-    return DecodedBatch(items=items, clips=clips)
+    return DecodedBatch(items=items, clips=clips, first_rows=first_rows)
+
+
+def clip_batches(views: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Consecutive segments in batches of at most ``batch_size`` views (a segment of more views is a
+    batch of its own): the decoded clips in flight, and one backbone forward, stay near the batch size.
+
+    Args:
+        views: each segment's number of views, in to-do order.
+        batch_size: views per batch, >= 1.
+    Returns:
+        The batches' segment indices (without views: chunks of ``batch_size`` segments).
+    """
+    batches: list[list[int]] = []
+    current: list[int] = []
+    held = 0
+    for index, count in enumerate(views):
+        if current and held + count > batch_size:
+            batches.append(current)
+            current, held = [], 0
+        current.append(index)
+        held += count
+    if current:
+        batches.append(current)
+    return batches
 
 
 def decoded_batches(dataset: SegmentFrames, *, batch_size: int, workers: int,
@@ -180,7 +241,8 @@ def decoded_batches(dataset: SegmentFrames, *, batch_size: int, workers: int,
 
     Args:
         dataset: the segments to decode, in to-do order.
-        batch_size: segments per batch.
+        batch_size: clips per batch: segments without temporal views, else consecutive segments
+            whose views add up to at most this (`clip_batches`).
         workers: decode worker processes; they start with the iterator.
         pin_memory: page-locked batches, for asynchronous copies to a CUDA device.
     """
@@ -188,8 +250,7 @@ def decoded_batches(dataset: SegmentFrames, *, batch_size: int, workers: int,
         return iter(())
     loader = torch.utils.data.DataLoader(
         dataset,
-        batch_size=batch_size,
-        shuffle=False,
+        batch_sampler=clip_batches(dataset.views, batch_size),
         num_workers=workers,
         collate_fn=collate_segments,
         pin_memory=pin_memory,
@@ -198,8 +259,10 @@ def decoded_batches(dataset: SegmentFrames, *, batch_size: int, workers: int,
     return iter(loader)
 
 
-def probe_input_size(rows: Sequence[Mapping[str, Any]], source: FrameSource, size: int) -> tuple[tuple[int, int], str]:
-    """The store's (H, W): the first readable video of the selection (sorted by uid), short side resized.
+def probe_input_size(rows: Sequence[Mapping[str, Any]], source: FrameSource,
+                     sampling: SamplingConfig) -> tuple[tuple[int, int], str]:
+    """The store's (H, W): the first readable video of the selection (sorted by uid), resized as
+    ``sampling`` says (`featstore.extract.plan.store_input_size`).
 
     Returns:
         ((H, W), video_id it came from).
@@ -220,5 +283,5 @@ def probe_input_size(rows: Sequence[Mapping[str, Any]], source: FrameSource, siz
         except (FrameError, OSError) as err:
             first_error = first_error or str(err)
             continue
-        return input_size_for(int(image.shape[1]), int(image.shape[2]), size), video
+        return store_input_size(int(image.shape[1]), int(image.shape[2]), sampling), video
     raise BuildError(f"no video of the selection could be read to size the store: {first_error}")

@@ -33,6 +33,7 @@ __all__ = [
     "ResolvedSampling",
     "detection_slots",
     "input_size_for",
+    "store_input_size",
     "resolve_sampling",
     "shard_uids",
     "store_fields",
@@ -177,6 +178,23 @@ def input_size_for(height: int, width: int, size: int) -> tuple[int, int]:
     if height <= width:
         return size, max(1, int(math.floor(width * size / height + 0.5)))
     return max(1, int(math.floor(height * size / width + 0.5))), size
+
+
+def store_input_size(height: int, width: int, sampling: SamplingConfig) -> tuple[int, int]:
+    """The (H, W) every clip of a store is resized to, from its first video's frame size.
+
+    ``resize="short-side"``: `input_size_for` (aspect kept); ``"square"``: ``size x size``, the frame
+    squeezed without cropping (the report's R(2+1)D-34 stage-2 input, "128 x 128 without cropping").
+
+    Args:
+        height, width: source frame size in pixels.
+        sampling: the build's sampling (``size`` and ``resize``).
+    Returns:
+        (H, W).
+    """
+    if sampling.resize == "square":
+        return sampling.size, sampling.size
+    return input_size_for(height, width, sampling.size)
 
 
 def store_fields(

@@ -9,7 +9,10 @@ One call, `build_store(BuildConfig) -> BuildReport`:
 3. In the main process, on the device (`featstore.extract.compute`): the VerbNet and NounNet on the
    same batched clip, the detector once per distinct frame of the batch. Decoding of the next batches
    overlaps with this compute.
-4. Write each segment atomically into this rank's LMDB shard (``rank{rank}``) and Parquet parts:
+   With temporal views (``--views K``, docs/views.md) a training segment is decoded with the clips
+   of all its views at once; a clip two views share is computed once, and every detection frame of
+   the views' windows is detected once (``run_detector``'s distinct frames).
+4. Write each segment (all its views in one transaction) atomically into this rank's LMDB shard (``rank{rank}``) and Parquet parts:
    the store reads all shards as one, with no merge step. A crash loses only the segments in flight;
    a rerun skips stored segments and retries failed ones, after checking that it builds with the
    store's settings.
@@ -32,6 +35,7 @@ from featstore.epic.frames import MODALITY_CHANNELS, EpicJpegFrames, FrameSource
 from featstore.epic.metadata import find_video_info, read_video_info
 from featstore.epic.sampling import SamplingConfig
 from featstore.epic.splits import resolve_selection, select_segments
+from featstore.epic.views import VIEW_CENTRE_RULE
 from featstore.extract.compute import (
     BuiltModels,
     apply_map_choice,
@@ -41,18 +45,21 @@ from featstore.extract.compute import (
     segment_outputs,
     unstorable,
 )
-from featstore.extract.config import RANDOM_WEIGHTS_NOTE, BuildConfig, BuildError, BuildReport
+from featstore.extract.config import RANDOM_WEIGHTS_NOTE, BuildConfig, BuildError, BuildEstimate, BuildReport
 from featstore.extract.decode import DecodedBatch, SegmentFrames, decoded_batches, probe_input_size
 from featstore.extract.plan import ResolvedSampling, resolve_sampling, shard_uids, store_fields
 from featstore.io.allocator import keep_freed_memory
 from featstore.io.progress import progress_bar
 from featstore.models import backbone_map_shape, file_sha256, get_backbone_record, parse_model_spec
+from featstore.models.detectors import BOX_HEAD
+from featstore.store.health import coverage_warning, detection_coverage
 from featstore.store.local_pool import local_recipe
 from featstore.store.reader import FeatureStore
-from featstore.store.schema import MANIFEST_NAME, STATUS_OK, VERB_LOCAL, VERB_MAP
+from featstore.store.sizes import segment_bytes
+from featstore.store.schema import MANIFEST_NAME, STATUS_OK, VERB_LOCAL, VERB_MAP, VIEW_COLUMN
 from featstore.store.writer import StoreWriter
 
-__all__ = ["build_store"]
+__all__ = ["build_store", "estimate_build"]
 
 
 def _resolve_sampling(config: BuildConfig) -> ResolvedSampling:
@@ -103,18 +110,32 @@ def _signature(config: BuildConfig, models: BuiltModels, boxes_record: Mapping[s
         "verb_map": config.map_mode,
         "local_pool": config.local_pool if config.stores_local else None,
         "detector": model(models.provenance["detector"]),
+        "detector_feature": config.det_feature if config.detector is not None else None,
         "boxes": None if boxes_record is None else {"sha256": boxes_record["sha256"], "coords": boxes_record["coords"]},
         "sampling": config.sampling.to_dict(),
         "seed": config.seed if random_weights else None,
         "video_info_sha256": video_info.get("sha256"),
         "fallback_fps": config.fps,
+        # Only with views, so that a one-view store's signature (and resuming it) is as before.
+        **({"views": _views_record(config, rule=False)} if config.views > 1 else {}),
     }
+
+
+def _views_record(config: BuildConfig, *, rule: bool = True) -> dict[str, Any]:
+    """What the manifest records of a build's temporal views (docs/views.md)."""
+    record: dict[str, Any] = {"count": config.views, "where": config.views_selection,
+                              "where_given": config.views_where is not None, "seed": config.seed}
+    if rule:
+        record["centres"] = VIEW_CENTRE_RULE
+    return record
 
 
 def _provenance(config: BuildConfig, models: BuiltModels, signature: Mapping[str, Any], input_size: tuple[int, int],
                 input_video: str, boxes_record: Mapping[str, Any] | None, video_info: Mapping[str, Any]) -> dict[str, Any]:
     sampling = config.sampling
+    views = {"views": _views_record(config)} if config.views > 1 else {}
     return {
+        **views,
         "source": "build",
         "featstore_version": __version__,
         "command": config.command,
@@ -137,7 +158,9 @@ def _provenance(config: BuildConfig, models: BuiltModels, signature: Mapping[str
         "size": sampling.size,
         "input_size": list(input_size),  # (H, W) every clip is resized to
         "input_size_from": input_video,
-        "crop": None,  # no crop: the short side is resized to `size`, then the frame to input_size
+        "crop": None,  # no crop: the short side is resized to `size` (or the frame to size x size), then to input_size
+        "resize": sampling.resize,
+        "resample_fps": sampling.resample_fps,
         "det_fps": sampling.det_fps,
         "det_global_seconds": sampling.det_global_seconds,
         "det_local_seconds": sampling.det_local_seconds,
@@ -174,6 +197,8 @@ def _check_resumable(store: FeatureStore, signature: Mapping[str, Any]) -> None:
     if isinstance(stored.get("sampling"), Mapping):
         # Stores built before a sampling field existed hold its default implicitly.
         stored["sampling"] = SamplingConfig.from_dict(stored["sampling"]).to_dict()
+    if "detector_feature" not in stored:  # stores built before --det-feature hold the box head's
+        stored["detector_feature"] = BOX_HEAD if stored.get("detector") is not None else None
     # JSON round trips turn tuples into lists; compare as JSON.
     differ = [key for key in sorted(set(signature) | set(stored))
               if json.dumps(stored.get(key), sort_keys=True) != json.dumps(signature.get(key), sort_keys=True)]
@@ -224,7 +249,7 @@ def _open_store(config: BuildConfig, models: BuiltModels, selection: Sequence[Ma
         # create() on an existing store checks that the field schema is identical.
         store = FeatureStore.create(config.store, fields=fields_for(input_size))  # type: ignore[arg-type]
     else:
-        input_size, input_video = probe_input_size(selection, source, config.sampling.size)
+        input_size, input_video = probe_input_size(selection, source, config.sampling)
         provenance = _provenance(config, models, signature, input_size, input_video, boxes_record, video_info)
         store = FeatureStore.create(config.store, fields=fields_for(input_size), provenance=provenance,
                                     derived=derived_for(input_size))
@@ -240,6 +265,7 @@ def _record_run(store: FeatureStore, config: BuildConfig) -> None:
     runs = list(store.manifest.get("provenance", {}).get("runs", []))
     runs.append({"command": config.command, "annotations": str(config.annotations.resolve()),
                  "split": config.split, "where": config.where, "limit": config.limit,
+                 **({"views": config.views, "views_where": config.views_selection} if config.views > 1 else {}),
                  "world_size": config.world_size, "featstore_version": __version__,
                  "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     store.update_provenance(runs=runs)
@@ -249,7 +275,12 @@ def _record_run(store: FeatureStore, config: BuildConfig) -> None:
 # the service
 
 
-def _select(config: BuildConfig) -> list[dict[str, Any]]:
+def _select(config: BuildConfig) -> tuple[list[dict[str, Any]], set[str]]:
+    """The selected segments, and the uids among them that get ``config.views`` views.
+
+    The views' selection goes through `select_segments` like any other (one checked expression
+    bound as a filter, never pasted into SQL).
+    """
     table = read_segments(config.annotations)
     try:
         table = select_segments(table, resolve_selection(config.split, config.where))
@@ -257,7 +288,13 @@ def _select(config: BuildConfig) -> list[dict[str, Any]]:
         raise BuildError(str(err)) from err
     if config.limit is not None:
         table = table.slice(0, config.limit)
-    return table.to_pylist()
+    with_views: set[str] = set()
+    if config.views > 1:
+        try:
+            with_views = {str(uid) for uid in select_segments(table, config.views_selection).column("uid").to_pylist()}
+        except ValueError as err:
+            raise BuildError(f"--views-where: {err}") from err
+    return table.to_pylist(), with_views
 
 
 def _video_info(config: BuildConfig) -> tuple[dict[str, float], dict[str, Any]]:
@@ -285,7 +322,11 @@ def build_store(config: BuildConfig, *, on_segment: Callable[[str], None] | None
     _check_device(config)
     sampling = _resolve_sampling(config)
     config = replace(config, sampling=sampling.config, sampling_overrides={})
-    selection = _select(config)
+    if config.views > 1 and config.sampling.clip_sampling != "centred":
+        raise BuildError(f"temporal views move a centred clip (3D CNNs); {config.verb_backbone} samples "
+                         f"{config.sampling.clip_sampling!r} (TSN / TSM), which has no centre to move: build it "
+                         "without --views")
+    selection, with_views = _select(config)
     report = BuildReport(store=config.store, shard=config.shard, rank=config.rank, world_size=config.world_size)
     if not selection:
         report.warnings.append("no segment matches the selection; nothing to do")
@@ -315,9 +356,60 @@ def build_store(config: BuildConfig, *, on_segment: Callable[[str], None] | None
             config.frames_root, modality="rgb", fps_by_video=fps_by_video)  # type: ignore[arg-type]
     dataset = SegmentFrames(todo, source=source, det_source=det_source, sampling=config.sampling,
                             fallback_fps=config.fps, input_size=tuple(store.manifest["provenance"]["input_size"]),
-                            det_short_side=_detector_short_side(models))
+                            det_short_side=_detector_short_side(models),
+                            views=[config.views if str(row["uid"]) in with_views else 1 for row in todo],
+                            views_seed=config.seed)
     _write_segments(store, dataset, models, boxes, report, config, on_segment)
+    # A detector that finds nothing still builds a store; say so before a head trains on padding.
+    empty_boxes = coverage_warning(detection_coverage(store), where=str(config.store))
+    if empty_boxes is not None:
+        report.warnings.append(empty_boxes)
     return report
+
+
+def estimate_build(config: BuildConfig) -> BuildEstimate:
+    """What `build_store` would store, without running a model on a frame (`featstore build --dry-run`).
+
+    The models are built (their records and the detector's feature size set the fields), one frame
+    is read to size the input (or the store's own size when it exists), and the selection and its
+    views are counted; nothing is written.
+
+    Returns:
+        The estimate: segments, views, fields and bytes per view and in all.
+    Raises:
+        BuildError: as `build_store` would, before its first segment.
+    """
+    _check_device(config)
+    sampling = _resolve_sampling(config)
+    config = replace(config, sampling=sampling.config, sampling_overrides={})
+    if config.views > 1 and config.sampling.clip_sampling != "centred":
+        raise BuildError("temporal views move a centred clip; this backbone samples segments (TSN / TSM)")
+    selection, with_views = _select(config)
+    if not selection:
+        raise BuildError("no segment matches the selection; nothing to estimate")
+    models = build_models(config, sampling)
+    stored = 0
+    if (config.store / MANIFEST_NAME).is_file():
+        store = FeatureStore.open(config.store)
+        input_size = tuple(store.manifest["provenance"]["input_size"])
+        stored = len(set(store.uids()) & {str(row["uid"]) for row in selection})
+    else:
+        fps_by_video, _ = _video_info(config)
+        try:
+            source = open_frame_source(frames_root=config.frames_root, videos_dir=config.videos_dir,
+                                       modality=config.modality, fps_by_video=fps_by_video)
+        except ValueError as err:
+            raise BuildError(str(err)) from err
+        input_size, _ = probe_input_size(sorted(selection, key=lambda row: str(row["uid"])), source, config.sampling)
+    detector_dim = models.detector_record.feature_dim if models.detector_record is not None else None
+    fields = store_fields(verb_record=models.verb_record, noun_record=models.noun_record, sampling=config.sampling,
+                          input_size=input_size, detector_dim=detector_dim,  # type: ignore[arg-type]
+                          noun_map=config.noun_map, verb_map=config.map_mode, verb_local=config.stores_local)
+    sizes = segment_bytes(fields)
+    return BuildEstimate(segments=len(selection), with_views=len(with_views), views=config.views,
+                         views_where=config.views_selection,
+                         fields={name: (spec.dtype, spec.shape) for name, spec in sorted(fields.items())},
+                         bytes_per_view={name: size["lmdb"] for name, size in sizes.items()}, stored=stored)
 
 
 def _check_device(config: BuildConfig) -> None:
@@ -352,6 +444,8 @@ def _todo(store: FeatureStore, by_uid: Mapping[str, Mapping[str, Any]], config: 
 def _write_segments(store: FeatureStore, dataset: SegmentFrames, models: BuiltModels, boxes: PrecomputedBoxes | None,
                     report: BuildReport, config: BuildConfig, on_segment: Callable[[str], None] | None) -> None:
     """The batch loop: decode ahead, compute, write each segment into this rank's shard (timed in ``report``)."""
+    # With views a segment brings up to K clips: a batch holds at most --batch-size of them (memory,
+    # one backbone forward), a segment of more views a batch of its own.
     batches = decoded_batches(dataset, batch_size=config.batch_size, workers=config.workers,
                               pin_memory=config.device == "cuda")  # starts the workers
     bar = progress_bar(total=len(dataset), desc=f"build {config.shard}" if config.world_size > 1 else "build",
@@ -390,20 +484,32 @@ def _process_batch(
         outputs = run_backbones(models, batch.clips, config)
         if models.detector is not None:
             detections = run_detector(models, good, rows, boxes, config)
-    at = {item.index: i for i, item in enumerate(good)}
+    at = batch.first_rows or {}
     for item in batch.items:  # in to-do order, failed ones included
         row = todo[item.index]
         uid = str(row["uid"])
         error = item.error
-        if error is None:
-            tensors, box_rows = segment_outputs(item, row, outputs, at[item.index], detections, models, config)
+        views: list[tuple[dict[str, Any], dict[str, np.ndarray], dict[str, list] | None]] = []
+        for view, plan in enumerate(item.plans if error is None else ()):
+            tensors, box_rows = segment_outputs(item, row, outputs, at[item.index], detections, models, config,
+                                                view=view)
             error = unstorable(tensors, writer.store.fields)
-            if error is None:
-                apply_map_choice(tensors, map_mode=config.map_mode,
-                                 local_pool=config.local_pool if config.stores_local else None)
+            if error is not None:
+                error = error if len(item.plans) == 1 else f"view {view}: {error}"
+                break
+            apply_map_choice(tensors, map_mode=config.map_mode,
+                             local_pool=config.local_pool if config.stores_local else None)
+            views.append(({**row, VIEW_COLUMN: view, "clip_start_frame": min(plan.clip_frames),
+                           "clip_stop_frame": max(plan.clip_frames), "clip_center": plan.clip_center,
+                           "window_center": plan.windows_center},
+                          tensors, box_rows))
         if error is None:
-            writer.put(row, tensors, boxes=box_rows)
+            if writer.views:
+                writer.put_views(views)  # every view of the segment, or none of them
+            else:
+                writer.put(row, views[0][1], boxes=views[0][2])
             report.built += 1
+            report.views += len(views)
         else:
             writer.fail(row, error)
             report.failed.append((uid, error))

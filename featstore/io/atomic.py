@@ -68,7 +68,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
     Returns:
         ``path``.
     Raises:
-        Whatever ``write`` or the file system raises; the temporary is removed first.
+        Whatever ``write`` or the file system raises; the temporary is removed first. An
+        ``OSError`` that names no file (a full disk seen by a library's writer) is raised again
+        naming ``path``, so that the user learns which file could not be written.
     """
     path = Path(path)
     tmp = temporary_name(path)
@@ -77,6 +79,13 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        _unlink_quietly(tmp)
+        if err.filename is None:
+            if err.errno is not None:
+                raise OSError(err.errno, err.strerror or str(err), str(path)) from err
+            raise OSError(f"{err}: {path}") from err
+        raise
     except BaseException:
         _unlink_quietly(tmp)
         raise

@@ -43,6 +43,8 @@ from featstore.models import resnet3d as resnet3d  # noqa: E402  isort: skip
 from featstore.models import i3d as i3d  # noqa: E402  isort: skip
 from featstore.models import slowfast as slowfast  # noqa: E402  isort: skip
 from featstore.models import tsn as tsn  # noqa: E402  isort: skip
+from featstore.models import swin3d as swin3d  # noqa: E402  isort: skip
+from featstore.models import spacetime_vit as spacetime_vit  # noqa: E402  isort: skip
 from featstore.models import detectron2_rcnn as detectron2_rcnn  # noqa: E402  isort: skip  (when installed)
 
 __all__ = [

@@ -3,8 +3,9 @@
 A backbone is described by a frozen `BackboneRecord` whose numbers (feature_dim, strides, input
 normalisation, default clip) set every downstream size. Model families register a builder together
 with the record and an exact output-size rule in their own files (`video_resnet.py`, `resnet3d.py`,
-`i3d.py`, `slowfast.py`, `tsn.py`); ``featstore.models`` imports those files so the registry is
-complete whenever this package is used. Adding a backbone is one such file (and its import there).
+`i3d.py`, `slowfast.py`, `tsn.py`, `swin3d.py`, `spacetime_vit.py`); ``featstore.models`` imports
+those files so the registry is complete whenever this package is used. Adding a backbone is one such
+file (and its import there).
 """
 from __future__ import annotations
 
@@ -17,7 +18,13 @@ import torch
 from torch import Tensor, nn
 
 from featstore.epic.frames import MODALITY_CHANNELS
-from featstore.models.checkpoints import LoadReport, load_checkpoint, parse_model_spec
+from featstore.models.checkpoints import (
+    LoadReport,
+    apply_state_dict,
+    parse_model_spec,
+    read_state_dict,
+    strip_common_prefix,
+)
 from featstore.models.registry import Registry
 
 # Optical flow frames (EPIC u/v JPEGs) are mapped to [0, 1]; 0.5 / 0.5 recentres them to [-1, 1],
@@ -26,6 +33,9 @@ FLOW_MEAN: float = 0.5
 FLOW_STD: float = 0.5
 # How a backbone's clip is taken from a segment (featstore.epic.sampling.CLIP_SAMPLINGS).
 CENTRED, SEGMENTS = "centred", "segments"
+# What a backbone's global feature is: the mean of its map over time and space (CNNs; Omnivore's head
+# reads the same), or the class token its publisher's classifier reads (ViTs; the map leaves it out).
+MAP_MEAN, CLASS_TOKEN = "map_mean", "class_token"
 
 
 @dataclass(frozen=True)
@@ -50,6 +60,8 @@ class BackboneRecord:
             (5 for TSN / TSM: 10 channels; 1 for the 3D CNNs: 2 channels).
         flow_mean: mean subtracted from [0, 1] flow values (every flow channel).
         flow_std: std flow values are divided by.
+        global_feature: ``"map_mean"`` (the global feature is the map's mean over T', H', W') or
+            ``"class_token"`` (the token the publisher's classifier reads, which the map does not hold).
     """
 
     name: str
@@ -66,8 +78,12 @@ class BackboneRecord:
     flow_snippet_frames: int = 1
     flow_mean: float = FLOW_MEAN
     flow_std: float = FLOW_STD
+    global_feature: str = MAP_MEAN
 
     def __post_init__(self) -> None:
+        if self.global_feature not in (MAP_MEAN, CLASS_TOKEN):
+            raise ValueError(f"{self.name}: global_feature must be {MAP_MEAN!r} or {CLASS_TOKEN!r}, "
+                             f"got {self.global_feature!r}")
         if self.clip_sampling not in (CENTRED, SEGMENTS):
             raise ValueError(f"{self.name}: clip_sampling must be {CENTRED!r} or {SEGMENTS!r}, got {self.clip_sampling!r}")
         if self.flow_snippet_frames < 1:
@@ -125,6 +141,21 @@ class VideoBackbone(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor(mean).view(1, in_channels, 1, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(std).view(1, in_channels, 1, 1, 1), persistent=False)
 
+    def translate_checkpoint(self, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+        """A checkpoint's state dict in this module's key layout (after the prefixes are stripped).
+
+        The default keeps it as it is. A family whose publisher saves one network under more than
+        one layout (AVION: with or without flash-attn's modules) renames the other layout's keys here,
+        one to one, so that every tensor of the file is still accounted for.
+
+        Args:
+            state_dict: ``{key: tensor}`` as read from the file.
+
+        Returns:
+            ``{key: tensor}`` to check and load.
+        """
+        return state_dict
+
     def forward_map(self, clip: Tensor) -> Tensor:
         """Last-stage map of a normalised clip.
 
@@ -144,13 +175,28 @@ class VideoBackbone(nn.Module):
 
         Returns:
             ``(feature_map, global_feature)``: (B, C, T', H', W') last-stage output before pooling,
-            and (B, C) its mean over T', H', W'.
+            and (B, C) its mean over T', H', W' (or, per the record's ``global_feature``, the class
+            token the publisher's classifier reads).
         """
         if clip.dim() != 5 or clip.shape[1] != self.in_channels:
             raise ValueError(
                 f"{self.record.name} expects clips (B, {self.in_channels}, T, H, W); got {tuple(clip.shape)}"
             )
         clip = (clip - self.pixel_mean.to(clip.dtype)) / self.pixel_std.to(clip.dtype)
+        return self.forward_features(clip)
+
+    def forward_features(self, clip: Tensor) -> tuple[Tensor, Tensor]:
+        """Map and global feature of a normalised clip; the global feature is the map's mean.
+
+        A family whose publisher's classifier reads something else (a ViT's class token: record
+        ``global_feature="class_token"``) overrides this.
+
+        Args:
+            clip: (B, Cin, T, H, W) normalised input.
+
+        Returns:
+            ``(feature_map, global_feature)``: (B, C, T', H', W') and (B, C).
+        """
         feature_map = self.forward_map(clip)  # (B, C, T', H', W')
         return feature_map, feature_map.mean(dim=(2, 3, 4))
 
@@ -239,6 +285,10 @@ def build_backbone(spec: str, *, in_channels: int = 3) -> tuple[VideoBackbone, B
 def load_backbone_checkpoint(backbone: VideoBackbone, path: str | Path) -> LoadReport:
     """Load a local checkpoint into a built backbone, ignoring its classifier head.
 
+    The file is read by `read_state_dict`; the backbone's ``checkpoint_prefixes`` are stripped, its
+    `VideoBackbone.translate_checkpoint` puts the keys in its layout, and `apply_state_dict` checks
+    and copies them (its ``classifier_prefixes`` dropped and reported).
+
     Args:
         backbone: a registered backbone.
         path: local checkpoint file.
@@ -249,11 +299,14 @@ def load_backbone_checkpoint(backbone: VideoBackbone, path: str | Path) -> LoadR
     Raises:
         CheckpointError: missing file or keys/shapes that do not fit.
     """
-    return load_checkpoint(
+    state_dict = read_state_dict(path)
+    for prefix in backbone.checkpoint_prefixes:
+        state_dict = strip_common_prefix(state_dict, prefix)
+    return apply_state_dict(
         backbone,
-        path,
+        backbone.translate_checkpoint(state_dict),
+        source=repr(str(path)),
         ignore_prefixes=backbone.classifier_prefixes,
-        strip_prefixes=backbone.checkpoint_prefixes,
         model_name=backbone.record.name,
     )
 

@@ -12,6 +12,7 @@ unpickler that resolves only an allow-list of classes and writes its state dict 
 """
 from __future__ import annotations
 
+import _compat_pickle
 import argparse
 import collections
 import datetime
@@ -89,8 +90,9 @@ _URL = re.compile(r"^(?:https?|ftp|s3|gs|hdfs|hf|file):/", re.IGNORECASE)
 
 def _require_local_file(path: Path) -> Path:
     if _URL.match(str(path)):
+        typed = re.sub(r"^([A-Za-z0-9]+):/(?!/)", r"\1://", str(path))  # as the user typed it
         raise CheckpointError(
-            f"checkpoint {str(path)!r} looks like a URL; featstore never downloads weights. "
+            f"checkpoint {typed!r} looks like a URL; featstore never downloads weights. "
             "Download the file yourself and pass its local path (NAME:/local/path.pt)."
         )
     if not path.is_file():
@@ -145,17 +147,37 @@ def _unwrap_state_dict(payload: Any, path: Path) -> tuple[dict[str, Tensor], tup
     if not isinstance(payload, Mapping):
         raise CheckpointError(f"checkpoint {str(path)!r} holds a {type(payload).__name__}, not a state dict")
     state_dict = {key: value for key, value in payload.items() if isinstance(value, Tensor)}
-    dropped += [str(key) for key, value in payload.items() if not isinstance(value, Tensor)]
+    if not state_dict and not dropped:
+        # No wrapper and no tensors at the top: a container of named parts, each a state dict
+        # (Omnivore's {'trunk': ..., 'heads': ...}). Their tensors keep the part's name as a prefix
+        # ("trunk.norm.weight", "heads.1.bias"), as the model holding the parts as attributes names them.
+        state_dict = {f"{part}.{key}": value for part, inner in payload.items() if isinstance(inner, Mapping)
+                      for key, value in inner.items() if isinstance(value, Tensor)}
+        parts = {str(key).split(".")[0] for key in state_dict}
+        dropped += [str(key) for key in payload if str(key) not in parts]
+    else:
+        dropped += [str(key) for key, value in payload.items() if not isinstance(value, Tensor)]
     if not state_dict:
         raise CheckpointError(f"checkpoint {str(path)!r} contains no tensors")
     return state_dict, tuple(dropped)
 
 
+def _looks_like_torch_file(path: Path) -> bool:
+    """Whether ``path`` starts as torch.save's output does: a zip archive, or (before torch 1.6) a pickle."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(4)
+    except OSError:
+        return False
+    return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
+
+
 def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     """Read a local checkpoint into a flat ``{key: tensor}`` state dict on the CPU.
 
-    Accepts a raw state dict or one stored under ``'state_dict'`` / ``'model'`` / ``'model_state'``,
-    and strips the ``'module.'`` prefix that (Distributed)DataParallel adds to every key.
+    Accepts a raw state dict, one stored under ``'state_dict'`` / ``'model'`` / ``'model_state'``, or
+    a container of named state dicts (Omnivore's ``{'trunk': ..., 'heads': ...}``: keys ``trunk.*``,
+    ``heads.*``), and strips the ``'module.'`` prefix that (Distributed)DataParallel adds to every key.
 
     Args:
         path: local checkpoint file (``torch.save`` output).
@@ -173,6 +195,12 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as error:
         reason = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip().splitlines()
+        if not _looks_like_torch_file(path):
+            raise CheckpointError(
+                f"{str(path)!r} is not a PyTorch checkpoint: it starts as neither the zip archive nor the "
+                "pickle that torch.save writes; check that the file is the checkpoint you meant and that "
+                "its download completed"
+            ) from error
         raise CheckpointError(
             f"cannot read checkpoint {str(path)!r} as a tensor checkpoint ({type(error).__name__}: "
             f"{reason[0] if reason else 'no details'}). featstore does not unpickle arbitrary Python "
@@ -367,9 +395,11 @@ _ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
 _NUMPY_MODULES = ("numpy.core.multiarray", "numpy._core.multiarray", "numpy")
 _NUMPY_NAMES = ("_reconstruct", "scalar", "ndarray", "dtype")
 # Packages whose classes a training framework pickles as plain configuration (Lightning's
-# hyper-parameters are omegaconf containers; its callback states are keyed by their class). They are
-# read as `_InertRecord`s: the package is never imported, so nothing of it runs.
-_INERT_PACKAGES = ("omegaconf", "pytorch_lightning", "lightning", "lightning_fabric")
+# hyper-parameters are omegaconf containers; its callback states are keyed by their class; AVION's
+# EK-100 scripts keep a pandas DataFrame of the action classes in the argparse.Namespace they save;
+# pandas 3 keeps its strings in pyarrow arrays). They are read as `_InertRecord`s: the package is
+# never imported, so nothing of it runs.
+_INERT_PACKAGES = ("omegaconf", "pytorch_lightning", "lightning", "lightning_fabric", "pandas", "pyarrow")
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
@@ -384,6 +414,10 @@ class _RestrictedUnpickler(pickle.Unpickler):
     inert_seen: set[str]
 
     def find_class(self, module: str, name: str) -> Any:
+        # Protocol-2 pickles (torch.save's default) name Python 2's modules for some builtins
+        # (``__builtin__.slice``, ``copy_reg._reconstructor``); the default find_class maps them back.
+        module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
         key = (module, name)
         if key in _ALLOWED_GLOBALS:
             return _ALLOWED_GLOBALS[key]
@@ -397,7 +431,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(
             f"refused to rebuild {module}.{name}: it is not on the allow-list of what checkpoints hold "
             "(tensors, plain containers, argparse.Namespace, numpy scalars, omegaconf/Lightning "
-            "configuration)"
+            "configuration, pandas tables)"
         )
 
 

@@ -9,13 +9,19 @@ get its final boxes (after score threshold and NMS), the boxes are expressed in 
 image coordinates, and the box RoI pooler plus box head run once more at exactly those boxes. The
 ``--boxes`` path (`ObjectDetector.features_at`) uses the same pooling on given boxes and skips the
 proposals, so both paths give identical features for identical boxes.
+
+Which tensor is the per-box feature (``--det-feature``, `DET_FEATURES`): ``box-head`` (default) is the
+box head's representation (FPN models: the FC head's output; detectron2's C4 models: res5 averaged
+over the box); ``roi`` is the RoIAlign output of the box pooler itself, averaged over its bins (the
+report's "output of the RoIAlign layer"; C4 models: the RoIAlign output before res5). README
+("Reproduce the paper") says which matches the report's detector and why ``box-head`` is the default.
 """
 from __future__ import annotations
 
 import os
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -43,6 +49,10 @@ from featstore.models.registry import Registry
 COCO_NUM_CLASSES = 91
 # torchvision's own default cap on detections per image; raised on the fly when topk asks for more.
 DEFAULT_DETECTIONS_PER_IMAGE = 100
+# What a detector stores per box: the box head's representation, or the box pooler's RoIAlign output
+# averaged over its bins (see the module docstring).
+BOX_HEAD, ROI = "box-head", "roi"
+DET_FEATURES = (BOX_HEAD, ROI)
 
 
 @dataclass(frozen=True)
@@ -51,7 +61,8 @@ class DetectorRecord:
 
     Attributes:
         name: registry name (recorded in the store manifest).
-        feature_dim: Cd, the per-box feature size (box head representation).
+        feature_dim: Cd, the per-box feature size (the box head's representation; a built detector's
+            record gives the size of the feature it was built to store, `ObjectDetector.use_feature`).
         description: one line for listings.
     """
 
@@ -92,10 +103,35 @@ class ObjectDetector(nn.Module):
     # (the file whose hash the store manifest records).
     load_report: LoadReport | None = None
     checkpoint: Path | None = None
+    # Which per-box feature `detect` and `features_at` return (`DET_FEATURES`); set by `use_feature`.
+    feature: str = BOX_HEAD
 
     def __init__(self, *, record: DetectorRecord) -> None:
         super().__init__()
         self.record = record
+
+    @property
+    def roi_feature_dim(self) -> int:
+        """Channels of the box pooler's RoIAlign output (the ``roi`` feature's size)."""
+        raise NotImplementedError
+
+    def use_feature(self, feature: str) -> None:
+        """Store ``feature`` per box from now on: ``box-head`` or ``roi`` (`DET_FEATURES`).
+
+        The record's ``feature_dim`` becomes that feature's size (the box head's representation, or
+        the channels of the feature maps the box pooler reads).
+
+        Raises:
+            ValueError: an unknown feature.
+        """
+        if feature not in DET_FEATURES:
+            raise ValueError(f"detector feature must be one of {', '.join(DET_FEATURES)}, got {feature!r}")
+        if feature != self.feature:
+            if self.feature == BOX_HEAD:
+                self._box_head_dim = self.record.feature_dim
+            dim = self.roi_feature_dim if feature == ROI else self._box_head_dim
+            self.record = replace(self.record, feature_dim=int(dim))
+            self.feature = feature
 
     @property
     def input_short_side(self) -> int | None:
@@ -248,6 +284,11 @@ class TorchvisionFasterRCNN(ObjectDetector):
         self.roi_heads.fg_bg_sampler.batch_size_per_image = roi_batch_size
 
     @property
+    def roi_feature_dim(self) -> int:
+        """See `ObjectDetector.roi_feature_dim`: the backbone's (FPN's) output channels."""
+        return int(self.backbone.out_channels)
+
+    @property
     def input_short_side(self) -> int:
         """See `ObjectDetector.input_short_side` (the transform's smallest ``min_size``)."""
         min_size = self.transform.min_size
@@ -287,6 +328,8 @@ class TorchvisionFasterRCNN(ObjectDetector):
             image_boxes = image_boxes.to(device=reference.device, dtype=torch.float32)
             pixel_boxes.append((image_boxes * pixel_scale(size, image_boxes)).to(reference.dtype))
         pooled = self.roi_heads.box_roi_pool(features, pixel_boxes, image_sizes)  # (N, 256, 7, 7)
+        if self.feature == ROI:
+            return list(pooled.mean(dim=(2, 3)).split(counts))  # (N, 256): RoIAlign over its bins
         representation = self.roi_heads.box_head(pooled)  # (N, Cd)
         return list(representation.split(counts))
 
@@ -384,6 +427,7 @@ def build_detector(
     num_classes: int | None = None,
     min_size: int | None = None,
     max_size: int | None = None,
+    feature: str = BOX_HEAD,
 ) -> tuple[ObjectDetector, DetectorRecord]:
     """Build a registered detector, optionally from a local checkpoint.
 
@@ -394,10 +438,11 @@ def build_detector(
         num_classes: classes incl. background; default: from the checkpoint, else 91 (COCO).
         min_size: short side the detector resizes images to (None: the model's default).
         max_size: cap on the long side after resizing (None: the model's default).
+        feature: the per-box feature it returns, ``box-head`` or ``roi`` (`DET_FEATURES`).
 
     Returns:
         ``(detector, record)``; a CPU module in eval mode. The record's feature_dim is the built
-        model's (for detectron2 it depends on the config).
+        model's for that feature (for detectron2 it depends on the config).
 
     Raises:
         UnknownModelError: unknown name.
@@ -408,6 +453,7 @@ def build_detector(
     detector = entry.factory(
         checkpoint, score_thresh=score_thresh, num_classes=num_classes, min_size=min_size, max_size=max_size
     )
+    detector.use_feature(feature)
     return detector.eval(), detector.record
 
 

@@ -51,6 +51,7 @@ from featstore.models.checkpoints import (
 )
 from featstore.models.detectors import (
     DEFAULT_DETECTIONS_PER_IMAGE,
+    ROI,
     Detections,
     DetectorRecord,
     ObjectDetector,
@@ -99,7 +100,8 @@ class Detectron2Detector(ObjectDetector):
 
     Supports ``StandardROIHeads`` (FPN box heads: features = ``box_head`` output, 1024 for the zoo
     FPN configs) and ``Res5ROIHeads`` (C4: features = the res5 output averaged over the RoI, 2048,
-    as its own box predictor sees it). Images are resized here, as detectron2's predictor does:
+    as its own box predictor sees it). With ``use_feature("roi")`` the feature is the box pooler's
+    RoIAlign output averaged over its bins instead (FPN: 256; C4: the res4 RoIAlign before res5, 1024). Images are resized here, as detectron2's predictor does:
     shortest edge to ``min_size`` capped by ``max_size`` (detectron2's rounding), bilinear with
     antialiasing (close to the PIL resize detectron2 trains with), then fed in the channel order and
     0-255 range of ``input_format``.
@@ -145,6 +147,13 @@ class Detectron2Detector(ObjectDetector):
     def input_short_side(self) -> int:
         """See `ObjectDetector.input_short_side`."""
         return self.min_size
+
+    @property
+    def roi_feature_dim(self) -> int:
+        """See `ObjectDetector.roi_feature_dim`: channels of the maps the box pooler reads."""
+        roi_heads = self.model.roi_heads
+        names = roi_heads.box_in_features if hasattr(roi_heads, "box_head") else roi_heads.in_features
+        return int(self.model.backbone.output_shape()[names[0]].channels)
 
     def save_checkpoint(self, path: str | os.PathLike) -> str:
         """Write the weights to ``path`` and the config to ``config.yaml`` beside it (both atomically).
@@ -202,10 +211,16 @@ class Detectron2Detector(ObjectDetector):
         roi_heads = self.model.roi_heads
         if hasattr(roi_heads, "box_head"):
             pooled = roi_heads.box_pooler([features[name] for name in roi_heads.box_in_features], pixel_boxes)
-            representation = roi_heads.box_head(pooled)  # (N, Cd)
+            if self.feature == ROI:
+                representation = pooled.mean(dim=(2, 3))  # (N, 256): RoIAlign over its bins
+            else:
+                representation = roi_heads.box_head(pooled)  # (N, Cd)
         else:
             pooled = roi_heads.pooler([features[name] for name in roi_heads.in_features], pixel_boxes)
-            representation = roi_heads.res5(pooled).mean(dim=(2, 3))  # (N, 2048)
+            if self.feature == ROI:
+                representation = pooled.mean(dim=(2, 3))  # (N, 1024): res4 RoIAlign, before res5
+            else:
+                representation = roi_heads.res5(pooled).mean(dim=(2, 3))  # (N, 2048)
         return list(representation.flatten(1).split(counts))
 
     @torch.no_grad()

@@ -105,17 +105,24 @@ def load_npz(path: Path) -> dict[str, np.ndarray]:
         raise ValueError(f"{type(err).__name__}: {err}") from err
 
 
-def _problem(arrays: Mapping[str, np.ndarray], specs: Mapping[str, FieldSpec]) -> str | None:
-    """Why a segment's arrays cannot be stored, or None. Schema disagreements are raised by the caller."""
+def value_problem(arrays: Mapping[str, np.ndarray], specs: Mapping[str, FieldSpec]) -> str | None:
+    """Why a segment's arrays cannot be stored (not numbers, NaN or inf, beyond the field's dtype),
+    or None. Schema disagreements are raised by the caller."""
     for name, array in arrays.items():
         if array.dtype.kind not in "biuf":
             return f"field {name} has dtype {array.dtype}, not a number"
-        if array.dtype.kind == "f" and not np.isfinite(array).all():
+        if not array.size:
+            continue
+        largest = float(np.abs(array).max())  # NaN and inf survive the max: one pass checks both
+        if array.dtype.kind == "f" and not np.isfinite(largest):
             return f"field {name} holds NaN or inf values"
+        target = np.dtype(specs[name].dtype)
+        if target.kind != "f" or largest <= float(np.finfo(target).max):
+            continue  # nothing beyond the target's range (the cast below is the slow, exact test)
         with np.errstate(over="ignore", invalid="ignore"):  # reported below, in words
-            cast = array.astype(specs[name].dtype)
-        if cast.dtype.kind == "f" and not np.isfinite(cast).all():
-            return f"field {name} overflows {specs[name].dtype} (max |value| {float(np.abs(array).max()):.3g})"
+            cast = array.astype(target)
+        if not np.isfinite(cast).all():
+            return f"field {name} overflows {target} (max |value| {largest:.3g})"
     return None
 
 
@@ -187,7 +194,7 @@ def import_npz(
                         f"{path}: field {name} has shape {list(array.shape)}, "
                         f"the store's (from the first segment) is {list(specs[name].shape)}"
                     )
-            problem = _problem(arrays, specs)
+            problem = value_problem(arrays, specs)
             if problem is not None:
                 writer.fail(row, f"{path.name}: {problem}")
                 report.failed.append((uid, problem))

@@ -1,7 +1,12 @@
 """Read-only DuckDB over a store's index: the sandbox behind `featstore query`.
 
-A connection gets three views -- ``segments`` (one row per uid), ``boxes`` (the rows of the kept
-attempt of each uid) and ``fields`` (the manifest's schema) -- and is then locked down:
+A connection gets three views -- ``segments`` (one row per uid and view), ``boxes`` (the rows of
+the kept attempt of each uid and view) and ``fields`` (the manifest's schema, and whether each field is complete: a
+field a derive is still writing is listed with ``complete`` false) -- and is then locked down.
+Both index views have a ``view`` column (docs/views.md): a store built with ``--views K`` holds a row
+per view of a segment, view 0 the centre clip; in a store without views every row is view 0.
+
+The sandbox:
 
 - only a single ``SELECT`` statement is accepted (no COPY, CREATE, ATTACH, INSTALL, PRAGMA, SET, ...);
 - DuckDB's external access is off and file reads are allowed only under the store's ``segments/``
@@ -21,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import duckdb
 import pyarrow as pa
 
-from featstore.store.schema import BOX_SCHEMA, SEGMENT_SCHEMA, STATUS_OK, StoreError
+from featstore.store.schema import BOX_SCHEMA, FIRST_VIEW, SEGMENT_SCHEMA, STATUS_OK, VIEW_COLUMN, StoreError
 
 if TYPE_CHECKING:
     from featstore.store.reader import FeatureStore
@@ -35,10 +40,15 @@ class QueryError(Exception):
 
 
 def fetch_arrow(con: duckdb.DuckDBPyConnection, sql: str, params: Sequence[Any] | None = None) -> pa.Table:
-    """Run ``sql`` and return the result as an Arrow table (DuckDB 1.x and 2.x spell this differently)."""
+    """Run ``sql`` and return the result as an Arrow table."""
     relation = con.sql(sql, params=params) if params is not None else con.sql(sql)
     if relation is None:  # a statement without a result
         return pa.table({})
+    return fetch_relation(relation)
+
+
+def fetch_relation(relation: duckdb.DuckDBPyRelation) -> pa.Table:
+    """A relation's rows as an Arrow table (DuckDB 1.x and 2.x spell this differently)."""
     for name in ("to_arrow_table", "fetch_arrow_table"):
         method = getattr(relation, name, None)
         if method is not None:
@@ -86,13 +96,17 @@ def connect_store(store: "FeatureStore") -> duckdb.DuckDBPyConnection:
     try:
         # DuckDB reads the parts' footers here: a damaged part (a disk error, a copy cut short) is
         # named in the message.
-        con.execute(f"create view segments_all as select * from {sources['segments']}")
+        con.execute(f"create view segments_all as {_with_view(con, sources['segments'])}")
+        sources["boxes"] = f"({_with_view(con, sources['boxes'])})"
         _create_views(con, sources)
     except duckdb.Error as err:
         con.close()
         reason = str(err).strip().splitlines()[0]  # DuckDB appends the view's SQL: not the user's
         raise StoreError(f"{store.path}: the index (segments/, boxes/) cannot be read: {reason}") from None
-    field_rows = [(name, spec.dtype, list(spec.shape)) for name, spec in sorted(store.fields.items())]
+    # complete: false while a derive is still writing the field (readers treat it as absent).
+    incomplete = store.incomplete_fields
+    field_rows = [(name, spec.dtype, list(spec.shape), name not in incomplete)
+                  for name, spec in sorted(store.fields.items())]
     con.register(
         "_fields",
         pa.table(
@@ -100,6 +114,7 @@ def connect_store(store: "FeatureStore") -> duckdb.DuckDBPyConnection:
                 "field": pa.array([r[0] for r in field_rows], pa.string()),
                 "dtype": pa.array([r[1] for r in field_rows], pa.string()),
                 "shape": pa.array([r[2] for r in field_rows], pa.list_(pa.int64())),
+                "complete": pa.array([r[3] for r in field_rows], pa.bool_()),
             }
         ),
     )
@@ -107,29 +122,39 @@ def connect_store(store: "FeatureStore") -> duckdb.DuckDBPyConnection:
     return con
 
 
+def _with_view(con: duckdb.DuckDBPyConnection, source: str) -> str:
+    """A SELECT of ``source`` whose ``view`` column is always there: the parts' own (a store with
+    views), or 0 for parts written without one (a store without views, an import)."""
+    columns = [row[0] for row in con.execute(f"describe select * from {source}").fetchall()]
+    if VIEW_COLUMN in columns:
+        return f"select * replace (coalesce({VIEW_COLUMN}, {FIRST_VIEW})::INTEGER as {VIEW_COLUMN}) from {source}"
+    return f"select *, {FIRST_VIEW}::INTEGER as {VIEW_COLUMN} from {source}"
+
+
 def _create_views(con: duckdb.DuckDBPyConnection, sources: dict[str, str]) -> None:
-    # One row per uid: a stored (ok) attempt beats a failed one; among equals the newest wins.
+    # One row per uid and view: a stored (ok) attempt beats a failed one; among equals the newest wins.
     con.execute(
         f"""create view segments as
            select * exclude (_rank) from (
              select *, row_number() over (
-               partition by uid order by (status = '{STATUS_OK}') desc, written_at desc) as _rank
+               partition by uid, {VIEW_COLUMN} order by (status = '{STATUS_OK}') desc, written_at desc) as _rank
              from segments_all) where _rank = 1"""
     )
-    # The boxes of each uid's kept attempt. Only ok attempts have boxes, and the kept one of a uid
-    # that has any is its newest ok one. When no uid has two ok attempts (no re-import, no derive
-    # yet) every box row of a complete part is a kept one, and the view is the parts themselves:
-    # no join of millions of rows on their uid.
+    # The boxes of each uid's (and view's) kept attempt. Only ok attempts have boxes, and the kept
+    # one that has any is its newest ok one. When no uid and view has two ok attempts (no re-import,
+    # no derive yet) every box row of a complete part is a kept one, and the view is the parts
+    # themselves: no join of millions of rows on their uid.
     single = con.execute(
-        "select count(*) = count(distinct uid) from segments_all where status = 'ok'").fetchone()[0]
+        f"select count(*) = count(distinct (uid, {VIEW_COLUMN})) from segments_all where status = 'ok'").fetchone()[0]
     if single:
         con.execute(f"create view boxes as select * exclude (written_at) from {sources['boxes']}")
     else:
         con.execute(
             f"""create view boxes as
                 select b.* exclude (written_at) from {sources['boxes']} b
-                join (select uid, max(written_at) as written_at from segments_all where status = 'ok'
-                      group by uid) k on b.uid = k.uid and b.written_at = k.written_at"""
+                join (select uid, {VIEW_COLUMN}, max(written_at) as written_at from segments_all
+                      where status = 'ok' group by uid, {VIEW_COLUMN}) k
+                  on b.uid = k.uid and b.{VIEW_COLUMN} = k.{VIEW_COLUMN} and b.written_at = k.written_at"""
         )
 
 

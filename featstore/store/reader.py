@@ -18,6 +18,13 @@ gains the field in its schema and a ``derived`` entry saying how it was made, wi
 ``complete: false`` until every stored segment has it. Each segment gets it the way segments are
 written (`StoreWriter.extend`), so an interrupted derive loses nothing and a rerun continues.
 Readers treat a field that is not complete as absent (``complete_fields``).
+
+Temporal views (docs/views.md). A store built with ``--views K`` holds an index row per view of a
+segment (column ``view``; 0 is the centre clip) and each view's tensors under its own key,
+``view_key(uid, view)``: ``uid`` for view 0, ``uid/v{view}`` after it. Every tensor read takes such
+keys where it takes uids (``read_field(keys, field)``), so a view is addressed, never copied;
+`segments` and `uids` give view 0 unless asked for every view (``view=None``), so a reader that
+knows nothing of views reads a store with views as the store of its centre clips.
 """
 from __future__ import annotations
 
@@ -36,17 +43,22 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from featstore import __version__
-from featstore.io.atomic import atomic_write_json
+from featstore.epic.annotations import SEGMENT_SCHEMA as ANNOTATION_SCHEMA
+from featstore.io.atomic import TMP_SUFFIX, atomic_write_json
+from featstore.io.folders import other_kind_refusal
 from featstore.store.environments import ENVIRONMENTS, read_around
 from featstore.store.schema import (
+    FIRST_VIEW,
     FORMAT_VERSION,
     MANIFEST_NAME,
     STATUS_FAILED,
     STATUS_OK,
+    VIEW_COLUMN,
     FieldMismatchError,
     FieldSpec,
     FormatVersionError,
     StoreError,
+    view_key,
 )
 from featstore.store.writer import DEFAULT_MAP_SIZE, StoreWriter, segment_checksum
 
@@ -75,6 +87,67 @@ def _fields_of(manifest_path: Path, manifest: Mapping[str, Any]) -> dict[str, Fi
     return specs
 
 
+def _make_store_folders(path: Path) -> None:
+    for sub in ("segments", "boxes", "lmdb"):
+        (path / sub).mkdir(parents=True, exist_ok=True)
+
+
+def holds_nothing_of_note(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is absent or holds nothing a store creation would overwrite.
+
+    Nothing of note: no files but hidden atomic-write temporaries, and at most a store's empty
+    skeleton (``segments/``, ``boxes/``, ``lmdb/`` without files), which a create killed by an older
+    release left.
+    """
+    path = Path(path)
+    if not path.exists():
+        return True
+    if not path.is_dir():
+        return False
+    for entry in path.iterdir():
+        if entry.is_file() and entry.name.startswith(".") and entry.name.endswith(TMP_SUFFIX):
+            continue
+        if entry.is_dir() and entry.name in ("segments", "boxes", "lmdb") and not any(
+                p.is_file() for p in entry.rglob("*")):
+            continue
+        return False
+    return True
+
+
+def _check_manifest(manifest_path: Path, manifest: Any) -> None:
+    """Refuse a manifest whose outline is wrong, naming the manifest (not every segment it describes)."""
+    if not isinstance(manifest, dict):
+        raise StoreError(f"{manifest_path} is not a store manifest: it holds a JSON {type(manifest).__name__}, "
+                         f"not an object; restore the manifest or rebuild the store")
+    fields = manifest.get("fields")
+    if not isinstance(fields, dict) or not fields:
+        what = "no 'fields'" if fields is None else f"'fields' = {json.dumps(fields)[:80]}"
+        raise StoreError(f"{manifest_path} has {what}: a store manifest maps every field name to its dtype "
+                         f"and shape; restore the manifest or rebuild the store")
+    for key in ("provenance", "derived"):
+        if key in manifest and not isinstance(manifest[key], dict):
+            raise StoreError(f"{manifest_path}: '{key}' must be an object, not {type(manifest[key]).__name__}")
+
+
+def _selection(where: str | None, split: str | None) -> str | None:
+    """One WHERE expression of a named split and a user's expression (`featstore.epic.splits.resolve_selection`).
+
+    Raises:
+        StoreError: an unknown split, or a split's name given as the expression (which DuckDB would
+            read as a subtraction of unknown columns).
+    """
+    from featstore.epic.splits import NAMED_SPLITS, resolve_selection
+
+    if where is not None and where.strip() in NAMED_SPLITS:
+        name = where.strip()
+        raise StoreError(f"{name!r} is a named split, not a WHERE expression: pass it as split={name!r} "
+                         f"(the where argument takes SQL, e.g. \"participant_id >= 'P26'\")")
+    try:
+        return resolve_selection(split, where)
+    except ValueError as err:
+        raise StoreError(str(err)) from None
+
+
 def _describe_fields(fields: Mapping[str, FieldSpec]) -> str:
     return "{" + ", ".join(f"{n}: {s.dtype}{list(s.shape)}" for n, s in sorted(fields.items())) + "}"
 
@@ -94,7 +167,7 @@ class FeatureStore:
         if not isinstance(derived, dict) or not all(isinstance(v, dict) for v in derived.values()):
             raise StoreError(f"{self.path / MANIFEST_NAME}: 'derived' must map field names to their recipes")
         self.derived: dict[str, dict[str, Any]] = derived
-        self._shard_cache: tuple[tuple, dict[str, tuple[str, str]]] | None = None  # see _shard_index
+        self._shard_cache: tuple[tuple, dict[str, tuple[str, str]], dict[str, int]] | None = None  # _shard_index
 
     # ------------------------------------------------------------------ opening
     @classmethod
@@ -121,6 +194,9 @@ class FeatureStore:
         """
         path = Path(path)
         manifest_path = path / MANIFEST_NAME
+        refusal = other_kind_refusal(path, "store")
+        if refusal is not None:
+            raise StoreError(refusal)
         if not manifest_path.exists() and _holds_store_data(path):
             # The manifest is lost, not yet to be written: a new one made from this run's schema
             # would relabel the existing tensors (a shape of the same byte size reads back silently
@@ -137,9 +213,8 @@ class FeatureStore:
                     f"{path} already holds fields {_describe_fields(store.fields)}; "
                     f"this run would write {_describe_fields(wanted)}. Use a new store directory."
                 )
+            _make_store_folders(path)  # a create killed between its manifest and its folders
             return store
-        for sub in ("segments", "boxes", "lmdb"):
-            (path / sub).mkdir(parents=True, exist_ok=True)
         manifest = {
             "format": "featstore",
             "format_version": FORMAT_VERSION,
@@ -150,8 +225,13 @@ class FeatureStore:
         }
         if derived:
             manifest["derived"] = {name: {**dict(recipe), "complete": True} for name, recipe in sorted(derived.items())}
-        # Two ranks may create the same store at once: both write identical schemas, last rename wins.
+        # The manifest first, then the folders: a create killed at any point leaves either nothing of
+        # the store (temporaries at most) or its manifest, so a rerun continues instead of finding
+        # "a folder that is not empty and not a store". Two ranks may create the same store at once:
+        # both write identical schemas, last rename wins.
+        path.mkdir(parents=True, exist_ok=True)
         atomic_write_json(manifest_path, manifest, sort_keys=True)
+        _make_store_folders(path)
         return cls.open(path)
 
     @classmethod
@@ -170,10 +250,11 @@ class FeatureStore:
             manifest = json.loads(manifest_path.read_text())
         except (OSError, ValueError) as err:
             raise StoreError(f"{manifest_path} cannot be read: {err}") from err
+        _check_manifest(manifest_path, manifest)
         version = manifest.get("format_version")
         if version != FORMAT_VERSION:
             raise FormatVersionError(
-                f"{path} has store format version {version!r}; this featstore {__version__} reads "
+                f"{path} has store format version {version!r} (its {MANIFEST_NAME}); this featstore {__version__} reads "
                 f"version {FORMAT_VERSION}. Rebuild the store or use a matching featstore release."
             )
         return cls(path, manifest)
@@ -244,33 +325,65 @@ class FeatureStore:
 
         return connect_store(self)
 
-    def segments(self, where: str | None = None, *, status: str | None = None) -> pa.Table:
-        """The index, one row per uid, optionally filtered by a DuckDB WHERE expression.
+    def segments(self, where: str | None = None, *, split: str | None = None,
+                 status: str | None = None, view: int | None = FIRST_VIEW) -> pa.Table:
+        """The index, one row per uid, optionally filtered by a named split and a DuckDB WHERE expression.
 
         Args:
-            where: SQL boolean expression over the segment columns, or None for all.
+            where: SQL boolean expression over the segment columns (``"participant_id = 'P01'"``),
+                or None for all.
+            split: a named split (``featstore.epic.splits.NAMED_SPLITS``, e.g. ``"epic55-lfb-val"``),
+                ANDed with ``where``.
             status: 'ok' or 'failed' to keep only those.
+            view: the temporal view whose rows are returned (default 0, the centre clip: one row
+                per uid), or None for every view's row (docs/views.md).
         Returns:
-            A table in uid order.
+            A table in uid (then view) order.
+        Raises:
+            StoreError: a bad selection, an unknown split, or a split's name passed as ``where``.
         """
-        clauses = [f"({where})"] if where else []
-        if status is not None:
-            clauses.append(f"status = '{status}'" if status in (STATUS_OK, STATUS_FAILED) else "false")
-        sql = "select * from segments"
-        if clauses:
-            sql += " where " + " and ".join(clauses)
-        sql += " order by uid"
-        from featstore.store.query import fetch_arrow
+        from featstore.epic.selection import SelectionError, parse_selection
+        from featstore.store.query import fetch_relation
 
+        where = _selection(where, split)
         with self.connect() as con:
+            relation = con.table("segments")
             try:
-                return fetch_arrow(con, sql)
-            except duckdb.Error as err:
-                raise StoreError(f"selection {where!r} failed: {err}") from err
+                if where is not None and where.strip():
+                    relation = relation.filter(parse_selection(where, relation.columns))
+                if status is not None:
+                    relation = relation.filter(duckdb.ColumnExpression("status") == duckdb.ConstantExpression(status))
+                if view is not None:
+                    relation = relation.filter(duckdb.ColumnExpression(VIEW_COLUMN) == duckdb.ConstantExpression(int(view)))
+                return fetch_relation(relation.order(f"uid, {VIEW_COLUMN}"))
+            except SelectionError as err:
+                raise StoreError(str(err)) from None
+            except duckdb.Error as err:  # binding (a table function as a value) or running (a bad cast)
+                raise StoreError(f"selection {where!r} failed: {str(err).strip().splitlines()[0]}") from None
 
-    def uids(self, where: str | None = None, *, status: str | None = STATUS_OK) -> list[str]:
-        """uids of the selected segments (by default only the stored, ``ok`` ones)."""
-        return self.segments(where, status=status).column("uid").to_pylist()
+    def uids(self, where: str | None = None, *, split: str | None = None,
+             status: str | None = STATUS_OK) -> list[str]:
+        """uids of the selected segments (by default only the stored, ``ok`` ones), in uid order.
+
+        ``store.uids(split="epic55-lfb-val")`` for a named split, ``store.uids("participant_id = 'P01'")``
+        for any WHERE expression, both for their intersection (see `segments`).
+        """
+        return self.segments(where, split=split, status=status).column("uid").to_pylist()
+
+    def labels(self, where: str | None = None, *, split: str | None = None) -> pa.Table:
+        """The annotation columns of the stored (``ok``) segments: what each uid is, without its bookkeeping.
+
+        Args:
+            where, split: a selection, as `segments` takes it (default: every stored segment).
+        Returns:
+            A table in uid order with the annotation columns (``featstore.epic.annotations.SEGMENT_SCHEMA``):
+            uid, dataset, source, participant_id, video_id, start/stop frame and timestamp, narration,
+            verb_class and noun_class (null where unlabelled: test sets). In a store with temporal
+            views, one row per segment (its view 0). ``.to_pandas()``, ``.to_pylist()``, or
+            ``dict(zip(t["uid"].to_pylist(), t["verb_class"].to_pylist()))`` for a uid -> label dict.
+        """
+        table = self.segments(where, split=split, status=STATUS_OK, view=FIRST_VIEW)
+        return table.select([name for name in ANNOTATION_SCHEMA.names if name in table.column_names])
 
     def boxes(self, uids: Sequence[str] | None = None) -> pa.Table:
         """Box rows, of the given uids or of all."""
@@ -333,7 +446,8 @@ class FeatureStore:
         return tuple(sorted((name, st.st_size, st.st_mtime_ns) for name, st in parts))
 
     def _shard_index(self) -> dict[str, tuple[str, str]]:
-        """uid -> (shard, status) of the whole index, cached until the index parts change.
+        """view key (``uid`` for view 0) -> (shard, status) of the whole index, cached until the
+        index parts change.
 
         Every read looks its segments up here: one DuckDB query per read made the preload of a
         field cost a query, and a streaming batch a query per segment.
@@ -341,11 +455,35 @@ class FeatureStore:
         state = self._segments_state()
         if self._shard_cache is None or self._shard_cache[0] != state:
             with self.connect() as con:
-                table = con.sql("select uid, shard, status from segments").to_arrow_table()
-            index = dict(zip(table.column("uid").to_pylist(),
-                             zip(table.column("shard").to_pylist(), table.column("status").to_pylist())))
-            self._shard_cache = (state, index)
+                table = con.sql(f"select uid, {VIEW_COLUMN}, shard, status from segments").to_arrow_table()
+            uids, views = table.column("uid").to_pylist(), table.column(VIEW_COLUMN).to_pylist()
+            statuses = table.column("status").to_pylist()
+            index = dict(zip((view_key(uid, view) for uid, view in zip(uids, views)),
+                             zip(table.column("shard").to_pylist(), statuses)))
+            counts: dict[str, int] = {}
+            for uid, status in zip(uids, statuses):
+                if status == STATUS_OK:
+                    counts[uid] = counts.get(uid, 0) + 1
+            self._shard_cache = (state, index, counts)
         return self._shard_cache[1]
+
+    def view_counts(self, uids: Sequence[str]) -> list[int]:
+        """How many temporal views each stored segment of ``uids`` has (1 in a store without views).
+
+        Its views are ``0 .. count - 1``, read under ``view_key(uid, view)`` (docs/views.md).
+
+        Raises:
+            KeyError: a uid that is not a stored segment.
+        """
+        self._shard_of(uids)
+        counts = self._shard_cache[2]  # type: ignore[index]
+        return [counts[uid] for uid in uids]
+
+    @property
+    def max_views(self) -> int:
+        """The most temporal views any stored segment has: 1 in a store without views."""
+        self._shard_index()
+        return max(self._shard_cache[2].values(), default=1)  # type: ignore[index]
 
     def load_index(self) -> int:
         """Load the uid -> shard index now (reads load it on first use); returns the number of uids.
@@ -389,15 +527,17 @@ class FeatureStore:
             )
         return fields
 
-    def read(self, uid: str, fields: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+    def read(self, uid: str, fields: Iterable[str] | None = None, *, view: int = FIRST_VIEW) -> dict[str, np.ndarray]:
         """Tensors of one stored segment.
 
         Args:
             uid: the segment.
             fields: field names; all of the store's when None.
+            view: its temporal view (0, the centre clip, in a store without views).
         Returns:
             field -> read-only array with the field's dtype and shape.
         """
+        uid = view_key(uid, view)
         fields = self._check_fields(self.fields if fields is None else fields)
         shard = self._shard_of([uid])[uid]
         with self._begin(shard) as txn:
@@ -409,7 +549,8 @@ class FeatureStore:
         """One field of many segments stacked into one array (the preload path).
 
         Args:
-            uids: stored segments, in the order wanted.
+            uids: stored segments, in the order wanted: uids, or view keys (``view_key(uid, view)``)
+                for temporal views other than the centre one.
             field: a field name.
             out: an array of shape (len(uids), *shape) to fill, e.g. a shared or pinned buffer.
             progress: an optional callable(n) called as rows are read.
@@ -482,7 +623,7 @@ class FeatureStore:
         shard, rather than one pass over the batch per field.
 
         Args:
-            uids: stored segments, in the order wanted.
+            uids: stored segments, in the order wanted (uids or view keys, as `read_field`).
             fields: field names.
         Returns:
             field -> (N, *shape) array of the field's dtype.
@@ -509,17 +650,19 @@ class FeatureStore:
 
     # ------------------------------------------------------------------ integrity
     def verify(self, uids: Sequence[str] | None = None, progress=None) -> list[tuple[str, str]]:
-        """Recompute each stored segment's checksum from its LMDB bytes.
+        """Recompute each stored segment's checksum from its LMDB bytes (every temporal view's).
 
         Returns:
-            (uid, reason) for every segment whose bytes are missing, mis-sized or changed; empty when clean.
+            (uid, reason) for every segment whose bytes are missing, mis-sized or changed, the view
+            key (``uid/v{view}``) for a view after the first; empty when clean.
         """
-        table = self.segments(status=STATUS_OK)
+        table = self.segments(status=STATUS_OK, view=None)
         if uids is not None:
             wanted = set(uids)
             table = table.filter(pc.is_in(table.column("uid"), pa.array(sorted(wanted), pa.string())))
         bad: list[tuple[str, str]] = []
-        rows = table.select(["uid", "shard", "checksum"]).to_pylist()
+        rows = [{**row, "uid": view_key(row["uid"], row[VIEW_COLUMN])}
+                for row in table.select(["uid", VIEW_COLUMN, "shard", "checksum"]).to_pylist()]
         with self.read_ahead(self.share_of_files(len(rows), self.fields) >= 0.5):
             self._verify_rows(rows, bad, progress)
         return bad
@@ -581,8 +724,12 @@ class FeatureStore:
         from featstore.store.sizes import map_alternatives, segment_bytes
 
         with self.connect() as con:
-            counts = dict(con.execute("select status, count(*) from segments group by status").fetchall())
+            counts = dict(con.execute(f"select status, count(*) from segments where {VIEW_COLUMN} = {FIRST_VIEW} "
+                                      "group by status").fetchall())
+            per_view = dict(con.execute(f"select {VIEW_COLUMN}, count(*) from segments where status = '{STATUS_OK}' "
+                                        f"group by {VIEW_COLUMN} order by {VIEW_COLUMN}").fetchall())
         ok = int(counts.get(STATUS_OK, 0))
+        n_views = int(sum(per_view.values()))
         on_disk = self.disk_bytes()
         page_size = self._page_size()
         incomplete = self.incomplete_fields
@@ -597,6 +744,15 @@ class FeatureStore:
             "bytes_per_segment": {
                 "fields": segment_bytes(self.fields, page_size=page_size),
                 "measured": on_disk // ok if ok else None,
+            },
+            # Temporal views (docs/views.md): stored views of each view number; a view is a segment's
+            # fields, so its bytes are the per-segment figures; the measured figure is per view.
+            "views": {
+                "per_view": {int(view): int(n) for view, n in per_view.items()},
+                "total": n_views,
+                "max": max((int(view) + 1 for view in per_view), default=1),
+                "bytes_per_view": on_disk // n_views if n_views else None,
+                "recorded": self.manifest.get("provenance", {}).get("views"),
             },
             "map_alternatives": map_alternatives(self.fields, self.manifest, ok),
             "derived": self.derived,

@@ -49,6 +49,40 @@ BOX_SCHEMA = pa.schema(
 )
 
 
+# Temporal views (docs/views.md). A store built with `featstore build --views K` holds, per segment,
+# one index row per view with these columns too; a store without views has none of them in its
+# Parquet parts, and its query views show ``view`` = 0 for every row.
+VIEW_COLUMN = "view"  # 0: the centre clip (what evaluation reads); 1..K-1: clips centred at random
+FIRST_VIEW = 0
+VIEW_FIELDS = [
+    pa.field(VIEW_COLUMN, pa.int32()),
+    pa.field("clip_start_frame", pa.int64()),  # first frame of the view's clip (after clamping)
+    pa.field("clip_stop_frame", pa.int64()),  # last frame of the view's clip
+    pa.field("clip_center", pa.int64()),  # the frame its clip is centred on
+    pa.field("window_center", pa.int64()),  # the frame both its detection windows are centred on
+]
+VIEW_SEGMENT_SCHEMA = pa.schema(list(SEGMENT_SCHEMA) + VIEW_FIELDS)
+VIEW_BOX_SCHEMA = pa.schema(list(BOX_SCHEMA) + [pa.field(VIEW_COLUMN, pa.int32())])
+
+
+def view_key(uid: str, view: int = FIRST_VIEW) -> str:
+    """The key a view's tensors are stored and read under: ``uid`` for view 0, ``uid/v{view}`` after it.
+
+    LMDB holds ``"{view_key}/{field}"``, so view 0 is stored exactly as a segment of a store without
+    views, and the views of one segment are neighbours in the shard's key order.
+
+    Args:
+        uid: the segment.
+        view: its view, >= 0.
+    Returns:
+        The key.
+    """
+    view = int(view)
+    if view < 0:
+        raise ValueError(f"a view is >= 0, got {view}")
+    return str(uid) if view == FIRST_VIEW else f"{uid}/v{view}"
+
+
 class StoreError(Exception):
     """A store cannot be opened, written or read as asked."""
 

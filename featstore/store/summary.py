@@ -49,8 +49,12 @@ def describe_sampling(provenance: Mapping[str, Any]) -> list[str]:
     clip = f"{sampling.get('clip_frames')} frames at stride {sampling.get('clip_stride')}"
     size = provenance.get("input_size")
     shape = f", input {size[0]}x{size[1]}" if isinstance(size, list) and len(size) == 2 else ""
+    views = provenance.get("views")
+    count = views.get("count", 1) if isinstance(views, Mapping) else 1
     lines.append(f"  clip      {provenance.get('modality', 'rgb')}, {clip}, short side {sampling.get('size')}{shape}, "
-                 f"{sampling.get('clip_sampling', '?')}; one view per segment")
+                 f"{sampling.get('clip_sampling', '?')}; "
+                 + ("one view per segment" if count == 1 else
+                    f"{count} views per training segment (view 0 centred, the others at random centres)"))
     if "det_fps" in sampling:
         lines.append(f"  boxes     {sampling['det_fps']} fps, top {sampling.get('det_topk')} per frame: "
                      f"{provenance.get('det_global_slots', '?')} slots over {sampling.get('det_global_seconds')} s (global), "
@@ -59,6 +63,25 @@ def describe_sampling(provenance: Mapping[str, Any]) -> list[str]:
     if isinstance(boxes_file, Mapping):
         lines.append(f"  box file  {boxes_file.get('path')} ({boxes_file.get('rows')} rows, "
                      f"{short_sha(boxes_file.get('sha256'))}), not the detector's own")
+    return lines
+
+
+def describe_views(info: Mapping[str, Any]) -> list[str]:
+    """The temporal views (docs/views.md): how many of each, bytes per view and in all; none without views."""
+    views = info.get("views") or {}
+    per_view = views.get("per_view") or {}
+    if views.get("max", 1) <= 1:
+        return []
+    payload = sum(sizes["lmdb"] for sizes in info["bytes_per_segment"]["fields"].values())
+    recorded = views.get("recorded") or {}
+    counts = ", ".join(f"view {view}: {n}" for view, n in sorted(per_view.items(), key=lambda kv: int(kv[0])))
+    lines = [f"views       {views['total']} views of {info['segments']['ok']} segments ({counts})"]
+    if recorded.get("where"):
+        lines.append(f"            {recorded.get('count')} views where {recorded['where']}; 1 elsewhere")
+    measured = views.get("bytes_per_view")
+    lines.append(f"            {kib(payload)} per view in LMDB"
+                 + (f", {kib(measured)} measured (index and journal included)" if measured else "")
+                 + f"; {views['total'] * payload / 2**20:.1f} MiB of views in all")
     return lines
 
 
@@ -86,6 +109,7 @@ def describe_store(info: Mapping[str, Any]) -> list[str]:
     if sampling:
         lines.append("sampling")
         lines += sampling
+    lines += describe_views(info)
     lines.append(f"{'fields (' + str(len(info['fields'])) + ')':<23}{'dtype':<9}{'shape':<15}bytes per segment (payload / in LMDB)")
     per_segment = info["bytes_per_segment"]["fields"]
     for name, spec in info["fields"].items():

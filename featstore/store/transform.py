@@ -9,6 +9,11 @@ stopped. The manifest gains the field, ``complete: false`` until the last segmen
 (e.g. without ``verb.map`` once ``verb.local`` is derived). Each source segment's checksum is
 checked before its bytes are copied, the copy's own checksums are verified once it is written, and
 the source is only ever read. A rerun of the same copy continues it.
+
+Temporal views (docs/views.md): both work on every view of a segment, addressed by its key
+(``view_key(uid, view)``). ``derive`` pools each view's map at that view's own boxes; ``copy`` keeps
+the views its selection names (``--where "view = 0"`` makes a one-view store of the centre clips) and
+refuses a selection that would keep a later view of a segment without its view 0.
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from featstore.io.progress import progress_bar
@@ -32,8 +38,17 @@ from featstore.store.local_pool import (
     local_source,
     pool_local_verb_features,
 )
-from featstore.store.reader import FeatureStore
-from featstore.store.schema import STATUS_FAILED, STATUS_OK, FieldSpec, StoreError, default_dtype
+from featstore.store.reader import FeatureStore, holds_nothing_of_note
+from featstore.store.schema import (
+    FIRST_VIEW,
+    STATUS_FAILED,
+    STATUS_OK,
+    VIEW_COLUMN,
+    FieldSpec,
+    StoreError,
+    default_dtype,
+    view_key,
+)
 from featstore.store.writer import segment_checksum
 
 __all__ = ["DERIVABLE_FIELDS", "DeriveError", "DeriveReport", "CopyReport", "derive_field", "copy_store"]
@@ -74,19 +89,24 @@ class DeriveReport:
         return "\n".join(lines)
 
 
+def _key(row: Mapping[str, Any]) -> str:
+    """An index row's tensor key: its uid, or ``uid/v{view}`` for a later temporal view."""
+    return view_key(row["uid"], row.get(VIEW_COLUMN) or FIRST_VIEW)
+
+
 def _box_columns(table: pa.Table) -> dict[str, dict[str, list]]:
-    """uid -> the journal's box columns of that uid's rows (``StoreWriter.put`` / ``extend``)."""
+    """view key -> the journal's box columns of that view's rows (``StoreWriter.put`` / ``extend``)."""
     out: dict[str, dict[str, list]] = {}
-    columns = {name: table.column(name).to_pylist() for name in ("uid", *BOX_COLUMNS)}
-    for i, uid in enumerate(columns["uid"]):
-        entry = out.setdefault(uid, {name: [] for name in BOX_COLUMNS})
+    columns = {name: table.column(name).to_pylist() for name in ("uid", VIEW_COLUMN, *BOX_COLUMNS)}
+    for i, (uid, view) in enumerate(zip(columns["uid"], columns[VIEW_COLUMN])):
+        entry = out.setdefault(view_key(uid, view), {name: [] for name in BOX_COLUMNS})
         for name in BOX_COLUMNS:
             entry[name].append(columns[name][i])
     return out
 
 
 def _stored_by_shard(store: FeatureStore, where: str | None = None) -> dict[str, list[dict[str, Any]]]:
-    rows = store.segments(where, status=STATUS_OK).to_pylist()
+    rows = store.segments(where, status=STATUS_OK, view=None).to_pylist()
     by_shard: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
         by_shard.setdefault(row["shard"], []).append(row)
@@ -94,8 +114,13 @@ def _stored_by_shard(store: FeatureStore, where: str | None = None) -> dict[str,
 
 
 def _lacking(store: FeatureStore, rows: Sequence[Mapping[str, Any]], name: str) -> list[dict]:
-    missing = set(store.lacking([row["uid"] for row in rows], name))
-    return [dict(row) for row in rows if row["uid"] in missing]
+    missing = set(store.lacking([_key(row) for row in rows], name))
+    return [dict(row) for row in rows if _key(row) in missing]
+
+
+def _stored_keys(store: FeatureStore) -> list[str]:
+    """The keys of every stored view of every stored segment."""
+    return [_key(row) for row in store.segments(status=STATUS_OK, view=None).select(["uid", VIEW_COLUMN]).to_pylist()]
 
 
 def _intact(tensors: Mapping[str, np.ndarray], row: Mapping[str, Any]) -> bool:
@@ -154,7 +179,7 @@ def derive_field(
     report.source = source
     if complete:
         report.complete = True
-        report.already = len(store.uids())
+        report.already = len(_stored_keys(store))
         report.seconds = time.perf_counter() - started
         return report
     runs = list(store.manifest.get("provenance", {}).get("derive_runs", []))
@@ -207,14 +232,15 @@ def _derive_shards(store: FeatureStore, name: str, source: Sequence[str], report
             # The writer first re-exports what a killed run committed but had not indexed. Reads go
             # through its environment too, which maps the shard with the kernel's readahead.
             with store.writer(shard, flush_every=flush_every) as writer:
-                rows = {row["uid"]: row for row in store.segments(f"shard = '{shard}'", status=STATUS_OK).to_pylist()}
+                rows = {_key(row): row for row in store.segments(f"shard = '{shard}'", status=STATUS_OK,
+                                                                  view=None).to_pylist()}
                 todo = _lacking(store, list(rows.values()), name)
                 report.already += len(rows) - len(todo)
                 bar.update(len(rows) - len(todo))
                 for block_start in range(0, len(todo), INDEX_BLOCK):
                     block = todo[block_start:block_start + INDEX_BLOCK]
                     # One index query per block: a DuckDB connection per pooling batch cost more than the pooling.
-                    box_rows = _box_columns(store.boxes([row["uid"] for row in block]))
+                    box_rows = _box_columns(store.boxes(sorted({row["uid"] for row in block})))
                     for start in range(0, len(block), batch_size):
                         chunk = block[start:start + batch_size]
                         _derive_chunk(store, writer, chunk, fields, source, name, pool, output_size, device,
@@ -228,7 +254,7 @@ def _derive_chunk(store: FeatureStore, writer, chunk: Sequence[Mapping[str, Any]
                   source: Sequence[str], name: str, pool: str, output_size: int, device: torch.device,
                   box_rows: Mapping[str, dict[str, list]], report: DeriveReport,
                   on_segment: Callable[[str], None] | None) -> None:
-    uids = [row["uid"] for row in chunk]
+    uids = [_key(row) for row in chunk]  # a view's key: its tensors are read and extended under it
     tensors = store.read_fields(uids, fields)
     intact = [i for i, row in enumerate(chunk) if _intact({f: tensors[f][i] for f in fields}, row)]
     for i in sorted(set(range(len(chunk))) - set(intact)):
@@ -255,7 +281,7 @@ def _finish(store: FeatureStore, name: str) -> bool:
     with contextlib.ExitStack() as locks:
         for shard in store.shards():
             locks.enter_context(store.writer(shard))
-        if store.lacking(store.uids(), name):
+        if store.lacking(_stored_keys(store), name):
             return False
         store.mark_derived_complete(name)
     return True
@@ -323,8 +349,11 @@ def copy_store(
     started = time.perf_counter()
     source = FeatureStore.open(source_path)
     target_path = Path(target_path)
-    if target_path.resolve() == source.path.resolve():
-        raise DeriveError(f"the copy must go to another directory than its source ({source.path})")
+    inside = target_path.resolve().is_relative_to(source.path.resolve())
+    if inside or source.path.resolve().is_relative_to(target_path.resolve()):
+        where = "inside its source" if inside else "into a folder that holds its source"
+        raise DeriveError(f"{target_path}: a copy cannot go {where} ({source.path}); the source must "
+                          f"never change. Copy into a directory outside it")
     if source.incomplete_fields:
         raise DeriveError(f"{source.path}: {', '.join(sorted(source.incomplete_fields))} is still being derived; "
                           f"finish it (`featstore derive`) before copying")
@@ -337,18 +366,23 @@ def copy_store(
                    "fields": sorted(kept), "where": where}
     derived = {name: {k: v for k, v in recipe.items() if k not in ("complete", "completed_at")}
                for name, recipe in source.derived.items() if name in kept}
+    wanted = source.segments(where, view=None)  # a bad selection is refused before the target exists
+    _check_views_kept(source, wanted)
     target = _open_target(target_path, {f: source.fields[f] for f in kept},
                           _copy_provenance(source, copied_from, command), derived, copied_from)
     report = CopyReport(source=source.path, target=target.path, fields=tuple(sorted(kept)))
-    wanted = source.segments(where)
     report.not_copied_failed = sum(status == STATUS_FAILED for status in wanted.column("status").to_pylist())
     rows = [row for row in wanted.to_pylist() if row["status"] == STATUS_OK]
-    copied = _copy_segments(source, target, rows, kept, report, batch_size=batch_size, flush_every=flush_every,
-                            progress=progress, on_segment=on_segment)
-    bad = target.verify(copied)
+    _copy_segments(source, target, rows, kept, report, batch_size=batch_size, flush_every=flush_every,
+                   progress=progress, on_segment=on_segment)
+    # Every copied segment of the selection, not only this call's: a copy killed during its own
+    # check (or before it) left segments nobody has verified yet.
+    in_target = set(target.uids())
+    to_check = sorted({row["uid"] for row in rows if row["uid"] in in_target})
+    bad = target.verify(to_check)
     if bad:
         raise DeriveError(f"{target.path}: {len(bad)} copied segments do not verify (first: {bad[0][0]}: {bad[0][1]})")
-    report.verified = len(copied)
+    report.verified = len(to_check)
     report.seconds = time.perf_counter() - started
     return report
 
@@ -374,22 +408,22 @@ def _copy_segments(source: FeatureStore, target: FeatureStore, rows: Sequence[Ma
     copied: list[str] = []
     bulk = source.share_of_files(len(rows), all_fields) >= 0.5  # most of the source: read it with readahead
     with source.read_ahead(bulk), target.writer("0", flush_every=flush_every) as writer:
-        done = set(target.uids())
-        todo = [row for row in rows if row["uid"] not in done]
+        done = set(_stored_keys(target))
+        todo = [row for row in rows if _key(row) not in done]
         report.already = len(rows) - len(todo)
         bar = progress_bar(total=len(todo), desc="copy", unit="seg", enabled=progress)
         for block_start in range(0, len(todo), INDEX_BLOCK):
             block = todo[block_start:block_start + INDEX_BLOCK]
-            box_rows = _box_columns(source.boxes([row["uid"] for row in block]))  # one index query per block
+            box_rows = _box_columns(source.boxes(sorted({row["uid"] for row in block})))  # one index query per block
             for start in range(0, len(block), batch_size):
                 chunk = block[start:start + batch_size]
-                tensors = source.read_fields([row["uid"] for row in chunk], all_fields)
+                tensors = source.read_fields([_key(row) for row in chunk], all_fields)
                 for i, row in enumerate(chunk):
                     segment = {f: tensors[f][i] for f in all_fields}
                     if not _intact(segment, row):
-                        report.damaged.append((row["uid"], "checksum mismatch in the source (featstore verify it)"))
+                        report.damaged.append((_key(row), "checksum mismatch in the source (featstore verify it)"))
                         continue
-                    writer.put(row, {f: segment[f] for f in kept}, boxes=box_rows.get(row["uid"]))
+                    writer.put(row, {f: segment[f] for f in kept}, boxes=box_rows.get(_key(row)))
                     copied.append(row["uid"])
                     report.copied += 1
                     if on_segment is not None:
@@ -397,6 +431,19 @@ def _copy_segments(source: FeatureStore, target: FeatureStore, rows: Sequence[Ma
                 bar.update(len(chunk))
         bar.close()
     return copied
+
+
+def _check_views_kept(source: FeatureStore, wanted: pa.Table) -> None:
+    """Refuse a copy selection that keeps a later temporal view of a segment without its view 0: every
+    reader of a store with views evaluates on view 0 (docs/views.md)."""
+    rows = wanted.filter(pc.equal(wanted.column("status"), STATUS_OK)).select(["uid", VIEW_COLUMN])
+    uids, views = rows.column("uid").to_pylist(), rows.column(VIEW_COLUMN).to_pylist()
+    first = {uid for uid, view in zip(uids, views) if view == FIRST_VIEW}
+    orphans = sorted({uid for uid, view in zip(uids, views) if view != FIRST_VIEW and uid not in first})
+    if orphans:
+        raise DeriveError(f"{source.path}: the selection keeps later views of {len(orphans)} segments without their "
+                          f"view 0 (first: {orphans[0]}); a copy keeps view 0 of every segment it copies, e.g. "
+                          f"--where \"view = 0 or view = 2\"")
 
 
 def _open_target(path: Path, fields: Mapping[str, FieldSpec], provenance: Mapping[str, Any],
@@ -409,6 +456,6 @@ def _open_target(path: Path, fields: Mapping[str, FieldSpec], provenance: Mappin
             raise DeriveError(f"{path} already holds a store that is not this copy "
                               f"(copied from {before or 'nowhere'}); copy into a new directory")
         return FeatureStore.create(path, fields=fields)
-    if path.exists() and any(path.iterdir()):
+    if not holds_nothing_of_note(path):
         raise DeriveError(f"{path} is not empty and not a store; copy into a new directory")
     return FeatureStore.create(path, fields=fields, provenance=provenance, derived=derived)

@@ -8,6 +8,11 @@ to a temporary name and renamed, so a reader never sees half a part. The ``segme
 row per uid (an ``ok`` row over a ``failed`` one, then the newest), which makes a duplicate export
 after a crash harmless.
 
+Temporal views (docs/views.md): in a store whose manifest records views (``provenance.views``), an
+index row carries its ``view`` and clip columns and its tensors are keyed by ``view_key(uid, view)``;
+`StoreWriter.put_views` commits every view of a segment in one LMDB transaction, so a crash leaves a
+segment with all its views or none.
+
 Derived fields (``featstore derive``) are written the same way: `StoreWriter.extend` commits a stored
 segment's new tensor and its new index row (the checksum now covering the new field, its box rows
 again) in one LMDB transaction of the segment's shard, so an interrupted derive loses nothing and a
@@ -32,12 +37,17 @@ from featstore.io.atomic import atomic_write, remove_temporaries
 from featstore.store.environments import ENVIRONMENTS
 from featstore.store.schema import (
     BOX_SCHEMA,
+    FIRST_VIEW,
     SEGMENT_SCHEMA,
     STATUS_FAILED,
     STATUS_OK,
+    VIEW_BOX_SCHEMA,
+    VIEW_COLUMN,
+    VIEW_SEGMENT_SCHEMA,
     FieldMismatchError,
     StoreError,
     StoreLockedError,
+    view_key,
 )
 
 if TYPE_CHECKING:
@@ -101,6 +111,8 @@ class StoreWriter:
         self._lock_handle.write(f"{os.getpid()}\n")
         self._lock_handle.flush()
         ENVIRONMENTS.hold_lock(self._lock_handle)
+        # Rows of a store with views carry their view columns (docs/views.md); others are written as before.
+        self.views = bool(store.manifest.get("provenance", {}).get("views"))
         self.map_grows = 0
         self._closed = False
         try:
@@ -169,7 +181,12 @@ class StoreWriter:
     def _journal_entry(self, row: Mapping[str, Any], status: str, error: str | None, checksum: str | None,
                        boxes: Mapping[str, Sequence] | None) -> tuple[bytes, bytes]:
         self._seq += 1
-        record = {name: row.get(name) for name in SEGMENT_SCHEMA.names}
+        record = {name: row.get(name) for name in (VIEW_SEGMENT_SCHEMA if self.views else SEGMENT_SCHEMA).names}
+        if self.views:
+            record[VIEW_COLUMN] = int(row.get(VIEW_COLUMN) or FIRST_VIEW)
+            for key in ("clip_start_frame", "clip_stop_frame", "clip_center", "window_center"):
+                if record[key] is not None:
+                    record[key] = int(record[key])
         record.update(
             status=status, error=error, checksum=checksum, shard=self.shard, written_at=time.time_ns()
         )
@@ -203,25 +220,49 @@ class StoreWriter:
             prepared[name] = np.ascontiguousarray(array, dtype=spec.dtype)
         return prepared
 
+    def _key(self, row: Mapping[str, Any]) -> str:
+        """The tensor key of a row: its uid, or ``uid/v{view}`` for a later view of a store with views."""
+        view = int(row.get(VIEW_COLUMN) or FIRST_VIEW)
+        if view != FIRST_VIEW and not self.views:
+            raise StoreError(f"{self.store.path} records no views (docs/views.md): {row['uid']} view {view} "
+                             f"cannot be stored")
+        return view_key(str(row["uid"]), view)
+
     def put(self, row: Mapping[str, Any], tensors: Mapping[str, np.ndarray],
             boxes: Mapping[str, Sequence] | None = None) -> str:
-        """Store one segment: its tensors and its index row, atomically.
+        """Store one segment (or one view of it): its tensors and its index row, atomically.
 
         Args:
-            row: segment columns (at least uid, participant_id, video_id, start_frame, stop_frame).
+            row: segment columns (at least uid, participant_id, video_id, start_frame, stop_frame);
+                in a store with views also ``view`` and the clip columns.
             tensors: field -> array of the field's shape (cast to the field's dtype here).
             boxes: optional box columns (set, slot, frame, x1, y1, x2, y2, score, label, valid).
         Returns:
             The segment's checksum.
         """
-        uid = str(row["uid"])
-        prepared = self.prepare(tensors, uid)
-        checksum = segment_checksum(prepared)
-        puts = [(f"{uid}/{name}".encode(), memoryview(arr).cast("B").tobytes()) for name, arr in prepared.items()]
-        puts.append(self._journal_entry(row, STATUS_OK, None, checksum, boxes))
+        return self.put_views([(row, tensors, boxes)])[0]
+
+    def put_views(self, views: Sequence[tuple[Mapping[str, Any], Mapping[str, np.ndarray],
+                                               Mapping[str, Sequence] | None]]) -> list[str]:
+        """Store several rows (the views of one segment) in one LMDB transaction: all of them or none.
+
+        Args:
+            views: ``(row, tensors, boxes)`` per view, as `put` takes them; each row names its ``view``.
+        Returns:
+            Each view's checksum, in order.
+        """
+        puts: list[tuple[bytes, bytes]] = []
+        checksums = []
+        for row, tensors, boxes in views:
+            key = self._key(row)
+            prepared = self.prepare(tensors, key)
+            checksum = segment_checksum(prepared)
+            puts += [(f"{key}/{name}".encode(), memoryview(arr).cast("B").tobytes()) for name, arr in prepared.items()]
+            puts.append(self._journal_entry(row, STATUS_OK, None, checksum, boxes))
+            checksums.append(checksum)
         self._commit(puts)
         self._maybe_flush()
-        return checksum
+        return checksums
 
     def extend(self, row: Mapping[str, Any], tensors: Mapping[str, np.ndarray], *, checksum: str,
                boxes: Mapping[str, Sequence] | None) -> None:
@@ -234,7 +275,7 @@ class StoreWriter:
             boxes: the segment's box rows again: the new row supersedes the old, and the ``boxes``
                 view keeps the rows of the kept row.
         """
-        uid = str(row["uid"])
+        uid = self._key(row)
         if row.get("shard") not in (None, self.shard):
             raise StoreError(f"{uid} is stored in shard {row.get('shard')!r}, not in {self.shard!r}")
         puts = []
@@ -275,23 +316,25 @@ class StoreWriter:
         self.env.sync(True)
         last = entries[-1]["seq"]
         name = f"part-{self.shard}-{last:012d}.parquet"
-        segments = pa.Table.from_pylist([e["segment"] for e in entries], schema=SEGMENT_SCHEMA)
-        box_columns: dict[str, list] = {col: [] for col in BOX_SCHEMA.names}
+        # A part holds the view columns when any of its rows has them (a store with views).
+        views = any(VIEW_COLUMN in e["segment"] for e in entries)
+        segments = pa.Table.from_pylist([e["segment"] for e in entries],
+                                        schema=VIEW_SEGMENT_SCHEMA if views else SEGMENT_SCHEMA)
+        box_schema = VIEW_BOX_SCHEMA if views else BOX_SCHEMA
+        box_columns: dict[str, list] = {col: [] for col in box_schema.names}
         for entry in entries:
             cols = entry["boxes"]
             if not cols:
                 continue
             n = len(cols["slot"])
-            for col in BOX_SCHEMA.names:
-                if col == "uid":
-                    box_columns[col].extend([entry["segment"]["uid"]] * n)
-                elif col == "written_at":
-                    box_columns[col].extend([entry["segment"]["written_at"]] * n)
+            for col in box_schema.names:
+                if col in ("uid", "written_at", VIEW_COLUMN):
+                    box_columns[col].extend([entry["segment"].get(col)] * n)
                 else:
                     box_columns[col].extend(cols[col])
         # Boxes first: a segment row is the proof of completion, so it must not appear before its boxes.
         if box_columns["uid"]:
-            write_parquet(self.store.path / "boxes" / name, pa.Table.from_pydict(box_columns, schema=BOX_SCHEMA))
+            write_parquet(self.store.path / "boxes" / name, pa.Table.from_pydict(box_columns, schema=box_schema))
         write_parquet(self.store.path / "segments" / name, segments)
         self._commit([(FLUSHED_KEY, str(last).encode())])
         return len(entries)

@@ -4,11 +4,15 @@ Every trainer writes one folder, ``OUT``: `heads train` (and each run of `heads 
 `featstore finetune`, and `featstore finetune-detector` with a torchvision detector (on the engine)
 or a detectron2 one (detectron2's trainer)::
 
-    OUT/checkpoint.pt        stage 1: the weights `featstore build` loads (``NAME:OUT/checkpoint.pt``)
-    OUT/checkpoints/last.pt  what a resume continues from (model, optimiser, epoch or iteration, history)
+    OUT/checkpoint.pt        the weights only: what `featstore build` loads (stage 1, ``NAME:OUT/checkpoint.pt``)
+                             and what `heads eval` / `predict` read (heads); half precision on request
+    OUT/checkpoints/last.pt  what a resume continues from (model, optimiser, epoch or iteration, history);
+                             deleted when the run finishes unless it is kept (``--keep-resume-state``)
     OUT/config.json          every setting of the run, and the data it read
-    OUT/metrics.json         the final metrics (stage 1: also per epoch or round, and ``complete``)
+    OUT/metrics.json         the final metrics (stage 1: also per epoch or round, and ``complete``), and
+                             ``warnings``: what looks wrong about the run (at chance, empty detections)
     OUT/history.json         heads: one record per epoch
+    OUT/history.csv          the engine's trainers: the same records as a table (one row per epoch or round)
     OUT/predictions.parquet  heads: the validation logits
     OUT/failures.json        stage 1: the segments or images that could not be read
     OUT/curves.png           loss and validation metrics per epoch or round
@@ -39,6 +43,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 from featstore.io.atomic import atomic_write_text, remove_temporaries
+from featstore.io.folders import other_kind_refusal
 
 if TYPE_CHECKING:
     from featstore.training.world import World
@@ -49,6 +54,7 @@ __all__ = [
     "CURVES_NAME",
     "DETECTRON2_CONFIG_NAME",
     "FAILURES_NAME",
+    "HISTORY_CSV_NAME",
     "HISTORY_NAME",
     "LEGACY_NAMES",
     "LOG_NAME",
@@ -61,8 +67,11 @@ __all__ = [
     "RunFiles",
     "RunFolder",
     "RunLog",
+    "finished_run",
     "holds_run",
+    "record_path",
     "remove_run_temporaries",
+    "resolve_recorded_path",
     "run_folder_files",
     "settings_differences",
 ]
@@ -72,6 +81,7 @@ RESUME_STATE_NAME = "checkpoints/last.pt"
 CONFIG_NAME = "config.json"
 METRICS_NAME = "metrics.json"
 HISTORY_NAME = "history.json"
+HISTORY_CSV_NAME = "history.csv"
 PREDICTIONS_NAME = "predictions.parquet"
 FAILURES_NAME = "failures.json"
 CURVES_NAME = "curves.png"
@@ -99,23 +109,30 @@ class RunFiles:
         trainer: ``heads``, ``backbone``, ``detector`` or ``detectron2``.
         always: written by every run.
         validation: written only by a run that validates.
+        resume: what only a run that is not finished holds, or one that keeps it (``--keep-resume-state``).
     """
 
     trainer: str
     always: tuple[str, ...]
     validation: tuple[str, ...] = ()
+    resume: tuple[str, ...] = (RESUME_STATE_NAME,)
 
-    def expected(self, *, validated: bool) -> set[str]:
-        """The folder's files: ``always``, and ``validation`` when the run validated."""
-        return set(self.always) | (set(self.validation) if validated else set())
+    def expected(self, *, validated: bool, resume_state: bool = False) -> set[str]:
+        """The finished folder's files: ``always``, ``validation`` when the run validated, and the
+        resume state when it was kept."""
+        return (set(self.always) | (set(self.validation) if validated else set())
+                | (set(self.resume) if resume_state else set()))
 
 
-_STAGE1 = (CHECKPOINT_NAME, RESUME_STATE_NAME, CONFIG_NAME, METRICS_NAME, FAILURES_NAME, LOG_NAME)
+_STAGE1 = (CHECKPOINT_NAME, CONFIG_NAME, METRICS_NAME, FAILURES_NAME, LOG_NAME)
 RUN_FILES = {files.trainer: files for files in (
-    RunFiles("heads", (RESUME_STATE_NAME, CONFIG_NAME, METRICS_NAME, HISTORY_NAME, CURVES_NAME), (PREDICTIONS_NAME,)),
-    RunFiles("backbone", (*_STAGE1, CURVES_NAME)),
-    RunFiles("detector", (*_STAGE1, CURVES_NAME), (PER_CLASS_AP_NAME, PREDICTION_IMAGES_NAME)),
-    RunFiles("detectron2", (*_STAGE1, DETECTRON2_CONFIG_NAME), (PER_CLASS_AP_NAME, PREDICTION_IMAGES_NAME)),
+    RunFiles("heads", (CHECKPOINT_NAME, CONFIG_NAME, METRICS_NAME, HISTORY_NAME, HISTORY_CSV_NAME, CURVES_NAME),
+             (PREDICTIONS_NAME,)),
+    RunFiles("backbone", (*_STAGE1, HISTORY_CSV_NAME, CURVES_NAME)),
+    RunFiles("detector", (*_STAGE1, HISTORY_CSV_NAME, CURVES_NAME), (PER_CLASS_AP_NAME, PREDICTION_IMAGES_NAME)),
+    # detectron2's own trainer keeps its resume state (its checkpointer owns it).
+    RunFiles("detectron2", (*_STAGE1, RESUME_STATE_NAME, DETECTRON2_CONFIG_NAME),
+             (PER_CLASS_AP_NAME, PREDICTION_IMAGES_NAME), resume=()),
 )}
 
 
@@ -128,6 +145,14 @@ def run_folder_files(out: str | os.PathLike) -> set[str]:
 def holds_run(out: str | os.PathLike) -> bool:
     """Whether ``out`` holds a run (its config, checkpoint or resume state): a new run there needs resume."""
     return any((Path(out) / name).exists() for name in _RUN_MARKERS)
+
+
+def finished_run(out: str | os.PathLike) -> bool:
+    """Whether ``out`` holds a finished run whose resume state was deleted (`RunFolder.drop_resume_state`):
+    its weights and metrics, and nothing left to resume."""
+    out = Path(out)
+    return ((out / CHECKPOINT_NAME).is_file() and (out / METRICS_NAME).is_file()
+            and not (out / RESUME_STATE_NAME).exists() and not any((out / old).exists() for old in LEGACY_NAMES))
 
 
 def remove_run_temporaries(out: str | os.PathLike) -> list[Path]:
@@ -145,6 +170,50 @@ def remove_run_temporaries(out: str | os.PathLike) -> list[Path]:
         if folder.is_dir():
             removed += remove_temporaries(folder)
     return removed
+
+
+def record_path(path: str | os.PathLike, run_dir: str | os.PathLike) -> str:
+    """How a run folder records a path it read (its store): relative to the run when both lie below a
+    common parent other than the filesystem's root (a project folder), so that moving the whole
+    folder keeps the run readable; absolute otherwise.
+
+    Args:
+        path: the path to record.
+        run_dir: the run folder.
+    Returns:
+        ``../../store`` or ``/abs/path/store`` (POSIX separators for a relative one).
+    """
+    target, run = Path(path).resolve(), Path(run_dir).resolve()
+    try:
+        common = Path(os.path.commonpath([target, run]))
+    except ValueError:  # different drives
+        return str(target)
+    if common == Path(common.anchor):
+        return str(target)
+    return Path(os.path.relpath(target, run)).as_posix()
+
+
+def resolve_recorded_path(recorded: str, run_dir: str | os.PathLike, *, fallback: str | None = None) -> Path:
+    """The path a run recorded (`record_path`), as it is now.
+
+    A relative record is taken from the run folder (where it was moved to, with its project); an
+    absolute one (every run recorded before relative paths) as it is. When the relative one no
+    longer exists, ``fallback`` (the absolute path the run also recorded) is tried.
+
+    Args:
+        recorded: the recorded path.
+        run_dir: the run folder.
+        fallback: an absolute path to use when ``recorded`` is relative and missing.
+    Returns:
+        The path (which may not exist: the caller's open names it).
+    """
+    path = Path(recorded)
+    if path.is_absolute():
+        return path
+    found = (Path(run_dir) / path).resolve()
+    if not found.exists() and fallback and Path(fallback).exists():
+        return Path(fallback)
+    return found
 
 
 def settings_differences(now: Mapping[str, Any], recorded: Mapping[str, Any], resumable: Iterable[str], *,
@@ -227,11 +296,19 @@ class RunFolder:
         current names, so that what the caller reads next (the resume state) is where it looks.
 
         Raises:
-            error: ``path`` already holds a run and ``resume`` is False.
+            error: ``path`` already holds a run and ``resume`` is False, or it holds a finished run
+                without its resume state and ``resume`` is True.
         """
         folder = cls(path, resume=resume)
+        refusal = other_kind_refusal(folder.path, "run")
+        if refusal is not None:
+            raise error(refusal)
         if not resume and holds_run(folder.path):
             raise error(f"{folder.path} already holds a run; pass --resume to continue it or choose another OUT")
+        if resume and finished_run(folder.path):
+            raise error(f"{folder.path} holds a finished run: its resume state was deleted when it finished, so "
+                        "there is nothing to resume (train with --keep-resume-state to extend a run later); choose "
+                        "another OUT to train again")
         if resume:
             folder._adopt_legacy_names()
         return folder
@@ -280,3 +357,19 @@ class RunFolder:
     @property
     def resume_state(self) -> Path:
         return self.path / RESUME_STATE_NAME
+
+    def drop_resume_state(self) -> bool:
+        """Delete the resume state of a finished run (and its folder when empty): it holds the optimiser
+        too, several times the weights, and nothing needs it once ``checkpoint.pt`` is written.
+
+        Returns:
+            Whether a file was deleted.
+        """
+        if not self.main or not self.resume_state.is_file():
+            return False
+        self.resume_state.unlink()
+        try:
+            self.resume_state.parent.rmdir()
+        except OSError:
+            pass  # not empty (a user's file): left
+        return True

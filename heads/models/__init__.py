@@ -1,4 +1,4 @@
-"""Heads trained on stored features: SAOA, SAP and the `global` baseline, behind a registry.
+"""Heads trained on stored features: SAOA, SAP, the `global` baseline and `vectors`, behind a registry.
 
 Importing this package registers every head (the builder modules register themselves on import).
 """
@@ -19,6 +19,7 @@ from heads.models.registry import (
 from heads.models.layers import head_loss
 from heads.models.symbiotic import SymbioticBranch, SymbioticHead, saoa, sap
 from heads.models.baseline import GlobalHead, global_head
+from heads.models.vectors import VectorHead, vectors
 
 __all__ = [
     "FeatureDims",
@@ -40,4 +41,6 @@ __all__ = [
     "sap",
     "GlobalHead",
     "global_head",
+    "VectorHead",
+    "vectors",
 ]

@@ -3,7 +3,8 @@
 - `ObjectAlignment`: object-centric alignment, global (one backbone vector per segment) or local
   (one RoI-pooled backbone vector per detection slot): `h_i = ReLU(W f + Wo fo_i + b)`.
 - `CrossStreamGate`: `H' = sigmoid(Wg f_other + bg) * H`, the gate coming from the *other* branch.
-- `ActionAttendedRelation`: `a = softmax_i((Wq f_other) . (Wk h'_i))`, `z = sum_i a_i h'_i`.
+- `ActionAttendedRelation`: `a = softmax_i((Wq f_other) . (Wk h''_i))`, `z = sum_i a_i h''_i` with
+  `h''_i = h'_i / ||h'_i||` (the report attends "the normalized feature matrix"; `RELATION_NORMS`).
 - `MaskedMeanPool`: the no-relation ablation, a plain mean over valid rows.
 - `masked_softmax`, `masked_mean_weights`: masking helpers that never produce NaN.
 - `head_loss`: cross-entropy on verb + cross-entropy on noun.
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
+    "RELATION_NORMS",
     "masked_softmax",
     "masked_mean_weights",
     "ObjectAlignment",
@@ -27,6 +29,13 @@ __all__ = [
     "MaskedMeanPool",
     "head_loss",
 ]
+
+
+# How the action-attended relation treats its rows (docs/method.md, "Normalised rows"):
+# "rows": L2-normalise the gated rows, attend over them and sum them (our reading of the report);
+# "keys": attend over the normalised rows, sum the gated rows (the other reading);
+# "none": neither (the equations without normalisation).
+RELATION_NORMS = ("rows", "keys", "none")
 
 
 def masked_softmax(logits: Tensor, valid: Tensor, dim: int = -1) -> Tensor:
@@ -157,16 +166,24 @@ class CrossStreamGate(nn.Module):
 class ActionAttendedRelation(nn.Module):
     """Action-attended relation: attention pooling over rows with the other branch as the query.
 
-    `a_i = softmax_i((Wq f_other) . (Wk h'_i))` over valid rows, `z = sum_i a_i h'_i`. As in the
-    equations there is no bias and no 1/sqrt(d) temperature; the query/key size is H.
+    `a_i = softmax_i((Wq f_other) . (Wk h''_i))` over valid rows, `z = sum_i a_i h''_i`, where
+    `h''_i = h'_i / ||h'_i||` are the L2-normalised gated rows: the report attends "the normalized
+    feature matrix" ("we perform attention mechanism on the normalized object-centric noun features
+    and the global verb feature"). As in the equations there is no bias and no 1/sqrt(d)
+    temperature; the query/key size is H.
 
     Args:
         query_dim: size of the other branch's global feature.
         hidden_dim: H, size of the rows.
+        row_norm: one of `RELATION_NORMS`: ``rows`` (attend and sum the normalised rows), ``keys``
+            (attend the normalised rows, sum the gated rows) or ``none`` (no normalisation).
     """
 
-    def __init__(self, query_dim: int, hidden_dim: int) -> None:
+    def __init__(self, query_dim: int, hidden_dim: int, *, row_norm: str = "rows") -> None:
         super().__init__()
+        if row_norm not in RELATION_NORMS:
+            raise ValueError(f"row_norm must be one of {', '.join(RELATION_NORMS)}, got {row_norm!r}")
+        self.row_norm = row_norm
         self.query_proj = nn.Linear(query_dim, hidden_dim, bias=False)  # Wq
         self.key_proj = nn.Linear(hidden_dim, hidden_dim, bias=False)  # Wk
 
@@ -180,11 +197,14 @@ class ActionAttendedRelation(nn.Module):
             `z (B, H)` and the attention weights `(B, N)` (exactly 0 on invalid slots; an
             all-invalid row gets all-zero weights and `z = 0`).
         """
+        # An all-zero row (ReLU can give one) stays zero: F.normalize divides by max(norm, eps).
+        normalised = rows if self.row_norm == "none" else F.normalize(rows, dim=-1)  # (B, N, H)
         query_vec = self.query_proj(query)  # (B, H)
-        keys = self.key_proj(rows)  # (B, N, H)
+        keys = self.key_proj(normalised)  # (B, N, H)
         logits = torch.einsum("bh,bnh->bn", query_vec, keys)  # (B, N)
         weights = masked_softmax(logits, valid)  # (B, N)
-        return torch.einsum("bn,bnh->bh", weights, rows), weights
+        summed = rows if self.row_norm == "keys" else normalised
+        return torch.einsum("bn,bnh->bh", weights, summed), weights
 
 
 class MaskedMeanPool(nn.Module):

@@ -14,11 +14,12 @@ from __future__ import annotations
 import inspect
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 from torch import nn
 
 from featstore.store.local_pool import LOCAL_FIELD, LOCAL_SOURCES
+from featstore.store.schema import BOX_SETS, DET_GLOBAL_FEAT, DET_LOCAL_FEAT, NOUN_GLOBAL, VERB_GLOBAL, det_field
 
 __all__ = [
     "LOAD_TIME_SOURCES",
@@ -52,6 +53,24 @@ class FeatureDims:
     det_dim: int  # Cd: detector RoI feature size (`det.*.feat`)
     n_global: int = 60  # detection slots of the noun window (12 frames x top 5)
     n_local: int = 40  # detection slots of the verb window (8 frames x top 5)
+    # Every store field's shape, ((name, shape), ...), for heads that read fields by name (`vectors`).
+    field_shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()
+
+    def __post_init__(self) -> None:
+        # config.json gives lists back: the same dims compare equal however they were made.
+        object.__setattr__(self, "field_shapes", tuple((str(name), tuple(int(d) for d in shape))
+                                                       for name, shape in self.field_shapes))
+
+    def shape_of(self, field: str) -> tuple[int, ...] | None:
+        """The shape of one segment's ``field``: the store's, else the canonical fields' from the sizes above."""
+        shapes = dict(self.field_shapes)
+        if field in shapes:
+            return shapes[field]
+        return {
+            VERB_GLOBAL: (self.verb_dim,), NOUN_GLOBAL: (self.noun_dim,),
+            DET_GLOBAL_FEAT: (self.n_global, self.det_dim), DET_LOCAL_FEAT: (self.n_local, self.det_dim),
+            LOCAL_FIELD: (self.n_local, self.verb_dim),
+        }.get(field)
 
 
 @dataclass(frozen=True)
@@ -105,7 +124,7 @@ class HeadRecord:
 class MissingFieldsError(ValueError):
     """A store lacks fields a head needs; the message names the head and every missing field."""
 
-    def __init__(self, head: str, missing: Iterable[str]) -> None:
+    def __init__(self, head: str, missing: Iterable[str], note: str = "") -> None:
         self.head = head
         self.missing = tuple(missing)
         described = []
@@ -116,7 +135,7 @@ class MissingFieldsError(ValueError):
                 field = f"{field} (or {ways}, to RoI-pool it at load time)"
             described.append(field)
         super().__init__(
-            f"head {head!r} needs store field(s) that are missing: {', '.join(described)}"
+            f"head {head!r} needs store field(s) that are missing: {', '.join(described)}{note}"
         )
 
 
@@ -261,7 +280,19 @@ def check_fields(name: str | HeadRecord, available: Iterable[str], **switches: A
     have = set(available)
     missing = [f for f in record.required_fields(**switches) if not field_available(f, have)]
     if missing:
-        raise MissingFieldsError(record.name, missing)
+        raise MissingFieldsError(record.name, missing, _boxless_note(missing, have))
+
+
+def _boxless_note(missing: Sequence[str], have: set[str]) -> str:
+    """Why a store of detection features without boxes cannot serve a head that needs detections or
+    boxes (LFB's noun bank, imported): said once, so the refusal reads as what it is."""
+    boxless = [det_field(s, "feat") for s in BOX_SETS if det_field(s, "feat") in have and det_field(s, "box") not in have]
+    needs_boxes = any(f.startswith("det.") or f in LOAD_TIME_SOURCES for f in missing)
+    if not boxless or not needs_boxes:
+        return ""
+    return (f"; this store's detection features ({', '.join(boxless)}) come without boxes (e.g. imported from "
+            f"LFB's noun bank), so heads that need boxes or other detections cannot train on it "
+            f"(`--model vectors --noun-fields {boxless[0]}` reads the features alone)")
 
 
 def field_available(need: str, available: Iterable[str]) -> bool:

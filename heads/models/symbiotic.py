@@ -6,10 +6,14 @@ choose arguments. The math is DESIGN section 5:
 
     noun branch: Hn = ObjectAlignment(fn_g, det.global)      (B, 60, Cn)
                  Hn' = sigmoid(Wgn fv_g + bgn) * Hn           gate from the verb branch
-                 zn = sum_i softmax_i((Wqn fv_g).(Wkn hn'_i)) hn'_i
+                 hn''_i = hn'_i / ||hn'_i||                  rows L2-normalised (`relation_norm`)
+                 zn = sum_i softmax_i((Wqn fv_g).(Wkn hn''_i)) hn''_i
                  noun_logits = Ln(zn)
-    verb branch: the same with the roles swapped; SAOA aligns the RoI-pooled verb map at each local
-                 box (`verb_local`), SAP aligns the global verb feature.
+    verb branch: the same with the roles swapped; SAOA aligns the RoI-pooled verb map at each of the
+                 40 local boxes (`verb_local`), SAP the global verb feature with the 60 global
+                 detections (`verb_objects`).
+
+The readings of the report's ambiguous sentences, with the sentences, are in docs/method.md.
 
 Batch keys (produced by the data layer; masks are bool, True = valid slot):
 `verb_global (B, Cv)`, `noun_global (B, Cn)`, `det_global_feat (B, 60, Cd)`,
@@ -31,7 +35,13 @@ from featstore.store.schema import (
     VERB_GLOBAL,
     VERB_LOCAL,
 )
-from heads.models.layers import ActionAttendedRelation, CrossStreamGate, MaskedMeanPool, ObjectAlignment
+from heads.models.layers import (
+    RELATION_NORMS,
+    ActionAttendedRelation,
+    CrossStreamGate,
+    MaskedMeanPool,
+    ObjectAlignment,
+)
 from heads.models.registry import FeatureDims, register_head
 
 __all__ = ["SymbioticBranch", "SymbioticHead", "saoa", "sap", "symbiotic_fields"]
@@ -137,6 +147,7 @@ def _branch(
     global_key: str,
     gating: bool,
     relation: bool,
+    relation_norm: str,
     normalize: bool,
     concat_global: bool,
 ) -> SymbioticBranch:
@@ -145,7 +156,8 @@ def _branch(
     # in where the backbone feature comes from draw identical weights from the same seed.
     alignment = ObjectAlignment(backbone_dim, det_dim, hidden, normalize=normalize)
     gate = CrossStreamGate(query_dim, hidden) if gating else None
-    pool: nn.Module = ActionAttendedRelation(query_dim, hidden) if relation else MaskedMeanPool()
+    pool: nn.Module = (ActionAttendedRelation(query_dim, hidden, row_norm=relation_norm) if relation
+                       else MaskedMeanPool())
     classifier = nn.Linear(hidden + (backbone_dim if concat_global else 0), num_classes)
     return SymbioticBranch(
         alignment=alignment,
@@ -168,13 +180,16 @@ def _symbiotic(
     verb_objects: str,
     gating: bool,
     relation: bool,
+    relation_norm: str,
     normalize: bool,
     concat_global: bool,
 ) -> SymbioticHead:
     if verb_objects not in BOX_SETS:
         raise ValueError(f"verb_objects must be one of {BOX_SETS}, got {verb_objects!r}")
-    common = dict(det_dim=dims.det_dim, gating=gating, relation=relation, normalize=normalize,
-                  concat_global=concat_global)
+    if relation_norm not in RELATION_NORMS:
+        raise ValueError(f"relation_norm must be one of {', '.join(RELATION_NORMS)}, got {relation_norm!r}")
+    common = dict(det_dim=dims.det_dim, gating=gating, relation=relation, relation_norm=relation_norm,
+                  normalize=normalize, concat_global=concat_global)
     verb_branch = _branch(
         backbone_dim=dims.verb_dim,
         query_dim=dims.noun_dim,
@@ -225,6 +240,7 @@ def saoa(
     num_nouns: int,
     gating: bool = True,
     relation: bool = True,
+    relation_norm: str = "rows",
     local_alignment: bool = True,
     normalize: bool = False,
     concat_global: bool = False,
@@ -239,17 +255,21 @@ def saoa(
         num_nouns: N.
         gating: cross-stream gating (False: ablation, rows pass ungated).
         relation: action-attended relation (False: ablation, mean over valid rows).
-        local_alignment: False falls back to SAP's verb branch (global verb feature with the local
-            detections), i.e. the same model as `sap()`.
-        normalize: the report's I3D L2 scheme in both alignments (on for I3D stores).
+        relation_norm: rows the relation attends: `rows` (the gated rows L2-normalised, attended
+            and summed: the report's "normalized feature matrix", docs/method.md), `keys` (attended
+            normalised, summed as gated) or `none` (no normalisation, before issue 23).
+        local_alignment: False falls back to SAP's verb branch on the local detections (global verb
+            feature with the 40 local boxes), i.e. `sap(verb_objects="local")`.
+        normalize: the report's I3D L2 scheme in both alignments; `heads train` turns it on for a
+            store whose backbones are of the I3D family (its manifest) unless given.
         concat_global: ours: concatenate each branch's global feature before its classifier.
 
     Returns:
         A `SymbioticHead` (plain CPU module).
     """
     return _symbiotic(dims=dims, num_verbs=num_verbs, num_nouns=num_nouns, local_alignment=local_alignment,
-                      verb_objects="local", gating=gating, relation=relation, normalize=normalize,
-                      concat_global=concat_global)
+                      verb_objects="local", gating=gating, relation=relation, relation_norm=relation_norm,
+                      normalize=normalize, concat_global=concat_global)
 
 
 @register_head(
@@ -264,9 +284,10 @@ def sap(
     num_nouns: int,
     gating: bool = True,
     relation: bool = True,
+    relation_norm: str = "rows",
     normalize: bool = False,
     concat_global: bool = False,
-    verb_objects: str = "local",
+    verb_objects: str = "global",
 ) -> SymbioticHead:
     """SAP (Wang et al., AAAI 2020): global alignment in both branches,
     verb rows `ReLU(Wv fv_g + Wvo fo_i + bv)`.
@@ -277,15 +298,16 @@ def sap(
         num_nouns: N.
         gating: cross-stream gating (False: ablation).
         relation: action-attended relation (False: mean over valid rows).
-        normalize: the report's I3D L2 scheme.
+        relation_norm: as `saoa`'s: `rows` (default), `keys` or `none`.
+        normalize: the report's I3D L2 scheme; `heads train` turns it on for I3D-family stores unless given.
         concat_global: ours: concatenate each branch's global feature before its classifier.
-        verb_objects: ours: the detection set the verb branch aligns with, `local` (the 40 slots of
-            the 4 s window, as SAOA's verb branch) or `global` (the 60 slots of the 6 s window). The
-            sources do not say; `local` makes `saoa(local_alignment=False)` the same model.
+        verb_objects: the detection set the verb branch aligns with: `global` (the 60 slots of the
+            6 s window, which the report ties to global alignment) or `local` (the 40 slots of the
+            4 s window, as SAOA's verb branch; `saoa(local_alignment=False)` is that model).
 
     Returns:
         A `SymbioticHead` (plain CPU module).
     """
     return _symbiotic(dims=dims, num_verbs=num_verbs, num_nouns=num_nouns, local_alignment=False,
-                      verb_objects=verb_objects, gating=gating, relation=relation, normalize=normalize,
-                      concat_global=concat_global)
+                      verb_objects=verb_objects, gating=gating, relation=relation, relation_norm=relation_norm,
+                      normalize=normalize, concat_global=concat_global)

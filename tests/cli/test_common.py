@@ -93,3 +93,134 @@ def test_int_list_reads_and_writes_comma_separated_integers() -> None:
     assert IntList().render((11, 14)) == "11,14"
     with pytest.raises(click.BadParameter, match="comma-separated list of integers"):
         parse(["s", "--steps", "11,x"])
+
+
+def _guarded_program() -> click.Group:
+    from cli.common import GuardedGroup, debug_option, domain_errors
+
+    @click.group(cls=GuardedGroup)
+    @debug_option
+    def program(debug: bool) -> None:
+        """A program."""
+
+    @program.command()
+    @domain_errors
+    def broken() -> None:
+        """Fails the way a bug does."""
+        {}["missing"]  # noqa: B018 - a KeyError from code that is not ours to blame
+
+    @program.command()
+    @domain_errors
+    def refused() -> None:
+        """Fails the way bad input does."""
+        from featstore.store.schema import StoreError
+
+        raise StoreError("the input is bad")
+
+    return program
+
+
+def test_an_unexpected_error_is_one_line_naming_the_command_and_the_traceback_file(tmp_path, monkeypatch) -> None:
+    from click.testing import CliRunner
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.delenv("FEATSTORE_DEBUG", raising=False)
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    result = CliRunner().invoke(_guarded_program(), ["broken"])
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: `program broken` failed unexpectedly: KeyError")
+    assert "rerun with --debug" in lines[0] and "Traceback" not in result.output
+    saved = list(tmp_path.glob("program-broken-*.traceback.txt"))
+    assert len(saved) == 1 and str(saved[0]) in lines[0]
+    assert "Traceback (most recent call last)" in saved[0].read_text()
+    debug = CliRunner().invoke(_guarded_program(), ["--debug", "broken"])
+    assert isinstance(debug.exception, KeyError)  # --debug lets it through, traceback and all
+    assert CliRunner().invoke(_guarded_program(), ["broken"], env={"FEATSTORE_DEBUG": "1"}).exception is not None
+
+
+def test_a_domain_error_stays_its_own_message() -> None:
+    from click.testing import CliRunner
+
+    result = CliRunner().invoke(_guarded_program(), ["refused"])
+    assert result.exit_code == 1 and result.output == "Error: the input is bad\n"
+
+
+def test_a_reader_that_closes_the_pipe_ends_the_output_quietly(tmp_path) -> None:
+    # `featstore info S | head -2`: the reader gone before the command writes. A pipe whose read end
+    # is closed before the command starts makes its first write meet EPIPE, every time.
+    import os
+    import subprocess
+    import sys
+
+    from tests.featstore.store.small_store import fill_store
+
+    fill_store(tmp_path / "s", 2)
+    for args in (["info", str(tmp_path / "s")], ["query", str(tmp_path / "s"), "select * from segments"]):
+        read_end, write_end = os.pipe()
+        os.close(read_end)
+        try:
+            done = subprocess.run([sys.executable, "-m", "cli.featstore_cli", *args], stdout=write_end,
+                                  stderr=subprocess.PIPE, cwd=Path(__file__).resolve().parents[2], timeout=120)
+        finally:
+            os.close(write_end)
+        assert done.returncode in (0, 1) and done.stderr.decode() == "", done.stderr.decode()
+
+
+def test_a_folder_made_by_a_command_that_fails_before_any_result_is_removed(tmp_path) -> None:
+    from cli.common import removed_on_early_failure
+    from featstore.training.run_folder import CHECKPOINT_NAME
+
+    run = tmp_path / "run"
+    with pytest.raises(RuntimeError), removed_on_early_failure(run, "run"):
+        run.mkdir()
+        (run / "config.json").write_text("{}")
+        raise RuntimeError("the first batch could not be read")
+    assert not run.exists()
+    with pytest.raises(RuntimeError), removed_on_early_failure(run, "run"):
+        run.mkdir()
+        (run / CHECKPOINT_NAME).write_bytes(b"weights")
+        raise RuntimeError("failed in epoch 3")
+    assert (run / CHECKPOINT_NAME).exists()  # a result: kept for --resume
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(RuntimeError), removed_on_early_failure(tmp_path / "mine", "run"):
+        raise RuntimeError("a folder that existed before is never removed")
+    assert (tmp_path / "mine").is_dir()
+
+
+def test_a_store_with_a_stored_segment_is_kept_and_an_empty_one_removed(tmp_path) -> None:
+    from cli.common import removed_on_early_failure
+    from featstore.store.reader import FeatureStore
+    from featstore.store.schema import FieldSpec
+    from tests.featstore.store.small_store import fill_store
+
+    with pytest.raises(RuntimeError), removed_on_early_failure(tmp_path / "empty", "store"):
+        FeatureStore.create(tmp_path / "empty", fields={"verb.global": FieldSpec("float16", (4,))})
+        raise RuntimeError("the backbone could not be built")
+    assert not (tmp_path / "empty").exists()
+    with pytest.raises(RuntimeError), removed_on_early_failure(tmp_path / "partial", "store"):
+        fill_store(tmp_path / "partial", 2)
+        raise RuntimeError("killed in segment 3")
+    assert len(FeatureStore.open(tmp_path / "partial").uids()) == 2
+
+
+def test_finetune_that_fails_in_its_first_epoch_leaves_no_run_folder(tmp_path) -> None:
+    from click.testing import CliRunner
+
+    from cli.featstore_cli import main
+    from tests.helpers.tiny_build import make_epic_dataset
+
+    _, annotations = make_epic_dataset(tmp_path / "epic", n_segments=2)
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, [
+        "finetune", str(out), "--annotations", str(annotations), "--frames", str(tmp_path),  # the wrong root
+        "--backbone", "r3d_18", "--target", "verb", "--recipe", "r50-3d", "--epochs", "1", "--limit", "2",
+        "--clip-frames", "2", "--workers", "0", "--no-progress"])
+    assert result.exit_code == 1 and "could not be read" in result.output, result.output
+    assert not out.exists()
+    again = CliRunner().invoke(main, ["finetune", str(out), "--annotations", str(annotations), "--frames",
+                                      str(tmp_path / "nowhere"), "--backbone", "r3d_18", "--target", "verb",
+                                      "--recipe", "r50-3d", "--no-progress"])
+    assert "already holds a run" not in again.output  # the corrected command is not refused

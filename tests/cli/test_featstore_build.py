@@ -196,3 +196,21 @@ def test_build_says_when_the_noun_record_asks_for_another_clip(tmp_path: Path) -
     assert provenance["sampling"]["clip_frames"] == 16 and provenance["sampling_sources"]["clip_stride"] == "backbone:r3d_18"
     (note,) = provenance["sampling_notes"]
     assert "clip_sampling segments" in note and "clip_frames 8" in note
+
+
+def test_roi_features_square_frames_and_resampled_clips_are_built_and_recorded(tmp_path: Path) -> None:
+    """Issue 23: `--det-feature roi` stores the RoIAlign output (the MobileNet FPN's 256 channels),
+    `--resize square` the report's R(2+1)D-34 input without cropping, `--resample-fps` clips by time;
+    the manifest records all three, and a rerun with other values is refused."""
+    frames, annotations = make_epic_dataset(tmp_path / "epic", n_segments=2)
+    store = tmp_path / "store"
+    result = tiny_build(store, annotations, frames, "--workers", "0", "--det-feature", "roi", "--resize", "square",
+                        "--resample-fps", "30")
+    assert result.exit_code == 0, result.output
+    info = _assert_detection_store_contract(store, n_segments=2, feature_dim=256)
+    provenance = info["manifest"]["provenance"]
+    assert provenance["detector"]["feature"] == "roi" and provenance["detector"]["feature_dim"] == 256
+    assert provenance["input_size"] == [32, 32] and provenance["resize"] == "square"
+    assert provenance["resample_fps"] == 30.0 and provenance["sampling"]["resample_fps"] == 30.0
+    refused = tiny_build(store, annotations, frames, "--workers", "0", "--resize", "square", "--resample-fps", "30")
+    assert refused.exit_code != 0 and "detector_feature" in refused.output

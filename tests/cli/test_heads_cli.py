@@ -12,6 +12,8 @@ from cli.heads_cli import main
 from featstore.epic.annotations import read_segments
 from featstore.store.schema import FieldSpec
 from featstore.store.reader import FeatureStore
+from heads.metric_registry import metric_values
+from heads.models import get_head
 from tests.helpers.stores import make_planted_store
 
 TRAIN = "participant_id <= 'P25'"
@@ -38,15 +40,18 @@ def test_train_eval_predict_score_round_trip(planted_store: Path, tmp_path: Path
     metrics = json.loads((run / "metrics.json").read_text())
     assert json.loads(result.stdout) == metrics
     evaluated = _invoke("eval", run)
-    assert json.loads(evaluated.stdout) == pytest.approx(metrics)
+    assert json.loads(evaluated.stdout) == pytest.approx(metric_values(metrics))
     out = tmp_path / "val.parquet"
     assert _invoke("predict", run, "--where", VAL, "--out", out).exit_code == 0
     # `heads score` on the run's predictions against the annotation file gives the run's metrics.
     annotations = planted_store.parent / "annotations" / "EPIC_train_action_labels.csv"
     scored = _invoke("score", out, "--annotations", annotations, "--json")
     assert scored.exit_code == 0, scored.output
-    assert json.loads(scored.stdout) == pytest.approx(metrics, abs=1e-9)
-    assert json.loads(_invoke("score", run, "--annotations", annotations, "--json").stdout) == pytest.approx(metrics)
+    assert metric_values(json.loads(scored.stdout)) == pytest.approx(metric_values(metrics), abs=1e-9)
+    by_run = json.loads(_invoke("score", run, "--annotations", annotations, "--json").stdout)
+    assert metric_values(by_run) == pytest.approx(metric_values(metrics))
+    # A run directory brings its training split: the same many-shot list as the run's own.
+    assert by_run["many_shot_actions"] == metrics["many_shot_actions"]
 
 
 def test_switch_flags_reach_the_head_and_unknown_ones_are_refused(planted_store: Path, tmp_path: Path) -> None:
@@ -55,7 +60,10 @@ def test_switch_flags_reach_the_head_and_unknown_ones_are_refused(planted_store:
                      tmp_path / "a")
     assert result.exit_code == 0, result.output
     config = json.loads((tmp_path / "a" / "config.json").read_text())
-    assert config["switches"] == {"gating": False, "relation": False, "concat_global": True}
+    given = {"gating": False, "relation": False, "concat_global": True}
+    # Every switch with its effective value (issue 23), and which the user gave.
+    assert config["switches"] == {**get_head("saoa").switches(), **given}
+    assert {name for name, source in config["switch_sources"].items() if source == "given"} == set(given)
     refused = _invoke("train", planted_store, "--model", "global", "--no-gating", "--train-where", TRAIN,
                       "--epochs", "1", "--no-progress", "--out", tmp_path / "b")
     assert refused.exit_code == 1 and "unknown switch(es) gating" in refused.output
@@ -165,7 +173,7 @@ def test_score_with_a_prior_file_leaves_out_the_scored_segments_and_says_so(plan
     record = {"from": str(annotations.resolve()), "excluded_scored_segments": 240, "counted": 240}
     assert metrics.pop("action_prior") == record
     # What is left of the file is the run's training selection: the run's own prior, its own metrics.
-    assert metrics == pytest.approx(json.loads((run / "metrics.json").read_text()))
+    assert metric_values(metrics) == pytest.approx(metric_values(json.loads((run / "metrics.json").read_text())))
     assert "240 scored segment(s) left out" in scored.stderr
     text = _invoke("score", run, "--annotations", annotations, "--action-prior-from", annotations)
     assert "action_top1" in text.stdout and "240 scored segment(s) left out" in text.stderr

@@ -1,4 +1,5 @@
-"""The report's recipes (section 3.1), the defaults they give and the flags that override them."""
+"""The report's recipes (section 3.1) and the publishers' own, the defaults they give and the flags that
+override them; the transformer backbones run under stage 1."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,6 +8,8 @@ import pytest
 from click.testing import CliRunner
 
 from cli.featstore_cli import main as featstore_main
+from featstore.models import build_backbone
+from finetune.backbone import finetune
 from finetune.config import RECIPE_FIELDS, FinetuneError, make_config
 from finetune.recipes import (
     UnknownRecipeError,
@@ -14,6 +17,8 @@ from finetune.recipes import (
     list_recipes,
     recipe_for_backbone,
 )
+from tests.finetune.conftest import small_config
+from tests.helpers.shallow_backbones import make_transformers_shallow
 
 FRAMES = Path("/nonexistent/frames")  # the config does not touch the file system
 
@@ -91,3 +96,34 @@ def test_help_lists_every_recipe_and_marks_recipe_values() -> None:
     assert "[recipe]" in result.output and "--scale-range" in result.output
     with pytest.raises(UnknownRecipeError):
         get_recipe("r50")
+
+
+def test_the_avion_recipes_are_the_publishers_and_say_so() -> None:
+    for name, backbone in (("avion-vitb", "avion_vitb"), ("avion-vitl", "avion_vitl")):
+        recipe = get_recipe(name)
+        assert recipe_for_backbone(backbone, "rgb") is recipe
+        assert "AVION" in recipe.source and "theirs" in recipe.description
+        # main_lavila_finetune_cls.py: --clip-length 16, SGD (momentum = betas[0] 0.9), --wd 4e-5, 100
+        # epochs, lr 3e-3 per 128 clips at their per-GPU batch of 64; val: short side 224, centre crop 224.
+        assert (recipe.clip_frames, recipe.crop, recipe.test_size) == (16, 224, 224)
+        assert (recipe.momentum, recipe.weight_decay, recipe.epochs) == (0.9, 4e-5, 100)
+        assert recipe.lr == pytest.approx(3e-3 * recipe.batch_size / 128) and recipe.batch_size == 64
+        # RandomResizedCrop(224, scale=(0.5, 1)): a 224 crop of a short side up to 224 / sqrt(0.5).
+        assert recipe.scale_range == (224, 316)
+    assert {get_recipe(name).source for name in ("r50-3d", "i3d", "r2plus1d-34")} == {"report"}
+    assert recipe_for_backbone("omnivore_swinb_epic", "rgb") is None  # Omnivore publishes no EPIC recipe
+
+
+@pytest.mark.parametrize(("backbone", "recipe"), [("avion_vitb", "avion-vitb"), ("omnivore_swinb_epic", "r50-3d")])
+def test_a_transformer_backbone_finetunes_and_its_checkpoint_builds(
+        small_epic, backbone: str, recipe: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One epoch of stage 1 on tiny clips with the transformer as the backbone (its publisher's recipe,
+    or another recipe's values for Omnivore's, which has none); the checkpoint loads back into the
+    registered backbone. The builders are made shallow (`make_transformers_shallow`)."""
+    make_transformers_shallow(monkeypatch)
+    out = tmp_path / "run"
+    config = small_config(small_epic, out, backbone=backbone, recipe=recipe, clip_frames=4, epochs=1)
+    assert config.recipe == recipe
+    finetune(config, log=lambda _: None)
+    loaded, _ = build_backbone(f"{backbone}:{out / 'checkpoint.pt'}")
+    assert loaded.load_report is not None and loaded.load_report.loaded > 0

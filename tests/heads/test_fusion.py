@@ -9,6 +9,7 @@ import pytest
 
 from heads.actions import softmax
 from heads.fusion import FusionError, fuse, fuse_predictions, parse_weights
+from heads.metric_registry import metric_values
 from heads.predictions import Predictions, read_predictions, write_predictions
 from heads.trainer import TrainConfig, train
 from tests.helpers.threads import torch_threads
@@ -34,7 +35,8 @@ def two_runs(planted_store: Path, tmp_path_factory: pytest.TempPathFactory) -> t
 
 
 def _metrics(run: Path) -> dict[str, float]:
-    return json.loads((run / "metrics.json").read_text())
+    """The metrics of a run's metrics.json (without its records: the head's `normalize`, the many-shot list)."""
+    return metric_values(json.loads((run / "metrics.json").read_text()))
 
 
 def test_a_run_fused_with_itself_is_the_run(two_runs: tuple[Path, Path], tmp_path: Path) -> None:
@@ -44,12 +46,13 @@ def test_a_run_fused_with_itself_is_the_run(two_runs: tuple[Path, Path], tmp_pat
     assert by_logits.predictions.uids == original.uids
     assert np.array_equal(by_logits.predictions.verb_logits, original.verb_logits)
     assert np.array_equal(by_logits.predictions.noun_logits, original.noun_logits)
-    assert by_logits.metrics == _metrics(run)
+    assert metric_values(by_logits.metrics) == _metrics(run)
+    assert by_logits.metrics["many_shot_actions"] == json.loads((run / "metrics.json").read_text())["many_shot_actions"]
     by_probs = fuse([run, run], tmp_path / "probs", how="probs", log=_quiet)
     # Stored as log-probabilities: softmax gives back the run's probabilities, and every metric agrees.
     assert np.allclose(softmax(by_probs.predictions.verb_logits), softmax(original.verb_logits), atol=1e-6)
     assert np.allclose(np.exp(by_probs.predictions.noun_logits).sum(axis=1), 1.0, atol=1e-5)
-    assert by_probs.metrics == pytest.approx(_metrics(run))
+    assert metric_values(by_probs.metrics) == pytest.approx(_metrics(run))
     for folder in (tmp_path / "logits", tmp_path / "probs"):
         assert (folder / "predictions.parquet").is_file() and (folder / "metrics.json").is_file()
         recorded = json.loads((folder / "fusion.json").read_text())
@@ -63,7 +66,7 @@ def test_weights_one_zero_give_the_first_input(two_runs: tuple[Path, Path], tmp_
     assert np.array_equal(by_logits.noun_logits, first.noun_logits)
     by_probs = fuse(list(two_runs), tmp_path / "probs", weights=[3, 0], how="probs", log=_quiet)
     assert np.allclose(softmax(by_probs.predictions.noun_logits), softmax(first.noun_logits), atol=1e-6)
-    assert by_probs.metrics == pytest.approx(_metrics(two_runs[0]))
+    assert metric_values(by_probs.metrics) == pytest.approx(_metrics(two_runs[0]))
 
 
 @pytest.mark.parametrize("how", ["probs", "logits"])
@@ -103,6 +106,13 @@ def test_annotations_give_labels_to_plain_predictions_files(planted_store: Path,
     annotations = planted_store.parent / "annotations" / "EPIC_train_action_labels.csv"
     scored = fuse([tmp_path / "a.parquet"], tmp_path / "scored", annotations=annotations, how="logits", log=_quiet)
     assert scored.metrics["verb_top1"] == _metrics(two_runs[0])["verb_top1"]
+    # Many-shot actions: a plain file's training split is not known, unless given; a run brings its own.
+    assert scored.metrics["many_shot_actions"]["restricted_to"] is None
+    given = fuse([tmp_path / "a.parquet"], tmp_path / "given", annotations=annotations, train_where="participant_id <= 'P25'",
+                 log=_quiet)
+    assert "participant_id <= 'P25'" in given.metrics["many_shot_actions"]["restricted_to"]
+    by_run = fuse([two_runs[0]], tmp_path / "run", annotations=annotations, log=_quiet)
+    assert "training selection" in by_run.metrics["many_shot_actions"]["restricted_to"]
 
 
 def test_inputs_that_cannot_be_fused_are_refused() -> None:
@@ -137,6 +147,6 @@ def test_a_prior_file_never_counts_the_fused_segments(two_runs: tuple[Path, Path
     # The 240 fused (validation) segments are left out; the 240 rows left are the run's training selection,
     # so the prior is the run's own and so are the metrics.
     assert record == {"from": str(annotations.resolve()), "excluded_scored_segments": 240, "counted": 240}
-    assert result.metrics == _metrics(run)
+    assert metric_values(result.metrics) == _metrics(run)
     assert json.loads((tmp_path / "fused" / "metrics.json").read_text())["action_prior"] == record
     assert any("240 scored segment(s) left out" in m for m in messages)

@@ -66,10 +66,12 @@ def test_rows_and_uids_must_agree() -> None:
     ({"uid": ["a", "b"], "verb_logits": [[1.0, 2.0], [1.0]], "noun_logits": [[1.0], [2.0]]},
      "rows of verb_logits have different lengths"),
     ({"uid": ["a"], "verb_logits": [1.0], "noun_logits": [[1.0]]}, "column verb_logits must be a list of floats"),
+    (pa.table({"uid": pa.array([], pa.string()), "verb_logits": pa.array([], pa.list_(pa.float32())),
+               "noun_logits": pa.array([], pa.list_(pa.float32()))}), "holds no predictions"),
 ])
 def test_malformed_files_are_refused_with_the_reason(tmp_path: Path, columns: dict, message: str) -> None:
     path = tmp_path / "bad.parquet"
-    pq.write_table(pa.table(columns), path)
+    pq.write_table(columns if isinstance(columns, pa.Table) else pa.table(columns), path)
     with pytest.raises(PredictionsError, match=message):
         read_predictions(path)
 

@@ -46,7 +46,7 @@ def validation_predictions(epic55_dir: Path) -> tuple[Predictions, np.ndarray, n
 
 
 def _metrics_only(metrics: dict) -> dict:
-    return {k: v for k, v in metrics.items() if k != "action_prior"}
+    return {k: v for k, v in metrics.items() if k not in ("action_prior", "many_shot_actions")}
 
 
 @pytest.mark.slow
@@ -88,8 +88,8 @@ def test_the_prior_leaves_out_scored_rows_and_refuses_a_file_of_nothing_else(
     plus_scored = _subset(full, tmp_path / "train_and_scored.csv",
                           lambda row: row["participant_id"] <= "P25" or row["uid"] in names)
     only_scored = _subset(full, tmp_path / "scored.csv", lambda row: row["uid"] in names)
-    reference = score_file(scored, full, action_prior_from=train_only)
-    mixed = score_file(scored, full, action_prior_from=plus_scored)
+    reference = score_file(scored, full, action_prior_from=train_only, train_split="epic55-lfb-train")
+    mixed = score_file(scored, full, action_prior_from=plus_scored, train_split="epic55-lfb-train")
     assert _metrics_only(mixed) == _metrics_only(reference)
     assert mixed["action_prior"] == {"from": str(plus_scored.resolve()), "excluded_scored_segments": 600, "counted": 23191}
 
@@ -117,7 +117,7 @@ def test_without_a_prior_file_there_is_no_prior_and_no_record(epic55_dir: Path, 
 
     plain = epic55_metrics(scored.verb_logits, scored.noun_logits, verbs[:600], nouns[:600],
                            meta=load_meta(epic55_dir, "epic55"))
-    assert metrics == pytest.approx({k: v for k, v in plain.items() if not np.isnan(v)}, abs=1e-12)
+    assert _metrics_only(metrics) == pytest.approx({k: v for k, v in plain.items() if not np.isnan(v)}, abs=1e-12)
 
 
 def test_bad_inputs_are_named(epic55_dir: Path, tmp_path: Path, validation_predictions) -> None:
@@ -134,3 +134,37 @@ def test_bad_inputs_are_named(epic55_dir: Path, tmp_path: Path, validation_predi
     with pytest.raises(ScoringError, match="without verb/noun labels"):
         score_file(tmp_path / "p.parquet", epic55_dir / TRAIN_FILE,
                    action_prior_from=epic55_dir / "EPIC_test_s1_timestamps.csv")
+
+
+def test_many_shot_actions_follow_the_training_split_whatever_the_prior(
+        epic55_dir: Path, tmp_path: Path, validation_predictions) -> None:
+    """Issue 23: one definition of many-shot actions, the official list intersected with the pairs of
+    the training split in use whenever it is known; `--action-prior-from` does not change it."""
+    predictions, _, _ = validation_predictions
+    scored = predictions.subset(predictions.uids[:600])
+    full = epic55_dir / TRAIN_FILE
+    restricted = {"size": 777, "listed": 819, "source": "official EPIC_many_shot_actions.csv",
+                  "restricted_to": f"the 2266 (verb, noun) pairs of {full.resolve()} where "
+                                   "source = 'EPIC_train_action_labels' AND participant_id <= 'P25'"}
+    with_prior = score_file(scored, full, action_prior_from=full, train_split="epic55-lfb-train")
+    without_prior = score_file(scored, full, train_split="epic55-lfb-train")
+    assert with_prior["many_shot_actions"] == without_prior["many_shot_actions"] == restricted
+    # The same list gives the same class-aware action numbers when the prior does not move the top-1 pair.
+    from featstore.epic.metadata import load_meta
+
+    labels = predictions.subset(scored.uids)
+    _, verbs, nouns = validation_predictions
+    direct = epic55_metrics(labels.verb_logits, labels.noun_logits, verbs[:600], nouns[:600],
+                            meta=load_meta(epic55_dir, "epic55"), train_pairs=_lfb_train_pairs(full))
+    assert without_prior["action_recall"] == pytest.approx(direct["action_recall"], abs=1e-12)
+    # A split that is not known is not guessed from the prior file: the official list as it is.
+    unknown = score_file(scored, full, action_prior_from=full)
+    assert unknown["many_shot_actions"] == {**restricted, "size": 819, "restricted_to": None}
+
+
+def _lfb_train_pairs(path: Path) -> set[tuple[int, int]]:
+    table = read_segments(path)
+    keep = [p <= "P25" for p in table.column("participant_id").to_pylist()]
+    verbs = np.asarray(table.column("verb_class").to_numpy())[keep]
+    nouns = np.asarray(table.column("noun_class").to_numpy())[keep]
+    return set(zip(verbs.tolist(), nouns.tolist()))

@@ -19,6 +19,7 @@ from featstore.training.run_folder import (
     RUN_FILES,
     run_folder_files,
 )
+from heads.metric_registry import metric_values
 from heads.models import MissingFieldsError
 from heads.trainer import (
     TrainConfig,
@@ -51,13 +52,17 @@ def test_run_directory_contract(planted_store: Path, tmp_path: Path) -> None:
     assert run_folder_files(run) == RUN_FILES["heads"].expected(validated=True)  # exactly: no temporaries
     assert json.loads((run / METRICS_NAME).read_text()) == metrics
     # No class has >100 training samples here, so there are no many-shot classes: top-k only.
-    assert set(metrics) == set(TOPK_KEYS)
+    assert set(metric_values(metrics)) == set(TOPK_KEYS)
+    # Besides the metrics: the I3D scheme's switch and the many-shot list used (issue 23).
+    assert set(metrics) - set(TOPK_KEYS) == {"normalize", "many_shot_actions"}
     assert all(0.0 <= metrics[key] <= 100.0 for key in TOPK_KEYS)
     config = json.loads((run / CONFIG_NAME).read_text())
     assert (config["n_train"], config["n_val"]) == (240, 240)
     assert config["store"] == str(planted_store.resolve()) and len(config["manifest_sha256"]) == 64
     assert config["model"] == "saoa" and config["data_mode"] == "preload"
-    assert config["dims"] == {"verb_dim": 32, "noun_dim": 32, "det_dim": 32, "n_global": 60, "n_local": 40}
+    dims = {name: value for name, value in config["dims"].items() if name != "field_shapes"}
+    assert dims == {"verb_dim": 32, "noun_dim": 32, "det_dim": 32, "n_global": 60, "n_local": 40}
+    assert ["verb.global", [32]] in config["dims"]["field_shapes"]  # every field's shape (the `vectors` head)
     table = pq.read_table(run / PREDICTIONS_NAME)
     assert table.column_names == ["uid", "verb_logits", "noun_logits"]
     assert table.num_rows == 240 and len(table.column("verb_logits")[0]) == 125
@@ -67,7 +72,7 @@ def test_run_directory_contract(planted_store: Path, tmp_path: Path) -> None:
 def test_official_class_lists_give_the_class_aware_metrics(planted_store: Path, tmp_path: Path,
                                                            epic55_dir: Path) -> None:
     metrics = train(planted_store, tmp_path / "run", _config(epochs=1, meta_dir=str(epic55_dir)), progress=False)
-    assert set(metrics) == set(TOPK_KEYS) | set(CLASS_KEYS)
+    assert set(metric_values(metrics)) == set(TOPK_KEYS) | set(CLASS_KEYS)
     assert all(0.0 <= metrics[key] <= 100.0 for key in CLASS_KEYS)
     assert json.loads((tmp_path / "run" / CONFIG_NAME).read_text())["class_lists"] == "official"
 
@@ -131,7 +136,7 @@ def test_streaming_mode_gives_the_same_result_as_preloading(planted_store: Path,
                    log=messages.append)
     assert any("stream mode" in m for m in messages)
     assert json.loads((tmp_path / "s" / CONFIG_NAME).read_text())["data_mode"] == "stream"
-    for key in preload:
+    for key in metric_values(preload):
         assert stream[key] == pytest.approx(preload[key], abs=1e-6), key
 
 
@@ -142,7 +147,7 @@ def test_lr_steps_drop_tenfold() -> None:
 
 def test_eval_and_predict_reproduce_the_run(planted_store: Path, tmp_path: Path) -> None:
     metrics = train(planted_store, tmp_path / "run", _config(epochs=1), progress=False)
-    assert evaluate_run(tmp_path / "run") == pytest.approx(metrics)
+    assert evaluate_run(tmp_path / "run") == pytest.approx(metric_values(metrics))
     preds, labels = predict_selection(tmp_path / "run", where=VAL)
     saved = pq.read_table(tmp_path / "run" / PREDICTIONS_NAME)
     assert list(preds.uids) == saved.column("uid").to_pylist()

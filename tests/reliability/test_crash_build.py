@@ -47,6 +47,23 @@ def test_build_killed_inside_an_lmdb_commit_then_rerun_stores_every_segment_once
     _rerun_and_check(store, build_inputs)
 
 
+# The window between "folder created" and "manifest written", and just after it.
+CREATION_POINTS = [
+    ("os.replace:1:kill", "the store folder made, its manifest under its temporary name"),
+    ("os.replace:1:kill-after", "the manifest renamed, the store's folders not made yet"),
+    ("os.replace:2:kill", "the run record written to the manifest's temporary, not renamed"),
+]
+
+
+@pytest.mark.parametrize("fault, moment", CREATION_POINTS, ids=[f for f, _ in CREATION_POINTS])
+def test_build_killed_while_creating_its_store_then_rerun(build_inputs: dict, tmp_path: Path, fault: str,
+                                                           moment: str) -> None:
+    store = tmp_path / "store"
+    killed = faults.run(_build(store, build_inputs), fault=fault)
+    assert faults.killed(killed), f"the fault never fired ({moment}): {faults.describe(killed)}"
+    _rerun_and_check(store, build_inputs)
+
+
 def test_build_killed_again_while_recovering_then_rerun(build_inputs: dict, tmp_path: Path) -> None:
     store = tmp_path / "store"
     first = faults.run(_build(store, build_inputs), fault="lmdb.commit:5:kill-after")  # 3rd segment: not exported

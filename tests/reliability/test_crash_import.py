@@ -42,6 +42,7 @@ KILL_POINTS = [
     ("lmdb.commit:283:kill-during", "inside the commit of segment 282, after an export"),
     ("parquet.write:4:kill-during", "half-way through the final segments part"),
     ("os.replace:1:kill", "the manifest written under its temporary name, not renamed"),
+    ("os.replace:1:kill-after", "the manifest renamed, the store's folders not made yet"),
 ]
 
 

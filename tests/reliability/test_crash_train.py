@@ -13,6 +13,7 @@ Then one kill per backend at tiny settings (seconds each): `heads train`, `feats
 """
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from featstore.training.run_folder import RESUME_STATE_NAME, RUN_FILES, run_folder_files
+from featstore.training.run_folder import METRICS_NAME, RESUME_STATE_NAME, RUN_FILES, run_folder_files
 from tests.finetune.conftest import TRAIN_WHERE as CLIP_TRAIN_WHERE
 from tests.finetune.conftest import VAL_WHERE as CLIP_VAL_WHERE
 from tests.finetune.conftest import make_small_epic
@@ -153,6 +154,32 @@ def test_finetune_detector_killed_mid_checkpoint_resumes_to_exactly_the_contract
                              "--rpn-proposals", "50")
     # torch.save per round: the resume state (1, 3), then the checkpoint `featstore build` loads (2, 4).
     _killed_mid_checkpoint_then_resumed(argv, out, "torch.save:3:kill-during", "detector")
+
+
+DETECTOR_KILL_POINTS = [
+    ("torch.save:1:kill", "the first round validated, its resume state not written"),
+    ("torch.save:2:kill-during", "half-way through the first round's checkpoint"),
+    ("torch.save:4:kill-after", "the last checkpoint written, the final metrics not"),
+]
+
+
+@pytest.mark.parametrize("fault, moment", DETECTOR_KILL_POINTS, ids=[f for f, _ in DETECTOR_KILL_POINTS])
+def test_finetune_detector_killed_at_an_io_point_resumes_with_each_round_once(
+        tmp_path: Path, fault: str, moment: str) -> None:
+    images = tmp_path / "images"
+    _write_object_images(images)
+    out = tmp_path / "run"
+    argv = _detector_command(images, out, "fasterrcnn_mobilenet_v3_large_320_fpn", "--roi-batch-size", "16",
+                             "--rpn-proposals", "50")
+    killed = faults.run(argv, fault=fault, seed=2)
+    assert faults.killed(killed), f"the fault never fired ({moment}): {faults.describe(killed)}"
+    resumed = faults.run([*argv, "--resume"])
+    assert resumed.returncode == 0, faults.describe(resumed)
+    assert run_folder_files(out) == RUN_FILES["detector"].expected(validated=True)
+    metrics = json.loads((out / METRICS_NAME).read_text())
+    assert metrics["complete"] is True
+    rounds = [entry["iteration"] for entry in metrics["history"]]
+    assert rounds == [1, 2], rounds  # nothing lost, nothing doubled
 
 
 # detectron2's smallest setting that trains on a CPU in seconds (its R-FPN at depth 18, GroupNorm).

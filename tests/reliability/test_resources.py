@@ -105,6 +105,7 @@ def test_an_import_on_a_full_disk_fails_cleanly_and_a_rerun_completes(import_sam
     assert failed.returncode == 1, faults.describe(failed)
     assert failed.stderr.startswith("Error: ") and words in failed.stderr, faults.describe(failed)
     assert "Traceback" not in failed.stderr
+    assert str(store) in failed.stderr, faults.describe(failed)  # which file could not be written
     # Nothing half-written: every visible part complete, no temporary left, and whatever the index
     # lists reads back with its checksum.
     assert_parts_complete(store)
@@ -131,6 +132,8 @@ def test_training_on_a_full_disk_fails_cleanly_and_resumes_to_the_same_result(tr
     assert failed.returncode == 1, faults.describe(failed)
     assert "Error: " in failed.stderr and words in failed.stderr and "Traceback" not in failed.stderr, \
         faults.describe(failed)
+    error_line = next(line for line in failed.stderr.splitlines() if line.startswith("Error: "))
+    assert str(out) in error_line, faults.describe(failed)  # which file could not be written
     assert sorted(p.name for p in out.rglob(".*.tmp")) == []
     checkpoint = out / "checkpoints" / "last.pt"
     if epochs_kept:

@@ -115,6 +115,13 @@ def test_boxes_file_errors_name_the_file_row_and_column(tmp_path: Path, row: str
         PrecomputedBoxes.read(path, coords="pixel", videos={"P01_01"})
 
 
+def test_a_boxes_file_with_only_a_header_says_it_has_no_rows(tmp_path: Path) -> None:
+    path = tmp_path / "boxes.csv"
+    path.write_text("video_id,frame,x1,y1,x2,y2,score\n")
+    with pytest.raises(BoxesFileError, match="no rows, only a header"):
+        PrecomputedBoxes.read(path, coords="pixel")
+
+
 def test_boxes_file_frames_are_the_file_as_given(tmp_path: Path) -> None:
     path = tmp_path / "boxes.parquet"
     pq.write_table(pa.table({

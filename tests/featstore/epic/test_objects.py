@@ -208,7 +208,7 @@ def test_selections_and_splits_are_sql_over_the_image_table(tmp_path: Path) -> N
     assert {i.participant_id for i in val} == {"P26", "P27"}
     with pytest.raises(ValueError, match="leaves no validation images"):
         labels.split("participant_id = 'P99'")
-    with pytest.raises(ValueError, match="bad selection"):
+    with pytest.raises(ValueError, match="selection .* names no column no_such_column"):
         labels.select("no_such_column = 1")
 
 

@@ -237,3 +237,33 @@ def test_plan_properties(segment: tuple[int, int, float, int | None], config: Sa
     detection = plan.detection_frames
     assert list(detection) == sorted(set(detection))
     assert set(detection) == {f for f in plan.global_frames + plan.local_frames if f is not None}
+
+
+def test_resampling_at_60_fps_spans_the_same_seconds_in_every_epic55_video(epic55_dir) -> None:
+    """Issue 23: "The videos are decoded at 60 FPS". EPIC-55's videos are not all at ~60 fps (9 of its
+    432: 29.97, 47.95, 90); with `resample_fps=60` a 64 x 2 clip spans 126 / 60 s in each (to a frame),
+    where counting the video's own frames makes it twice as long at 29.97 fps."""
+    from featstore.epic.metadata import read_video_info
+
+    rates = read_video_info(epic55_dir / "EPIC_video_info.csv")
+    assert len(rates) == 432
+    assert sum(1 for fps in rates.values() if abs(fps - 60) > 1) == 9
+    config = SamplingConfig(resample_fps=60.0)
+    own_frames = SamplingConfig()
+    for video, fps in rates.items():
+        plan = plan_segment(50_000, 50_600, fps=fps, n_frames=None, config=config)
+        span = (plan.clip_frames[-1] - plan.clip_frames[0]) / fps
+        assert abs(span - 126 / 60) <= 1 / fps, (video, fps, span)
+        assert plan.clip_center == 50_300 and len(plan.clip_frames) == 64
+        steps = [b - a for a, b in zip(plan.clip_frames, plan.clip_frames[1:])]
+        assert all(abs(step - 2 * fps / 60) <= 1 for step in steps), (video, steps)
+        if abs(fps - 60) > 1:  # without resampling the span follows the video's rate
+            unresampled = plan_segment(50_000, 50_600, fps=fps, n_frames=None, config=own_frames)
+            assert (unresampled.clip_frames[-1] - unresampled.clip_frames[0]) / fps != pytest.approx(span, abs=0.05)
+    # At exactly 60 fps it is the plain rule, frame for frame.
+    assert (plan_segment(1000, 1200, fps=60.0, n_frames=5000, config=config)
+            == plan_segment(1000, 1200, fps=60.0, n_frames=5000, config=own_frames))
+    with pytest.raises(ValueError, match="centred"):
+        SamplingConfig(resample_fps=60.0, clip_sampling="segments", clip_frames=8)
+    with pytest.raises(ValueError, match="resize"):
+        SamplingConfig(resize="crop")

@@ -139,16 +139,16 @@ def test_select_order_on_a_large_table(epic55_all):
 
 
 def test_bad_expression_is_a_value_error_with_duckdbs_message():
-    with pytest.raises(ValueError, match=r"verb_clas.*not found"):
+    with pytest.raises(ValueError, match=r"names no column verb_clas"):
         select_segments(_small_table(), "verb_clas = 1")
     with pytest.raises(ValueError, match="syntax error"):
         select_segments(_small_table(), "start_frame >")
 
 
 def test_selection_cannot_run_a_second_statement_or_read_files(tmp_path):
-    with pytest.raises(ValueError, match="single"):
+    with pytest.raises(ValueError, match="not one SQL expression"):
         select_segments(_small_table(), "true); CREATE TABLE x AS SELECT 1; SELECT (1")
     secret = tmp_path / "secret.csv"
     secret.write_text("uid\n0\n")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="subquery"):
         select_segments(_small_table(), f"uid IN (SELECT uid FROM read_csv('{secret}'))")

@@ -92,8 +92,17 @@ def test_a_url_is_named_as_a_url(given) -> None:
     with pytest.raises(CheckpointError, match="looks like a URL; featstore never downloads weights"):
         read_state_dict(url)
     _, path = parse_model_spec(f"r3d_18:{url}")
-    with pytest.raises(CheckpointError, match="looks like a URL"):
+    with pytest.raises(CheckpointError, match="looks like a URL") as raised:
         read_state_dict(path)
+    assert "'https://download.pytorch.org/models/r3d_18-b3b3357e.pth'" in str(raised.value)  # two slashes
+
+
+def test_a_file_that_is_no_checkpoint_at_all_gets_no_conversion_advice(tmp_path: Path) -> None:
+    path = tmp_path / "weights.pt"
+    path.write_bytes(bytes(range(7, 250)) * 10)  # what a truncated or wrong download can hold
+    with pytest.raises(CheckpointError, match="is not a PyTorch checkpoint") as raised:
+        read_state_dict(path)
+    assert "convert-checkpoint" not in str(raised.value)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -126,10 +135,21 @@ def test_read_state_dict_drops_non_tensor_entries(tmp_path: Path) -> None:
     assert list(read_state_dict(tmp_path / "ckpt.pt")) == ["weight"]
 
 
+def test_read_state_dict_prefixes_the_parts_of_a_container_of_state_dicts(tmp_path: Path) -> None:
+    """Omnivore's {'trunk': ..., 'heads': ...}: one state dict, each key under its part's name; a
+    container that has a wrapper key or tensors of its own is not such a container."""
+    torch.save({"trunk": {"norm.weight": torch.ones(1)}, "heads": {"1.bias": torch.zeros(1)}, "epoch": 5},
+               tmp_path / "omnivore.torch")
+    assert read_state_dict(tmp_path / "omnivore.torch") == {"trunk.norm.weight": torch.ones(1),
+                                                            "heads.1.bias": torch.zeros(1)}
+    torch.save({"state_dict": {"w": torch.ones(1)}, "ema": {"w": torch.zeros(1)}}, tmp_path / "wrapped.pt")
+    assert read_state_dict(tmp_path / "wrapped.pt") == {"w": torch.ones(1)}
+
+
 def test_unusable_checkpoints_are_clear_errors(tmp_path: Path) -> None:
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match=r"cannot read checkpoint '.*garbage\.pt' as a tensor checkpoint"):
+    with pytest.raises(CheckpointError, match=r"'.*garbage\.pt' is not a PyTorch checkpoint"):
         read_state_dict(garbage)
     # Arbitrary pickled objects are never unpickled (weights_only); the message says how to re-save.
     unsafe = tmp_path / "unsafe.pt"
@@ -301,6 +321,18 @@ def test_lightning_configuration_is_read_as_inert_data(tmp_path: Path) -> None:
     assert report.inert == ("omegaconf.dictconfig.DictConfig",)
     assert "omegaconf" not in sys.modules, "the configuration package is never imported"
     assert read_state_dict(report.target) == {"model.base_model.conv1.weight": torch.ones(1)}
+
+
+def test_a_pandas_table_in_the_args_is_read_as_inert_data(tmp_path: Path) -> None:
+    """AVION's EK-100 scripts keep a DataFrame of the action classes in the Namespace they save (and
+    torch.save's protocol 2 names builtins as Python 2's ``__builtin__``): converted, pandas not run."""
+    pandas = pytest.importorskip("pandas")
+    args = argparse.Namespace(clip_length=16, actions=pandas.DataFrame({"verb": [1, 3], "noun": [2, 5]}))
+    path = tmp_path / "avion_finetune_cls.pt"
+    torch.save({"epoch": 1, "state_dict": {"module.visual.ln_post.bias": torch.ones(1)}, "args": args}, path)
+    report = convert_checkpoint(path, tmp_path / "avion.pt")
+    assert "pandas.DataFrame" in report.inert and "args" in report.dropped
+    assert read_state_dict(report.target) == {"visual.ln_post.bias": torch.ones(1)}
 
 
 def test_converter_refuses_to_overwrite_its_input(tmp_path: Path) -> None:

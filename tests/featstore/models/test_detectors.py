@@ -224,3 +224,40 @@ def test_resnet50_features_depend_on_where_the_box_is() -> None:
     quadrants = torch.tensor([[0.0, 0.0, 0.5, 0.5], [0.5, 0.5, 1.0, 1.0]])
     top_left, bottom_right = detector.features_at([frame], [quadrants])[0]
     assert not torch.allclose(top_left, bottom_right)
+
+
+@pytest.mark.parametrize("name", each_detector(slow_when_large=True))
+def test_roi_feature_is_the_roialign_output_at_the_same_boxes(name: str, images: list[torch.Tensor]) -> None:
+    """`--det-feature roi` (issue 23): the same model and boxes, the box pooler's RoIAlign output averaged
+    over its bins as the feature (the report's "output of the RoIAlign layer"), in the record's size."""
+    torch.manual_seed(0)
+    box_head = small_detector(name)
+    torch.manual_seed(0)
+    roi, record = build_detector(name, score_thresh=0.0, min_size=MIN_SIZE, max_size=MAX_SIZE, feature="roi")
+    assert roi.feature == "roi" and box_head.feature == "box-head"
+    assert record.feature_dim == roi.roi_feature_dim != box_head.record.feature_dim
+    with torch_threads(1):
+        for by_head, by_roi in zip(box_head.detect(images, topk=TOPK), roi.detect(images, topk=TOPK)):
+            torch.testing.assert_close(by_roi.boxes, by_head.boxes)
+            assert_well_formed(by_roi, TOPK, record.feature_dim)
+        found = roi.detect(images, topk=TOPK)
+        torch.testing.assert_close(roi.features_at(images, [f.boxes for f in found])[0], found[0].features,
+                                   rtol=1e-5, atol=1e-5)
+    roi.use_feature("box-head")  # and back: the box head's size again
+    assert roi.record.feature_dim == box_head.record.feature_dim
+    with pytest.raises(ValueError, match="box-head, roi"):
+        roi.use_feature("fc7")
+
+
+def test_torchvision_roi_feature_is_the_box_pooler_averaged(images: list[torch.Tensor]) -> None:
+    torch.manual_seed(0)
+    detector, _ = build_detector(MOBILENET, score_thresh=0.0, min_size=MIN_SIZE, max_size=MAX_SIZE, feature="roi")
+    boxes = torch.tensor([[0.1, 0.2, 0.6, 0.9], [0.0, 0.0, 1.0, 1.0]])
+    with torch.no_grad():
+        image_list, _ = detector.transform(images[:1])
+        maps = detector.backbone(image_list.tensors)
+        (height, width), = image_list.image_sizes
+        pooled = detector.roi_heads.box_roi_pool(maps, [boxes * torch.tensor([width, height, width, height])],
+                                                 image_list.image_sizes)  # (2, 256, 7, 7)
+    torch.testing.assert_close(detector.features_at(images[:1], [boxes])[0], pooled.mean(dim=(2, 3)))
+    assert detector.record.feature_dim == 256

@@ -284,3 +284,46 @@ def test_resizing_and_empty_inputs(detector: Detectron2Detector) -> None:
     assert len(found) == 2 and float(found.boxes.max()) <= 1.0
     (none,) = detector.features_at([large], [torch.zeros(0, 4)])
     assert none.shape == (0, 1024)
+
+
+@pytest.mark.slow  # the C4 model
+def test_the_roi_feature_of_a_c4_model_is_the_roialign_before_res5(image: torch.Tensor) -> None:
+    """`--det-feature roi` on a C4 model: the res4 RoIAlign output (1024), not res5 averaged (2048)."""
+    from detectron2.structures import Boxes
+
+    torch.manual_seed(0)
+    c4 = small("detectron2:COCO-Detection/faster_rcnn_R_50_C4_1x.yaml", feature="roi")
+    assert c4.record.feature_dim == 1024
+    boxes = torch.tensor([[0.1, 0.2, 0.6, 0.9]])
+    with torch.no_grad():
+        image_list = c4.model.preprocess_image([{"image": image * 255.0 if c4.input_format == "RGB"
+                                                 else (image * 255.0).flip(0)}])
+        maps = c4.model.backbone(image_list.tensor)
+        height, width = image_list.image_sizes[0]
+        roi_heads = c4.model.roi_heads
+        pooled = roi_heads.pooler([maps[name] for name in roi_heads.in_features],
+                                  [Boxes(boxes * torch.tensor([width, height, width, height]))])
+    torch.testing.assert_close(c4.features_at([image], [boxes])[0], pooled.mean(dim=(2, 3)), rtol=1e-5, atol=1e-5)
+
+
+def test_the_roi_feature_of_an_fpn_model_is_the_box_pooler_averaged(detector: Detectron2Detector,
+                                                                     image: torch.Tensor) -> None:
+    torch.manual_seed(0)
+    fpn = small(feature="roi")
+    fpn.load_state_dict(detector.state_dict())
+    assert fpn.record.feature_dim == 256 and detector.record.feature_dim == 1024
+    boxes = torch.tensor([[0.1, 0.2, 0.6, 0.9]])
+    (found,) = detector.detect([image], topk=3)
+    (found_roi,) = fpn.detect([image], topk=3)
+    torch.testing.assert_close(found_roi.boxes, found.boxes)
+    assert found_roi.features.shape == (len(found), 256)
+    with torch.no_grad():
+        from detectron2.structures import Boxes
+
+        image_list = fpn.model.preprocess_image([{"image": (image * 255.0).flip(0)}])
+        maps = fpn.model.backbone(image_list.tensor)
+        height, width = image_list.image_sizes[0]
+        roi_heads = fpn.model.roi_heads
+        pooled = roi_heads.box_pooler([maps[name] for name in roi_heads.box_in_features],
+                                      [Boxes(boxes * torch.tensor([width, height, width, height]))])
+    torch.testing.assert_close(fpn.features_at([image], [boxes])[0], pooled.mean(dim=(2, 3)), rtol=1e-5, atol=1e-5)

@@ -60,6 +60,23 @@ def test_other_format_version_and_missing_manifest_are_clear_errors(tmp_path: Pa
         FeatureStore.open(tmp_path / "s")
 
 
+@pytest.mark.parametrize("manifest, message", [
+    ([], "holds a JSON list, not an object"),
+    (None, "holds a JSON NoneType, not an object"),
+    ("x", "holds a JSON str, not an object"),
+    ({"format_version": 1}, "has no 'fields'"),
+    ({"format_version": 1, "fields": {}}, "'fields' = {}"),
+    ({"format_version": 1, "fields": {"a": {"dtype": "float32", "shape": [2]}}, "provenance": []},
+     "'provenance' must be an object"),
+])
+def test_a_manifest_of_the_wrong_outline_is_refused_naming_the_manifest(tmp_path: Path, manifest, message) -> None:
+    fill_store(tmp_path / "s", 1)
+    (tmp_path / "s" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(StoreError, match=message) as raised:
+        FeatureStore.open(tmp_path / "s")
+    assert "manifest.json" in str(raised.value)
+
+
 def test_tensor_keys_list_every_stored_tensor_per_shard_and_no_bookkeeping(tmp_path: Path) -> None:
     fill_store(tmp_path / "s", 3)
     store = FeatureStore.open(tmp_path / "s")
@@ -111,3 +128,39 @@ def test_read_fields_and_read_ahead_read_the_same_bytes(tmp_path: Path) -> None:
         assert all(np.array_equal(store.read_field(uids, f), together[f]) for f in FIELDS)
     assert store.verify() == []
     assert store.lacking(sorted(written), "verb.global") == []
+
+
+def _two_participants(path: Path) -> FeatureStore:
+    """Segments "0".."5": P01 (train side of the LFB split) for even uids, P26 (val side) for odd ones."""
+    store = FeatureStore.create(path, fields=FIELDS)
+    rng = np.random.default_rng(0)
+    with store.writer() as writer:
+        for i in range(6):
+            writer.put({**segment_row(str(i), verb=i), "participant_id": "P01" if i % 2 == 0 else "P26",
+                        "noun_class": None if i == 5 else 7}, random_arrays(rng))
+        writer.fail(segment_row("broken"), "unreadable frames")
+    return FeatureStore.open(path)
+
+
+def test_uids_take_a_named_split_as_a_keyword_and_refuse_it_as_sql(tmp_path: Path) -> None:
+    store = _two_participants(tmp_path / "s")
+    assert store.uids(split="epic55-lfb-val") == ["1", "3", "5"]
+    assert store.uids(split="epic55-lfb-train") == ["0", "2", "4"]
+    assert store.uids("verb_class >= 3", split="epic55-lfb-val") == ["3", "5"]
+    with pytest.raises(StoreError, match=r"'epic55-lfb-val' is a named split.*split='epic55-lfb-val'"):
+        store.uids("epic55-lfb-val")
+    with pytest.raises(StoreError, match="unknown split 'lfb-val'; known splits: epic55-train"):
+        store.segments(split="lfb-val")
+
+
+def test_labels_are_the_annotation_columns_of_the_stored_segments(tmp_path: Path) -> None:
+    store = _two_participants(tmp_path / "s")
+    labels = store.labels()
+    assert labels.column("uid").to_pylist() == ["0", "1", "2", "3", "4", "5"]  # the failed one left out
+    assert {"uid", "participant_id", "video_id", "verb_class", "noun_class", "narration"} <= set(labels.column_names)
+    assert not {"status", "checksum", "shard", "error"} & set(labels.column_names)
+    by_uid = dict(zip(labels.column("uid").to_pylist(), labels.column("noun_class").to_pylist()))
+    assert by_uid["0"] == 7 and by_uid["5"] is None  # unlabelled stays null
+    val = store.labels(split="epic55-lfb-val")
+    assert val.column("uid").to_pylist() == ["1", "3", "5"]
+    assert set(val.column("participant_id").to_pylist()) == {"P26"}

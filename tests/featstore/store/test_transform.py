@@ -130,7 +130,19 @@ def test_copy_keeps_the_fields_and_segments_asked_and_never_touches_the_source(t
 
 def test_copy_refusals_and_a_damaged_source_segment(tmp_path: Path) -> None:
     path = _store(tmp_path, 6)
-    assert "another directory" in _invoke("copy", path, path).output
+    assert "cannot go inside its source" in _invoke("copy", path, path).output
+    inner = _invoke("copy", path, path / "inner", "--no-progress")
+    assert inner.exit_code == 1 and "cannot go inside its source" in inner.output
+    assert not (path / "inner").exists()
+    outer = _invoke("copy", path, tmp_path, "--no-progress")
+    assert outer.exit_code == 1 and "into a folder that holds its source" in outer.output
+    injected = _invoke("copy", path, tmp_path / "injected", "--where",
+                       "true) union all select * from segments where (true", "--no-progress")
+    assert injected.exit_code == 1 and "not one SQL expression" in injected.output
+    assert not (tmp_path / "injected").exists()  # a bad selection leaves no empty store behind
+    unknown = _invoke("copy", path, tmp_path / "unknown", "--where", "no_such = 1", "--no-progress")
+    assert unknown.exit_code == 1 and "names no column no_such" in unknown.output
+    assert not (tmp_path / "unknown").exists()
     assert "no field(s) verb.nope" in _invoke("copy", path, tmp_path / "x", "--fields", "verb.nope").output
     other = _store(tmp_path / "other", 2)
     refused = _invoke("copy", path, other, "--no-progress")
@@ -143,6 +155,9 @@ def test_copy_refusals_and_a_damaged_source_segment(tmp_path: Path) -> None:
     assert result.exit_code == 1 and "not copied 2: checksum mismatch" in result.output
     assert "2" not in FeatureStore.open(tmp_path / "copy").uids()
     assert not derive_field(path, progress=False).complete  # "2" fails: verb.local stays incomplete
+    listed = _invoke("query", path, "select field, complete from fields where field like 'verb.%' order by 1",
+                     "--format", "csv")
+    assert listed.output.split() == ["field,complete", "verb.global,True", "verb.local,False", "verb.map,True"]
     with pytest.raises(DeriveError, match="still being derived"):
         copy_store(path, tmp_path / "copy2", progress=False)
 

@@ -14,6 +14,8 @@ from torch.utils.data import DataLoader, Dataset
 from featstore.training.engine import Engine, Hook, RunState, TrainingError
 from featstore.training.hooks import (
     Checkpointer,
+    non_finite_tensors,
+    refuse_non_finite,
     EpochCallback,
     HistoryFile,
     LearningRate,
@@ -210,6 +212,35 @@ def test_a_non_finite_loss_names_its_epoch_and_step_and_keeps_the_last_good_chec
                                                      Checkpointer(tmp_path / RESUME_STATE_NAME)])
         engine.train()
     assert torch.load(tmp_path / RESUME_STATE_NAME, weights_only=False)["epoch"] == 1
+
+
+class HugeStepRun(ToyRun):
+    """Epoch 2's last step runs at an infinite learning rate: its loss was finite, its update is not."""
+
+    def train_step(self, batch: Any, world: World | None) -> torch.Tensor:
+        if self.epoch == 1 and self.step == len(self.data) // self.batch_size - 1:
+            for group in self.optimizer.param_groups:
+                group["lr"] = float("inf")
+        return super().train_step(batch, world)
+
+
+def test_weights_that_are_no_longer_finite_are_never_checkpointed(tmp_path: Path) -> None:
+    # The loss of every step is finite (the check on losses passes); the last update is not.
+    toy = HugeStepRun(0)
+    engine = Engine()
+    engine.add(toy, name="toy", epochs=3, hooks=[LossCheck(), Checkpointer(tmp_path / RESUME_STATE_NAME)])
+    with pytest.raises(TrainingError, match=r"the weights are not finite after epoch 2 \(\d+ tensor\(s\): model\."):
+        engine.train()
+    saved = torch.load(tmp_path / RESUME_STATE_NAME, weights_only=False)
+    assert saved["epoch"] == 1 and non_finite_tensors(saved) == []
+
+
+def test_non_finite_tensors_names_each_bad_tensor_in_a_nested_payload() -> None:
+    payload = {"model": {"a": torch.zeros(2), "b": torch.tensor([1.0, float("inf")])},
+               "optimizer": [torch.tensor(float("nan")), torch.arange(3)], "epoch": 3}
+    assert non_finite_tensors(payload) == ["model.b", "optimizer.0"]
+    with pytest.raises(ValueError, match=r"2 tensor\(s\): model.b, optimizer.0\); nothing was written"):
+        refuse_non_finite(payload, what="now", error=ValueError)
 
 
 def test_a_group_of_two_runs_equals_the_two_runs_trained_alone(tmp_path: Path) -> None:
