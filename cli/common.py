@@ -371,6 +371,14 @@ def run_output_options() -> list[Callable[[Callable[..., Any]], Callable[..., An
     ]
 
 
+def run_outputs(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorate a trainer's command with `run_output_options` (``--tensorboard``, ``--half-checkpoint``,
+    ``--keep-resume-state``)."""
+    for option in reversed(run_output_options()):
+        func = option(func)
+    return func
+
+
 def stage1_run_options(*, items: str, seeds: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """The options every stage-1 command shares: decode workers, device, AMP, seed, failures, resume, progress.
 

@@ -87,7 +87,7 @@ __all__ = [
 # the demo
 
 
-DEMO_VERSION = 2  # bump when the sample, build or head settings change: older outputs are rebuilt
+DEMO_VERSION = 3  # bump when the sample, build or head settings change: older outputs are rebuilt
 MARKER = "demo.json"  # marks a folder as a demo output (a rerun may reuse or replace what it holds)
 # What a demo of other settings replaces.
 OWNED = ("sample", "verbnet", "detector", "store", "store-random", "runs", "plots", "grid.toml", MARKER)
@@ -135,6 +135,9 @@ class DemoReport:
     seconds: dict[str, float]  # wall time per stage
     reused: list[str] = field(default_factory=list)  # stages taken from an earlier run into the same folder
     n_val: int = 0
+    # What looks wrong: a build's empty detections, a stage-1 run or a head at chance (the runs'
+    # metrics.json `warnings`), each prefixed with where it comes from.
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def store(self) -> Path:
@@ -143,6 +146,13 @@ class DemoReport:
 
     def results_table(self) -> str:
         return format_results(self.metrics, self.chance, n_val=self.n_val)
+
+    def warnings_text(self) -> str:
+        """The warnings as lines to print beside the table (empty when there are none)."""
+        if not self.warnings:
+            return ""
+        return "\n".join([f"WARNING ({len(self.warnings)}): what looks wrong in this demo's runs:",
+                           *(f"  - {warning}" for warning in self.warnings)])
 
     def locations(self) -> str:
         """Where the sample, the stage-1 run, the stores, runs, plots and grid went (one line each)."""
@@ -295,7 +305,7 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> DemoR
     log(f"[5/5] plots: {', '.join(str(p) for p in plots[:2])}")
     return DemoReport(out=out, sample=sample, verbnet=verbnet, stores=stores, runs=runs, metrics=metrics,
                       chance=chance, plots=plots, grid=grid, commands=steps.commands, seconds=seconds,
-                      reused=steps.reused, n_val=n_val)
+                      reused=steps.reused, n_val=n_val, warnings=steps.warnings)
 
 
 def _sample_step(config: DemoConfig, steps: _DemoSteps) -> Sample:
@@ -325,6 +335,7 @@ class _DemoSteps:
     log: Callable[[str], None]
     commands: list[str] = field(default_factory=list)
     reused: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def done(self) -> set[str]:
@@ -337,6 +348,14 @@ class _DemoSteps:
     def record(self, **values: Any) -> None:
         self.state.update(values)
         _write_marker(self.out, self.state)
+
+    def run_warnings(self, run: Path, name: str) -> None:
+        """Collect a finished run's metrics.json ``warnings``, each prefixed with ``name``."""
+        try:
+            recorded = json.loads((run / METRICS_NAME).read_text()).get("warnings") or []
+        except (OSError, ValueError):
+            return
+        self.warnings += [f"{name}: {warning}" for warning in recorded]
 
     def finished(self, step: str, stage: str, run: Path, command: str, *, name: str) -> bool:
         """Note ``command`` as run; True (logged as reused under ``name``) when ``stage`` finished into
@@ -365,6 +384,7 @@ def _stage1_verbnet(config: DemoConfig, sample: Sample, run: Path, steps: _DemoS
         steps.mark(VERBNET)
         steps.log(f"      {params['epochs']} epochs in {time.perf_counter() - started:.1f} s")
     recorded = json.loads((run / METRICS_NAME).read_text())
+    steps.run_warnings(run, VERBNET)
     metrics = {k: recorded[k] for k in ("verb_top1", "verb_top5") if k in recorded}
     steps.log(f"      the verb net alone: verb top-1 {metrics.get('verb_top1', float('nan')):.1f} % on the held-out "
         f"participants (chance {100 / len(VERBS):.1f} %)")
@@ -388,6 +408,7 @@ def _stage1_detector(config: DemoConfig, sample: Sample, run: Path, steps: _Demo
         steps.mark("detector")
         steps.log(f"      {params['iterations']} iterations in {time.perf_counter() - started:.1f} s: "
             f"mAP@0.5 {metrics.get('map_50', 0):.1f} on the held-out participants")
+    steps.run_warnings(run, "detector")
     return run / CHECKPOINT_NAME
 
 
@@ -414,6 +435,7 @@ def _build(config: DemoConfig, sample: Sample, store: Path, verbnet: Path | None
     for warning in report.warnings:
         if warning not in random:
             log(f"      warning: {warning}")
+            steps.warnings.append(f"{store.name}: {warning}")
     log(f"      {report.summary()}")
     if report.failed:
         raise DemoError(f"{len(report.failed)} segment(s) failed to build; rerun the demo to retry them")
@@ -438,4 +460,5 @@ def _train_head(config: DemoConfig, head: DemoHead, store: Path, run: Path, step
                   progress=params["progress"], log=lambda _line: None)
         steps.mark(stage)
         steps.log(f"      {params['epochs']} epochs in {time.perf_counter() - started:.1f} s")
+    steps.run_warnings(run, f"runs/{run.name}")
     return {k: v for k, v in json.loads((run / METRICS_NAME).read_text()).items() if k in METRICS}

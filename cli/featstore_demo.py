@@ -62,6 +62,9 @@ def demo(ctx: click.Context, out: Path, quick: bool, device: str, seed: int, pro
     click.echo(report.locations())
     click.echo("")
     click.echo(report.results_table())
+    if report.warnings:
+        click.echo("")
+        click.echo(report.warnings_text())
     click.echo("")
     took = time.perf_counter() - started
     reused = f"; reused {', '.join(report.reused)}" if report.reused else ""

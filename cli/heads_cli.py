@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
 import click
+from click.core import ParameterSource
 
 from cli.common import (
     LEARNING_RATE,
@@ -18,8 +19,10 @@ from cli.common import (
     debug_option,
     domain_errors,
     removed_on_early_failure,
+    run_outputs,
 )
 from cli.heads_experiments import ablate, fuse, submit
+from cli.heads_runs import inspect, runs
 
 if TYPE_CHECKING:
     from heads.trainer import TrainConfig
@@ -90,7 +93,8 @@ def main(debug: bool) -> None:
     """Train and compare SAOA / SAP / baseline heads on a feature store, in seconds."""
 
 
-RUN_PARAMS = ("store", "out", "resume", "progress")  # `heads train` parameters that are not TrainConfig fields
+# `heads train` parameters that are not TrainConfig fields: where and how to run, not what.
+RUN_PARAMS = ("store", "out", "resume", "progress", "config", "tensorboard", "half_checkpoint", "keep_resume_state")
 
 
 def make_train_config(params: Mapping[str, Any]) -> TrainConfig:
@@ -100,9 +104,9 @@ def make_train_config(params: Mapping[str, Any]) -> TrainConfig:
         params: the `train` command's parameters by name, as click parses them (or as
             `cli.common.command_params` fills them in).
     Returns:
-        A `TrainConfig`: every parameter but STORE, ``--out``, ``--resume`` and ``--progress``
-        (which say where and how to run, not what), the head switches the user set gathered in
-        ``switches``.
+        A `TrainConfig`: every parameter but those of `RUN_PARAMS` (STORE, ``--out``, ``--resume``,
+        ``--progress``, ``--config`` and the outputs' options, which say where and how to run, not
+        what), the head switches the user set gathered in ``switches``.
     """
     from heads.trainer import TrainConfig
 
@@ -111,9 +115,34 @@ def make_train_config(params: Mapping[str, Any]) -> TrainConfig:
     return TrainConfig(switches=switches, **values)
 
 
+def recorded_train_config(params: Mapping[str, Any], given: set[str]) -> tuple[TrainConfig, Path]:
+    """`heads train --config RUN/config.json`: the recorded run's settings, overridden by the options given.
+
+    Args:
+        params: the `train` command's parameters (``config`` set).
+        given: the names of the parameters set on the command line (the overrides).
+    Returns:
+        The config and the store: STORE when given, else the one the run recorded (relative paths
+        taken from its folder).
+    """
+    import dataclasses
+
+    from heads.trainer import run_config
+
+    recorded, store = run_config(params["config"])
+    overrides = {name: value for name, value in params.items()
+                 if name in given and name in {f.name for f in dataclasses.fields(recorded)}}
+    switches = {**recorded.switches, **switches_from(dict(params))}
+    config = dataclasses.replace(recorded, **overrides, switches=switches)
+    return config, Path(params["store"]) if params.get("store") is not None else store
+
+
 @main.command(cls=RegistryCommand)
-@click.argument("store", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("store", required=False, type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Run directory.")
+@click.option("--config", "config", type=click.Path(exists=True, path_type=Path),
+              help="Reproduce a run: its RUN/config.json (or RUN); every option given on the command line "
+                   "overrides the recorded value, STORE defaults to the run's store.")
 @click.option("--train", "train_split", help="Named training split, e.g. epic55-lfb-train.")
 @click.option("--train-where", help="DuckDB WHERE over segments selecting training segments.")
 @click.option("--val", "val_split", help="Named validation split, e.g. epic55-lfb-val.")
@@ -138,6 +167,7 @@ def make_train_config(params: Mapping[str, Any]) -> TrainConfig:
                    "as without views). Validation reads view 0 either way [default: random on a store with views].")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bars on stderr.")
+@run_outputs
 @domain_errors
 def train(**params: Any) -> None:
     """Train one head on a store and write a run directory.
@@ -148,13 +178,24 @@ def train(**params: Any) -> None:
         heads train STORE --model saoa --train epic55-lfb-train --val epic55-lfb-val --out runs/saoa
         heads train STORE --model saoa --no-gating --train epic55-lfb-train --val epic55-lfb-val --out runs/saoa-no-gating
         torchrun --nproc_per_node 2 --no-python heads train STORE --model saoa --train epic55-lfb-train --out runs/saoa-ddp
+        heads train --config runs/saoa/config.json --out runs/saoa-again
+        heads train --config runs/saoa/config.json --seed 1 --out runs/saoa-seed1
     """
     from heads.trainer import train as train_run
 
-    config = make_train_config(params)
+    if params["config"] is not None:
+        context = click.get_current_context()
+        given = {name for name in params
+                 if context.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)}
+        config, store = recorded_train_config(params, given)
+    elif params["store"] is None:
+        raise click.UsageError("give STORE, or --config RUN/config.json to reproduce a run")
+    else:
+        config, store = make_train_config(params), params["store"]
     with removed_on_early_failure(params["out"], "run"):
-        metrics = train_run(params["store"], params["out"], config, resume=params["resume"],
-                            progress=params["progress"])
+        metrics = train_run(store, params["out"], config, resume=params["resume"], progress=params["progress"],
+                            tensorboard=params["tensorboard"], half_checkpoint=params["half_checkpoint"],
+                            keep_resume_state=params["keep_resume_state"])
     click.echo(json.dumps(metrics, indent=2))
     click.echo(f"run written to {params['out']}", err=True)
 
@@ -164,8 +205,16 @@ def train(**params: Any) -> None:
 @click.option("--where", help="DuckDB WHERE over the run's store (default: the run's validation selection).")
 @click.option("--split", help="Named split instead of --where.")
 @click.option("--device", help="Default: the run's device.")
+@click.option("--store", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="The run's store, when it is no longer where the run recorded it (default: the recorded one).")
+@click.option("--per-class", type=click.Path(file_okay=False, path_type=Path),
+              help="Also write per-class accuracy, the confusion matrices (CSV and PNG) and a per-participant "
+                   "table to this folder; the mean class accuracies join the printed metrics.")
+@click.option("--meta-dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Class lists for --per-class's names (default: the run's, else its store's annotation folder).")
 @domain_errors
-def eval_cmd(run: Path, where: str | None, split: str | None, device: str | None) -> None:
+def eval_cmd(run: Path, where: str | None, split: str | None, device: str | None, store: Path | None,
+             per_class: Path | None, meta_dir: Path | None) -> None:
     """Evaluate a trained run on a selection of its store; prints the metrics as JSON.
 
     Examples:
@@ -173,10 +222,24 @@ def eval_cmd(run: Path, where: str | None, split: str | None, device: str | None
     \b
         heads eval runs/saoa
         heads eval runs/saoa --where "participant_id = 'P30'"
+        heads eval runs/saoa --store /data/moved/store --per-class runs/saoa/per-class
     """
-    from heads.trainer import evaluate_run
+    from heads.trainer import run_evaluation
 
-    click.echo(json.dumps(evaluate_run(run, where=where, split=split, device=device), indent=2))
+    evaluation = run_evaluation(run, where=where, split=split, device=device, store_path=store)
+    metrics = dict(evaluation.metrics)
+    if per_class is not None:
+        from heads.class_report import class_names, write_class_report
+
+        labels = evaluation.labels
+        names = class_names(evaluation.scoring.dataset, meta_dir=meta_dir or evaluation.meta_dir,
+                            annotations=evaluation.annotations)
+        report = write_class_report(per_class, evaluation.predictions, labels.verb.numpy(), labels.noun.numpy(),
+                                    participants=labels.table.column("participant_id").to_pylist(), names=names,
+                                    prior=evaluation.scoring.prior)
+        metrics.update({k: v for k, v in report.summary.items() if "_mean_class_" in k})
+        click.echo(f"per-class tables written to {per_class} (names from {names.source})", err=True)
+    click.echo(json.dumps(metrics, indent=2))
 
 
 @main.command()
@@ -199,8 +262,8 @@ def predict(run: Path, store: Path | None, where: str | None, split: str | None,
     from heads.predictions import write_predictions
     from heads.trainer import predict_selection
 
-    preds, _ = predict_selection(run, store_path=store, where=where, split=split, device=device)
-    write_predictions(out, preds)
+    preds, labels = predict_selection(run, store_path=store, where=where, split=split, device=device)
+    write_predictions(out, preds, verb_labels=labels.verb.numpy(), noun_labels=labels.noun.numpy())
     click.echo(f"{len(preds.uids)} predictions written to {out}")
 
 
@@ -220,9 +283,15 @@ def predict(run: Path, store: Path | None, where: str | None, split: str | None,
                    "directory's own training selection; none for a bare predictions file).")
 @click.option("--train-where", help="DuckDB WHERE over the --annotations columns selecting that training split.")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics.json object.")
+@click.option("--store", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="When PREDICTIONS is a run directory: its store, if no longer where the run recorded it.")
+@click.option("--per-class", type=click.Path(file_okay=False, path_type=Path),
+              help="Also write per-class accuracy, the confusion matrices (CSV and PNG, class names from "
+                   "--meta-dir or the annotations) and a per-participant table to this folder.")
 @domain_errors
 def score(predictions: Path, annotations: Path, dataset: str | None, meta_dir: Path | None,
-          action_prior_from: Path | None, train_split: str | None, train_where: str | None, as_json: bool) -> None:
+          action_prior_from: Path | None, train_split: str | None, train_where: str | None, as_json: bool,
+          store: Path | None, per_class: Path | None) -> None:
     """Score any predictions Parquet (uid, verb_logits, noun_logits) on the segments it contains.
 
     Many-shot actions are the official list intersected with the pairs of the training split when it
@@ -232,24 +301,29 @@ def score(predictions: Path, annotations: Path, dataset: str | None, meta_dir: P
     \b
         heads score runs/saoa/predictions.parquet --annotations EPIC_train_action_labels.csv
         heads score val.parquet --annotations EPIC_train_action_labels.csv --train epic55-lfb-train --json
+        heads score runs/saoa --annotations EPIC_train_action_labels.csv --per-class runs/saoa/per-class
     """
     from heads.evaluation import prior_note
     from heads.metric_registry import get_metric, metric_values
     from heads.scoring import score_file
 
     metrics = score_file(predictions, annotations, dataset=dataset, meta_dir=meta_dir,
-                         action_prior_from=action_prior_from, train_split=train_split, train_where=train_where)
+                         action_prior_from=action_prior_from, train_split=train_split, train_where=train_where,
+                         store_path=store, per_class=per_class)
     if as_json:
         click.echo(json.dumps(metrics, indent=2))
     else:
         for key, value in metric_values(metrics).items():
             click.echo(f"{key:<22} {get_metric(key).format(value):>7}")
+        for key, value in metrics.items():
+            if "_mean_class_" in key:  # --per-class
+                click.echo(f"{key:<22} {value:>7.2f}")
     if "action_prior" in metrics:
         click.echo(prior_note(metrics["action_prior"]), err=True)
 
 
 # Commands of their own modules (imported above: a misspelt or broken module is an error).
-for command in (ablate, fuse, submit):
+for command in (ablate, fuse, submit, runs, inspect):
     main.add_command(command)
 
 

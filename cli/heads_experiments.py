@@ -70,18 +70,21 @@ def fuse(inputs: tuple[Path, ...], out: Path, weights: str | None, how: str, ann
          train_where: str | None) -> None:
     """Late-fuse runs or predictions files over the segments they share.
 
-    Examples:
+    With labels, each input is scored on the same segments the same way, and a table of the inputs'
+    metrics beside the fused ones goes to stderr (the fused metrics.json to stdout). Examples:
 
     \b
         heads fuse runs/saoa-rgb runs/saoa-flow --out runs/saoa-2stream --weights 1,1
         heads fuse s1/rgb.parquet s1/flow.parquet --out s1/2stream --how logits
     """
+    from heads.fusion import comparison_table
     from heads.fusion import fuse as fuse_inputs
 
     result = fuse_inputs(inputs, out, weights=weights, how=how, annotations=annotations, dataset=dataset,
                          meta_dir=meta_dir, action_prior_from=action_prior_from, train_split=train_split,
                          train_where=train_where, log=_echo_log)
     if result.metrics is not None:
+        click.echo(comparison_table(result), err=True)
         click.echo(json.dumps(result.metrics, indent=2))
     click.echo(f"{len(result.predictions.uids)} fused predictions written to {out}", err=True)
 

@@ -42,7 +42,7 @@ from heads.evaluation import labels_from_file, prior_note
 from heads.predictions import Predictions, read_predictions, write_predictions
 
 __all__ = ["FusionError", "FusionResult", "FUSION_MODES", "parse_weights", "fuse_predictions", "fuse",
-           "score_like_run"]
+           "score_like_run", "comparison_table"]
 
 FUSION_MODES = ("probs", "logits")
 
@@ -61,12 +61,15 @@ class FusionResult:
             where no labels were found.
         out: the output folder.
         label_source: where the labels came from (``fusion.json``'s ``label_source``), or None.
+        inputs: each input and its metrics on the same segments, scored the same way (None where
+            there are no labels), to compare the fusion with what it fused.
     """
 
     predictions: Predictions
     metrics: dict[str, Any] | None
     out: Path
     label_source: dict[str, Any] | None
+    inputs: tuple[tuple[str, dict[str, Any] | None], ...] = ()
 
 
 def parse_weights(text: str | Sequence[float] | None, n_inputs: int) -> np.ndarray:
@@ -253,8 +256,8 @@ def fuse(
     out.mkdir(parents=True, exist_ok=True)
     write_predictions(out / "predictions.parquet", fused)
 
-    metrics: dict[str, Any] | None = None
     source: dict[str, Any] | None = None
+    scorer: Callable[[Predictions], dict[str, Any] | None] | None = None
     if annotations is not None:
         from heads.scoring import run_training_split, score_file
 
@@ -264,20 +267,29 @@ def fuse(
                   "train_split": train_split, "train_where": train_where}
         runs = [s["path"] for s in (_label_source(p) for p in paths) if s is not None and s["kind"] == "run"]
         training = run_training_split(runs[0]) if runs and train_split is None and train_where is None else None
-        metrics = score_file(fused, annotations, dataset=dataset, meta_dir=meta_dir,
-                             action_prior_from=action_prior_from, train_split=train_split, train_where=train_where,
-                             training=training)
+
+        def scorer(predictions: Predictions) -> dict[str, Any] | None:
+            return score_file(predictions, annotations, dataset=dataset, meta_dir=meta_dir,
+                              action_prior_from=action_prior_from, train_split=train_split, train_where=train_where,
+                              training=training)
     else:
         source = next((s for s in (_label_source(p) for p in paths) if s is not None), None)
         if source is not None and source["kind"] == "run":
-            metrics = score_like_run(fused, source["path"], action_prior_from=action_prior_from)
+            def scorer(predictions: Predictions) -> dict[str, Any] | None:
+                return score_like_run(predictions, source["path"], action_prior_from=action_prior_from)
         elif source is not None and source["kind"] == "annotations":
             from heads.scoring import score_file
 
-            metrics = score_file(fused, source["path"], dataset=source.get("dataset"), meta_dir=source.get("meta_dir"),
-                                 action_prior_from=action_prior_from or source.get("action_prior_from"),
-                                 train_split=train_split or source.get("train_split"),
-                                 train_where=train_where or source.get("train_where"))
+            def scorer(predictions: Predictions) -> dict[str, Any] | None:
+                return score_file(predictions, source["path"], dataset=source.get("dataset"),
+                                  meta_dir=source.get("meta_dir"),
+                                  action_prior_from=action_prior_from or source.get("action_prior_from"),
+                                  train_split=train_split or source.get("train_split"),
+                                  train_where=train_where or source.get("train_where"))
+    metrics = scorer(fused) if scorer is not None else None
+    # Each input on exactly the fused segments, scored the same way: what the fusion gained.
+    inputs = tuple((str(path), scorer(p if p.uids == fused.uids else p.subset(fused.uids))
+                    if metrics is not None else None) for path, p in zip(paths, loaded))
     metrics_path = out / "metrics.json"
     if metrics is not None and "action_prior" in metrics:
         log(prior_note(metrics["action_prior"]))
@@ -290,5 +302,28 @@ def fuse(
     atomic_write_json(out / "fusion.json", {
         "inputs": [str(p.resolve()) for p in paths], "weights": [float(x) for x in w], "how": how,
         "n_segments": len(fused.uids), "label_source": source if metrics is not None else None,
+        "input_metrics": [m for _, m in inputs],
     })
-    return FusionResult(fused, metrics, out, source if metrics is not None else None)
+    return FusionResult(fused, metrics, out, source if metrics is not None else None, inputs)
+
+
+def comparison_table(result: FusionResult) -> str:
+    """The inputs' metrics and the fused ones on the same segments, one row each (Table 1's columns).
+
+    Returns:
+        A plain text table; empty when there are no labels.
+    """
+    from heads.metric_registry import table_metrics
+
+    rows = [(name, metrics) for name, metrics in result.inputs] + [("fused", result.metrics)]
+    if result.metrics is None:
+        return ""
+    columns = [m for m in table_metrics() if any(values is not None and m.key in values for _, values in rows)]
+    width = max(len(name) for name, _ in rows)
+    lines = [f"{'':<{width}}" + "".join(f"{m.label:>18}" for m in columns)]
+    for name, values in rows:
+        cells = "".join(f"{m.format(values[m.key]):>18}" if values is not None and m.key in values else f"{'-':>18}"
+                        for m in columns)
+        lines.append(f"{name:<{width}}{cells}")
+    lines.append(f"(each on the {len(result.predictions.uids)} fused segments, scored the same way)")
+    return "\n".join(lines)

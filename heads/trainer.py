@@ -99,6 +99,7 @@ __all__ = [
     "PreparedRun",
     "training_labels",
     "run_training_labels",
+    "run_config",
     "run_store",
     "run_scoring",
     "prepare",
@@ -275,6 +276,40 @@ def run_store(run_dir: str | os.PathLike, recorded: Mapping[str, Any] | None = N
     return resolve_recorded_path(recorded["store"], run_dir, fallback=recorded.get("store_resolved"))
 
 
+def run_config(path: str | os.PathLike) -> tuple[TrainConfig, Path]:
+    """A recorded run's settings, to train it again (`heads train --config`).
+
+    Args:
+        path: the run's ``config.json``, or its folder.
+    Returns:
+        Its `TrainConfig` and its store (`run_store`). The switches are the ones its user gave; any
+        other whose value the store and the head's defaults would now resolve differently is pinned
+        to the value the run trained with, so the run trains again exactly (and records the same
+        sources when nothing changed).
+    Raises:
+        TrainingError: not a head run's config.json.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / CONFIG_NAME
+    try:
+        recorded = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise TrainingError(f"{path}: not a readable config.json ({err})") from err
+    if not isinstance(recorded, dict) or "model" not in recorded or "store" not in recorded:
+        raise TrainingError(f"{path} is not the config.json of a heads run (no model / store)")
+    store = run_store(path.parent, recorded)
+    trained = recorded_switches(recorded)
+    sources = recorded.get("switch_sources") or {}
+    switches = {name: value for name, value in trained.items() if not sources or sources.get(name) == "given"}
+    try:
+        now = resolve_switches(str(recorded["model"]), switches, FeatureStore.open(store).manifest).values
+        switches.update({name: value for name, value in trained.items() if now.get(name) != value})
+    except Exception:  # noqa: BLE001 - an unknown head or an unreadable store: the run's own start says why
+        switches = trained
+    return TrainConfig.from_json({**recorded, "switches": switches}), store
+
+
 def run_training_labels(run_dir: str | os.PathLike, *, store_path: str | os.PathLike | None = None) -> TrainingLabels:
     """The training split of a recorded run: its store's labels of its training selection.
 
@@ -362,7 +397,7 @@ def prepare(store_path: str | os.PathLike, config: TrainConfig, *, log: Callable
 
     train = features(train_labels, views=view_mode == "random")
     views = TrainingViews.of(train_labels.uids, train.views.counts, mode=view_mode, seed=config.seed,
-                             store_views=store.max_views)
+                             store_views=store.max_views, stored_counts=store.view_counts(train_labels.uids))
     val = features(val_labels) if val_labels is not None else None
     scoring = run_scoring(store, config, train_labels=train_labels, dataset=dataset)
     return PreparedRun(config, store, feature_dims(store), tuple(fields), train, val, scoring, switches, views)
@@ -762,6 +797,7 @@ class RunEvaluation:
         labels: their ``SegmentLabels`` (verb, noun, participants).
         scoring: how they were scored (dataset, class lists, prior).
         meta_dir: the folder of the class lists the run scored with, or None.
+        annotations: the annotation file the store was built from (its provenance), or None.
     """
 
     metrics: dict[str, float]
@@ -769,6 +805,7 @@ class RunEvaluation:
     labels: Any
     scoring: ScoringContext
     meta_dir: str | None
+    annotations: str | None = None
 
 
 def run_evaluation(run_dir: str | os.PathLike, *, where: str | None = None, split: str | None = None,
@@ -794,7 +831,8 @@ def run_evaluation(run_dir: str | os.PathLike, *, where: str | None = None, spli
     if run.val is None:
         raise TrainingError("no evaluation selection: pass --where or --split")
     preds, metrics = evaluate(run, model)
-    return RunEvaluation(metrics, preds, run.val.labels, run.scoring, config.meta_dir or default_meta_dir(run.store))
+    return RunEvaluation(metrics, preds, run.val.labels, run.scoring, config.meta_dir or default_meta_dir(run.store),
+                         run.store.manifest.get("provenance", {}).get("annotations"))
 
 
 def evaluate_run(run_dir: str | os.PathLike, *, where: str | None = None, split: str | None = None,

@@ -55,6 +55,7 @@ class TrainingViews:
             features' order.
         counts: (N,) views each holds in the run's features (all 1 with ``first``).
         store_views: the most views any segment of the store has.
+        segments_with_views: training segments the store holds more than one view of.
     """
 
     mode: str
@@ -62,13 +63,17 @@ class TrainingViews:
     uid_words: np.ndarray
     counts: np.ndarray
     store_views: int
+    segments_with_views: int
 
     @classmethod
     def of(cls, uids: Sequence[str], counts: Sequence[int] | torch.Tensor, *, mode: str, seed: int,
-           store_views: int) -> "TrainingViews":
+           store_views: int, stored_counts: Sequence[int]) -> "TrainingViews":
+        """Args: the training uids (features' order), the views the features hold of each, the mode,
+        the run's seed, the store's most views and the views it holds of each training segment."""
         words = np.array([uid_word(uid) for uid in uids], dtype=np.uint64)
         counts = counts.numpy() if isinstance(counts, torch.Tensor) else np.asarray(counts)
-        return cls(mode, int(seed), words, counts.astype(np.int64), int(store_views))
+        return cls(mode, int(seed), words, counts.astype(np.int64), int(store_views),
+                   int(sum(1 for count in stored_counts if count > 1)))
 
     def draw(self, epoch: int) -> torch.Tensor:
         """(N,) int64: the view each training segment reads in 0-based ``epoch`` (0 with ``first``)."""
@@ -82,7 +87,7 @@ class TrainingViews:
             "mode": self.mode,
             "store_views": self.store_views,
             "training_segments": int(len(self.counts)),
-            "segments_with_views": int((self.counts > 1).sum()),
+            "segments_with_views": self.segments_with_views,
             "views_held": int(self.counts.sum()),
             "evaluation": "view 0 (the centre clip)",
         }

@@ -19,7 +19,6 @@ import re
 import shlex
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +33,7 @@ from cli.featstore_finetune import make_finetune_config
 from cli.featstore_finetune_detector import make_detector_finetune_config
 from cli.heads_cli import main as heads_main
 from cli.heads_cli import make_train_config
+from tests.helpers.command_lines import ParsedLine, make_existing_paths
 from heads.grid import load_grid
 from tests.conftest import QuickDemo
 from tests.helpers.threads import torch_threads
@@ -80,34 +80,7 @@ def _bash_lines(text: str) -> list[str]:
     return lines
 
 
-@dataclass
-class Parsed:
-    program: str
-    sub: str
-    params: dict[str, Any]
-    line: str
-
-
-def _make_paths(command: click.Command, sub: str, argv: list[str], root: Path) -> None:
-    """Make, empty, every path the command insists exists, so that parsing checks only the command line."""
-    ctx = click.Context(command, info_name=sub)
-    opts, _, _ = command.make_parser(ctx).parse_args(list(argv))
-    for param in command.get_params(ctx):
-        kind = param.type
-        if not (isinstance(kind, click.Path) and kind.exists) or opts.get(param.name) is None:
-            continue
-        values = opts[param.name]
-        for value in values if isinstance(values, (list, tuple)) else [values]:
-            path = root / value
-            as_dir = not kind.file_okay or (kind.dir_okay and not path.suffix)
-            if as_dir:
-                path.mkdir(parents=True, exist_ok=True)
-            else:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.touch()
-
-
-def _parse(lines: list[str], root: Path) -> list[Parsed]:
+def _parse(lines: list[str], root: Path) -> list[ParsedLine]:
     parsed = []
     for line in lines:
         tokens = shlex.split(line)
@@ -117,7 +90,7 @@ def _parse(lines: list[str], root: Path) -> list[Parsed]:
         group = GROUPS[program]
         command = group.get_command(click.Context(group), sub)
         assert command is not None, f"`{program} {sub}` is not a command:\n  {line}"
-        _make_paths(command, sub, argv, root)
+        make_existing_paths(command, sub, argv, root)
         try:
             params = command.make_context(sub, list(argv)).params
         except click.ClickException as err:
@@ -125,12 +98,12 @@ def _parse(lines: list[str], root: Path) -> list[Parsed]:
         builder = BUILDERS.get((program, sub))
         if builder is not None:
             builder(params)  # the library config: refuses settings that do not go together
-        parsed.append(Parsed(program, sub, params, line))
+        parsed.append(ParsedLine(program, sub, params, line))
     return parsed
 
 
 @pytest.fixture(scope="module")
-def recipe(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[Parsed]]:
+def recipe(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[ParsedLine]]:
     """The section's commands, parsed, by table (the files they name made under a temporary folder)."""
     text = _section((REPO / "README.md").read_text(), SECTION)
     root = tmp_path_factory.mktemp("recipe")
@@ -143,7 +116,7 @@ def recipe(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[Parsed]]:
         os.chdir(here)
 
 
-def _of(commands: list[Parsed], program: str, sub: str) -> list[Parsed]:
+def _of(commands: list[ParsedLine], program: str, sub: str) -> list[ParsedLine]:
     return [c for c in commands if (c.program, c.sub) == (program, sub)]
 
 
@@ -151,7 +124,7 @@ def _of(commands: list[Parsed], program: str, sub: str) -> list[Parsed]:
 # the recipe is the report's
 
 
-def test_every_command_of_the_recipe_parses_and_makes_its_config(recipe: dict[str, list[Parsed]]) -> None:
+def test_every_command_of_the_recipe_parses_and_makes_its_config(recipe: dict[str, list[ParsedLine]]) -> None:
     for table, wanted in (("1", {("featstore", "finetune"): 10, ("featstore", "finetune-detector"): 1,
                                  ("featstore", "build"): 6, ("heads", "train"): 7, ("heads", "fuse"): 3,
                                  ("heads", "ablate"): 1}),
@@ -165,7 +138,7 @@ def test_every_command_of_the_recipe_parses_and_makes_its_config(recipe: dict[st
 @pytest.mark.parametrize(("table", "stage1", "split", "detector_recipe"), [
     ("1", "stage1/val", "epic55-lfb-train", "epic-train"), ("2", "stage1/full", "epic55-train", "epic-trainval")])
 def test_builds_load_the_stage1_checkpoints_and_the_tables_detector(
-        recipe: dict[str, list[Parsed]], table: str, stage1: str, split: str, detector_recipe: str) -> None:
+        recipe: dict[str, list[ParsedLine]], table: str, stage1: str, split: str, detector_recipe: str) -> None:
     commands = recipe[table]
     finetuned = {}
     for run in _of(commands, "featstore", "finetune"):
@@ -196,7 +169,7 @@ def test_builds_load_the_stage1_checkpoints_and_the_tables_detector(
             (1e-3, (11,)) if "i3d" in str(run.params["store"]) else (1e-4, ())), run.line
 
 
-def test_table2_predicts_s1_and_s2_from_their_timestamps_and_submits_each_row(recipe: dict[str, list[Parsed]]) -> None:
+def test_table2_predicts_s1_and_s2_from_their_timestamps_and_submits_each_row(recipe: dict[str, list[ParsedLine]]) -> None:
     commands = recipe["2"]
     annotations = {str(b.params["store"]).split("/")[1]: {Path(x.params["annotations"]).name for x in
                    _of(commands, "featstore", "build") if str(x.params["store"]).split("/")[1] ==

@@ -29,6 +29,7 @@ __all__ = ["DEFAULT_LABELS", "StoreDataset"]
 
 DEFAULT_LABELS = ("verb_class", "noun_class")  # index columns returned with every item
 UID_KEY = "uid"  # the item key of the segment's uid
+READ_AHEAD_SHARE = 0.5  # a preload reading at least this share of the store's files turns readahead on
 
 
 class StoreDataset(torch.utils.data.Dataset):
@@ -41,8 +42,8 @@ class StoreDataset(torch.utils.data.Dataset):
         split: a named split (``epic55-lfb-train``, ...), ANDed with ``where``.
         labels: index columns returned with each item: integer columns as int64 scalars (-1 where the
             store has no label: test sets), other columns as they are (strings).
-        view: the temporal view to read in a store with views (docs/views.md; 0: the centre clip,
-            what evaluation reads); a store without views holds view 0 only.
+        view: the temporal view to read in a store built with views (``featstore build --views K``;
+            0: the centre clip, what evaluation reads); a store without views holds view 0 only.
         preload: read every tensor at construction (True) or each item when it is asked for (False).
         dtype: the dtype of floating fields (default float32; None keeps the store's float16).
     Raises:
@@ -62,14 +63,14 @@ class StoreDataset(torch.utils.data.Dataset):
             raise StoreError(f"{self.store.path} holds {self.store.max_views} view(s) per segment at most "
                              f"(views 0 .. {self.store.max_views - 1}); asked for view {self.view}")
         self.uids: list[str] = table.column("uid").to_pylist()
-        # What the tensors are read under: the uid for view 0, its view key after (docs/views.md).
+        # What the tensors are read under: the uid for view 0, its view key after (schema.view_key).
         self.keys: list[str] = [view_key(uid, self.view) for uid in self.uids]
         self.label_names = tuple(labels)
         self.labels = {name: _label_column(table, name, self.store) for name in self.label_names}
         self.dtype = dtype
         self.preloaded: dict[str, np.ndarray] | None = None
         if preload:
-            with self.store.read_ahead(self.store.share_of_files(len(self.uids), self.fields) >= 0.5):
+            with self.store.read_ahead(self.store.share_of_files(len(self.uids), self.fields) >= READ_AHEAD_SHARE):
                 self.preloaded = {name: self.store.read_field(self.keys, name) for name in self.fields}
         else:
             self.store.load_index()  # once here: forked workers inherit it instead of each querying the index
@@ -109,13 +110,13 @@ class StoreDataset(torch.utils.data.Dataset):
                 for row, i in enumerate(indices)]
 
     def _item(self, index: int, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
-        item: dict[str, Any] = {name: self._tensor(array) for name, array in arrays.items()}
+        item: dict[str, Any] = {name: self._field_tensor(array) for name, array in arrays.items()}
         for name, values in self.labels.items():
             item[name] = values[index]
         item[UID_KEY] = self.uids[index]
         return item
 
-    def _tensor(self, array: np.ndarray) -> torch.Tensor:
+    def _field_tensor(self, array: np.ndarray) -> torch.Tensor:
         tensor = torch.from_numpy(np.array(array))  # a copy: stored arrays may be read-only views
         if self.dtype is not None and tensor.is_floating_point():
             tensor = tensor.to(self.dtype)

@@ -15,6 +15,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from featstore.io.docstrings import documented_args
 from featstore.imports.timing import SegmentSpan
 from featstore.store.importer import ImportFailure
 from featstore.store.schema import FieldSpec
@@ -97,7 +98,7 @@ class ImportFormat:
 
     def option_help(self) -> dict[str, str]:
         """One line per option, from the opener's ``Args:`` docstring."""
-        documented = _documented_args(self.opener) if self.opener is not None else {}
+        documented = documented_args(self.opener) if self.opener is not None else {}
         return {name: documented.get(name, "") for name in self.options()}
 
     def check_options(self, options: Mapping[str, Any]) -> None:
@@ -107,30 +108,6 @@ class ImportFormat:
             known = ", ".join(f"--{n.replace('_', '-')}" for n in sorted(self.options())) or "none"
             given = ", ".join(f"--{n.replace('_', '-')}" for n in unknown)
             raise ImportFailure(f"--format {self.name} does not take {given}; its options are: {known}")
-
-
-def _documented_args(func: Callable[..., Any]) -> dict[str, str]:
-    """``name -> text`` of a Google-style ``Args:`` section, continuation lines joined."""
-    doc = inspect.getdoc(func) or ""
-    out: dict[str, str] = {}
-    inside, indent, current = False, None, None
-    for line in doc.splitlines():
-        if not inside:
-            inside = line.strip() == "Args:"
-            continue
-        if line.strip() and not line.startswith((" ", "\t")):
-            break
-        if not line.strip():
-            continue
-        width = len(line) - len(line.lstrip())
-        indent = width if indent is None else indent
-        match = re.match(r"\s*(\w+)(?: \([^)]*\))?:\s*(.*)", line)
-        if width == indent and match:
-            current = match.group(1)
-            out[current] = match.group(2).strip()
-        elif current is not None:
-            out[current] = f"{out[current]} {line.strip()}".strip()
-    return out
 
 
 _FORMATS: dict[str, ImportFormat] = {}

@@ -12,12 +12,12 @@ none of the ways, and the message lists them.
 from __future__ import annotations
 
 import inspect
-import re
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
 from torch import nn
 
+from featstore.io.docstrings import documented_args
 from featstore.store.local_pool import LOCAL_FIELD, LOCAL_SOURCES
 from featstore.store.schema import BOX_SETS, DET_GLOBAL_FEAT, DET_LOCAL_FEAT, NOUN_GLOBAL, VERB_GLOBAL, det_field
 
@@ -103,7 +103,7 @@ class HeadRecord:
 
     def switch_help(self) -> dict[str, str]:
         """One line per switch, from the builder's ``Args:`` docstring (the CLI's ``--help`` text)."""
-        documented = _documented_args(self.builder)
+        documented = documented_args(self.builder)
         return {name: documented.get(name, "") for name in self.switches()}
 
     def check_switches(self, switches: dict[str, Any]) -> None:
@@ -154,30 +154,6 @@ class SwitchInfo:
     default: Any
     help: str
     heads: tuple[str, ...]
-
-
-def _documented_args(builder: Callable[..., Any]) -> dict[str, str]:
-    """``name -> text`` of the ``Args:`` section of a Google-style docstring, continuation lines joined."""
-    doc = inspect.getdoc(builder) or ""
-    out: dict[str, str] = {}
-    inside, indent, current = False, None, None
-    for line in doc.splitlines():
-        if not inside:
-            inside = line.strip() == "Args:"
-            continue
-        if line.strip() and not line.startswith((" ", "\t")):
-            break  # the next section (Returns:, Raises:)
-        if not line.strip():
-            continue
-        width = len(line) - len(line.lstrip())
-        indent = width if indent is None else indent
-        match = re.match(r"\s*(\w+)(?: \([^)]*\))?:\s*(.*)", line)
-        if width == indent and match:
-            current = match.group(1)
-            out[current] = match.group(2).strip()
-        elif current is not None:
-            out[current] = f"{out[current]} {line.strip()}".strip()
-    return out
 
 
 _HEADS: dict[str, HeadRecord] = {}

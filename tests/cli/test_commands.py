@@ -20,7 +20,7 @@ GROUPS = {"featstore": featstore_main, "heads": heads_main}
 # published checkpoints; finetune / finetune-detector: stage 1; derive / copy: EPIC-scale stores).
 COMMANDS = {
     "featstore": {"build", "import", "query", "info", "verify", "demo", "convert-checkpoint", "finetune", "finetune-detector", "derive", "copy", "export"},
-    "heads": {"train", "eval", "predict", "score", "ablate", "fuse", "submit"},
+    "heads": {"train", "eval", "predict", "score", "ablate", "fuse", "submit", "runs", "inspect"},
 }
 
 

@@ -61,9 +61,10 @@ def test_golden_loss_of_the_tiny_seeded_run(uninterrupted: Path) -> None:
 
 
 def test_a_run_writes_its_folder_and_build_loads_the_checkpoint(uninterrupted: Path) -> None:
-    for name in (CHECKPOINT_NAME, RESUME_STATE_NAME, CONFIG_NAME, METRICS_NAME, PER_CLASS_AP_NAME,
+    for name in (CHECKPOINT_NAME, CONFIG_NAME, METRICS_NAME, PER_CLASS_AP_NAME,
                  PREDICTION_IMAGES_NAME, CURVES_NAME, FAILURES_NAME, LOG_NAME):
         assert (uninterrupted / name).is_file(), name
+    assert not (uninterrupted / RESUME_STATE_NAME).exists()  # deleted when the run finished
     metrics = json.loads((uninterrupted / METRICS_NAME).read_text())
     assert metrics["complete"] and metrics["iterations_done"] == 4
     assert [entry["iteration"] for entry in metrics["history"]] == [2, 4]

@@ -12,6 +12,11 @@ import pytest
 
 from heads.actions import action_scores, lfb_action_prior
 from heads.metrics import (
+    chance_top1,
+    confusion_matrix,
+    group_top1,
+    mean_class_accuracy,
+    per_class_accuracy,
     action_topk_accuracy,
     class_precision_recall,
     epic55_metrics,
@@ -207,3 +212,27 @@ def test_official_many_shot_actions_are_many_shot_seen_pairs(epic55_dir: Path) -
     assert nouns == set(noun_counts[noun_counts > 100].index)
     seen = set(zip(train["verb_class"], train["noun_class"]))
     assert official == {p for p in seen if p[0] in verbs and p[1] in nouns}
+
+
+# ------------------------------------------------------------------------------------------------
+# beyond Table 1: per class, per participant, and chance
+
+
+def test_chance_is_the_better_of_the_majority_class_and_a_uniform_guess() -> None:
+    train = np.array([0, 0, 0, 1, 2])  # class 0 most frequent; three training classes
+    assert chance_top1(train, np.array([0, 1, 1, 2])) == pytest.approx(100 / 3)  # uniform beats 25 %
+    assert chance_top1(train, np.array([0, 0, 0, 1])) == pytest.approx(75.0)  # always class 0
+    assert chance_top1(np.array([1, 1, 2, 2]), np.array([2, 2, 2, 0])) == pytest.approx(75.0)  # ties: the best
+    assert np.isnan(chance_top1(np.array([], dtype=np.int64), np.array([0])))
+
+
+def test_per_class_numbers_hand_computed() -> None:
+    scores = np.array([[3.0, 2, 1], [1, 3, 2], [1, 2, 3], [3, 2, 1]])  # top-1: 0, 1, 2, 0
+    labels = np.array([0, 0, 2, 1])
+    assert confusion_matrix(scores.argmax(1), labels, 3).tolist() == [[1, 1, 0], [1, 0, 0], [0, 0, 1]]
+    # class 0: 2 segments, 1 top-1 hit, 1 top-2 hit (row 1 ranks 1, 2 first); class 1: 1, 0, 1; class 2: 1, 1, 1
+    assert per_class_accuracy(scores, labels, (1, 2)) == {0: (2, 1, 1), 1: (1, 0, 1), 2: (1, 1, 1)}
+    assert mean_class_accuracy(scores, labels) == pytest.approx(100 * (0.5 + 0 + 1) / 3)
+    assert mean_class_accuracy(scores, labels, k=2) == pytest.approx(100 * (0.5 + 1 + 1) / 3)
+    assert group_top1(scores.argmax(1), labels, ["P02", "P01", "P01", "P02"]) == {"P01": (2, 50.0),
+                                                                                    "P02": (2, 50.0)}

@@ -46,6 +46,8 @@ def make_existing_paths(command: click.Command, sub: str, argv: list[str], root:
             continue
         values = opts[param.name]
         for value in values if isinstance(values, (list, tuple)) else [values]:
+            if not isinstance(value, str):  # click's marker of an option not given
+                continue
             path = root / value
             if path.exists():
                 continue

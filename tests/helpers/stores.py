@@ -41,3 +41,21 @@ def make_small_store(root: Path, n: int = 48, *, seed: int = 0) -> Path:
     npz = write_feature_npzs(root / "npz", segments, shapes=shapes, seed=seed)
     import_npz(root / "store", annotations, npz, progress=False)
     return root / "store"
+
+
+def make_store_without_detections(root: Path, n: int = 96, *, seed: int = 0) -> Path:
+    """A planted-signal store whose detection slots are all padding (scores 0, so no slot is valid):
+    what a detector that finds nothing builds. Same layout as `make_planted_store`."""
+    from featstore.store.schema import BOX_SETS, det_field
+
+    planted = PlantedSignal()
+    scores = {det_field(box_set, "score") for box_set in BOX_SETS}
+
+    def arrays(rng, seg):
+        return {name: (value * 0 if name in scores else value) for name, value in planted(rng, seg).items()}
+
+    segments = generate_segments(n, num_verbs=planted.verb_embedding.shape[0], num_nouns=planted.num_nouns, seed=seed)
+    annotations = write_epic55_annotations(root / "annotations" / "EPIC_train_action_labels.csv", segments)
+    npz = write_feature_npzs(root / "npz", segments, seed=seed, make_arrays=arrays)
+    import_npz(root / "store", annotations, npz, progress=False)
+    return root / "store"

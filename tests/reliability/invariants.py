@@ -106,9 +106,11 @@ def assert_same_run(run: Path, reference: Path) -> None:
     assert pq.read_table(run / "predictions.parquet").equals(pq.read_table(reference / "predictions.parquet"))
     assert _without_timing(json.loads((run / "history.json").read_text())) == _without_timing(
         json.loads((reference / "history.json").read_text()))
-    got = torch.load(run / "checkpoints" / "last.pt", weights_only=False)
-    want = torch.load(reference / "checkpoints" / "last.pt", weights_only=False)
-    assert got["epoch"] == want["epoch"] == 3
+    assert len(json.loads((run / "history.json").read_text())) == 3
+    # A finished run keeps its weights (checkpoint.pt); its resume state is deleted.
+    assert not (run / "checkpoints" / "last.pt").exists()
+    got = torch.load(run / "checkpoint.pt", weights_only=False)
+    want = torch.load(reference / "checkpoint.pt", weights_only=False)
     assert got["model"].keys() == want["model"].keys()
     for name, tensor in want["model"].items():
         assert torch.equal(got["model"][name], tensor), name

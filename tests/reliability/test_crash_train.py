@@ -2,9 +2,10 @@
 the run folder of `featstore.training.run_folder` (the contract's files, no temporary left).
 
 `heads train` in detail: three epochs of SAOA on a small planted-signal store. A run saves a
-checkpoint after each epoch (``torch.save`` calls 1-3) and renames, in order: config.json (1), then
-per epoch last.pt and history.json (2-7), then predictions.parquet (8), metrics.json (9) and
-curves.png (10); its one Parquet write is the predictions (a resumed run counts from its own
+checkpoint after each epoch (``torch.save`` calls 1-3, then the weights, 4) and renames, in order:
+config.json (1), then per epoch last.pt, history.json and history.csv (2-10), then
+predictions.parquet (11), metrics.json (12), curves.png (13) and checkpoint.pt (14), and deletes
+the resume state last; its one Parquet write is the predictions (a resumed run counts from its own
 start). Whatever the kills, ``--resume`` must end with exactly the files of an uninterrupted run:
 the same metrics, predictions, history and final weights.
 

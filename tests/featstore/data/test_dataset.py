@@ -84,3 +84,23 @@ def test_dataloader_workers_read_the_same_batches(small_store: Path) -> None:
     for a, b in zip(in_process, in_workers):
         assert a["uid"] == b["uid"]
         assert all(torch.equal(a[k], b[k]) for k in a if k != "uid")
+
+
+def test_a_view_of_a_store_with_views_reads_that_views_tensors(tmp_path: Path) -> None:
+    from featstore.store.schema import FieldSpec
+
+    store = FeatureStore.create(tmp_path / "s", fields={"verb.global": FieldSpec("float16", (4,))},
+                                provenance={"views": 2})
+    with store.writer() as writer:
+        for uid in ("a", "b"):
+            row = {"uid": uid, "participant_id": "P01", "video_id": "P01_01", "start_frame": 1, "stop_frame": 60,
+                   "verb_class": 1, "noun_class": 2, "dataset": "epic55", "source": "EPIC_train_action_labels"}
+            writer.put_views([({**row, "view": view, "clip_start_frame": 1, "clip_stop_frame": 60, "clip_center": 30},
+                               {"verb.global": np.full(4, 10 * view + (uid == "b"), np.float32)}, None)
+                              for view in (0, 1)])
+    for view in (0, 1):
+        dataset = StoreDataset(tmp_path / "s", ["verb.global"], view=view, preload=view == 1)
+        assert dataset.uids == ["a", "b"]
+        assert [float(dataset[i]["verb.global"][0]) for i in (0, 1)] == [10 * view, 10 * view + 1]
+    with pytest.raises(StoreError, match="holds 2 view.*asked for view 2"):
+        StoreDataset(tmp_path / "s", ["verb.global"], view=2)

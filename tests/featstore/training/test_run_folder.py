@@ -14,12 +14,16 @@ from featstore.training.run_folder import (
     DETECTRON2_CONFIG_NAME,
     LEGACY_NAMES,
     LOG_NAME,
+    METRICS_NAME,
     RESUME_STATE_NAME,
     RUN_FILES,
     RunFolder,
     RunLog,
+    finished_run,
     holds_run,
+    record_path,
     remove_run_temporaries,
+    resolve_recorded_path,
     run_folder_files,
     settings_differences,
 )
@@ -139,7 +143,39 @@ def test_the_contract_names_what_featstore_build_reads() -> None:
     from featstore.models.detectron2_rcnn import CONFIG_BESIDE_WEIGHTS
 
     assert DETECTRON2_CONFIG_NAME == CONFIG_BESIDE_WEIGHTS
-    # Every torch backend writes the same checkpoint and resume state.
+    # Every backend writes the same checkpoint; the engine's trainers delete their resume state when
+    # finished (kept on request), detectron2's trainer keeps its own.
     for files in RUN_FILES.values():
-        assert RESUME_STATE_NAME in files.always, files.trainer
-        assert files.trainer == "heads" or CHECKPOINT_NAME in files.always
+        assert CHECKPOINT_NAME in files.always, files.trainer
+        assert RESUME_STATE_NAME in set(files.always) | set(files.resume), files.trainer
+        assert RESUME_STATE_NAME not in files.expected(validated=True) or files.trainer == "detectron2"
+        assert RESUME_STATE_NAME in files.expected(validated=True, resume_state=True)
+
+
+def test_a_finished_run_loses_its_resume_state_and_a_resume_of_it_is_refused(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    atomic_write_torch(out / RESUME_STATE_NAME, {"epoch": 2})
+    for name in (CHECKPOINT_NAME, METRICS_NAME):
+        (out / name).write_text("x")
+    folder = RunFolder.check(out, resume=True, error=Refused).open(echo=lambda _: None)
+    assert not finished_run(out)
+    assert folder.drop_resume_state() and not (out / RESUME_STATE_NAME).parent.exists()
+    assert finished_run(out) and holds_run(out) and not folder.drop_resume_state()
+    with pytest.raises(Refused, match="holds a finished run.*--keep-resume-state"):
+        RunFolder.check(out, resume=True, error=Refused)
+
+
+def test_paths_are_recorded_relative_inside_a_project_and_read_back_after_it_moved(tmp_path: Path) -> None:
+    project = tmp_path / "project"
+    (project / "store").mkdir(parents=True)
+    run = project / "runs" / "saoa"
+    assert record_path(project / "store", run) == "../../store"
+    assert record_path("/", run) == "/"  # nothing in common but the root: absolute
+    moved = tmp_path / "elsewhere"
+    project.rename(moved)
+    assert resolve_recorded_path("../../store", moved / "runs" / "saoa") == (moved / "store").resolve()
+    # An absolute record (every run before relative paths) reads as it is.
+    assert resolve_recorded_path(str(moved / "store"), tmp_path / "x") == moved / "store"
+    # A run moved without its store: the absolute path it also recorded.
+    assert resolve_recorded_path("../../store", tmp_path / "lone" / "run", fallback=str(moved / "store")) == \
+        moved / "store"
