@@ -96,6 +96,15 @@ def _finetune(name: str) -> Callable[[Context, set[str]], list[Result]]:
     return run
 
 
+def _views(name: str) -> Callable[[Context, set[str]], list[Result]]:
+    def run(ctx: Context, wanted: set[str]) -> list[Result]:
+        from benchmarks import views_benchmarks
+
+        return getattr(views_benchmarks, name)(ctx, wanted)
+
+    return run
+
+
 def _import(name: str) -> Callable[[Context, set[str]], list[Result]]:
     def run(ctx: Context, wanted: set[str]) -> list[Result]:
         from benchmarks import import_benchmarks
@@ -122,6 +131,9 @@ BENCHMARKS: tuple[Benchmark, ...] = (
     Benchmark(("import_rulstm_vs_lmdb_scan", "import_rulstm_peak_rss"), _import("import_rulstm"),
               ("bytes/s", "bytes"), (">= 0.5", "<= 1"), alias="import_rulstm"),
     Benchmark(("extract_transformers_vs_forward",), _extract("extract_transformers"), ("clips/s",), (">= 0.95",)),
+    Benchmark(("build_views_vs_single", "build_views_bytes_per_view"), _views("build_views"), ("s", "bytes"),
+              ("<= 2.5", "<= 1.05"), alias="build_views"),
+    Benchmark(("heads_epoch_views_vs_single",), _views("heads_epoch_views"), ("s",), ("<= 1.1",)),
     Benchmark(("epic55_full_size",), _scale("epic55_full_size"), ("bytes",), ("report",), explicit=True),
     Benchmark(("gpu_saoa_15_epochs_epic55",), _heads("gpu_saoa"), ("s",), ("<= 1",), gpu=True),
     Benchmark(("gpu_extract_r3d50_frcnn",), _extract("gpu_extract"), ("segments/s",), ("report",), gpu=True),

@@ -349,13 +349,20 @@ class _DemoSteps:
         self.state.update(values)
         _write_marker(self.out, self.state)
 
+    def warn(self, name: str, warning: str) -> None:
+        """Note ``warning`` of ``name`` for the end, once (a store's empty detections are also each of
+        its head runs' warning)."""
+        if not any(noted.endswith(f": {warning}") for noted in self.warnings):
+            self.warnings.append(f"{name}: {warning}")
+
     def run_warnings(self, run: Path, name: str) -> None:
         """Collect a finished run's metrics.json ``warnings``, each prefixed with ``name``."""
         try:
             recorded = json.loads((run / METRICS_NAME).read_text()).get("warnings") or []
         except (OSError, ValueError):
             return
-        self.warnings += [f"{name}: {warning}" for warning in recorded]
+        for warning in recorded:
+            self.warn(name, warning)
 
     def finished(self, step: str, stage: str, run: Path, command: str, *, name: str) -> bool:
         """Note ``command`` as run; True (logged as reused under ``name``) when ``stage`` finished into
@@ -435,7 +442,7 @@ def _build(config: DemoConfig, sample: Sample, store: Path, verbnet: Path | None
     for warning in report.warnings:
         if warning not in random:
             log(f"      warning: {warning}")
-            steps.warnings.append(f"{store.name}: {warning}")
+            steps.warn(store.name, warning)
     log(f"      {report.summary()}")
     if report.failed:
         raise DemoError(f"{len(report.failed)} segment(s) failed to build; rerun the demo to retry them")
@@ -457,7 +464,7 @@ def _train_head(config: DemoConfig, head: DemoHead, store: Path, run: Path, step
         resume = holds_run(run)
         with _head_threads(config.device):
             train(params["store"], params["out"], make_train_config(params), resume=resume,
-                  progress=params["progress"], log=lambda _line: None)
+                  progress=params["progress"], log=lambda _line: None, half_checkpoint=params["half_checkpoint"])
         steps.mark(stage)
         steps.log(f"      {params['epochs']} epochs in {time.perf_counter() - started:.1f} s")
     steps.run_warnings(run, f"runs/{run.name}")

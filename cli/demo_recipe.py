@@ -197,7 +197,9 @@ class DemoHead:
         """
         from cli.heads_cli import train
 
+        # Half-precision weights: SAOA's are 13 MB in float32, and a demo folder stays small.
         return command_params(train, store=Path(store), out=Path(out), seed=seed, device=device, progress=progress,
+                              half_checkpoint=True,
                               **{**TRAIN_SETTINGS, **self.settings, **(self.quick if quick else {})})
 
 

@@ -171,7 +171,8 @@ def make_build_config(params: dict[str, Any], *, command: str | None = None):
               help="Where the backbones and the detector run (under torchrun: the rank's local GPU).")
 @click.option("--amp", type=click.Choice(["fp16", "bf16", "off"]), default="fp16", show_default=True,
               help=f"Autocast dtype on CUDA. {AMP_RULE}")
-@click.option("--batch-size", type=COUNT, default=8, show_default=True, help="Segments per backbone forward.")
+@click.option("--batch-size", type=COUNT, default=8, show_default=True,
+              help="Segments per batch and clips per backbone forward (with --views a batch holds its segments' views).")
 @click.option("--workers", type=click.IntRange(min=0), default=4, show_default=True, help="Decode worker processes (0: none).")
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of randomly initialised models.")
 @click.option("--flush-every", type=COUNT, default=256, show_default=True, help="Segments between Parquet exports.")

@@ -1,7 +1,7 @@
 """`featstore demo`: the whole job end to end on a generated sample (registered by `cli.featstore_cli`).
 
 Thin: make the `DemoConfig`, call `cli.demo.run_demo`, print the store's `featstore info`,
-where everything went and, last, the results table.
+where everything went and, last, the results table with the runs' warnings beside it.
 """
 from __future__ import annotations
 

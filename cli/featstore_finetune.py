@@ -109,8 +109,8 @@ def finetune(**params: Any) -> None:
     """Stage 1: fine-tune a backbone on the target data; OUT/checkpoint.pt is what `featstore build` loads.
 
     Options marked [recipe] default to the --recipe's value. OUT gets checkpoint.pt, config.json,
-    metrics.json (top-1 / top-5 on the validation selection, per epoch), failures.json, curves.png
-    and log.txt. Example (the report's ResNet50-3D VerbNet on the LFB split):
+    metrics.json (top-1 / top-5 on the validation selection, per epoch; warnings), history.csv,
+    failures.json, curves.png and log.txt. Example (the report's ResNet50-3D VerbNet on the LFB split):
 
     \b
         featstore finetune runs/verb-r50 --annotations EPIC_train_action_labels.csv --frames EPIC/ \\

@@ -101,8 +101,8 @@ def finetune_detector(**params: Any) -> None:
 
     OUT gets checkpoint.pt (with its class count and names), config.json (every setting, the recipe,
     the warm-up, the init checkpoint's sha256), metrics.json (COCO mAP@0.5 and mAP@[.5:.95] of the
-    held-out images per round, by pycocotools), per_class_ap.csv, predictions.png, curves.png,
-    failures.json and log.txt. Example (the report's detector, from a local Visual Genome checkpoint):
+    held-out images per round, by pycocotools; warnings), per_class_ap.csv, predictions.png, curves.png,
+    history.csv, failures.json and log.txt. Example (the report's detector, from a local Visual Genome checkpoint):
 
     \b
         featstore finetune-detector runs/det --objects EPIC_train_object_labels.csv \\

@@ -132,8 +132,9 @@ def recorded_train_config(params: Mapping[str, Any], given: set[str]) -> tuple[T
     recorded, store = run_config(params["config"])
     overrides = {name: value for name, value in params.items()
                  if name in given and name in {f.name for f in dataclasses.fields(recorded)}}
-    switches = {**recorded.switches, **switches_from(dict(params))}
-    config = dataclasses.replace(recorded, **overrides, switches=switches)
+    # Another head keeps none of the recorded head's switches, only those given.
+    kept = recorded.switches if overrides.get("model", recorded.model) == recorded.model else {}
+    config = dataclasses.replace(recorded, **overrides, switches={**kept, **switches_from(dict(params))})
     return config, Path(params["store"]) if params.get("store") is not None else store
 
 

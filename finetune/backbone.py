@@ -556,6 +556,10 @@ def finetune(config: FinetuneConfig, *, log: Callable[[str], None] | None = None
     if config.tensorboard is not None:
         require_tensorboard(FinetuneError)  # before anything is written
     folder = RunFolder.check(out, resume=config.resume, error=FinetuneError)
+    if folder.finished:
+        recorded = folder.finished_metrics(asked=config.epochs, done=int(json.loads(
+            folder.file(METRICS_NAME).read_text())["epochs_done"]), unit="epoch", error=FinetuneError)
+        return {key: recorded[key] for key in (f"{config.target}_top1", f"{config.target}_top5") if key in recorded}
     _check_resume_settings(config, out)
     selection = select_training_data(config)
     videos = sorted({str(row["video_id"]) for row in selection.train + selection.val})

@@ -420,6 +420,10 @@ def finetune_detector(config: DetectorFinetuneConfig, *, log: Callable[[str], No
     if config.tensorboard is not None:
         require_tensorboard(DetectorFinetuneError)  # before anything is written
     folder = RunFolder.check(out, resume=config.resume, error=DetectorFinetuneError)
+    if folder.finished:
+        recorded = folder.finished_metrics(asked=config.iterations, done=int(json.loads(
+            folder.file(METRICS_NAME).read_text())["iterations_done"]), unit="iteration", error=DetectorFinetuneError)
+        return {key: recorded[key] for key in ("map_50", "map_50_95") if key in recorded}
     _check_detector_resume(config, folder)
 
     train, val = _read_labels(config)

@@ -192,6 +192,9 @@ class DetectorFinetuneConfig:
             fail(f"num_classes must be >= 1, got {self.num_classes}")
         if not 0.0 <= self.score_threshold < 1.0:
             fail(f"score_threshold must be in [0, 1), got {self.score_threshold}")
+        if self.backend == "detectron2" and (self.tensorboard is not None or self.half_checkpoint):
+            fail("--tensorboard and --half-checkpoint are for the torchvision detectors (the project's engine); "
+                 "detectron2's own trainer keeps its checkpoint format, its resume state and its event files")
         check_run_settings(self, fail, step_unit="iterations")
 
     @property

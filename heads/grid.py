@@ -26,6 +26,11 @@ Grid file (TOML, read with ``tomllib``)::
     switches = { relation = false }   # the same as a table
 
     [[run]]
+    name = "saoa-centre-clip"
+    model = "saoa"
+    views = "first"          # temporal views (docs/views.md): view 0 only; "random": one per epoch
+
+    [[run]]
     name = "global"
     model = "global"
     seeds = [0]              # a run's own `seeds` (or `seed`) replaces the base's

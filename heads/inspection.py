@@ -82,7 +82,7 @@ class SegmentInspection:
             for item in ranked:
                 mark = "*" if item.correct else " "
                 ids = ",".join(str(c) for c in item.classes)
-                lines.append(f"  {mark} {item.rank}. {item.name:<30} ({ids})  {item.score:.3f}")
+                lines.append(f"  {mark} {item.rank}. {item.name:<30} ({ids})  {item.score:.3g}")
         lines.append(f"(logits from {self.source}; names from {self.names}; * = the label)")
         return "\n".join(lines)
 

@@ -318,7 +318,8 @@ def confusion_matrix(predicted: np.ndarray, labels: np.ndarray, num_classes: int
     return flat.reshape(num_classes, num_classes)
 
 
-def per_class_accuracy(scores: np.ndarray, labels: np.ndarray, ks: Iterable[int] = (1, 5)) -> dict[int, tuple[int, ...]]:
+def per_class_accuracy(scores: np.ndarray, labels: np.ndarray,
+                       ks: Iterable[int] = (1, 5)) -> dict[int, tuple[int, ...]]:
     """Per true class: its segment count and its top-k hits (the numerators of per-class recall@k).
 
     Args:

@@ -104,7 +104,8 @@ def score_file(
     return metrics
 
 
-def run_training_split(path: str | os.PathLike, *, store_path: str | os.PathLike | None = None) -> TrainingLabels | None:
+def run_training_split(path: str | os.PathLike, *,
+                       store_path: str | os.PathLike | None = None) -> TrainingLabels | None:
     """The training selection of the run directory ``path`` (its store's labels), or None.
 
     None when ``path`` is not a run directory, or its store can no longer be opened: the split is then

@@ -81,6 +81,7 @@ from featstore.training.run_folder import (
 )
 from featstore.training.world import World
 from heads import data as head_data
+from heads.actions import rank_classes
 from heads.evaluation import NUM_CLASSES, ScoringContext, TrainingLabels, scoring_context
 from heads.metric_registry import epoch_line
 from heads.metrics import chance_top1
@@ -603,6 +604,11 @@ def train(
     if tensorboard is not None:
         require_tensorboard(TrainingError)  # before anything is written
     folder = RunFolder.check(out, resume=resume, error=TrainingError)
+    if folder.finished:
+        recorded = json.loads(folder.file(CONFIG_NAME).read_text())
+        log(f"{out} is finished; nothing to resume")
+        return folder.finished_metrics(asked=config.epochs, done=int(recorded["epochs"]), unit="epoch",
+                                       error=TrainingError)
     # Under torchrun every rank trains on its share of each batch; rank 0 alone writes the run.
     world = World.from_environment(config.device)
     main_process = world is None or world.is_main
@@ -672,21 +678,25 @@ def run_warnings(run: PreparedRun, metrics: Mapping[str, Any], preds: Prediction
     """
     warnings = []
     if uses_detections(run.fields):
-        empty = coverage_warning(detection_coverage(run.store), where=f"store {run.store.path}")
+        empty = coverage_warning(detection_coverage(run.store), where=str(run.store.path))
         if empty is not None:
             warnings.append(empty)
     if preds is None or not run.val.labels.labelled:
         return warnings
     for task, logits in (("verb", preds.verb_logits), ("noun", preds.noun_logits)):
         top1 = metrics.get(f"{task}_top1")
+        if top1 is None:
+            continue
         chance = chance_top1(getattr(run.train.labels, task).numpy(), getattr(run.val.labels, task).numpy())
-        if top1 is not None and top1 <= chance + 1e-6:
+        answered = np.unique(rank_classes(logits)[:, 0]) if len(logits) > 1 else np.array([])
+        constant = (f"it answers {task} class {int(answered[0])} for all {len(logits)} validation segments"
+                    if len(answered) == 1 else "")
+        if top1 <= chance + 1e-6:
             warnings.append(f"{task} top-1 {top1:.1f} % is at chance ({chance:.1f} %: always the most frequent "
-                            "training class, or a uniform guess): the head learnt nothing usable")
-        answered = np.unique(logits.argmax(axis=1)) if len(logits) > 1 else None
-        if answered is not None and len(answered) == 1:
-            warnings.append(f"the head answers {task} class {int(answered[0])} for all {len(logits)} validation "
-                            "segments")
+                            f"training class, or a uniform guess){'; ' + constant if constant else ''}: the head "
+                            "learnt nothing usable")
+        elif constant:
+            warnings.append(f"{task} top-1 {top1:.1f} %, but {constant}: the head ignores its input")
     return warnings
 
 

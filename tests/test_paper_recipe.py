@@ -212,7 +212,8 @@ def test_the_readings_grid_sets_each_reading_both_ways() -> None:
     grid = load_grid(REPO / "docs" / "readings.toml")
     assert {run.config.train_split for run in grid.runs} == {"epic55-lfb-train"}
     settings = {(run.config.model, name, value) for run in grid.runs for name, value in run.config.switches.items()}
-    assert {("saoa", "relation_norm", "keys"), ("saoa", "relation_norm", "none"), ("sap", "relation_norm", "none"),
+    assert {("saoa", "relation_norm", "unit"), ("saoa", "relation_norm", "keys"), ("saoa", "relation_norm", "none"),
+            ("sap", "relation_norm", "none"),
             ("sap", "verb_objects", "local"), ("saoa", "normalize", True)} <= settings
     plain = {run.method for run in grid.runs if not run.config.switches}
     assert plain == {"saoa", "sap"}  # the defaults: rows normalised, SAP on the 6 s set, normalize from the store

@@ -163,7 +163,8 @@ def read_class_list(path: str | os.PathLike) -> tuple[str, ...]:
     return tuple(str(keys[i]) for i in np.argsort(ids))
 
 
-def read_class_names(meta_dir: str | os.PathLike | None, dataset: str) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
+def read_class_names(meta_dir: str | os.PathLike | None,
+                     dataset: str) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
     """The verb and noun class keys of ``dataset`` from ``meta_dir``'s class lists, for readable tables.
 
     Unlike `load_meta` it needs the two class lists only (not the evaluation subsets).

@@ -72,7 +72,7 @@ class BuildConfig:
     views_where: str | None = None
     device: str = "cpu"  # 'cpu' or 'cuda' (a rank uses cuda:LOCAL_RANK)
     amp: str = "fp16"  # autocast dtype on CUDA: 'fp16', 'bf16' or 'off'; CPU always runs fp32
-    batch_size: int = 8  # segments per backbone forward
+    batch_size: int = 8  # segments per batch (with all their views), clips per backbone forward
     workers: int = 4  # decode worker processes; 0 decodes in the main process (no overlap)
     seed: int = 0  # torch seed each model is built under (random init must match across ranks)
     rank: int = 0  # this process's rank (from RANK under torchrun; see distributed_env)

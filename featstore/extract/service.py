@@ -444,9 +444,9 @@ def _todo(store: FeatureStore, by_uid: Mapping[str, Mapping[str, Any]], config: 
 def _write_segments(store: FeatureStore, dataset: SegmentFrames, models: BuiltModels, boxes: PrecomputedBoxes | None,
                     report: BuildReport, config: BuildConfig, on_segment: Callable[[str], None] | None) -> None:
     """The batch loop: decode ahead, compute, write each segment into this rank's shard (timed in ``report``)."""
-    # With views a segment brings up to K clips: a batch holds at most --batch-size of them (memory,
-    # one backbone forward), a segment of more views a batch of its own.
-    batches = decoded_batches(dataset, batch_size=config.batch_size, workers=config.workers,
+    # With views a batch holds up to --batch-size segments' worth of clips (K each), so that the
+    # detector still sees many frames per call; the backbones take them --batch-size at a time.
+    batches = decoded_batches(dataset, batch_size=config.batch_size * config.views, workers=config.workers,
                               pin_memory=config.device == "cuda")  # starts the workers
     bar = progress_bar(total=len(dataset), desc=f"build {config.shard}" if config.world_size > 1 else "build",
                        unit="seg", enabled=config.progress, position=config.rank if config.world_size > 1 else None)

@@ -280,11 +280,13 @@ class RunFolder:
     Attributes:
         main: this process writes the folder (the main process of a world); set by `open`.
         log: the run's log once opened: ``log.txt`` and the echo on the main process, nothing elsewhere.
+        finished: resuming a run that finished and deleted its resume state (`finished_run`).
     """
 
     def __init__(self, path: str | os.PathLike, *, resume: bool = False) -> None:
         self.path = Path(path)
         self.resume = resume
+        self.finished = False
         self.main = True
         self.log: Callable[[str], None] = _to_stderr
 
@@ -295,9 +297,11 @@ class RunFolder:
         Nothing is written; a resumed folder's files of earlier names (`LEGACY_NAMES`) take their
         current names, so that what the caller reads next (the resume state) is where it looks.
 
+        A finished run whose resume state was deleted gets ``finished`` set: the trainer has nothing
+        to do (`finished_metrics`).
+
         Raises:
-            error: ``path`` already holds a run and ``resume`` is False, or it holds a finished run
-                without its resume state and ``resume`` is True.
+            error: ``path`` already holds a run and ``resume`` is False.
         """
         folder = cls(path, resume=resume)
         refusal = other_kind_refusal(folder.path, "run")
@@ -305,10 +309,7 @@ class RunFolder:
             raise error(refusal)
         if not resume and holds_run(folder.path):
             raise error(f"{folder.path} already holds a run; pass --resume to continue it or choose another OUT")
-        if resume and finished_run(folder.path):
-            raise error(f"{folder.path} holds a finished run: its resume state was deleted when it finished, so "
-                        "there is nothing to resume (train with --keep-resume-state to extend a run later); choose "
-                        "another OUT to train again")
+        folder.finished = resume and finished_run(folder.path)
         if resume:
             folder._adopt_legacy_names()
         return folder
@@ -357,6 +358,22 @@ class RunFolder:
     @property
     def resume_state(self) -> Path:
         return self.path / RESUME_STATE_NAME
+
+    def finished_metrics(self, *, asked: int, done: int, unit: str, error: type[Exception]) -> dict[str, Any]:
+        """What resuming a finished run returns: its metrics.json, nothing trained (a rerun of a
+        pipeline that resumes every run is a no-op); a run cannot be extended without its resume state.
+
+        Args:
+            asked: the epochs (iterations) the resuming call asks for.
+            done: those the run trained.
+            unit: ``epoch`` or ``iteration``, for the message.
+            error: raised (a trainer's own type) when ``asked`` is more than ``done``.
+        """
+        if asked > done:
+            raise error(f"{self.path} holds a run that finished after {done} {unit}s and deleted its resume state, "
+                        f"so it cannot be extended to {asked} (train with --keep-resume-state to extend a run "
+                        "later); choose another OUT to train again")
+        return json.loads(self.file(METRICS_NAME).read_text())
 
     def drop_resume_state(self) -> bool:
         """Delete the resume state of a finished run (and its folder when empty): it holds the optimiser

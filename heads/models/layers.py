@@ -4,7 +4,8 @@
   (one RoI-pooled backbone vector per detection slot): `h_i = ReLU(W f + Wo fo_i + b)`.
 - `CrossStreamGate`: `H' = sigmoid(Wg f_other + bg) * H`, the gate coming from the *other* branch.
 - `ActionAttendedRelation`: `a = softmax_i((Wq f_other) . (Wk h''_i))`, `z = sum_i a_i h''_i` with
-  `h''_i = h'_i / ||h'_i||` (the report attends "the normalized feature matrix"; `RELATION_NORMS`).
+  `h''_i = s h'_i / ||h'_i||`, `s` the mean norm of the segment's valid rows (the report attends "the
+  normalized feature matrix"; `RELATION_NORMS`).
 - `MaskedMeanPool`: the no-relation ablation, a plain mean over valid rows.
 - `masked_softmax`, `masked_mean_weights`: masking helpers that never produce NaN.
 - `head_loss`: cross-entropy on verb + cross-entropy on noun.
@@ -32,10 +33,13 @@ __all__ = [
 
 
 # How the action-attended relation treats its rows (docs/method.md, "Normalised rows"):
-# "rows": L2-normalise the gated rows, attend over them and sum them (our reading of the report);
-# "keys": attend over the normalised rows, sum the gated rows (the other reading);
-# "none": neither (the equations without normalisation).
-RELATION_NORMS = ("rows", "keys", "none")
+# "rows": L2-normalise the gated rows and rescale them all by the mean norm of the segment's valid
+#         rows (every row the same length, the matrix its own scale), attend over them, sum them
+#         (our reading of the report);
+# "unit": the same without the rescale (rows of length 1: learns an order of magnitude slower);
+# "keys": attend over the unit rows, sum the gated rows;
+# "none": no normalisation (the equations alone).
+RELATION_NORMS = ("rows", "unit", "keys", "none")
 
 
 def masked_softmax(logits: Tensor, valid: Tensor, dim: int = -1) -> Tensor:
@@ -167,16 +171,21 @@ class ActionAttendedRelation(nn.Module):
     """Action-attended relation: attention pooling over rows with the other branch as the query.
 
     `a_i = softmax_i((Wq f_other) . (Wk h''_i))` over valid rows, `z = sum_i a_i h''_i`, where
-    `h''_i = h'_i / ||h'_i||` are the L2-normalised gated rows: the report attends "the normalized
-    feature matrix" ("we perform attention mechanism on the normalized object-centric noun features
-    and the global verb feature"). As in the equations there is no bias and no 1/sqrt(d)
-    temperature; the query/key size is H.
+    `h''_i = s h'_i / ||h'_i||` are the L2-normalised gated rows rescaled by `s`, the mean norm of
+    the segment's valid rows: the report attends "the normalized feature matrix" ("we perform
+    attention mechanism on the normalized object-centric noun features and the global verb
+    feature"). Normalising makes every row the same length, so that no object wins attention by its
+    magnitude alone; the rescale keeps the matrix at its own scale, as the report's I3D scheme
+    rescales the features it normalises (unit rows make near-uniform attention and a small `z`,
+    which take an order of magnitude more steps to learn: docs/method.md). As in the equations
+    there is no bias and no 1/sqrt(d) temperature; the query/key size is H.
 
     Args:
         query_dim: size of the other branch's global feature.
         hidden_dim: H, size of the rows.
-        row_norm: one of `RELATION_NORMS`: ``rows`` (attend and sum the normalised rows), ``keys``
-            (attend the normalised rows, sum the gated rows) or ``none`` (no normalisation).
+        row_norm: one of `RELATION_NORMS`: ``rows`` (attend and sum the normalised, rescaled rows),
+            ``unit`` (the same without the rescale), ``keys`` (attend the unit rows, sum the gated
+            rows) or ``none`` (no normalisation).
     """
 
     def __init__(self, query_dim: int, hidden_dim: int, *, row_norm: str = "rows") -> None:
@@ -199,6 +208,10 @@ class ActionAttendedRelation(nn.Module):
         """
         # An all-zero row (ReLU can give one) stays zero: F.normalize divides by max(norm, eps).
         normalised = rows if self.row_norm == "none" else F.normalize(rows, dim=-1)  # (B, N, H)
+        if self.row_norm == "rows":
+            lengths = rows.norm(dim=-1) * valid  # (B, N), padded slots count nothing
+            scale = lengths.sum(-1, keepdim=True) / valid.sum(-1, keepdim=True).clamp(min=1)  # (B, 1)
+            normalised = normalised * scale.unsqueeze(-1)
         query_vec = self.query_proj(query)  # (B, H)
         keys = self.key_proj(normalised)  # (B, N, H)
         logits = torch.einsum("bh,bnh->bn", query_vec, keys)  # (B, N)

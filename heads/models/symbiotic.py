@@ -6,7 +6,8 @@ choose arguments. The math is DESIGN section 5:
 
     noun branch: Hn = ObjectAlignment(fn_g, det.global)      (B, 60, Cn)
                  Hn' = sigmoid(Wgn fv_g + bgn) * Hn           gate from the verb branch
-                 hn''_i = hn'_i / ||hn'_i||                  rows L2-normalised (`relation_norm`)
+                 hn''_i = s hn'_i / ||hn'_i||                rows L2-normalised, rescaled by their
+                                                             mean norm s (`relation_norm`)
                  zn = sum_i softmax_i((Wqn fv_g).(Wkn hn''_i)) hn''_i
                  noun_logits = Ln(zn)
     verb branch: the same with the roles swapped; SAOA aligns the RoI-pooled verb map at each of the
@@ -255,9 +256,10 @@ def saoa(
         num_nouns: N.
         gating: cross-stream gating (False: ablation, rows pass ungated).
         relation: action-attended relation (False: ablation, mean over valid rows).
-        relation_norm: rows the relation attends: `rows` (the gated rows L2-normalised, attended
-            and summed: the report's "normalized feature matrix", docs/method.md), `keys` (attended
-            normalised, summed as gated) or `none` (no normalisation, before issue 23).
+        relation_norm: rows the relation attends: `rows` (the gated rows L2-normalised and rescaled
+            by their mean norm, attended and summed: the report's "normalized feature matrix",
+            docs/method.md), `unit` (normalised, not rescaled), `keys` (attended as unit rows,
+            summed as gated) or `none` (no normalisation, before issue 23).
         local_alignment: False falls back to SAP's verb branch on the local detections (global verb
             feature with the 40 local boxes), i.e. `sap(verb_objects="local")`.
         normalize: the report's I3D L2 scheme in both alignments; `heads train` turns it on for a
@@ -298,7 +300,7 @@ def sap(
         num_nouns: N.
         gating: cross-stream gating (False: ablation).
         relation: action-attended relation (False: mean over valid rows).
-        relation_norm: as `saoa`'s: `rows` (default), `keys` or `none`.
+        relation_norm: as `saoa`'s: `rows` (default), `unit`, `keys` or `none`.
         normalize: the report's I3D L2 scheme; `heads train` turns it on for I3D-family stores unless given.
         concat_global: ours: concatenate each branch's global feature before its classifier.
         verb_objects: the detection set the verb branch aligns with: `global` (the 60 slots of the

@@ -92,9 +92,14 @@ def test_quick_demo_prints_results_info_and_locations(quick_demo: QuickDemo) -> 
                  "runs/global-random", "plots/sample.png", "plots/results.png", "grid.toml"):
         assert str(quick_demo.out / name) in output, name
     assert "heads train " in output and "featstore build " in output and "featstore finetune " in output
-    # The table closes the output (after the info dump), followed only by its caption and the timing.
+    # The table closes the output (after the info dump), followed only by its caption, the runs'
+    # warnings (if any) and the timing.
     assert header > max(i for i, line in enumerate(lines) if line.startswith("fields"))
     assert lines[-1].startswith("done in ")
+    warned = [w for run in (quick_demo.out / "verbnet", *(quick_demo.out / "runs").iterdir())
+              for w in json.loads((run / "metrics.json").read_text())["warnings"]]
+    for warning in warned:
+        assert warning in output.split("WARNING (")[-1], warning  # beside the table
 
 
 def test_quick_demo_is_above_chance(quick_demo: QuickDemo) -> None:
@@ -265,6 +270,8 @@ def test_train_detector_runs_stage_1_and_builds_without_the_boxes(quick_demo: Qu
     for printed_build in printed_builds:  # both stores take the stage-1 detector
         assert "--boxes" not in printed_build
         assert f"{demo_recipe.TRAINED_DETECTOR}:{run / 'checkpoint.pt'}" in printed_build
+    if metrics["map_50"] is not None and metrics["map_50"] < 1:  # two iterations: it finds nothing, and says so
+        assert "detector: mAP@0.5 is" in result.output.split("WARNING (")[-1]
     detector = json.loads((out / "store" / "manifest.json").read_text())["provenance"]["detector"]
     assert detector["finetune"]["kind"] == "detector" and detector["classes"]["num_classes"] >= 24
     assert FeatureStore.open(out / "store").boxes().num_rows > 0

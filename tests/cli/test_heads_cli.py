@@ -177,3 +177,69 @@ def test_score_with_a_prior_file_leaves_out_the_scored_segments_and_says_so(plan
     assert "240 scored segment(s) left out" in scored.stderr
     text = _invoke("score", run, "--annotations", annotations, "--action-prior-from", annotations)
     assert "action_top1" in text.stdout and "240 scored segment(s) left out" in text.stderr
+
+
+def test_a_run_trains_again_from_its_config_bit_for_bit_and_options_override(planted_store: Path,
+                                                                             tmp_path: Path) -> None:
+    import torch
+
+    first = tmp_path / "a"
+    assert _invoke("train", planted_store, "--model", "saoa", "--no-gating", "--train-where", TRAIN, "--val-where",
+                   VAL, "--epochs", "2", "--lr", "0.05", "--seed", "3", "--no-progress", "--out", first).exit_code == 0
+    again = _invoke("train", "--config", first / "config.json", "--no-progress", "--out", tmp_path / "b")
+    assert again.exit_code == 0, again.output
+    assert json.loads((tmp_path / "b" / "metrics.json").read_text()) == json.loads((first / "metrics.json").read_text())
+    weights = [torch.load(run / "checkpoint.pt", weights_only=True)["model"] for run in (first, tmp_path / "b")]
+    assert weights[0].keys() == weights[1].keys() and all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    recorded = [json.loads((run / "config.json").read_text()) for run in (first, tmp_path / "b")]
+    assert recorded[0] == recorded[1]  # the same settings, switch sources and store
+    # Options given override the recorded ones; the others (here --no-gating) stay.
+    other = _invoke("train", "--config", first, "--seed", "4", "--epochs", "1", "--no-progress",
+                    "--out", tmp_path / "c")
+    assert other.exit_code == 0, other.output
+    config = json.loads((tmp_path / "c" / "config.json").read_text())
+    assert (config["seed"], config["epochs"], config["switches"]["gating"], config["lr"]) == (4, 1, False, 0.05)
+    no_store = CliRunner().invoke(main, ["train", "--out", str(tmp_path / "d")])
+    assert no_store.exit_code == 2 and "give STORE, or --config" in no_store.output
+
+
+def test_a_moved_project_evaluates_and_writes_per_class_tables(tmp_path: Path) -> None:
+    import shutil
+
+    project = tmp_path / "project"
+    store = make_planted_store(project / "data", 48)
+    tensorboard = project / "tb" / "a"
+    assert _invoke("train", store, "--model", "global", "--train-where", TRAIN, "--val-where", VAL, "--epochs", "2",
+                   "--lr", "0.05", "--no-progress", "--tensorboard", tensorboard, "--half-checkpoint", "--out",
+                   project / "runs" / "a").exit_code == 0
+    assert list(tensorboard.glob("events.out.tfevents.*"))
+    metrics = json.loads((project / "runs" / "a" / "metrics.json").read_text())
+    moved = tmp_path / "moved"
+    shutil.copytree(project, moved)
+    shutil.rmtree(project)
+    evaluated = _invoke("eval", moved / "runs" / "a", "--per-class", moved / "per-class")
+    assert evaluated.exit_code == 0, evaluated.output
+    printed = json.loads(evaluated.stdout)
+    assert metric_values(printed) == pytest.approx(metric_values(metrics), abs=5.0)  # from half-precision weights
+    assert {"verb_mean_class_top1", "noun_mean_class_top5"} <= set(printed)
+    assert (moved / "per-class" / "confusion_noun.png").is_file() and (moved / "per-class" / "per_participant.csv")
+    shutil.copytree(moved / "data" / "store", tmp_path / "store")  # the store alone moves on
+    shutil.rmtree(moved / "data" / "store")
+    assert _invoke("eval", moved / "runs" / "a", "--store", tmp_path / "store").exit_code == 0
+    annotations = moved / "data" / "annotations" / "EPIC_train_action_labels.csv"
+    scored = _invoke("score", moved / "runs" / "a", "--annotations", annotations, "--store", tmp_path / "store",
+                     "--per-class", moved / "scored")
+    assert scored.exit_code == 0, scored.output
+    assert "verb_mean_class_top1" in scored.stdout
+    assert (moved / "scored" / "per_class_verb.csv").read_text().splitlines()[1].split(",")[1].startswith("verb")
+
+
+def test_tensorboard_without_its_package_is_refused_before_anything_is_written(planted_store: Path, tmp_path: Path,
+                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    result = CliRunner().invoke(main, ["train", str(planted_store), "--train-where", TRAIN, "--out",
+                                       str(tmp_path / "run"), "--tensorboard", str(tmp_path / "tb")])
+    assert result.exit_code == 1 and "pip install 'featstore[tensorboard]'" in result.output
+    assert not (tmp_path / "run").exists()

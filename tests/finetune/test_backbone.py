@@ -67,6 +67,8 @@ def test_a_run_writes_its_folder(uninterrupted: Path) -> None:
     assert metrics["verb_top1"] == metrics["history"][-1]["verb_top1"] and 0 <= metrics["verb_top5"] <= 100
     # Training verbs 0, 1, 2, 0, 1, 2 (most frequent: 0, the first of the ties); validation 0, 1, 2.
     assert metrics["majority_top1"] == pytest.approx(100 / 3)
+    # At chance (a third: three classes, each once) or above: said in `warnings` either way.
+    assert (metrics["verb_top1"] <= 100 / 3 + 1e-6) == bool(metrics["warnings"])
     assert all(e["train_clips"] == 6 and e["val_clips"] == 3 and e["steps"] == 2 for e in metrics["history"])
     record = torch.load(uninterrupted / CHECKPOINT_NAME, weights_only=True)["finetune"]
     assert record["epoch"] == 2 and record["config"] == config

@@ -12,6 +12,8 @@ from finetune.detection_report import (
     PER_CLASS_COLUMNS,
     detection_entry,
     plot_predictions,
+    predictions_caption,
+    shown_predictions,
     write_per_class_ap,
 )
 
@@ -44,4 +46,18 @@ def test_predictions_picture_is_a_png(tmp_path):
                                  scores=np.array([0.9, 0.1]), labels=np.array([1, 2]))
     path = plot_predictions(tmp_path / "predictions.png", [image] * 3, [truth] * 3, [predicted] * 3,
                             class_names=["a", "pan", "c"], title="val")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_picture_without_predictions_says_so_instead_of_promising_them(tmp_path):
+    predicted = ImagePredictions(boxes=np.array([[5, 5, 21, 19], [0, 0, 8, 8], [1, 1, 9, 9]], np.float32),
+                                 scores=np.array([0.2, 0.9, 0.5]), labels=np.array([1, 2, 1]))
+    assert shown_predictions(predicted, min_score=0.3, max_boxes=5) == [1, 2]  # best first, above the threshold
+    assert shown_predictions(predicted, min_score=0.95, max_boxes=5) == []
+    assert predictions_caption(0, min_score=0.3) == ("ground truth (dashed); no predictions above the score "
+                                                     "threshold 0.3")
+    assert predictions_caption(2, min_score=0.3) == "ground truth (dashed) and predictions (score >= 0.3)"
+    nothing = ImagePredictions(boxes=np.zeros((0, 4), np.float32), scores=np.zeros(0), labels=np.zeros(0, np.int64))
+    truth = ObjectImage("P26", "P26_01", 5, np.array([[4, 4, 20, 20]], np.float32), np.array([1]))
+    path = plot_predictions(tmp_path / "none.png", [np.zeros((48, 64, 3), np.uint8)], [truth], [nothing])
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -21,7 +21,7 @@ from featstore.training.run_folder import (
     RESUME_STATE_NAME,
 )
 from finetune.clips import TooManyFailures
-from finetune.detector import finetune_detector
+from finetune.detector import detector_warnings, finetune_detector
 from finetune.detector_config import DetectorFinetuneError, make_detector_config
 from tests.helpers.detection import OBJECT_IMAGE_PATTERN as PATTERN
 from tests.helpers.detection import moved_object_hits
@@ -55,6 +55,12 @@ def uninterrupted(images: Path, tmp_path_factory) -> Path:
 GOLDEN_ROUND_LOSSES = (2.1609647274017334, 2.058301091194153)
 
 
+def test_a_detector_that_finds_nothing_is_warned_about() -> None:
+    assert detector_warnings({"map_50": 0.0}, n_val=8)[0].startswith("mAP@0.5 is 0.00 % on the 8 held-out images")
+    assert detector_warnings({"map_50": 12.0}, n_val=8) == []
+    assert detector_warnings({"map_50": None}, n_val=0) == []  # no validation: nothing to say
+
+
 def test_golden_loss_of_the_tiny_seeded_run(uninterrupted: Path) -> None:
     history = json.loads((uninterrupted / METRICS_NAME).read_text())["history"]
     assert [entry["loss"] for entry in history] == pytest.approx(GOLDEN_ROUND_LOSSES, rel=1e-4)
@@ -66,7 +72,7 @@ def test_a_run_writes_its_folder_and_build_loads_the_checkpoint(uninterrupted: P
         assert (uninterrupted / name).is_file(), name
     assert not (uninterrupted / RESUME_STATE_NAME).exists()  # deleted when the run finished
     metrics = json.loads((uninterrupted / METRICS_NAME).read_text())
-    assert metrics["complete"] and metrics["iterations_done"] == 4
+    assert metrics["complete"] and metrics["iterations_done"] == 4 and isinstance(metrics["warnings"], list)
     assert [entry["iteration"] for entry in metrics["history"]] == [2, 4]
     assert all(0.0 <= entry["map_50"] <= 100.0 for entry in metrics["history"])
     config = json.loads((uninterrupted / CONFIG_NAME).read_text())

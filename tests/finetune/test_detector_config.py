@@ -79,6 +79,7 @@ def test_detectron2_spec_keeps_its_config(tmp_path):
     ({"device": "tpu"}, "device"),
     ({"batch_size": 1, "world_size": 2, "rank": 0}, "smaller than"),
     ({"bogus": 1}, "bogus"),
+    ({"detector": "detectron2:my.yaml", "half_checkpoint": True}, "for the torchvision detectors"),
 ])
 def test_bad_settings_are_refused(tmp_path, settings, message):
     with pytest.raises(DetectorFinetuneError, match=message):
@@ -88,5 +89,8 @@ def test_bad_settings_are_refused(tmp_path, settings, message):
 def test_resume_differences_name_what_changes_the_result(tmp_path):
     recorded = make(tmp_path, iterations=100).to_json()
     assert detector_resume_differences(make(tmp_path, iterations=200, workers=0), recorded) == []
+    # How a run reports and what it keeps are not what it computes.
+    assert detector_resume_differences(make(tmp_path, iterations=100, tensorboard=tmp_path / "tb", half_checkpoint=True,
+                                            keep_resume_state=True), recorded) == []
     assert detector_resume_differences(make(tmp_path, iterations=100, lr=0.02), recorded) == [
         "lr: run has 0.005, now 0.02"]

@@ -45,6 +45,18 @@ def test_the_backbone_loads_strictly_and_the_classifier_and_record_sit_beside_it
     assert read_finetune_record(tmp_path / "plain.pt") is None
 
 
+def test_a_half_precision_checkpoint_is_half_the_size_and_loads_cast_back(tmp_path: Path) -> None:
+    path, model, record = finetuned(tmp_path)
+    half = write_finetuned_checkpoint(tmp_path / "half.pt", backbone=model.backbone.state_dict(),
+                                      classifier=model.classifier.state_dict(), record=record, half=True)
+    assert half.stat().st_size < 0.6 * path.stat().st_size
+    assert torch.load(half, weights_only=True)["state_dict"]["stem.0.weight"].dtype == torch.float16
+    backbone, _ = build_backbone(f"mc3_18:{half}")
+    weight = backbone.state_dict()["stem.0.weight"]
+    assert weight.dtype == torch.float32
+    assert torch.allclose(weight, model.backbone.state_dict()["stem.0.weight"], atol=1e-3)
+
+
 def test_a_flow_checkpoint_loads_into_a_flow_backbone(tmp_path: Path) -> None:
     path, _, _ = finetuned(tmp_path, in_channels=2)
     backbone, _ = build_backbone(f"mc3_18:{path}", in_channels=2)

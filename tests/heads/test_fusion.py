@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from heads.actions import softmax
-from heads.fusion import FusionError, fuse, fuse_predictions, parse_weights
+from heads.fusion import FusionError, comparison_table, fuse, fuse_predictions, parse_weights
 from heads.metric_registry import metric_values
 from heads.predictions import Predictions, read_predictions, write_predictions
 from heads.trainer import TrainConfig, train
@@ -57,6 +57,21 @@ def test_a_run_fused_with_itself_is_the_run(two_runs: tuple[Path, Path], tmp_pat
         assert (folder / "predictions.parquet").is_file() and (folder / "metrics.json").is_file()
         recorded = json.loads((folder / "fusion.json").read_text())
         assert recorded["weights"] == [0.5, 0.5] and recorded["label_source"]["kind"] == "run"
+
+
+def test_the_inputs_are_scored_beside_the_fusion_on_the_same_segments(two_runs: tuple[Path, Path],
+                                                                      tmp_path: Path) -> None:
+    saoa, baseline = two_runs
+    result = fuse([saoa, baseline], tmp_path / "fused", log=_quiet)
+    assert [name for name, _ in result.inputs] == [str(saoa), str(baseline)]
+    # Both runs validated on the same segments: each input's metrics are its own run's.
+    for run, (_, metrics) in zip(two_runs, result.inputs):
+        assert metric_values(metrics) == pytest.approx(_metrics(run))
+    recorded = json.loads((tmp_path / "fused" / "fusion.json").read_text())
+    assert recorded["input_metrics"] == [m for _, m in result.inputs]
+    table = comparison_table(result).splitlines()
+    assert table[0].split()[:2] == ["Actions", "top-1"] and table[1].startswith(str(saoa))
+    assert table[3].startswith("fused") and "240 fused segments" in table[4]
 
 
 def test_weights_one_zero_give_the_first_input(two_runs: tuple[Path, Path], tmp_path: Path) -> None:

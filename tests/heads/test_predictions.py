@@ -21,7 +21,7 @@ def test_write_then_read_gives_back_the_same_logits(tmp_path: Path) -> None:
     predictions = _predictions()
     path = write_predictions(tmp_path / "predictions.parquet", predictions)
     table = pq.read_table(path)
-    assert table.column_names == ["uid", "verb_logits", "noun_logits"]
+    assert table.column_names[:3] == ["uid", "verb_logits", "noun_logits"]  # the contract; the rest for people
     assert table.schema.field("verb_logits").type == pa.list_(pa.float32())
     back = read_predictions(path)
     assert back.uids == predictions.uids
@@ -29,6 +29,19 @@ def test_write_then_read_gives_back_the_same_logits(tmp_path: Path) -> None:
     np.testing.assert_array_equal(back.noun_logits, predictions.noun_logits)
     assert read_predictions(tmp_path).uids == predictions.uids  # a run directory works too
     assert not list(tmp_path.glob(".*.tmp"))  # the atomic write left nothing behind
+
+
+def test_the_file_carries_the_labels_and_the_top5_classes_and_actions(tmp_path: Path) -> None:
+    predictions = Predictions(("a", "b"), np.array([[0.0, 3, 1, 2, -1, -2], [5, 0, 0, 0, 0, 0]], np.float32),
+                              np.array([[0.0, 1], [1, 0]], np.float32))
+    path = write_predictions(tmp_path / "p.parquet", predictions, verb_labels=np.array([1, -1]),
+                             noun_labels=np.array([1, -1]))
+    rows = pq.read_table(path).to_pylist()
+    assert (rows[0]["verb_class"], rows[0]["noun_class"]) == (1, 1)
+    assert (rows[1]["verb_class"], rows[1]["noun_class"]) == (None, None)  # unknown: null
+    assert rows[0]["verb_top5"] == [1, 3, 2, 0, 4] and rows[0]["noun_top5"] == [1, 0]  # fewer classes: all
+    assert rows[0]["action_top5"][0] == {"verb": 1, "noun": 1} and len(rows[0]["action_top5"]) == 5
+    assert pq.read_table(write_predictions(tmp_path / "q.parquet", predictions)).column("verb_class").null_count == 2
 
 
 def test_another_codebases_file_with_float64_or_fixed_size_lists_is_read(tmp_path: Path) -> None:

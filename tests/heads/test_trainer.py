@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,11 +12,14 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from featstore.store.schema import StoreError
 from featstore.training.run_folder import (
+    CHECKPOINT_NAME,
     CONFIG_NAME,
     HISTORY_NAME,
     METRICS_NAME,
     PREDICTIONS_NAME,
+    RESUME_STATE_NAME,
     RUN_FILES,
     run_folder_files,
 )
@@ -29,6 +33,7 @@ from heads.trainer import (
     predict_selection,
     train,
 )
+from tests.helpers.stores import make_planted_store, make_store_without_detections
 
 TRAIN = "participant_id <= 'P25'"
 VAL = "participant_id > 'P25'"
@@ -53,18 +58,21 @@ def test_run_directory_contract(planted_store: Path, tmp_path: Path) -> None:
     assert json.loads((run / METRICS_NAME).read_text()) == metrics
     # No class has >100 training samples here, so there are no many-shot classes: top-k only.
     assert set(metric_values(metrics)) == set(TOPK_KEYS)
-    # Besides the metrics: the I3D scheme's switch and the many-shot list used (issue 23).
-    assert set(metrics) - set(TOPK_KEYS) == {"normalize", "many_shot_actions"}
+    # Besides the metrics: the I3D scheme's switch and the many-shot list used (issue 23), the warnings.
+    assert set(metrics) - set(TOPK_KEYS) == {"normalize", "many_shot_actions", "warnings"}
     assert all(0.0 <= metrics[key] <= 100.0 for key in TOPK_KEYS)
     config = json.loads((run / CONFIG_NAME).read_text())
     assert (config["n_train"], config["n_val"]) == (240, 240)
-    assert config["store"] == str(planted_store.resolve()) and len(config["manifest_sha256"]) == 64
+    # Relative to the run (both lie below the session's temporary folder), and absolute beside it.
+    assert (run / config["store"]).resolve() == planted_store.resolve() and not Path(config["store"]).is_absolute()
+    assert config["store_resolved"] == str(planted_store.resolve()) and len(config["manifest_sha256"]) == 64
     assert config["model"] == "saoa" and config["data_mode"] == "preload"
     dims = {name: value for name, value in config["dims"].items() if name != "field_shapes"}
     assert dims == {"verb_dim": 32, "noun_dim": 32, "det_dim": 32, "n_global": 60, "n_local": 40}
     assert ["verb.global", [32]] in config["dims"]["field_shapes"]  # every field's shape (the `vectors` head)
     table = pq.read_table(run / PREDICTIONS_NAME)
-    assert table.column_names == ["uid", "verb_logits", "noun_logits"]
+    assert table.column_names == ["uid", "verb_logits", "noun_logits", "verb_class", "noun_class", "verb_top5",
+                                  "noun_top5", "action_top5"]
     assert table.num_rows == 240 and len(table.column("verb_logits")[0]) == 125
     assert len(table.column("noun_logits")[0]) == 352
 
@@ -152,3 +160,50 @@ def test_eval_and_predict_reproduce_the_run(planted_store: Path, tmp_path: Path)
     saved = pq.read_table(tmp_path / "run" / PREDICTIONS_NAME)
     assert list(preds.uids) == saved.column("uid").to_pylist()
     np.testing.assert_allclose(preds.verb_logits, np.array(saved.column("verb_logits").to_pylist()), atol=1e-5)
+
+
+def test_a_finished_run_keeps_its_weights_not_its_resume_state(planted_store: Path, tmp_path: Path) -> None:
+    import torch
+
+    metrics = train(planted_store, tmp_path / "half", _config(epochs=1), progress=False, half_checkpoint=True,
+                    keep_resume_state=True)
+    run = tmp_path / "half"
+    assert run_folder_files(run) == RUN_FILES["heads"].expected(validated=True, resume_state=True)
+    weights = torch.load(run / CHECKPOINT_NAME, weights_only=True)
+    assert set(weights) == {"model", "half"}  # the weights only: no optimiser, no history
+    assert {t.dtype for t in weights["model"].values() if t.is_floating_point()} == {torch.float16}
+    # Evaluated from the half-precision weights (cast back to float32): the run's metrics, to fp16's precision.
+    assert evaluate_run(run) == pytest.approx(metric_values(metrics), abs=5.0)
+    (run / RESUME_STATE_NAME).unlink()  # as a run not asked to keep it
+    assert train(planted_store, run, _config(epochs=1), resume=True, progress=False) == metrics  # nothing to do
+    with pytest.raises(TrainingError, match="cannot be extended to 2"):
+        train(planted_store, run, _config(epochs=2), resume=True, progress=False)
+
+
+def test_warnings_say_when_the_store_has_no_detections_and_the_head_is_at_chance(tmp_path: Path) -> None:
+    store = make_store_without_detections(tmp_path / "data", 48)
+    lines: list[str] = []
+    metrics = train(store, tmp_path / "run", _config(epochs=1), progress=False, log=lines.append)
+    warnings = metrics["warnings"]
+    assert json.loads((tmp_path / "run" / METRICS_NAME).read_text())["warnings"] == warnings
+    assert any("only 0 of 4800 detection slots" in w for w in warnings)
+    assert any(w.startswith("verb top-1") and "at chance" in w for w in warnings)
+    assert sum(line.startswith("WARNING: ") for line in lines) == len(warnings)  # said loudly, too
+
+
+def test_a_project_moved_whole_still_evaluates_and_a_moved_store_is_given_with_store(tmp_path: Path) -> None:
+    project = tmp_path / "project"
+    store = make_planted_store(project / "data", 48)
+    metrics = train(store, project / "runs" / "saoa", _config(epochs=1), progress=False)
+    assert json.loads((project / "runs" / "saoa" / CONFIG_NAME).read_text())["store"] == "../../data/store"
+    moved = tmp_path / "moved"
+    shutil.copytree(project, moved)  # a copy, then the original gone: a move to new files
+    shutil.rmtree(project)
+    assert evaluate_run(moved / "runs" / "saoa") == pytest.approx(metric_values(metrics))
+    # The store alone moved elsewhere: the run names it no more, --store does.
+    elsewhere = tmp_path / "stores" / "planted"
+    shutil.copytree(moved / "data" / "store", elsewhere)
+    shutil.rmtree(moved / "data")
+    with pytest.raises(StoreError, match="is not a feature store"):
+        evaluate_run(moved / "runs" / "saoa")
+    assert evaluate_run(moved / "runs" / "saoa", store_path=elsewhere) == pytest.approx(metric_values(metrics))

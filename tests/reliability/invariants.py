@@ -115,3 +115,29 @@ def assert_same_run(run: Path, reference: Path) -> None:
     for name, tensor in want["model"].items():
         assert torch.equal(got["model"][name], tensor), name
     assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def assert_views_store_consistent(store: Path, views: dict[str, int], *, n_fields: int,
+                                  boxes_per_view: int) -> None:
+    """`assert_store_consistent` for a store with temporal views (docs/views.md): ``views`` maps each
+    stored uid to its number of views, and every view must be stored exactly once -- one ``ok`` row
+    in the raw index parts, its ``n_fields`` tensors under its key, ``boxes_per_view`` box rows --
+    with every segment's views all there or none, and ``featstore verify`` passing on every view."""
+    from featstore.store.schema import view_key
+
+    assert_parts_complete(store)
+    assert leftover_temporaries(store) == []
+    expected = Counter({view_key(uid, view): 1 for uid, count in views.items() for view in range(count)})
+    segments = raw_table(store, "segments")
+    ok_rows = Counter(view_key(uid, view or 0) for uid, view, status in zip(
+        segments.column("uid").to_pylist(), segments.column("view").to_pylist(), segments.column("status").to_pylist())
+        if status == "ok")
+    assert ok_rows == expected, {k: n for k, n in ok_rows.items() if expected.get(k) != n}
+    assert lmdb_segment_keys(store) == Counter({key: n_fields for key in expected})
+    boxes = raw_table(store, "boxes")
+    box_rows = Counter(view_key(uid, view or 0) for uid, view in zip(boxes.column("uid").to_pylist(),
+                                                                      boxes.column("view").to_pylist()))
+    assert box_rows == Counter({key: boxes_per_view for key in expected})
+    verify = CliRunner().invoke(featstore_main, ["verify", str(store), "--no-progress"])
+    assert verify.exit_code == 0, verify.output
+    assert f"{len(views)} segments ({sum(views.values())} views) verified" in verify.output

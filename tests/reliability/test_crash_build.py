@@ -16,7 +16,7 @@ import pytest
 
 from featstore.store.reader import FeatureStore
 from tests.reliability import faults
-from tests.reliability.invariants import assert_store_consistent
+from tests.reliability.invariants import assert_store_consistent, assert_views_store_consistent
 from tests.reliability.workloads import (
     BUILD_BOXES_PER_SEGMENT,
     BUILD_FIELDS,
@@ -81,3 +81,25 @@ def test_build_with_a_decode_worker_killed_from_outside_at_a_seeded_random_time(
     outcome = faults.run_killed_after(_build(store, build_inputs, "--workers", "1"), delay)
     assert faults.killed(outcome) or outcome.returncode == 0, faults.describe(outcome)
     _rerun_and_check(store, build_inputs)
+
+
+# Temporal views (docs/views.md): s0 and s2 (video P01_01, built first) get three views, s1 and s3 one.
+# Every segment is one LMDB commit (all its views), so commit 3 is s2's three views.
+VIEWS_FLAGS = ("--views", "3", "--views-where", "participant_id = 'P01'")
+VIEW_POINTS = [
+    ("lmdb.commit:3:kill-during", "s2's three views in flight: lost whole, built again"),
+    ("lmdb.commit:3:kill-after", "s2's three views committed, not exported: exported once by the rerun"),
+]
+
+
+@pytest.mark.parametrize("fault, moment", VIEW_POINTS, ids=[f for f, _ in VIEW_POINTS])
+def test_a_build_of_views_killed_then_rerun_stores_every_view_once(build_inputs: dict, tmp_path: Path, fault: str,
+                                                                   moment: str) -> None:
+    store = tmp_path / "store"
+    killed = faults.run(_build(store, build_inputs, *VIEWS_FLAGS, "--workers", "0"), fault=fault)
+    assert faults.killed(killed), f"the fault never fired ({moment}): {faults.describe(killed)}"
+    rerun = faults.run(_build(store, build_inputs, *VIEWS_FLAGS, "--workers", "0"))
+    assert rerun.returncode == 0, faults.describe(rerun)
+    assert_views_store_consistent(store, {"s0": 3, "s1": 1, "s2": 3, "s3": 1}, n_fields=BUILD_FIELDS,
+                                  boxes_per_view=BUILD_BOXES_PER_SEGMENT)
+    assert FeatureStore.open(store).manifest["provenance"]["build_signature"]["views"]["count"] == 3

@@ -138,3 +138,24 @@ def test_the_detector_sees_each_distinct_frame_once_and_the_backbone_each_distin
     assert seen["clips"] == len(distinct_clips) <= len(rows)
     assert {name: (spec.dtype, spec.shape) for name, spec in opened.fields.items()} == estimate.fields
     assert opened.info()["views"]["total"] == estimate.total_views
+
+
+@pytest.mark.slow
+def test_heads_train_on_the_store_draws_views_and_evaluates_on_view_zero(views_store: dict, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from cli.heads_cli import main as heads_main
+    from tests.helpers.views import TRAIN_WHERE, VAL_WHERE
+
+    run = tmp_path / "run"
+    result = CliRunner().invoke(heads_main, [
+        "train", str(views_store["store"]), "--model", "saoa", "--train-where", TRAIN_WHERE, "--val-where", VAL_WHERE,
+        "--epochs", "3", "--batch-size", "4", "--lr", "0.03", "--normalize", "--out", str(run), "--no-progress"],
+        catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    record = json.loads((run / "metrics.json").read_text())["views"]
+    assert record["mode"] == "random" and record["store_views"] == 4 and record["segments_with_views"] == TRAIN_SEGMENTS
+    assert [sum(e["per_view"]) for e in record["epochs"]] == [TRAIN_SEGMENTS] * 3
+    assert all(e["changed"] > 0 for e in record["epochs"][1:])
+    config = json.loads((run / "config.json").read_text())
+    assert config["n_train"] == TRAIN_SEGMENTS and config["n_val"] == VAL_SEGMENTS and config["views"] is None

@@ -152,17 +152,20 @@ def test_the_contract_names_what_featstore_build_reads() -> None:
         assert RESUME_STATE_NAME in files.expected(validated=True, resume_state=True)
 
 
-def test_a_finished_run_loses_its_resume_state_and_a_resume_of_it_is_refused(tmp_path: Path) -> None:
+def test_a_finished_run_loses_its_resume_state_and_resuming_it_does_nothing(tmp_path: Path) -> None:
     out = tmp_path / "run"
     atomic_write_torch(out / RESUME_STATE_NAME, {"epoch": 2})
-    for name in (CHECKPOINT_NAME, METRICS_NAME):
-        (out / name).write_text("x")
+    (out / CHECKPOINT_NAME).write_text("x")
+    (out / METRICS_NAME).write_text('{"verb_top1": 40.0}')
     folder = RunFolder.check(out, resume=True, error=Refused).open(echo=lambda _: None)
-    assert not finished_run(out)
+    assert not finished_run(out) and not folder.finished
     assert folder.drop_resume_state() and not (out / RESUME_STATE_NAME).parent.exists()
     assert finished_run(out) and holds_run(out) and not folder.drop_resume_state()
-    with pytest.raises(Refused, match="holds a finished run.*--keep-resume-state"):
-        RunFolder.check(out, resume=True, error=Refused)
+    again = RunFolder.check(out, resume=True, error=Refused)
+    assert again.finished
+    assert again.finished_metrics(asked=2, done=2, unit="epoch", error=Refused) == {"verb_top1": 40.0}
+    with pytest.raises(Refused, match="finished after 2 epochs.*cannot be extended to 3.*--keep-resume-state"):
+        again.finished_metrics(asked=3, done=2, unit="epoch", error=Refused)
 
 
 def test_paths_are_recorded_relative_inside_a_project_and_read_back_after_it_moved(tmp_path: Path) -> None:
