@@ -231,10 +231,10 @@ class NpySegments(torch.utils.data.Dataset):
 def _write_per_file(folder: Path, features: PreloadedFeatures, store: FeatureStore) -> tuple[list[str], dict[str, str]]:
     """The data-path rows as one ``.npy`` per segment and tensor (float16 features, float32 scores)."""
     uids = list(features.labels.uids)
-    keys = [k for k, v in features.tensors.items() if v.dtype == torch.float16]
+    keys = [k for k, v in features.tensors.items() if v.is_floating_point()]
     for key in keys:
         (folder / key).mkdir(parents=True, exist_ok=True)
-        values = features.tensors[key].cpu().numpy()
+        values = features.tensors[key].cpu().half().numpy()  # the store's float16, whatever is resident
         for row, uid in enumerate(uids):
             np.save(folder / key / f"{uid}.npy", values[row])
     scores = {}
@@ -265,7 +265,7 @@ def train_data_path(ctx: Context, wanted: set[str]) -> list[Result]:
     n = len(features)
     batches_per_epoch = -(-n // sizes.batch_size)
     orders = [torch.randperm(n, generator=torch.Generator().manual_seed(i)) for i in range(sizes.warmup + sizes.repeats)]
-    batch_bytes = sum(v[0].numel() * (4 if v.dtype == torch.float16 else v.element_size())
+    batch_bytes = sum(v[0].numel() * (4 if v.is_floating_point() else v.element_size())
                       for v in features.tensors.values()) * sizes.batch_size
     shape_note = (f"saoa's batch: {', '.join(f'{k} {tuple(v.shape[1:])}' for k, v in features.tensors.items())}; "
                   f"{n} segments of {built.describe().split(', ', 1)[1]}, batch {sizes.batch_size} "
@@ -327,9 +327,10 @@ def train_data_path(ctx: Context, wanted: set[str]) -> list[Result]:
     if "train_data_path_vs_memory" in wanted:
         results.append(compare(
             "train_data_path_vs_memory", ours_rate, statistics.median(rates["memory"]), unit="batches/s",
-            goal=">= 0.8",
+            goal=">= 0.9",
             notes=(f"reference: the same tensors held as float32 on the device, one index_select per tensor per "
-                   f"batch; ours: PreloadedFeatures.batches (float16 resident, gathered then cast to float32); "
+                   f"batch; ours: PreloadedFeatures.batches as `heads train` preloads (float32 resident when "
+                   f"twice the store's bytes fit the memory budget, as here; else float16 gathered then cast); "
                    f"ours {spread(rates['ours'])}, reference {spread(rates['memory'])} batches/s; {shape_note}; "
                    f"preload (read + RoIAlign) took {preload_s:.1f} s; load average {load_average()}")))
     return results

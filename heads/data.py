@@ -301,7 +301,12 @@ class PreloadedFeatures:
     mode = "preload"
 
     def __init__(self, store: FeatureStore, labels: SegmentLabels, fields: Iterable[str], *,
-                 device: torch.device | str = "cpu", pool: str = "avg", output_size: int = 7, views: bool = False):
+                 device: torch.device | str = "cpu", pool: str = "avg", output_size: int = 7, views: bool = False,
+                 float32: bool = False):
+        """Args:
+            float32: hold float16 features as float32 (twice the memory): a batch is then a bare
+                gather, without the per-batch cast (the values are the same either way).
+        """
         self.labels = labels
         self.device = torch.device(device)
         if self.device.type == "cpu":
@@ -316,7 +321,9 @@ class PreloadedFeatures:
         with store.read_ahead(store.share_of_files(self.views.rows, read) >= READ_AHEAD_SHARE):
             cpu = _segment_tensors(store, list(self.views.keys), needs, pool=pool, output_size=output_size,
                                    local=self.local)
-        self.tensors = {k: v.to(self.device) for k, v in cpu.items()}
+        self.float32 = float32
+        self.tensors = {k: (v.float() if float32 and v.dtype == torch.float16 else v).to(self.device)
+                        for k, v in cpu.items()}
         self.verb = self.views.per_row(labels.verb).to(self.device)
         self.noun = self.views.per_row(labels.noun).to(self.device)
 
@@ -447,12 +454,18 @@ def load_features(store: FeatureStore, labels: SegmentLabels, fields: Iterable[s
         features = StreamingFeatures(store, labels, fields, device=device, pool=pool, output_size=output_size,
                                      workers=workers, views=views)
     else:
+        # float32 resident when twice the bytes still fit: each batch is then a bare gather
+        # (benchmarks/README.md, train_data_path_vs_memory); float16 otherwise, cast per batch.
+        float32 = memory_budget is None or 2 * need <= memory_budget
         features = PreloadedFeatures(store, labels, fields, device=device, pool=pool, output_size=output_size,
-                                     views=views)
+                                     views=views, float32=float32)
     if log is not None:
         held = f" ({rows} views)" if rows != len(labels.uids) else ""
+        resident = "" if features.mode != "preload" else (", held as float32" if features.float32 else
+                                                         ", held as float16")
         log(f"data: {features.mode} mode for {len(labels.uids)} segments{held} "
-            f"({need / 2**20:.1f} MiB of features{'' if memory_budget is None else f', budget {memory_budget / 2**20:.0f} MiB'})")
+            f"({need / 2**20:.1f} MiB of features{resident}"
+            f"{'' if memory_budget is None else f', budget {memory_budget / 2**20:.0f} MiB'})")
         if features.local is not None:
             log(f"data: {features.local.note}")
     return features

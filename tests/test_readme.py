@@ -137,7 +137,7 @@ def test_the_first_commands_set_up_and_run_the_demo_and_the_tests() -> None:
         "python3 -m venv --system-site-packages .venv && .venv/bin/pip install -q -e . && .venv/bin/featstore demo",
         'python3 -m venv --system-site-packages .venv && .venv/bin/pip install -q -e ".[test]" '
         "$(ls ../shared/wheels/detectron2-*.whl 2>/dev/null) && .venv/bin/python .ci/newest_dependencies.py "
-        "&& .venv/bin/python -m pytest -q",
+        "&& .venv/bin/python -m pytest -q -n auto",
     ]
     ci = (REPO / ".ci" / "run").read_text().splitlines()
     assert commands[1] in ci, ".ci/run must run the README's test command verbatim"

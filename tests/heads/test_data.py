@@ -103,6 +103,24 @@ def test_chunk_order_keeps_the_order_and_ends_short() -> None:
     assert [c.tolist() for c in chunk_order(order, 7)] == [order.tolist()]
 
 
+def test_float32_resident_features_give_the_same_batches_without_a_cast(store: FeatureStore) -> None:
+    labels = selection_labels(store, None)
+    half = PreloadedFeatures(store, labels, ALL_FIELDS)
+    full = PreloadedFeatures(store, labels, ALL_FIELDS, float32=True)
+    assert all(full.tensors[key].dtype == torch.float32 for key in KEYS if half.tensors[key].dtype == torch.float16)
+    index = torch.tensor([5, 1, 2, 0])
+    (a, verb_a, noun_a), (b, verb_b, noun_b) = half.batch(index), full.batch(index)
+    assert all(torch.equal(a[key], b[key]) for key in KEYS)
+    assert torch.equal(verb_a, verb_b) and torch.equal(noun_a, noun_b)
+
+
+def test_load_features_holds_float32_only_when_twice_the_bytes_fit(store: FeatureStore) -> None:
+    labels = selection_labels(store, None)
+    need = estimate_bytes(store, ALL_FIELDS, len(labels.uids))
+    assert load_features(store, labels, ALL_FIELDS, memory_budget=2 * need).float32
+    assert not load_features(store, labels, ALL_FIELDS, memory_budget=2 * need - 1).float32
+
+
 def test_preloaded_batches_are_the_stored_rows_with_derived_inputs(store: FeatureStore) -> None:
     labels = selection_labels(store, None)
     features = PreloadedFeatures(store, labels, ALL_FIELDS)
