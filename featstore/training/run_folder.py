@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 from featstore.io.atomic import atomic_write_text, remove_temporaries
-from featstore.io.folders import other_kind_refusal
+from featstore.io.folders import RUN_MARKERS, other_kind_refusal
 
 if TYPE_CHECKING:
     from featstore.training.world import World
@@ -98,7 +98,6 @@ LEGACY_NAMES = {
     "checkpoint.pth": CHECKPOINT_NAME,  # detectron2's checkpoint for `featstore build`
 }
 # What makes a folder hold a run (a new run there is refused without resume).
-_RUN_MARKERS = (CONFIG_NAME, CHECKPOINT_NAME, RESUME_STATE_NAME, *LEGACY_NAMES)
 
 
 @dataclass(frozen=True)
@@ -144,7 +143,7 @@ def run_folder_files(out: str | os.PathLike) -> set[str]:
 
 def holds_run(out: str | os.PathLike) -> bool:
     """Whether ``out`` holds a run (its config, checkpoint or resume state): a new run there needs resume."""
-    return any((Path(out) / name).exists() for name in _RUN_MARKERS)
+    return any((Path(out) / name).exists() for name in RUN_MARKERS)
 
 
 def finished_run(out: str | os.PathLike) -> bool:

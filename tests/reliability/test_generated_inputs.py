@@ -11,7 +11,6 @@ The default profile keeps this under a minute; ``pytest --hypothesis-profile=lon
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import string
 from pathlib import Path
@@ -277,8 +276,8 @@ def test_a_number_out_of_range_is_a_usage_error_naming_the_option(scratch, which
     param = next(p for p in command.get_params(click.Context(command, info_name=name))
                  if isinstance(p, click.Option) and p.opts[0] == flag)
     try:
-        value = param.type.convert(text, param, None)
-        assume(isinstance(value, float) and not math.isfinite(value))  # in range: the command would run
+        param.type.convert(text, param, None)
+        assume(False)  # in range (ranged types refuse nan and inf): the command would run
     except click.BadParameter:
         pass
     folder = _fresh(scratch)
